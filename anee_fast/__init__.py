@@ -1,0 +1,17 @@
+"""anee_fast: adaptive-depth transformer decoding on a paged KV cache."""
+from .actions import EXIT, PROCESS, SKIP
+from .backends import backends
+from .llm import LLM, RequestOutput
+from .sampling import SamplingParams
+from .trace import Trace
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "Trace", "backends", "PROCESS", "SKIP", "EXIT",
+           "ANEEConfig", "ANEEWrapper"]
+
+
+def __getattr__(name):
+    # The ANEE drop-in imports transformers' generation pieces: load it only when asked for.
+    if name in ("ANEEConfig", "ANEEWrapper"):
+        from . import anee_compat
+        return getattr(anee_compat, name)
+    raise AttributeError(name)

@@ -1,0 +1,147 @@
+"""Controllers: batched functions from a layer's context to proposed action codes [N] int8.
+
+A controller only proposes. `DepthPolicy` applies min_layers, EXIT stickiness and the budget,
+so no controller can overspend. Every decision is a device tensor: nothing here reads a value
+back to the host.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .actions import EXIT, PROCESS, SKIP
+from .profiler import STATE_DIM, anee_state, cosine_saturation
+
+
+@dataclass
+class LayerContext:
+    layer: int
+    num_layers: int
+    h: torch.Tensor            # [N, hidden] residual entering the layer
+    h_prev: torch.Tensor       # [N, hidden] residual entering the previous layer
+    budget_left: torch.Tensor  # [N] compute still allowed, as a fraction of a full forward
+
+
+class Controller:
+    name = "controller"
+
+    def propose(self, ctx: LayerContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _codes(mask_exit, ctx, otherwise=PROCESS):
+    return torch.where(mask_exit, EXIT, otherwise).to(torch.int8)
+
+
+class BudgetController(Controller):
+    """ANEE v0.0.1: run every layer until the budget runs out (or falls under a threshold)."""
+    name = "budget"
+
+    def __init__(self, exit_threshold: float = 0.0):
+        self.exit_threshold = exit_threshold
+
+    def propose(self, ctx):
+        return _codes(ctx.budget_left < self.exit_threshold, ctx)
+
+
+class HeuristicController(Controller):
+    """Exit once the residual stops turning: cosine(h, h one layer earlier) >= saturation."""
+    name = "heuristic"
+
+    def __init__(self, saturation: float = 0.995, exit_threshold: float = 0.0):
+        self.saturation = saturation
+        self.exit_threshold = exit_threshold
+
+    def propose(self, ctx):
+        saturated = cosine_saturation(ctx.h, ctx.h_prev) >= self.saturation
+        if ctx.layer == 0:
+            saturated = torch.zeros_like(saturated)   # no earlier layer to compare with
+        return _codes(saturated | (ctx.budget_left < self.exit_threshold), ctx)
+
+
+class LearnedController(Controller):
+    """ANEE 0.4's MLP over the six-feature state; argmax over (PROCESS, SKIP, EXIT)."""
+    name = "learned"
+
+    def __init__(self, hidden_dim: int = 32, state_dim: int = STATE_DIM, exit_threshold: float = 0.0):
+        if state_dim != STATE_DIM:
+            raise ValueError(f"state_dim must be {STATE_DIM} (the ANEE 0.4 state), got {state_dim}")
+        self.net = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 3))
+        self.exit_threshold = exit_threshold
+
+    @classmethod
+    def from_file(cls, path, exit_threshold: float = 0.0):
+        """Loads an ANEE 0.4 controller file (`torch.save(state_dict)`, keys net.0.*, net.2.*)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"controller file not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read controller file {path}: {e}") from e
+        expected = {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+        if not isinstance(state, dict) or set(state) != expected:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{path} is not an ANEE controller state_dict: expected keys "
+                             f"{sorted(expected)}, got {keys}")
+        w0, w2 = state["net.0.weight"], state["net.2.weight"]
+        if w0.dim() != 2 or w2.dim() != 2 or w0.shape[1] != STATE_DIM or w2.shape != (3, w0.shape[0]):
+            raise ValueError(f"{path}: controller weights have shapes {list(w0.shape)} and "
+                             f"{list(w2.shape)}; expected [hidden, {STATE_DIM}] and [3, hidden]")
+        controller = cls(hidden_dim=w0.shape[0], exit_threshold=exit_threshold)
+        controller.net.load_state_dict(state)
+        return controller
+
+    def to(self, device):
+        self.net.to(device)
+        return self
+
+    @torch.no_grad()
+    def propose(self, ctx):
+        state = anee_state(ctx.h, ctx.h_prev, ctx.budget_left, ctx.layer, ctx.num_layers)
+        net = self.net.to(state.device)
+        codes = net(state).argmax(-1).to(torch.int8)
+        return torch.where(ctx.budget_left < self.exit_threshold, EXIT, codes).to(torch.int8)
+
+
+class StaticController(Controller):
+    """The same per-layer action list for every token (e.g. a fixed skip set)."""
+    name = "static"
+
+    def __init__(self, layer_actions):
+        codes = [int(a) for a in layer_actions]
+        if any(a not in (PROCESS, SKIP, EXIT) for a in codes):
+            raise ValueError(f"static controller actions must be 0/1/2, got {codes}")
+        self.layer_actions = codes
+
+    def propose(self, ctx):
+        if len(self.layer_actions) != ctx.num_layers:
+            raise ValueError(f"static controller has {len(self.layer_actions)} actions for a "
+                             f"{ctx.num_layers}-layer model")
+        return torch.full((ctx.h.shape[0],), self.layer_actions[ctx.layer], dtype=torch.int8,
+                          device=ctx.h.device)
+
+
+CONTROLLER_NAMES = ("budget", "heuristic", "learned")
+
+
+def make_controller(controller) -> Controller:
+    """Accepts a Controller, a name, a path to a controller file, or a per-layer action list."""
+    if isinstance(controller, Controller):
+        return controller
+    if isinstance(controller, (list, tuple)):
+        return StaticController(controller)
+    if isinstance(controller, (str, os.PathLike)):
+        name = os.fspath(controller)
+        if name == "budget":
+            return BudgetController()
+        if name == "heuristic":
+            return HeuristicController()
+        if name == "learned":
+            raise ValueError("controller='learned' needs a trained controller file: pass its path "
+                             "as controller=PATH")
+        if os.path.sep in name or name.endswith((".pt", ".pth", ".bin")) or os.path.exists(name):
+            return LearnedController.from_file(name)
+    raise ValueError(f"unknown controller {controller!r}: use one of {', '.join(CONTROLLER_NAMES)}, "
+                     "a controller file path, a list of per-layer actions, or a Controller")

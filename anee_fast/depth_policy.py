@@ -1,0 +1,70 @@
+"""Turns controller proposals (or a fixed action matrix) into the actions a step executes.
+
+Budget rule (BRIEF section 2): PROCESS costs 1 layer, SKIP/EXIT-fill costs `skip_cost`. A token
+may spend at most max(budget, floor) * L, where floor is the cost of its forced layers. Running
+layer l is allowed only if, after it, every remaining layer could still be paid for as a SKIP.
+Skipping a layer leaves that test unchanged, so a token that fails it once fails it for good:
+the policy then EXITs (or SKIPs up to the forced last layers).
+"""
+import torch
+
+from .actions import EXIT, PROCESS, SKIP, process_mask
+from .controllers import LayerContext
+
+_EPS = 1e-6
+
+
+class DepthPolicy:
+    def __init__(self, num_tokens, num_layers, skip_cost, device, budget=None, controller=None,
+                 fixed_actions=None, min_layers=0, always_last=0):
+        self.L = num_layers
+        self.skip_cost = float(skip_cost)
+        self.actions = torch.empty((num_tokens, num_layers), dtype=torch.int8, device=device)
+        self.spent = torch.zeros(num_tokens, dtype=torch.float32, device=device)   # in layers
+        self.fixed_process = None
+        if fixed_actions is not None:
+            self.actions.copy_(fixed_actions)
+            self.fixed_process = process_mask(fixed_actions)
+            return
+        self.controller = controller
+        self.min_layers = min(min_layers, num_layers)
+        self.always_last = min(always_last, num_layers - self.min_layers)
+        forced = self.min_layers + self.always_last
+        floor = (forced + (num_layers - forced) * self.skip_cost) / num_layers
+        self.limit = torch.clamp(budget.float(), min=floor) * num_layers
+        self.stopped = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+        # After an EXIT the remaining layers are SKIPs; with forced last layers, say SKIP.
+        self.stop_code = EXIT if self.always_last == 0 else SKIP
+
+    def decide(self, layer: int, h, h_prev) -> torch.Tensor:
+        """[N] bool: which tokens run layer `layer`. Records the action and its cost."""
+        if self.fixed_process is not None:
+            process = self.fixed_process[:, layer]
+        else:
+            process = self._decide_with_controller(layer, h, h_prev)
+        self.spent += torch.where(process, 1.0, self.skip_cost)
+        return process
+
+    def _decide_with_controller(self, layer, h, h_prev):
+        L = self.L
+        forced = layer < self.min_layers or layer >= L - self.always_last
+        if forced:
+            action = torch.full_like(self.stopped, PROCESS, dtype=torch.int8)
+        else:
+            budget_left = (self.limit - self.spent) / L
+            ctx = LayerContext(layer=layer, num_layers=L, h=h, h_prev=h_prev, budget_left=budget_left)
+            action = self.controller.propose(ctx)
+            # Cost if this layer runs and the rest are SKIPs, plus the forced last layers.
+            after = self.spent + 1 + (L - layer - 1) * self.skip_cost \
+                + self.always_last * (1 - self.skip_cost)
+            broke = (action == PROCESS) & (after > self.limit + _EPS)
+            self.stopped |= (action == EXIT) | broke
+            action = torch.where(self.stopped, self.stop_code, action).to(torch.int8)
+            if self.stop_code == SKIP:
+                action = torch.where(action == EXIT, SKIP, action).to(torch.int8)
+        self.actions[:, layer] = action
+        return action == PROCESS
+
+    def compute(self) -> torch.Tensor:
+        """Compute spent per token, as a fraction of a full forward."""
+        return self.spent / self.L

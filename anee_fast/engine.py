@@ -1,0 +1,115 @@
+"""The serving loop: requests in, `step()` = schedule -> run -> sample, finished sequences out."""
+import math
+
+from .block_manager import BlockManager
+from .controllers import make_controller
+from .kv_cache import KVCache
+from .model_runner import ModelRunner
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+def check_budget(budget) -> float:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) \
+            or not 0.0 <= budget <= 1.0:
+        raise ValueError(f"energy_budget must be a number in [0, 1], got {budget!r}")
+    return float(budget)
+
+
+class LLMEngine:
+    def __init__(self, weights, eos_token_id=None, block_size: int = 16, num_kv_blocks=None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, min_layers: int = 2,
+                 always_last: int = 0):
+        spec = weights.spec
+        if num_kv_blocks is None:
+            num_kv_blocks = -(-8192 // block_size)
+        if not 0 <= min_layers <= spec.num_layers or not 0 <= always_last <= spec.num_layers:
+            raise ValueError(f"min_layers and always_last must be in [0, {spec.num_layers}]")
+        self.weights = weights
+        self.eos_token_id = eos_token_id
+        self.block_manager = BlockManager(num_kv_blocks, block_size)
+        self.cache = KVCache(spec.num_layers, num_kv_blocks, block_size, spec.num_kv_heads,
+                             spec.head_dim, weights.dtype, weights.device)
+        self.runner = ModelRunner(weights, self.cache, self.block_manager, min_layers, always_last)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+
+    def new_sequence(self, prompt_ids, sampling: SamplingParams, budget, controller) -> Sequence:
+        """Validates a request and makes its Sequence (not yet scheduled)."""
+        spec = self.weights.spec
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if min(ids) < 0 or max(ids) >= spec.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {spec.vocab_size}), got "
+                             f"min {min(ids)}, max {max(ids)}")
+        if len(ids) > spec.max_positions:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's "
+                             f"{spec.max_positions} positions")
+        budget = check_budget(budget)
+        max_len = min(len(ids) + sampling.max_tokens, spec.max_positions)
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if max_len > capacity:
+            raise ValueError(f"the request needs up to {max_len} tokens of KV cache, the cache holds "
+                             f"{capacity} ({self.block_manager.num_blocks} blocks of "
+                             f"{self.block_manager.block_size}): raise num_kv_blocks")
+        return Sequence(ids, sampling, budget, make_controller(controller), spec.num_layers,
+                        self.runner.skip_cost, max_len)
+
+    def add_request(self, prompt_ids, sampling: SamplingParams, budget=1.0, controller="budget"):
+        seq = self.new_sequence(prompt_ids, sampling, budget, controller)
+        self.scheduler.add(seq)
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list:
+        """Runs one batch; returns the sequences that finished in it."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            raise RuntimeError("no sequence can be scheduled: the KV cache is too small for any "
+                               "waiting request")
+        rows, completing, start = [], [], 0
+        for seq, n in chunks:
+            start += n
+            if seq.num_computed + n == len(seq):
+                rows.append(start - 1)
+                completing.append(seq)
+        out = self.runner.run(chunks, rows)
+        actions, compute = out.actions.cpu(), out.compute.cpu()
+        start = 0
+        for seq, n in chunks:
+            seq.record(seq.num_computed, actions[start:start + n], compute[start:start + n])
+            seq.num_computed += n
+            start += n
+        finished = []
+        for seq, logits in zip(completing, out.logits):
+            reason = self._append_token(seq, logits)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _append_token(self, seq, logits):
+        """Samples the next token; returns a finish reason or None."""
+        params = seq.sampling
+        if seq.num_generated >= params.max_tokens:
+            return "length"
+        token = sample(logits, params, seq.generator)
+        seq.token_ids.append(token)
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos and self.eos_token_id is not None:
+            stops.add(self.eos_token_id)
+        if token in stops:
+            return "stop"
+        if seq.num_generated >= params.max_tokens or len(seq) >= seq.max_len:
+            return "length"
+        return None
+
+    def abort(self, seq) -> None:
+        if seq in self.scheduler.running:
+            self.scheduler.finish(seq, "abort")
+        elif seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)
+            seq.finish_reason = "abort"

@@ -1,0 +1,17 @@
+"""Paged K/V storage: per layer, a flat array of slots; slot = block * block_size + offset."""
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # One spare slot at the end receives the writes of padding rows (slot -1).
+        shape = (num_layers, num_blocks * block_size + 1, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def bytes_per_block(self) -> int:
+        per_slot = self.k[:, 0].numel() * self.k.element_size() * 2
+        return per_slot * self.block_size

@@ -1,0 +1,167 @@
+"""The public entry point: `LLM(model).score(...)` and `LLM(model).generate(...)`."""
+from dataclasses import dataclass
+
+import torch
+
+from .actions import validate_actions
+from .backends import select_backend
+from .engine import LLMEngine, check_budget
+from .model_loader import load_weights
+from .sampling import SamplingParams
+from .trace import Trace
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list
+    token_ids: list            # generated tokens
+    text: str
+    finish_reason: str
+    trace: Trace
+
+
+class LLM:
+    def __init__(self, model=None, backend: str = "auto", device=None, dtype=None, *,
+                 tokenizer=None, block_size: int = 16, num_kv_blocks=None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, min_layers: int = 2, always_last: int = 0):
+        self.backend = select_backend(backend)
+        self.weights, loaded_tokenizer, self.name = load_weights(model, device, dtype)
+        self.tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.engine = LLMEngine(self.weights, eos, block_size, num_kv_blocks, max_num_seqs,
+                                max_num_batched_tokens, min_layers, always_last)
+
+    @property
+    def spec(self):
+        return self.weights.spec
+
+    @property
+    def num_layers(self) -> int:
+        return self.weights.spec.num_layers
+
+    # ---- scoring -------------------------------------------------------------------------------
+
+    def score(self, token_ids, actions=None, chunk_size=None, *, energy_budget=1.0,
+              controller="budget", return_trace: bool = False):
+        """float32 logits [T, vocab] of every position; a list of sequences is one ragged batch.
+
+        actions: int8 [T, L] (a list of them for a batch) or None to let `controller` decide.
+        chunk_size: None = one prefill; k = k tokens per step through the paged decode path.
+        """
+        batched = isinstance(token_ids, (list, tuple)) and len(token_ids) > 0 and \
+            isinstance(token_ids[0], (list, tuple, torch.Tensor))
+        sequences = list(token_ids) if batched else [token_ids]
+        if actions is not None and not batched:
+            actions = [actions]
+        if actions is not None and len(actions) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences but {len(actions)} action matrices")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+        check_budget(energy_budget)
+        engine, L = self.engine, self.num_layers
+        seqs = [engine.new_sequence(_ids(s), SamplingParams(max_tokens=0), energy_budget, controller)
+                for s in sequences]
+        fixed = None
+        if actions is not None:
+            fixed = [validate_actions(a, len(s), L) for a, s in zip(actions, seqs)]
+        needed = sum(engine.block_manager.blocks_needed(s.seq_id, len(s)) for s in seqs)
+        if needed > engine.block_manager.num_free:
+            raise ValueError(f"scoring needs {needed} KV blocks, {engine.block_manager.num_free} are "
+                             "free: score fewer or shorter sequences, or raise num_kv_blocks")
+        logits = [torch.empty((len(s), self.spec.vocab_size), dtype=torch.float32) for s in seqs]
+        try:
+            for s in seqs:
+                engine.block_manager.allocate(s.seq_id, len(s))
+            while any(s.num_uncomputed for s in seqs):
+                chunks = [(s, min(chunk_size or len(s), s.num_uncomputed)) for s in seqs
+                          if s.num_uncomputed]
+                rows = list(range(sum(n for _, n in chunks)))
+                step_fixed = None
+                if fixed is not None:
+                    step_fixed = torch.cat([fixed[seqs.index(s)][s.num_computed:s.num_computed + n]
+                                            for s, n in chunks])
+                out = engine.runner.run(chunks, rows, step_fixed)
+                step_logits, acts, comp = out.logits.cpu(), out.actions.cpu(), out.compute.cpu()
+                start = 0
+                for s, n in chunks:
+                    logits[seqs.index(s)][s.num_computed:s.num_computed + n] = step_logits[start:start + n]
+                    s.record(s.num_computed, acts[start:start + n], comp[start:start + n])
+                    s.num_computed += n
+                    start += n
+        finally:
+            for s in seqs:
+                engine.block_manager.free(s.seq_id)
+        traces = [s.trace() for s in seqs]
+        if not batched:
+            return (logits[0], traces[0]) if return_trace else logits[0]
+        return (logits, traces) if return_trace else logits
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def generate(self, prompts, sampling_params=None, energy_budget=1.0, controller="budget",
+                 use_tqdm: bool = False):
+        """Generates for each prompt (a string or a list of token ids); returns RequestOutputs."""
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                              and isinstance(prompts[0], int))
+        prompts = [prompts] if single else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given")
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        budgets = energy_budget if isinstance(energy_budget, (list, tuple)) else [energy_budget] * len(prompts)
+        controllers = controller if isinstance(controller, (list, tuple)) and \
+            not all(isinstance(c, int) for c in controller) else [controller] * len(prompts)
+        for name, values in (("sampling_params", params), ("energy_budget", budgets),
+                             ("controller", controllers)):
+            if len(values) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(values)} values of {name}")
+        engine = self.engine
+        # Validate every request before any is queued, so a bad one changes nothing.
+        seqs = [engine.new_sequence(self._encode(p), sp, b, c)
+                for p, sp, b, c in zip(prompts, params, budgets, controllers)]
+        for seq in seqs:
+            engine.scheduler.add(seq)
+        progress = None
+        if use_tqdm:
+            from tqdm import tqdm
+            progress = tqdm(total=len(seqs), desc="generating", unit="req")
+        try:
+            while engine.has_unfinished():
+                finished = engine.step()
+                if progress is not None:
+                    progress.update(len(finished))
+        except BaseException:
+            for seq in seqs:
+                engine.abort(seq)
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+        return [self._output(seq) for seq in seqs]
+
+    def _encode(self, prompt):
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: give prompts as lists of token ids "
+                                 "or pass tokenizer= to LLM")
+            if not prompt:
+                raise ValueError("the prompt is empty")
+            return self.tokenizer.encode(prompt)
+        return _ids(prompt)
+
+    def _output(self, seq) -> RequestOutput:
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.generated_ids, skip_special_tokens=True)
+        return RequestOutput(prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+                             token_ids=seq.generated_ids, text=text,
+                             finish_reason=seq.finish_reason, trace=seq.trace())
+
+
+def _ids(tokens) -> list:
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() != 1:
+            raise ValueError(f"token_ids must be 1-D, got shape {list(tokens.shape)}")
+        return tokens.tolist()
+    return [int(t) for t in tokens]

@@ -1,0 +1,98 @@
+"""The repacked, architecture-neutral weights every backend runs on.
+
+Per layer the attention input projection is one matrix with rows ordered K | V | Q, so the
+SKIP path (K/V only) reads one contiguous slice of it: `LayerWeights.kv_weight` is a view.
+"""
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape and flavour of a decoder-only pre-norm transformer."""
+    arch: str                 # "gpt2" or "llama" (Llama, Qwen2, Mistral, SmolLM)
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_positions: int
+    norm: str                 # "layernorm" or "rmsnorm"
+    norm_eps: float
+    activation: str           # "gelu_tanh" (GPT-2 MLP) or "silu" (gated MLP)
+    attn_scale: float
+    tied_embeddings: bool
+    uses_rope: bool
+    model_type: str = ""      # the transformers model_type it came from
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass
+class LayerWeights:
+    attn_norm_weight: torch.Tensor
+    attn_norm_bias: Optional[torch.Tensor]
+    kvq_weight: torch.Tensor              # [2*kv_size + q_size, hidden], rows K | V | Q
+    kvq_bias: Optional[torch.Tensor]
+    o_weight: torch.Tensor                # [hidden, q_size]
+    o_bias: Optional[torch.Tensor]
+    mlp_norm_weight: torch.Tensor
+    mlp_norm_bias: Optional[torch.Tensor]
+    up_weight: torch.Tensor               # gated: [2*inter, hidden] rows gate | up; else [inter, hidden]
+    up_bias: Optional[torch.Tensor]
+    down_weight: torch.Tensor             # [hidden, inter]
+    down_bias: Optional[torch.Tensor]
+    kv_size: int
+    sliding_window: Optional[int] = None  # attend only to the last `sliding_window` positions
+
+    @property
+    def kv_weight(self) -> torch.Tensor:
+        return self.kvq_weight[: 2 * self.kv_size]
+
+    @property
+    def kv_bias(self) -> Optional[torch.Tensor]:
+        return None if self.kvq_bias is None else self.kvq_bias[: 2 * self.kv_size]
+
+    def tensors(self):
+        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+
+
+@dataclass
+class ModelWeights:
+    spec: ModelSpec
+    embed: torch.Tensor                   # [vocab, hidden]
+    pos_embed: Optional[torch.Tensor]     # [max_positions, hidden] (GPT-2) or None
+    layers: list
+    final_norm_weight: torch.Tensor
+    final_norm_bias: Optional[torch.Tensor]
+    lm_head: torch.Tensor                 # [vocab, hidden]; the embedding itself when tied
+    rope_inv_freq: Optional[torch.Tensor] = None   # [head_dim/2] float32
+    rope_scale: float = 1.0               # multiplies cos/sin (some RoPE variants)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def skip_cost(self) -> float:
+        """Cost of a SKIP (K/V projection only) as a fraction of a PROCESS, by weight bytes."""
+        layer = self.layers[0]
+        total = sum(t.numel() * t.element_size() for t in layer.tensors())
+        kv = layer.kv_weight.numel() * layer.kv_weight.element_size()
+        kv += sum(t.numel() * t.element_size() for t in (layer.kv_bias, layer.attn_norm_weight,
+                                                        layer.attn_norm_bias) if t is not None)
+        return kv / total

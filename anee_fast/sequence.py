@@ -1,0 +1,60 @@
+"""One request's tokens, progress through the model, and trace."""
+import itertools
+from enum import Enum
+
+import torch
+
+from .trace import Trace
+
+_ids = itertools.count()
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, prompt_ids, sampling, budget: float, controller, num_layers: int,
+                 skip_cost: float, max_len: int):
+        self.seq_id = next(_ids)
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.sampling = sampling
+        self.generator = sampling.make_generator()
+        self.budget = budget
+        self.controller = controller
+        self.skip_cost = skip_cost
+        self.max_len = max_len                  # prompt + the most tokens it may generate
+        self.num_computed = 0                   # tokens whose K/V are in the cache
+        self.status = SequenceStatus.WAITING
+        self.finish_reason = None
+        self.actions = torch.zeros((max_len, num_layers), dtype=torch.int8)
+        self.compute = torch.zeros(max_len, dtype=torch.float32)
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def generated_ids(self) -> list:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    def record(self, start: int, actions, compute) -> None:
+        end = start + actions.shape[0]
+        self.actions[start:end] = actions
+        self.compute[start:end] = compute
+
+    def trace(self) -> Trace:
+        n = self.num_computed
+        return Trace(actions=self.actions[:n].clone(), compute=self.compute[:n].clone(),
+                     budget=self.budget, skip_cost=self.skip_cost,
+                     num_prompt_tokens=self.num_prompt_tokens)

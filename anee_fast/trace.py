@@ -1,0 +1,35 @@
+"""What a run did: the action of every token at every layer and the compute each token spent."""
+from dataclasses import dataclass
+
+import torch
+
+from .actions import PROCESS
+
+
+@dataclass
+class Trace:
+    actions: torch.Tensor      # int8 [tokens, L]; EXIT marks the exit layer and every later one
+    compute: torch.Tensor      # float32 [tokens]: fraction of a full forward spent by each token
+    budget: float              # the energy budget asked for
+    skip_cost: float           # cost of a SKIP as a fraction of a PROCESS
+    num_prompt_tokens: int = 0
+
+    @property
+    def layers_run(self) -> torch.Tensor:
+        """Layers PROCESSed per token."""
+        return (self.actions == PROCESS).sum(dim=1)
+
+    @property
+    def mean_compute(self) -> float:
+        return float(self.compute.mean()) if self.compute.numel() else 0.0
+
+    @property
+    def compute_saved(self) -> float:
+        return 1.0 - self.mean_compute
+
+    def summary(self) -> str:
+        L = self.actions.shape[1]
+        runs = self.layers_run.float()
+        return (f"{self.actions.shape[0]} tokens, layers run per token: mean {runs.mean():.1f} of {L} "
+                f"(min {int(runs.min())}, max {int(runs.max())}); compute {self.mean_compute:.1%} of "
+                f"full (budget {self.budget:.0%}), saved {self.compute_saved:.1%}")

@@ -1,0 +1,1 @@
+"""Triton kernels of anee_fast (installed as `anee_fast.kernels`); filled by the kernels issue."""
