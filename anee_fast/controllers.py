@@ -90,7 +90,8 @@ class LearnedController(Controller):
             raise ValueError(f"{path}: controller weights have shapes {list(w0.shape)} and "
                              f"{list(w2.shape)}; expected [hidden, {STATE_DIM}] and [3, hidden]")
         controller = cls(hidden_dim=w0.shape[0], exit_threshold=exit_threshold)
-        controller.net.load_state_dict(state)
+        # The file's keys belong to ANEE's module (attribute `net`); ours is the Sequential itself.
+        controller.net.load_state_dict({k[len("net."):]: v for k, v in state.items()})
         return controller
 
     def to(self, device):

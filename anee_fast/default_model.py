@@ -42,15 +42,20 @@ def converted_dir() -> str:
     source = gguf_path()
     print(f"anee_fast: converting {GGUF_FILE} to safetensors in {target} (first use only, "
           "about a minute)...", file=sys.stderr, flush=True)
+    import safetensors.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, name = os.path.split(source)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
-    model.config.quantization_config = None
     os.makedirs(os.path.dirname(target), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=NAME + ".", dir=os.path.dirname(target))
     try:
-        model.save_pretrained(staging)
+        # The GGUF loader marks the model as quantised, which save_pretrained refuses; the
+        # tensors are plain float32 once dequantised, so save config and weights directly.
+        config = model.config
+        del config.quantization_config
+        config.save_pretrained(staging)
+        safetensors.torch.save_model(model, os.path.join(staging, "model.safetensors"))
         tokenizer.save_pretrained(staging)
         if os.path.isdir(target):
             shutil.rmtree(target)

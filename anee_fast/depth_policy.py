@@ -8,7 +8,7 @@ the policy then EXITs (or SKIPs up to the forced last layers).
 """
 import torch
 
-from .actions import EXIT, PROCESS, SKIP, process_mask
+from .actions import EXIT, PROCESS, SKIP, canonical_actions, process_mask
 from .controllers import LayerContext
 
 _EPS = 1e-6
@@ -23,7 +23,9 @@ class DepthPolicy:
         self.spent = torch.zeros(num_tokens, dtype=torch.float32, device=device)   # in layers
         self.fixed_process = None
         if fixed_actions is not None:
-            self.actions.copy_(fixed_actions)
+            # Traces record the canonical form (every layer after an EXIT is EXIT), so their
+            # actions say what ran: PROCESS codes after an EXIT are moot.
+            self.actions.copy_(canonical_actions(fixed_actions))
             self.fixed_process = process_mask(fixed_actions)
             return
         self.controller = controller

@@ -22,6 +22,8 @@ class LLMEngine:
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, min_layers: int = 2,
                  always_last: int = 0):
         spec = weights.spec
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         if num_kv_blocks is None:
             num_kv_blocks = -(-8192 // block_size)
         if not 0 <= min_layers <= spec.num_layers or not 0 <= always_last <= spec.num_layers:

@@ -13,7 +13,13 @@ class ModelLoadError(RuntimeError):
 
 def default_device(device=None) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"bad device {device!r}: {e}") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but this torch has no usable CUDA GPU")
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -59,6 +65,10 @@ def load_hf(model):
         return hf, tok, file
     if os.path.exists(name) and not os.path.isdir(name):
         raise ModelLoadError(f"{name} is a file: give a model directory or a .gguf file")
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not os.path.exists(name):
+        raise ModelLoadError(f"{name} does not exist (give a model directory, a .gguf file or a "
+                             "hub id)")
     hf, tok = _from_pretrained(name)
     return hf, tok, name
 

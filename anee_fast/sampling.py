@@ -31,7 +31,10 @@ class SamplingParams:
         if self.temperature == 0:
             return None
         g = torch.Generator()
-        g.manual_seed(self.seed if self.seed is not None else torch.seed())
+        if self.seed is None:
+            g.seed()            # seeds this generator only; torch's global state is left alone
+        else:
+            g.manual_seed(self.seed)
         return g
 
 

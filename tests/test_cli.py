@@ -1,0 +1,234 @@
+"""`anee-fast generate` on a tiny random Llama with an offline-built tokenizer, in-process and as
+the installed console script; bad arguments end with one clear line on stderr."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+
+from anee_fast import cli
+
+PROMPT = "why is the sky blue"
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{% endif %}")
+NUM_LAYERS = 2
+
+
+def _tokenizer(chat: bool):
+    """A small WordLevel tokenizer trained here, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        ["the sky is blue because air scatters blue light more than red light",
+         "explain why the sea looks blue on a sunny day",
+         "user assistant system hello world , ."],
+        trainers.WordLevelTrainer(special_tokens=specials))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _save_model(folder, chat=True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = _tokenizer(chat)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96,
+                         num_hidden_layers=NUM_LAYERS, num_attention_heads=6, num_key_value_heads=2,
+                         max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return _save_model(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def run_cli(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def generate_args(model_dir, *extra):
+    return ["generate", PROMPT, "--model", model_dir, "--max-new-tokens", 8, "--ignore-eos",
+            "--device", "cpu", *extra]
+
+
+def check_trace(record):
+    """The JSON's actions/compute agree with each other and with the budget rule."""
+    L = record["num_layers"]
+    actions = torch.tensor(record["actions"])
+    compute = torch.tensor(record["compute"])
+    n_tokens = len(record["prompt_token_ids"]) + len(record["token_ids"]) - 1
+    assert actions.shape == (n_tokens, L)
+    assert compute.shape == (n_tokens,)
+    assert set(actions.unique().tolist()) <= {0, 1, 2}
+    processed = (actions == 0).sum(1).float()
+    expected = (processed + (L - processed) * record["skip_cost"]) / L
+    assert torch.allclose(compute, expected, atol=1e-5)
+    assert float(compute.max()) <= max(record["budget"], record["floor"]) + 1e-5
+    return actions, compute
+
+
+def test_generate_writes_text_summary_plots_and_json(model_dir, tokenizer, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    rc, out, err = run_cli(capsys, *generate_args(
+        model_dir, "--budget", 0.5, "--min-layers", 1,
+        "--heatmap", out_dir / "heatmap.png", "--compute-plot", out_dir / "compute.png",
+        "--depth-plot", out_dir / "plots" / "depth.png", "--json", out_dir / "run.json"))
+    assert rc == 0, err
+    record = json.loads((out_dir / "run.json").read_text())
+    assert len(record["token_ids"]) == 8
+    assert record["text"] == tokenizer.decode(record["token_ids"], skip_special_tokens=True)
+    assert record["text"].strip()
+    lines = out.splitlines()
+    assert lines[0] == record["text"]                       # the text comes first
+    assert any(line.startswith("layers run per token: mean ") and f"of {NUM_LAYERS}" in line
+               for line in lines)
+    assert any(line.startswith("compute spent: ") and "energy budget 50.0%" in line for line in lines)
+    assert any(line.startswith("compute saved: ") for line in lines)
+    assert any(line.startswith("speed: 8 tokens in ") and line.endswith("(prefill included)")
+               for line in lines)
+    for name in ("heatmap.png", "compute.png", "plots/depth.png", "run.json"):
+        path = out_dir / name
+        assert path.stat().st_size > 0
+        assert f"{path}" in out
+    for name in ("heatmap.png", "compute.png", "plots/depth.png"):
+        image = matplotlib.image.imread(out_dir / name)
+        assert image.shape[0] > 50 and image.shape[1] > 50
+
+    # The chat template wrapped the prompt, and its text was encoded without extra specials.
+    assert record["chat"] is True
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                              add_generation_prompt=True, tokenize=False)
+    assert record["prompt_token_ids"] == tokenizer.encode(templated, add_special_tokens=False)
+    assert record["prompt_token_ids"][0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert record["budget"] == 0.5 and record["min_layers"] == 1
+    assert record["num_prompt_tokens"] == len(record["prompt_token_ids"])
+    actions, _ = check_trace(record)
+    # min_layers=1 on 2 layers: layer 0 always runs; at budget 0.5 layer 1 never can.
+    assert (actions[:, 0] == 0).all() and (actions[:, 1] != 0).all()
+    assert record["summary"]["layers_run_mean"] == 1.0
+    assert record["summary"]["generated_tokens"] == 8
+
+
+def test_budget_changes_the_work_done(model_dir, tmp_path, capsys):
+    full, low = tmp_path / "full.json", tmp_path / "low.json"
+    assert run_cli(capsys, *generate_args(model_dir, "--budget", 1, "--min-layers", 0,
+                                          "--json", full))[0] == 0
+    assert run_cli(capsys, *generate_args(model_dir, "--budget", 0, "--min-layers", 0,
+                                          "--json", low))[0] == 0
+    full, low = json.loads(full.read_text()), json.loads(low.read_text())
+    a_full, c_full = check_trace(full)
+    a_low, c_low = check_trace(low)
+    assert (a_full == 0).all() and torch.allclose(c_full, torch.ones_like(c_full))
+    assert not (a_low == 0).any()                          # budget 0: K/V fill only
+    assert torch.allclose(c_low, torch.full_like(c_low, low["skip_cost"]), atol=1e-5)
+    assert 0 < low["skip_cost"] < 1
+
+
+def test_no_chat_encodes_the_plain_prompt(model_dir, tokenizer, tmp_path, capsys):
+    path = tmp_path / "plain.json"
+    rc, out, err = run_cli(capsys, *generate_args(model_dir, "--no-chat", "--json", path,
+                                                  "--temperature", 0.8, "--top-k", 5, "--seed", 3))
+    assert rc == 0, err
+    record = json.loads(path.read_text())
+    assert record["chat"] is False
+    assert record["prompt_token_ids"] == tokenizer.encode(PROMPT)
+    assert record["sampling"] == {"max_new_tokens": 8, "temperature": 0.8, "top_k": 5, "seed": 3,
+                                  "ignore_eos": True}
+    check_trace(record)
+
+
+def test_chat_is_off_without_a_template_and_cannot_be_forced(tmp_path, capsys):
+    folder = _save_model(tmp_path / "plain_model", chat=False)
+    path = tmp_path / "auto.json"
+    rc, _, err = run_cli(capsys, *generate_args(folder, "--json", path))
+    assert rc == 0, err
+    assert json.loads(path.read_text())["chat"] is False
+    rc, out, err = run_cli(capsys, *generate_args(folder, "--chat"))
+    assert rc != 0 and out == ""
+    assert "chat template" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--budget", "1.5"], "energy_budget"),
+    (["--budget", "nan"], "energy_budget"),
+    (["--budget", "-0.1"], "energy_budget"),
+    (["--controller", "nonsense"], "unknown controller"),
+    (["--controller", "learned"], "controller file"),
+    (["--controller", "/nonexistent/ctrl.pt"], "not found"),
+    (["--max-new-tokens", "-1"], "max_tokens"),
+    (["--min-layers", "-1"], "--min-layers must be >= 0"),
+    (["--device", "bogus"], "--device"),
+    (["--backend", "bogus"], "unknown backend"),
+    pytest.param(["--device", "cuda"], "CUDA is not available", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="CUDA is available here")),
+], ids=["budget>1", "budget-nan", "budget<0", "controller-name", "learned-no-file",
+        "controller-file", "max-new-tokens", "min-layers", "device", "backend", "no-cuda"])
+def test_bad_arguments_exit_with_one_clear_line(model_dir, capsys, extra, expected):
+    rc, out, err = run_cli(capsys, "generate", PROMPT, "--model", model_dir, *extra)
+    assert rc != 0
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("anee-fast: error: ")
+    assert expected in lines[0] and "Traceback" not in err
+
+
+def test_missing_model_is_a_clear_error(capsys, tmp_path):
+    rc, out, err = run_cli(capsys, "generate", PROMPT, "--model", "/nonexistent")
+    assert rc != 0 and out == ""
+    assert err.strip() == ("anee-fast: error: --model: /nonexistent does not exist (give a model "
+                           "directory, a .gguf file or a hub id)")
+    # An existing folder that holds no model: the loader's error, still on one line.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc, out, err = run_cli(capsys, "generate", PROMPT, "--model", empty)
+    assert rc != 0 and out == ""
+    assert len(err.strip().splitlines()) == 1 and str(empty) in err
+
+
+def test_usage_errors_return_nonzero(capsys):
+    assert cli.main([]) != 0                               # no subcommand: help on stderr
+    assert "generate" in capsys.readouterr().err
+    assert cli.main(["generate"]) == 2                     # argparse: missing prompt
+    assert "prompt" in capsys.readouterr().err
+    assert cli.main(["generate", "x", "--budget", "half"]) == 2
+    assert cli.main(["generate", "--help"]) == 0
+    assert "--compute-plot" in capsys.readouterr().out
+
+
+def test_console_script_entry_point(model_dir, tmp_path):
+    script = Path(sys.executable).with_name("anee-fast")
+    assert script.is_file(), "entry point missing: pip install --no-deps --no-build-isolation -e ."
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("ANEE_FAST_DEBUG", None)
+    ok = subprocess.run([str(script), "generate", PROMPT, "--model", model_dir, "--max-new-tokens",
+                         "4", "--json", str(tmp_path / "sub.json")],
+                        capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "layers run per token:" in ok.stdout and "tokens/s" in ok.stdout
+    assert json.loads((tmp_path / "sub.json").read_text())["num_layers"] == NUM_LAYERS
+    bad = subprocess.run([str(script), "generate", PROMPT, "--budget", "1.5"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode != 0 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        "anee-fast: error: --budget: energy_budget must be a number in [0, 1], got 1.5"]
