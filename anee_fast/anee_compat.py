@@ -33,7 +33,6 @@ from typing import Any, Optional
 import torch
 
 from .actions import PROCESS
-from .block_manager import OutOfKVBlocks
 from .controllers import HeuristicController, LearnedController
 from .engine import check_budget
 from .llm import LLM
@@ -241,7 +240,7 @@ class ANEEWrapper:
             seq.budget = budget
         chunks = [(seq, T) for seq in cache.sequences]
         try:
-            out = _run_chunks(engine, chunks)
+            out = engine.run_chunks(chunks, range(B * T))
         except BaseException:
             for seq in cache.sequences:            # leave the cache as it was before this call
                 del seq.token_ids[seq.num_computed:]
@@ -292,18 +291,3 @@ def _as_rows(input_ids) -> list:
                          f"{list(ids.shape)}")
     return ids.tolist()
 
-
-def _run_chunks(engine, chunks):
-    """Computes [(sequence, n)] outside the scheduler: allocates their KV blocks (all or
-    nothing), runs the step with logits for every token, advances each sequence."""
-    manager = engine.block_manager
-    needed = sum(manager.blocks_needed(s.seq_id, s.num_computed + n) for s, n in chunks)
-    if needed > manager.num_free:
-        raise OutOfKVBlocks(f"this forward needs {needed} more KV blocks, {manager.num_free} are "
-                            "free: close() unused past_key_values or raise num_kv_blocks")
-    for seq, n in chunks:
-        manager.allocate(seq.seq_id, seq.num_computed + n)
-    out = engine.runner.run(chunks, list(range(sum(n for _, n in chunks))))
-    for seq, n in chunks:
-        seq.num_computed += n
-    return out

@@ -1,7 +1,7 @@
 """The serving loop: requests in, `step()` = schedule -> run -> sample, finished sequences out."""
 import math
 
-from .block_manager import BlockManager
+from .block_manager import BlockManager, OutOfKVBlocks
 from .controllers import make_controller
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
@@ -78,13 +78,7 @@ class LLMEngine:
             if seq.num_computed + n == len(seq):
                 rows.append(start - 1)
                 completing.append(seq)
-        out = self.runner.run(chunks, rows)
-        actions, compute = out.actions.cpu(), out.compute.cpu()
-        start = 0
-        for seq, n in chunks:
-            seq.record(seq.num_computed, actions[start:start + n], compute[start:start + n])
-            seq.num_computed += n
-            start += n
+        out = self.run_chunks(chunks, rows)
         finished = []
         for seq, logits in zip(completing, out.logits):
             reason = self._append_token(seq, logits)
@@ -92,6 +86,29 @@ class LLMEngine:
                 self.scheduler.finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def run_chunks(self, chunks, logits_rows, fixed_actions=None):
+        """Computes [(sequence, n)]: each sequence's next n uncached tokens, in one step.
+
+        Allocates their KV blocks first, all or nothing (the scheduler has usually done so
+        already), then records every token's actions and compute and advances the sequences.
+        Returns the runner's StepOutput (logits for `logits_rows`).
+        """
+        manager = self.block_manager
+        needed = sum(manager.blocks_needed(s.seq_id, s.num_computed + n) for s, n in chunks)
+        if needed > manager.num_free:
+            raise OutOfKVBlocks(f"this step needs {needed} more KV blocks, {manager.num_free} of "
+                                f"{manager.num_blocks} are free: raise num_kv_blocks")
+        for seq, n in chunks:
+            manager.allocate(seq.seq_id, seq.num_computed + n)
+        out = self.runner.run(chunks, logits_rows, fixed_actions)
+        actions, compute = out.actions.cpu(), out.compute.cpu()   # once per step, after the layers
+        start = 0
+        for seq, n in chunks:
+            seq.record(seq.num_computed, actions[start:start + n], compute[start:start + n])
+            seq.num_computed += n
+            start += n
+        return out
 
     def _append_token(self, seq, logits):
         """Samples the next token; returns a finish reason or None."""

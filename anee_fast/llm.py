@@ -71,23 +71,18 @@ class LLM:
                              "free: score fewer or shorter sequences, or raise num_kv_blocks")
         logits = [torch.empty((len(s), self.spec.vocab_size), dtype=torch.float32) for s in seqs]
         try:
-            for s in seqs:
-                engine.block_manager.allocate(s.seq_id, len(s))
             while any(s.num_uncomputed for s in seqs):
                 chunks = [(s, min(chunk_size or len(s), s.num_uncomputed)) for s in seqs
                           if s.num_uncomputed]
-                rows = list(range(sum(n for _, n in chunks)))
+                firsts = [s.num_computed for s, _ in chunks]
                 step_fixed = None
                 if fixed is not None:
-                    step_fixed = torch.cat([fixed[seqs.index(s)][s.num_computed:s.num_computed + n]
-                                            for s, n in chunks])
-                out = engine.runner.run(chunks, rows, step_fixed)
-                step_logits, acts, comp = out.logits.cpu(), out.actions.cpu(), out.compute.cpu()
-                start = 0
-                for s, n in chunks:
-                    logits[seqs.index(s)][s.num_computed:s.num_computed + n] = step_logits[start:start + n]
-                    s.record(s.num_computed, acts[start:start + n], comp[start:start + n])
-                    s.num_computed += n
+                    step_fixed = torch.cat([fixed[seqs.index(s)][first:first + n]
+                                            for (s, n), first in zip(chunks, firsts)])
+                out = engine.run_chunks(chunks, range(sum(n for _, n in chunks)), step_fixed)
+                step_logits, start = out.logits.cpu(), 0
+                for (s, n), first in zip(chunks, firsts):
+                    logits[seqs.index(s)][first:first + n] = step_logits[start:start + n]
                     start += n
         finally:
             for s in seqs:

@@ -50,6 +50,10 @@ class Sequence:
 
     def record(self, start: int, actions, compute) -> None:
         end = start + actions.shape[0]
+        if end > self.actions.shape[0]:   # a sequence fed beyond its planned length (ANEE forward)
+            grow = end - self.actions.shape[0]
+            self.actions = torch.cat([self.actions, self.actions.new_zeros(grow, self.actions.shape[1])])
+            self.compute = torch.cat([self.compute, self.compute.new_zeros(grow)])
         self.actions[start:end] = actions
         self.compute[start:end] = compute
 
