@@ -11,8 +11,8 @@ transformers, with ANEE's bugs fixed:
 
 `exit_budget_threshold` keeps ANEE's meaning: a token exits once the budget it has left (as a
 fraction of a full forward) falls below the threshold, so at budget 1.0 the default 0.1 makes a
-token of a 12-layer model exit at its last layer at the latest; 0 turns the rule off. Like ANEE's,
-the heuristic controller never skips: it runs layers until it exits (see HeuristicController).
+token of a 12-layer model exit at its last layer at the latest; 0 turns the rule off. Unlike
+ANEE's, the heuristic controller does skip layers (see HeuristicController).
 
     config = ANEEConfig(model_name="gpt2", energy_budget=0.5)
     model = ANEEWrapper(config)

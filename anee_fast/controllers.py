@@ -6,6 +6,7 @@ back to the host.
 """
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ class LayerContext:
     h: torch.Tensor            # [N, hidden] residual entering the layer
     h_prev: torch.Tensor       # [N, hidden] residual entering the previous layer
     budget_left: torch.Tensor  # [N] compute still allowed, as a fraction of a full forward
+    readout: Callable = None   # () -> (entropy, max prob) of the LM head at this depth; costly
 
 
 class Controller:
@@ -46,18 +48,29 @@ class BudgetController(Controller):
 
 
 class HeuristicController(Controller):
-    """Exit once the residual stops turning: cosine(h, h one layer earlier) >= saturation."""
+    """Saturation heuristic: SKIP a layer when the previous one barely turned the residual
+    (cosine(h, h one layer earlier) >= skip_saturation), EXIT when it turned it even less
+    (>= exit_saturation) or, if `confidence` is set, when the next-token distribution read at
+    this depth is that sure (max probability; costs an LM-head product per layer, see profiler).
+    A layer right after a SKIP always runs: the skipped layer gave no new signal.
+    """
     name = "heuristic"
 
-    def __init__(self, saturation: float = 0.995, exit_threshold: float = 0.0):
-        self.saturation = saturation
+    def __init__(self, skip_saturation: float = 0.98, exit_saturation: float = 0.995,
+                 confidence=None, exit_threshold: float = 0.0):
+        self.skip_saturation = skip_saturation
+        self.exit_saturation = exit_saturation
+        self.confidence = confidence
         self.exit_threshold = exit_threshold
 
     def propose(self, ctx):
-        saturated = cosine_saturation(ctx.h, ctx.h_prev) >= self.saturation
-        if ctx.layer == 0:
-            saturated = torch.zeros_like(saturated)   # no earlier layer to compare with
-        return _codes(saturated | (ctx.budget_left < self.exit_threshold), ctx)
+        after_skip = (ctx.h == ctx.h_prev).all(dim=-1)        # also true at layer 0
+        cos = cosine_saturation(ctx.h, ctx.h_prev)
+        leave = (~after_skip & (cos >= self.exit_saturation)) | (ctx.budget_left < self.exit_threshold)
+        if self.confidence is not None:
+            leave |= ctx.readout()[1] >= self.confidence
+        skip = ~after_skip & (cos >= self.skip_saturation)
+        return torch.where(leave, EXIT, torch.where(skip, SKIP, PROCESS)).to(torch.int8)
 
 
 class LearnedController(Controller):

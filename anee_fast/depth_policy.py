@@ -16,7 +16,7 @@ _EPS = 1e-6
 
 class DepthPolicy:
     def __init__(self, num_tokens, num_layers, skip_cost, device, budget=None, controller=None,
-                 fixed_actions=None, min_layers=0, always_last=0):
+                 fixed_actions=None, min_layers=0, always_last=0, readout=None):
         self.L = num_layers
         self.skip_cost = float(skip_cost)
         self.actions = torch.empty((num_tokens, num_layers), dtype=torch.int8, device=device)
@@ -29,6 +29,7 @@ class DepthPolicy:
             self.fixed_process = process_mask(fixed_actions)
             return
         self.controller = controller
+        self.readout = readout     # h -> (entropy, max prob), offered to controllers lazily
         self.min_layers = min(min_layers, num_layers)
         self.always_last = min(always_last, num_layers - self.min_layers)
         forced = self.min_layers + self.always_last
@@ -54,7 +55,8 @@ class DepthPolicy:
             action = torch.full_like(self.stopped, PROCESS, dtype=torch.int8)
         else:
             budget_left = (self.limit - self.spent) / L
-            ctx = LayerContext(layer=layer, num_layers=L, h=h, h_prev=h_prev, budget_left=budget_left)
+            ctx = LayerContext(layer=layer, num_layers=L, h=h, h_prev=h_prev, budget_left=budget_left,
+                               readout=lambda: self.readout(h))
             action = self.controller.propose(ctx)
             # Cost if this layer runs and the rest are SKIPs, plus the forced last layers.
             after = self.spent + 1 + (L - layer - 1) * self.skip_cost \

@@ -6,6 +6,8 @@ import torch
 from .controllers import Controller
 from .depth_policy import DepthPolicy
 from .forward import StepBatch, final_logits, run_layers
+from .profiler import lm_head_confidence
+from .reference_ops import norm
 
 
 @dataclass
@@ -79,7 +81,10 @@ class ModelRunner:
                 for c, idx in by_controller.values()])
         return DepthPolicy(num_tokens, L, self.skip_cost, self.device, budget=budget,
                            controller=controller, min_layers=self.min_layers,
-                           always_last=self.always_last)
+                           always_last=self.always_last, readout=self.readout)
+
+    def readout(self, h):
+        return lm_head_confidence(h, self.weights, norm)
 
     @torch.inference_mode()
     def run(self, chunks, logits_rows, fixed_actions=None, hidden_states=None) -> StepOutput:

@@ -55,7 +55,7 @@ def llms():
 
 def controller_for(name, learned_path):
     return {"budget": "budget", "heuristic": "heuristic",
-            "heuristic_0.8": HeuristicController(saturation=0.8),
+            "heuristic_0.8": HeuristicController(skip_saturation=0.8, exit_saturation=0.9),
             "static": [PROCESS, SKIP, PROCESS, PROCESS],
             "static_exit": [PROCESS, PROCESS, EXIT, PROCESS],
             "learned": learned_path}[name]

@@ -160,7 +160,7 @@ def test_per_request_budgets_and_controllers(tmp_path, pool):
     model = build_model("llama_gqa", num_layers=4)
     prompts, params = _requests(model)
     budgets = [1.0, 0.3, 0.6, 0.0, 0.8]
-    controllers = ["budget", "heuristic", HeuristicController(saturation=0.8), str(path), [0, 1, 0, 2]]
+    controllers = ["budget", "heuristic", HeuristicController(skip_saturation=0.8, exit_saturation=0.9), str(path), [0, 1, 0, 2]]
     refs = [LLM(model, min_layers=1).generate(p, sp, energy_budget=b, controller=c)[0]
             for p, sp, b, c in zip(prompts, params, budgets, controllers)]
     kwargs = {} if pool is None else dict(block_size=4, num_kv_blocks=pool)
