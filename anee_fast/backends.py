@@ -1,19 +1,41 @@
-"""Which execution backends this install can use, and the choice behind backend="auto"."""
+"""Which execution backends this install can use, their op sets, and backend="auto".
+
+Every backend provides the ops of `reference_ops` (norm, write_kv, skip_kv, paged_attention)
+with the same names and signatures; `ops_for(name)` returns the module that holds them.
+"""
+import importlib
 import importlib.util
 import os
 
 BACKENDS = ("reference", "triton", "native")
+_OPS_MODULES = {"reference": "anee_fast.reference_ops", "triton": "anee_fast.kernels",
+                "native": "anee_fast.native_ops"}
+
+
+def _triton_status():
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    import torch
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA GPU (set TRITON_INTERPRET=1 before importing to run the kernels on the CPU)"
+    try:
+        importlib.import_module(_OPS_MODULES["triton"])
+    except Exception as e:       # a broken install must say why, not vanish from the list
+        return f"the Triton kernels failed to import: {type(e).__name__}: {e}"
+    return True
+
+
+def _native_status():
+    try:
+        importlib.import_module(_OPS_MODULES["native"])
+    except Exception as e:
+        return f"the C++ extension anee_fast._C is not available: {type(e).__name__}: {e}"
+    return True
 
 
 def backends() -> dict:
     """{name: True if usable here, else a string saying why not}."""
-    found = {"reference": True}
-    if importlib.util.find_spec("triton") is None:
-        found["triton"] = "triton is not installed"
-    else:
-        found["triton"] = "the Triton kernels are not part of this version yet"
-    found["native"] = "the C++/CUDA extension anee_fast._C is not part of this version yet"
-    return found
+    return {"reference": True, "triton": _triton_status(), "native": _native_status()}
 
 
 def select_backend(requested=None) -> str:
@@ -27,3 +49,7 @@ def select_backend(requested=None) -> str:
     if status is not True:
         raise RuntimeError(f"backend {requested!r} is not available: {status}")
     return requested
+
+
+def ops_for(name: str):
+    return importlib.import_module(_OPS_MODULES[name])

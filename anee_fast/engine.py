@@ -1,6 +1,7 @@
 """The serving loop: requests in, `step()` = schedule -> run -> sample, finished sequences out."""
 import math
 
+from . import reference_ops
 from .block_manager import BlockManager, OutOfKVBlocks
 from .controllers import make_controller
 from .kv_cache import KVCache
@@ -20,7 +21,7 @@ def check_budget(budget) -> float:
 class LLMEngine:
     def __init__(self, weights, eos_token_id=None, block_size: int = 16, num_kv_blocks=None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, min_layers: int = 2,
-                 always_last: int = 0):
+                 always_last: int = 0, ops=reference_ops):
         spec = weights.spec
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
@@ -33,7 +34,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_kv_blocks, block_size)
         self.cache = KVCache(spec.num_layers, num_kv_blocks, block_size, spec.num_kv_heads,
                              spec.head_dim, weights.dtype, weights.device)
-        self.runner = ModelRunner(weights, self.cache, self.block_manager, min_layers, always_last)
+        self.runner = ModelRunner(weights, self.cache, self.block_manager, min_layers, always_last,
+                                  ops)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
 
     def new_sequence(self, prompt_ids, sampling: SamplingParams, budget, controller) -> Sequence:

@@ -1,9 +1,10 @@
 """The adaptive-depth forward over a ragged batch of tokens, reading and writing the paged cache.
 
-Every layer, for every token: K/V come from norm(h_in) and go into the cache. PROCESS rows then
-take the block's output; the others keep h_in (h = where(process, block(h), h)). One code path
-serves prefill, chunked prefill and decode: a step's tokens are written to the cache before
-attention reads it, so a query sees exactly the positions 0..p of its own sequence.
+Every layer, for every token: K/V come from norm(h_in) and go into the cache (`skip_kv`, the
+whole SKIP path in one op). PROCESS rows then take the block's output; the others keep h_in
+(h = where(process, block(h), h)). One code path serves prefill, chunked prefill and decode: a
+step's K/V are written before attention reads the cache, so a query sees exactly positions
+0..p of its own sequence. `ops` is a backend's op set (see reference_ops for the contract).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -11,18 +12,18 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import reference_ops as ops
+from . import reference_ops
+from .reference_ops import apply_rope, mlp
 
 
 @dataclass
 class StepBatch:
-    """One step's tokens, flattened: the tokens of sequence s are query_starts[s]:query_starts[s+1]."""
+    """One step's tokens, flattened; every field a kernel reads is a device tensor."""
     token_ids: torch.Tensor        # [N] long
     positions: torch.Tensor        # [N] long
+    seq_idx: torch.Tensor          # [N] long: the row of block_tables each token belongs to
     slot_mapping: torch.Tensor     # [N] long, -1 = padding
     block_tables: torch.Tensor     # [S, max_blocks] long
-    query_starts: list             # host ints, S + 1 entries
-    context_lens: list             # host ints: tokens of sequence s in the cache after this step
     block_size: int
 
     @property
@@ -37,35 +38,44 @@ def embed(weights, step: StepBatch):
     return h
 
 
-def run_layers(weights, cache, step: StepBatch, policy, hidden_states: Optional[list] = None):
+def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
+               hidden_states: Optional[list] = None):
     """Runs every layer under `policy`; returns the final residual [N, hidden].
 
     `hidden_states`, when given, receives the residual entering each layer (for profiling and
     tests). The layer loop never reads a device value on the host.
     """
     spec = weights.spec
+    rms = spec.norm == "rmsnorm"
+    inv_freq = weights.rope_inv_freq if spec.uses_rope else None
+    n = step.num_tokens
     h = embed(weights, step)
     h_prev = h
     for l, layer in enumerate(weights.layers):
         if hidden_states is not None:
             hidden_states.append(h)
         process = policy.decide(l, h, h_prev)
-        x = ops.norm(h, layer.attn_norm_weight, layer.attn_norm_bias, spec.norm, spec.norm_eps)
-        k, v, q = ops.kvq_projection(x, layer, spec, step.positions, weights.rope_inv_freq,
-                                     weights.rope_scale)
-        ops.write_kv(cache.k[l], cache.v[l], k, v, step.slot_mapping)
-        attn = ops.paged_attention(q, cache.k[l], cache.v[l], step.positions, step, spec.attn_scale,
-                                   layer.sliding_window)
-        h_attn = h + F.linear(attn.reshape(attn.shape[0], -1), layer.o_weight, layer.o_bias)
-        x = ops.norm(h_attn, layer.mlp_norm_weight, layer.mlp_norm_bias, spec.norm, spec.norm_eps)
-        h_out = h_attn + ops.mlp(x, layer, spec.activation)
+        ops.skip_kv(h, *weights.skip_kv_weights(l, l + 1), step.positions, inv_freq,
+                    weights.rope_scale, cache.k[l:l + 1], cache.v[l:l + 1], step.slot_mapping,
+                    None, spec.norm_eps, rms)
+        x = ops.norm(h, layer.attn_norm_weight, layer.attn_norm_bias, spec.norm_eps, rms)
+        q = F.linear(x, layer.q_weight, layer.q_bias).view(n, spec.num_heads, spec.head_dim)
+        if inv_freq is not None:
+            q = apply_rope(q, step.positions, inv_freq, weights.rope_scale)
+        attn = ops.paged_attention(q, cache.k[l], cache.v[l], step.block_tables, step.seq_idx,
+                                   step.positions, step.block_size, spec.attn_scale,
+                                   layer.sliding_window or 0)
+        h_attn = h + F.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias)
+        x = ops.norm(h_attn, layer.mlp_norm_weight, layer.mlp_norm_bias, spec.norm_eps, rms)
+        h_out = h_attn + mlp(x, layer, spec.activation)
         h_prev = h
         h = torch.where(process[:, None], h_out, h)
     return h
 
 
-def final_logits(weights, h):
+def final_logits(weights, h, ops=reference_ops):
     """float32 logits of lm_head(final_norm(h))."""
     spec = weights.spec
-    x = ops.norm(h, weights.final_norm_weight, weights.final_norm_bias, spec.norm, spec.norm_eps)
+    x = ops.norm(h, weights.final_norm_weight, weights.final_norm_bias, spec.norm_eps,
+                 spec.norm == "rmsnorm")
     return F.linear(x, weights.lm_head).float()

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import torch
 
 from .actions import validate_actions
-from .backends import select_backend
+from .backends import ops_for, select_backend
 from .engine import LLMEngine, check_budget
 from .model_loader import load_weights
 from .sampling import SamplingParams
@@ -29,7 +29,8 @@ class LLM:
         self.tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         eos = getattr(self.tokenizer, "eos_token_id", None)
         self.engine = LLMEngine(self.weights, eos, block_size, num_kv_blocks, max_num_seqs,
-                                max_num_batched_tokens, min_layers, always_last)
+                                max_num_batched_tokens, min_layers, always_last,
+                                ops=ops_for(self.backend))
 
     @property
     def spec(self):

@@ -4,10 +4,10 @@ from dataclasses import dataclass
 import torch
 
 from .controllers import Controller
+from . import reference_ops
 from .depth_policy import DepthPolicy
 from .forward import StepBatch, final_logits, run_layers
 from .profiler import lm_head_confidence
-from .reference_ops import norm
 
 
 @dataclass
@@ -32,8 +32,10 @@ class MixedController(Controller):
 
 
 class ModelRunner:
-    def __init__(self, weights, cache, block_manager, min_layers: int = 0, always_last: int = 0):
+    def __init__(self, weights, cache, block_manager, min_layers: int = 0, always_last: int = 0,
+                 ops=reference_ops):
         self.weights = weights
+        self.ops = ops
         self.cache = cache
         self.block_manager = block_manager
         self.skip_cost = weights.skip_cost()
@@ -46,22 +48,20 @@ class ModelRunner:
 
     def build_batch(self, chunks) -> StepBatch:
         """chunks: [(sequence, n)]: its next n uncached tokens. Their blocks are allocated."""
-        token_ids, positions, slots, tables, starts, ctx_lens = [], [], [], [], [0], []
-        for seq, n in chunks:
+        token_ids, positions, seq_idx, slots, tables = [], [], [], [], []
+        for s, (seq, n) in enumerate(chunks):
             first = seq.num_computed
             token_ids += seq.token_ids[first:first + n]
             positions += range(first, first + n)
+            seq_idx += [s] * n
             slots += [self.block_manager.slot(seq.seq_id, p) for p in range(first, first + n)]
             tables.append(self.block_manager.tables[seq.seq_id])
-            starts.append(starts[-1] + n)
-            ctx_lens.append(first + n)
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         as_long = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)
         return StepBatch(token_ids=as_long(token_ids), positions=as_long(positions),
-                         slot_mapping=as_long(slots), block_tables=as_long(padded),
-                         query_starts=starts, context_lens=ctx_lens,
-                         block_size=self.block_manager.block_size)
+                         seq_idx=as_long(seq_idx), slot_mapping=as_long(slots),
+                         block_tables=as_long(padded), block_size=self.block_manager.block_size)
 
     def policy_for(self, chunks, num_tokens, fixed_actions=None) -> DepthPolicy:
         L = self.weights.spec.num_layers
@@ -84,14 +84,14 @@ class ModelRunner:
                            always_last=self.always_last, readout=self.readout)
 
     def readout(self, h):
-        return lm_head_confidence(h, self.weights, norm)
+        return lm_head_confidence(h, self.weights, self.ops.norm)
 
     @torch.inference_mode()
     def run(self, chunks, logits_rows, fixed_actions=None, hidden_states=None) -> StepOutput:
         """Computes the chunks' tokens; returns logits for `logits_rows` (indices into the step)."""
         step = self.build_batch(chunks)
         policy = self.policy_for(chunks, step.num_tokens, fixed_actions)
-        h = run_layers(self.weights, self.cache, step, policy, hidden_states)
+        h = run_layers(self.weights, self.cache, step, policy, self.ops, hidden_states)
         rows = torch.as_tensor(logits_rows, dtype=torch.long, device=self.device)
-        logits = final_logits(self.weights, h.index_select(0, rows))
+        logits = final_logits(self.weights, h.index_select(0, rows), self.ops)
         return StepOutput(logits=logits, actions=policy.actions, compute=policy.compute())

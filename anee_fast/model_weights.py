@@ -2,6 +2,8 @@
 
 Per layer the attention input projection is one matrix with rows ordered K | V | Q, so the
 SKIP path (K/V only) reads one contiguous slice of it: `LayerWeights.kv_weight` is a view.
+The attention norms and these projections of all layers live in stacked [L, ...] tensors (the
+per-layer fields are views of them), so one `skip_kv` launch can serve consecutive layers.
 """
 from dataclasses import dataclass, field
 from typing import Optional
@@ -63,8 +65,19 @@ class LayerWeights:
     def kv_bias(self) -> Optional[torch.Tensor]:
         return None if self.kvq_bias is None else self.kvq_bias[: 2 * self.kv_size]
 
+    @property
+    def q_weight(self) -> torch.Tensor:
+        return self.kvq_weight[2 * self.kv_size:]
+
+    @property
+    def q_bias(self) -> Optional[torch.Tensor]:
+        return None if self.kvq_bias is None else self.kvq_bias[2 * self.kv_size:]
+
     def tensors(self):
         return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+
+
+STACKED_FIELDS = ("attn_norm_weight", "attn_norm_bias", "kvq_weight", "kvq_bias")
 
 
 @dataclass
@@ -78,7 +91,27 @@ class ModelWeights:
     lm_head: torch.Tensor                 # [vocab, hidden]; the embedding itself when tied
     rope_inv_freq: Optional[torch.Tensor] = None   # [head_dim/2] float32
     rope_scale: float = 1.0               # multiplies cos/sin (some RoPE variants)
-    extra: dict = field(default_factory=dict)
+    stacked: dict = field(default_factory=dict)  # STACKED_FIELDS name -> [L, ...] tensor or None
+
+    def stack_layers(self) -> None:
+        """Moves the STACKED_FIELDS of every layer into one [L, ...] tensor each."""
+        for name in STACKED_FIELDS:
+            parts = [getattr(layer, name) for layer in self.layers]
+            if parts[0] is None:
+                self.stacked[name] = None
+                continue
+            self.stacked[name] = torch.stack(parts)
+            for layer, view in zip(self.layers, self.stacked[name]):
+                setattr(layer, name, view)
+
+    def skip_kv_weights(self, first: int, last: int):
+        """(norm weight, norm bias, K|V weight, K|V bias) of layers first..last-1, stacked."""
+        kv = 2 * self.spec.kv_size
+        w, b = self.stacked["kvq_weight"], self.stacked["kvq_bias"]
+        norm_b = self.stacked["attn_norm_bias"]
+        return (self.stacked["attn_norm_weight"][first:last],
+                None if norm_b is None else norm_b[first:last],
+                w[first:last, :kv], None if b is None else b[first:last, :kv])
 
     @property
     def device(self) -> torch.device:

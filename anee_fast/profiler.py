@@ -36,8 +36,8 @@ def cosine_saturation(h, h_prev):
 
 def lm_head_confidence(h, weights, norm_fn):
     """(entropy, max probability) of the next-token distribution read at this depth."""
-    x = norm_fn(h, weights.final_norm_weight, weights.final_norm_bias,
-                weights.spec.norm, weights.spec.norm_eps)
+    x = norm_fn(h, weights.final_norm_weight, weights.final_norm_bias, weights.spec.norm_eps,
+                weights.spec.norm == "rmsnorm")
     logp = F.log_softmax(F.linear(x, weights.lm_head).float(), dim=-1)
     p = logp.exp()
     return -(p * logp).sum(-1), p.max(-1).values

@@ -1,16 +1,32 @@
-"""Pure-PyTorch ops: the ground truth every Triton and C++/CUDA kernel is tested against."""
+"""Pure-PyTorch ops: the ground truth every Triton and C++/CUDA kernel is tested against.
+
+The ops a backend provides (same names and signatures in `kernels/` and `csrc/`):
+
+- `norm(x, weight, bias, eps, rms) -> out`
+- `write_kv(k, v, k_cache, v_cache, slot_mapping) -> ()`
+- `skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
+           k_cache, v_cache, slot_mapping, first_layer, eps, rms) -> ()`
+- `paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size, scale,
+                   sliding_window) -> out`
+
+Cache layout: per layer [num_slots + 1, kv_heads, head_dim], slot = block * block_size + offset;
+the spare last slot belongs to no sequence. Slot -1 in a slot mapping means "write nothing".
+Everything a kernel needs is a device tensor or a plain number: no host-side ragged metadata.
+"""
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 
-def norm(x, weight, bias, kind: str, eps: float):
-    if kind == "rmsnorm":
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return (xf * weight.float()).to(x.dtype) if bias is None else (xf * weight.float() + bias.float()).to(x.dtype)
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+def norm(x, weight, bias, eps: float, rms: bool):
+    """RMSNorm (rms=True; bias None) or LayerNorm over the last dim, computed in float32."""
+    xf = x.float()
+    if rms:
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+        return (y if bias is None else y + bias.float()).to(x.dtype)
+    return F.layer_norm(xf, (x.shape[-1],), weight.float(),
+                        None if bias is None else bias.float(), eps).to(x.dtype)
 
 
 def apply_rope(x, positions, inv_freq, scale: float = 1.0):
@@ -25,62 +41,68 @@ def apply_rope(x, positions, inv_freq, scale: float = 1.0):
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
-def kvq_projection(x, layer, spec, positions, inv_freq, rope_scale):
-    """Returns K, V, Q as [N, heads, head_dim], RoPE applied to K and Q where the model uses it."""
-    out = F.linear(x, layer.kvq_weight, layer.kvq_bias)
-    kv = spec.kv_size
-    k = out[:, :kv].reshape(-1, spec.num_kv_heads, spec.head_dim)
-    v = out[:, kv:2 * kv].reshape(-1, spec.num_kv_heads, spec.head_dim)
-    q = out[:, 2 * kv:].reshape(-1, spec.num_heads, spec.head_dim)
-    if spec.uses_rope:
-        k = apply_rope(k, positions, inv_freq, rope_scale)
-        q = apply_rope(q, positions, inv_freq, rope_scale)
-    return k, v, q
-
-
-def write_kv(k_cache, v_cache, k, v, slot_mapping):
-    """Copies K/V rows into one layer's slot arrays; slot -1 (padding) goes to the spare last
-    slot, which no sequence owns, so the write needs no host-side filtering."""
+def write_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Copies K/V rows [N, kv_heads, d] into one layer's slots. Slot -1 rows go to the spare last
+    slot, which no sequence owns, so the copy needs no host-side filtering."""
     slots = torch.where(slot_mapping >= 0, slot_mapping, k_cache.shape[0] - 1)
     k_cache.index_copy_(0, slots, k)
     v_cache.index_copy_(0, slots, v)
 
 
-def context_slots(block_table_row, context_len: int, block_size: int):
-    """Cache slots of positions 0..context_len-1 of one sequence."""
-    pos = torch.arange(context_len, device=block_table_row.device)
-    return block_table_row[pos // block_size] * block_size + pos % block_size
+def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: Optional[torch.Tensor],
+            rope_scale: float, k_cache, v_cache, slot_mapping, first_layer: Optional[torch.Tensor],
+            eps: float, rms: bool):
+    """The SKIP path of `nl` consecutive layers that share the residual h [N, hidden]:
+    norm -> K|V projection -> RoPE on K (when inv_freq is given) -> cache write.
 
-
-def paged_attention(q, k_cache, v_cache, positions, attn, scale: float,
-                    sliding_window: Optional[int] = None):
-    """Causal attention of each query over its own sequence's cached K/V.
-
-    q: [N, heads, d]; `attn` holds block tables and the host-side ragged layout of the step
-    (query_starts, context_lens), which the scheduler knows before the step runs.
+    norm_weight/norm_bias [nl, hidden]; kv_weight [nl, 2*kv_size, hidden] with rows K | V;
+    kv_bias [nl, 2*kv_size]; k_cache/v_cache [nl, slots + 1, kv_heads, d]. Row n writes layers
+    first_layer[n].. nl-1 (all layers when first_layer is None) at slot slot_mapping[n].
     """
-    out = torch.empty_like(q)
+    nl, kv_heads, d = k_cache.shape[0], k_cache.shape[2], k_cache.shape[3]
+    for j in range(nl):
+        x = norm(h, norm_weight[j], None if norm_bias is None else norm_bias[j], eps, rms)
+        kv = F.linear(x, kv_weight[j], None if kv_bias is None else kv_bias[j])
+        k = kv[:, :kv_heads * d].reshape(-1, kv_heads, d)
+        v = kv[:, kv_heads * d:].reshape(-1, kv_heads, d)
+        if inv_freq is not None:
+            k = apply_rope(k, positions, inv_freq, rope_scale)
+        slots = slot_mapping if first_layer is None else torch.where(first_layer <= j, slot_mapping, -1)
+        write_kv(k, v, k_cache[j], v_cache[j], slots)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size: int,
+                    scale: float, sliding_window: int = 0):
+    """Causal attention of each query row over its own sequence's cached K/V.
+
+    q [N, heads, d]; k_cache/v_cache [slots + 1, kv_heads, d]; block_tables [S, max_blocks];
+    row n belongs to sequence seq_idx[n] and sees its positions 0..positions[n] (only the last
+    `sliding_window` of them when > 0). GQA: heads is a multiple of kv_heads.
+    """
     heads, kv_heads = q.shape[1], k_cache.shape[1]
-    for s, ctx in enumerate(attn.context_lens):
-        start, end = attn.query_starts[s], attn.query_starts[s + 1]
-        if start == end:
-            continue
-        slots = context_slots(attn.block_tables[s], ctx, attn.block_size)
-        k = k_cache[slots].repeat_interleave(heads // kv_heads, dim=1)   # [ctx, heads, d]
-        v = v_cache[slots].repeat_interleave(heads // kv_heads, dim=1)
-        q_pos = positions[start:end, None]
-        k_pos = torch.arange(ctx, device=q.device)[None, :]
-        mask = k_pos <= q_pos
-        if sliding_window is not None:
-            mask &= k_pos > q_pos - sliding_window
-        o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=mask, scale=scale)
-        out[start:end] = o.transpose(0, 1)
+    key_pos = torch.arange(block_tables.shape[1] * block_size, device=q.device)
+    out = torch.empty_like(q)
+    for start in range(0, q.shape[0], _ROWS_PER_CHUNK):    # bounds the gathered K/V's memory
+        rows = slice(start, start + _ROWS_PER_CHUNK)
+        tables = block_tables[seq_idx[rows]]                                      # [n, max_blocks]
+        slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [n, ctx]
+        k = k_cache[slots].repeat_interleave(heads // kv_heads, dim=2)           # [n, ctx, heads, d]
+        v = v_cache[slots].repeat_interleave(heads // kv_heads, dim=2)
+        q_pos = positions[rows, None]
+        mask = key_pos[None, :] <= q_pos
+        if sliding_window > 0:
+            mask &= key_pos[None, :] > q_pos - sliding_window
+        o = F.scaled_dot_product_attention(q[rows, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask[:, None, None, :], scale=scale)
+        out[rows] = o[:, :, 0, :]
     return out
 
 
+_ROWS_PER_CHUNK = 64
+
+
 def mlp(x, layer, activation: str):
+    """The block's MLP: gated SiLU (Llama family) or GELU-tanh (GPT-2)."""
     up = F.linear(x, layer.up_weight, layer.up_bias)
     if activation == "silu":
         gate, up = up.chunk(2, dim=-1)

@@ -21,7 +21,9 @@ def pack_hf_model(model, dtype=None, device=None) -> ModelWeights:
         raise UnsupportedModelError(
             f"unsupported architecture {model_type!r} ({type(model).__name__}); supported model "
             f"types: {', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM is 'llama')")
-    return _cast(weights, dtype, device)
+    weights = _cast(weights, dtype, device)
+    weights.stack_layers()
+    return weights
 
 
 def _detach(t):
