@@ -38,11 +38,16 @@ def backends() -> dict:
     return {"reference": True, "triton": _triton_status(), "native": _native_status()}
 
 
-def select_backend(requested=None) -> str:
-    requested = requested or os.environ.get("ANEE_FAST_BACKEND") or "auto"
+def select_backend(requested=None, device_type: str = "cpu") -> str:
+    """The backend to run on a device of `device_type`. "auto" (or None) takes
+    ANEE_FAST_BACKEND when set, else the fastest usable one: on the CPU the Triton kernels
+    only run in Triton's slow interpreter, so "auto" never picks them there."""
+    if requested in (None, "auto"):      # the environment refines "auto", never a named choice
+        requested = os.environ.get("ANEE_FAST_BACKEND") or "auto"
     if requested == "auto":
         available = backends()
-        return next(name for name in ("native", "triton", "reference") if available[name] is True)
+        order = ("native", "triton", "reference") if device_type == "cuda" else ("native", "reference")
+        return next(name for name in order if available[name] is True)
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}: choose one of {', '.join(BACKENDS)} or 'auto'")
     status = backends()[requested]

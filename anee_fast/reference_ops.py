@@ -10,7 +10,8 @@ The ops a backend provides (same names and signatures in `kernels/` and `csrc/`)
                    sliding_window) -> out`
 
 Cache layout: per layer [num_slots + 1, kv_heads, head_dim], slot = block * block_size + offset;
-the spare last slot belongs to no sequence. Slot -1 in a slot mapping means "write nothing".
+the spare last slot belongs to no sequence and is never written. Slot -1 in a slot mapping
+means "write nothing".
 Everything a kernel needs is a device tensor or a plain number: no host-side ragged metadata.
 """
 from typing import Optional
@@ -42,11 +43,16 @@ def apply_rope(x, positions, inv_freq, scale: float = 1.0):
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
-    """Copies K/V rows [N, kv_heads, d] into one layer's slots. Slot -1 rows go to the spare last
-    slot, which no sequence owns, so the copy needs no host-side filtering."""
-    slots = torch.where(slot_mapping >= 0, slot_mapping, k_cache.shape[0] - 1)
-    k_cache.index_copy_(0, slots, k)
-    v_cache.index_copy_(0, slots, v)
+    """Copies K/V rows [N, kv_heads, d] into one layer's slots; slot -1 rows write nothing.
+
+    Without host-side filtering: padding rows target the spare last slot and carry that slot's
+    own content, so it stays as it was.
+    """
+    spare = k_cache.shape[0] - 1
+    valid = (slot_mapping >= 0)[:, None, None]
+    slots = torch.where(slot_mapping >= 0, slot_mapping, spare)
+    k_cache.index_copy_(0, slots, torch.where(valid, k, k_cache[spare]))
+    v_cache.index_copy_(0, slots, torch.where(valid, v, v_cache[spare]))
 
 
 def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: Optional[torch.Tensor],

@@ -17,6 +17,10 @@ import torch
 # The test models are tiny: intra-op threads only add overhead (and thrash when several test
 # processes share the machine's 2 cores). ANEE_TEST_THREADS overrides.
 torch.set_num_threads(int(os.environ.get("ANEE_TEST_THREADS", "1")))
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before
+# triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
