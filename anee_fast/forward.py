@@ -39,16 +39,20 @@ def embed(weights, step: StepBatch):
 
 
 def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
-               hidden_states: Optional[list] = None):
+               hidden_states: Optional[list] = None, compact: Optional[bool] = None):
     """Runs every layer under `policy`; returns the final residual [N, hidden].
 
     `hidden_states`, when given, receives the residual entering each layer (for profiling and
-    tests). The layer loop never reads a device value on the host.
+    tests). The layer loop never reads a device value on the host: on a GPU the block runs on
+    every row and `where` keeps the PROCESS rows (masked). On the CPU, where "device" and host
+    are the same memory, the block runs on the PROCESS rows only (compacted), so skipped work
+    is really saved. `compact` forces one variant (None: by device).
     """
     spec = weights.spec
     rms = spec.norm == "rmsnorm"
     inv_freq = weights.rope_inv_freq if spec.uses_rope else None
-    n = step.num_tokens
+    if compact is None:
+        compact = step.token_ids.device.type == "cpu"
     h = embed(weights, step)
     h_prev = h
     for l, layer in enumerate(weights.layers):
@@ -58,19 +62,34 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
         ops.skip_kv(h, *weights.skip_kv_weights(l, l + 1), step.positions, inv_freq,
                     weights.rope_scale, cache.k[l:l + 1], cache.v[l:l + 1], step.slot_mapping,
                     None, spec.norm_eps, rms)
-        x = ops.norm(h, layer.attn_norm_weight, layer.attn_norm_bias, spec.norm_eps, rms)
-        q = F.linear(x, layer.q_weight, layer.q_bias).view(n, spec.num_heads, spec.head_dim)
-        if inv_freq is not None:
-            q = apply_rope(q, step.positions, inv_freq, weights.rope_scale)
-        attn = ops.paged_attention(q, cache.k[l], cache.v[l], step.block_tables, step.seq_idx,
-                                   step.positions, step.block_size, spec.attn_scale,
-                                   layer.sliding_window or 0)
-        h_attn = h + F.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias)
-        x = ops.norm(h_attn, layer.mlp_norm_weight, layer.mlp_norm_bias, spec.norm_eps, rms)
-        h_out = h_attn + mlp(x, layer, spec.activation)
         h_prev = h
-        h = torch.where(process[:, None], h_out, h)
+        if compact:
+            rows = process.nonzero().squeeze(1)
+            if rows.numel():
+                out = _block(weights, layer, cache, l, step, h[rows], rows, ops, inv_freq, rms)
+                h = h.index_copy(0, rows, out)
+        else:
+            out = _block(weights, layer, cache, l, step, h, None, ops, inv_freq, rms)
+            h = torch.where(process[:, None], out, h)
     return h
+
+
+def _block(weights, layer, cache, l, step, h, rows, ops, inv_freq, rms):
+    """Attention (over the cache this layer's K/V were just written to) + MLP for the rows
+    `rows` of the step (all rows when None); h holds those rows' residuals."""
+    spec = weights.spec
+    positions = step.positions if rows is None else step.positions[rows]
+    seq_idx = step.seq_idx if rows is None else step.seq_idx[rows]
+    n = h.shape[0]
+    x = ops.norm(h, layer.attn_norm_weight, layer.attn_norm_bias, spec.norm_eps, rms)
+    q = F.linear(x, layer.q_weight, layer.q_bias).view(n, spec.num_heads, spec.head_dim)
+    if inv_freq is not None:
+        q = apply_rope(q, positions, inv_freq, weights.rope_scale)
+    attn = ops.paged_attention(q, cache.k[l], cache.v[l], step.block_tables, seq_idx, positions,
+                               step.block_size, spec.attn_scale, layer.sliding_window or 0)
+    h_attn = h + F.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias)
+    x = ops.norm(h_attn, layer.mlp_norm_weight, layer.mlp_norm_bias, spec.norm_eps, rms)
+    return h_attn + mlp(x, layer, spec.activation)
 
 
 def final_logits(weights, h, ops=reference_ops):

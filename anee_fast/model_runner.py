@@ -36,6 +36,7 @@ class ModelRunner:
                  ops=reference_ops):
         self.weights = weights
         self.ops = ops
+        self.compact = None          # row compaction in the layer loop; None = by device
         self.cache = cache
         self.block_manager = block_manager
         self.skip_cost = weights.skip_cost()
@@ -91,7 +92,7 @@ class ModelRunner:
         """Computes the chunks' tokens; returns logits for `logits_rows` (indices into the step)."""
         step = self.build_batch(chunks)
         policy = self.policy_for(chunks, step.num_tokens, fixed_actions)
-        h = run_layers(self.weights, self.cache, step, policy, self.ops, hidden_states)
+        h = run_layers(self.weights, self.cache, step, policy, self.ops, hidden_states, self.compact)
         rows = torch.as_tensor(logits_rows, dtype=torch.long, device=self.device)
         logits = final_logits(self.weights, h.index_select(0, rows), self.ops)
         return StepOutput(logits=logits, actions=policy.actions, compute=policy.compute())
