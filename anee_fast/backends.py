@@ -25,17 +25,23 @@ def _triton_status():
     return True
 
 
-def _native_status():
+def _native_status(device_type: str):
     try:
-        importlib.import_module(_OPS_MODULES["native"])
+        native = importlib.import_module(_OPS_MODULES["native"])
     except Exception as e:
         return f"the C++ extension anee_fast._C is not available: {type(e).__name__}: {e}"
+    if not native.supports(device_type):
+        return f"this build of anee_fast._C has no {device_type} kernels"
     return True
 
 
-def backends() -> dict:
-    """{name: True if usable here, else a string saying why not}."""
-    return {"reference": True, "triton": _triton_status(), "native": _native_status()}
+def backends(device=None) -> dict:
+    """{name: True if usable here, else a string saying why not}, for `device` (default: the
+    GPU when there is one, else the CPU)."""
+    import torch
+    device_type = torch.device(device).type if device is not None else \
+        ("cuda" if torch.cuda.is_available() else "cpu")
+    return {"reference": True, "triton": _triton_status(), "native": _native_status(device_type)}
 
 
 def select_backend(requested=None, device_type: str = "cpu") -> str:
@@ -45,12 +51,12 @@ def select_backend(requested=None, device_type: str = "cpu") -> str:
     if requested in (None, "auto"):      # the environment refines "auto", never a named choice
         requested = os.environ.get("ANEE_FAST_BACKEND") or "auto"
     if requested == "auto":
-        available = backends()
+        available = backends(device_type)
         order = ("native", "triton", "reference") if device_type == "cuda" else ("native", "reference")
         return next(name for name in order if available[name] is True)
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}: choose one of {', '.join(BACKENDS)} or 'auto'")
-    status = backends()[requested]
+    status = backends(device_type)[requested]
     if status is not True:
         raise RuntimeError(f"backend {requested!r} is not available: {status}")
     return requested

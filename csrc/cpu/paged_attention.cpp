@@ -1,0 +1,139 @@
+// CPU implementation of anee_fast::paged_attention: causal attention of each query row over its
+// own sequence's cached K/V, read through the block table (see reference_ops.paged_attention).
+// Row n sees positions 0..positions[n] of sequence seq_idx[n] (only the last sliding_window
+// when > 0); GQA: query head h reads kv head h / (heads / kv_heads). float32 math throughout.
+//
+// One task per (row, kv head): the K/V rows it reads serve every query head of the group.
+// Rows with a negative position see nothing and get zeros.
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "../ops.h"
+#include "cpu_common.h"
+
+namespace anee_fast::cpu {
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seq_idx,
+                           const at::Tensor& positions, int64_t block_size, double scale,
+                           int64_t sliding_window) {
+  TORCH_CHECK(q.dim() == 3, "paged_attention: q must be [N, heads, head_dim]");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
+              "paged_attention: k_cache and v_cache must both be [slots, kv_heads, head_dim]");
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
+              "paged_attention: CPU implementation called with non-CPU tensors");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "paged_attention: q and the caches must have the same dtype");
+  TORCH_CHECK(block_tables.dim() == 2, "paged_attention: block_tables must be [seqs, max_blocks]");
+  TORCH_CHECK(block_size > 0, "paged_attention: block_size must be positive");
+  const int64_t N = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t num_slots = k_cache.size(0), kv_heads = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(2) == d, "paged_attention: q and cache head_dim differ");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0,
+              "paged_attention: heads must be a multiple of kv_heads");
+  TORCH_CHECK(seq_idx.numel() == N && positions.numel() == N,
+              "paged_attention: seq_idx and positions must have one entry per row of q");
+  const int64_t group = heads / kv_heads;
+
+  const at::Tensor tables_t = index_tensor(block_tables, "block_tables");
+  const at::Tensor seq_t = index_tensor(seq_idx, "seq_idx");
+  const at::Tensor pos_t = index_tensor(positions, "positions");
+  const int64_t* tables = tables_t.data_ptr<int64_t>();
+  const int64_t* seqs = seq_t.data_ptr<int64_t>();
+  const int64_t* pos = pos_t.data_ptr<int64_t>();
+  const int64_t num_seqs = tables_t.size(0), max_blocks = tables_t.size(1);
+
+  // Every slot a row will read must exist: checked up front, not inside the parallel loop.
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t p = pos[n];
+    if (p < 0) continue;
+    TORCH_CHECK(seqs[n] >= 0 && seqs[n] < num_seqs, "paged_attention: seq_idx[", n, "] = ",
+                seqs[n], " is out of range");
+    TORCH_CHECK(p < max_blocks * block_size, "paged_attention: positions[", n, "] = ", p,
+                " is beyond the block table");
+    const int64_t lo = sliding_window > 0 ? std::max<int64_t>(0, p - sliding_window + 1) : 0;
+    for (int64_t b = lo / block_size; b <= p / block_size; ++b) {
+      const int64_t blk = tables[seqs[n] * max_blocks + b];
+      TORCH_CHECK(blk >= 0 && (blk + 1) * block_size <= num_slots, "paged_attention: block ", blk,
+                  " (sequence ", seqs[n], ", entry ", b, ") is outside the cache");
+    }
+  }
+
+  const at::Tensor qc = q.contiguous();
+  // The kernel reads cache rows with unit stride along head_dim.
+  const at::Tensor kc = k_cache.stride(2) == 1 ? k_cache : k_cache.contiguous();
+  const at::Tensor vc = v_cache.stride(2) == 1 ? v_cache : v_cache.contiguous();
+  at::Tensor out = q.new_empty({N, heads, d});
+  if (N == 0 || d == 0) return out;
+  const float fscale = static_cast<float>(scale);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(),
+                                  "anee_fast_paged_attention", [&] {
+    const scalar_t* qp = qc.data_ptr<scalar_t>();
+    const scalar_t* kp = kc.data_ptr<scalar_t>();
+    const scalar_t* vp = vc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t ks0 = kc.stride(0), ks1 = kc.stride(1), vs0 = vc.stride(0), vs1 = vc.stride(1);
+
+    at::parallel_for(0, N * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(group * d), acc(group * d), denom(group), scores;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task / kv_heads, g = task % kv_heads;
+        scalar_t* orow = op + (n * heads + g * group) * d;   // the group's heads are contiguous
+        const int64_t p = pos[n];
+        if (p < 0) {
+          std::fill(orow, orow + group * d, static_cast<scalar_t>(0.f));
+          continue;
+        }
+        const int64_t lo = sliding_window > 0 ? std::max<int64_t>(0, p - sliding_window + 1) : 0;
+        const int64_t ctx = p - lo + 1;
+        const int64_t* table = tables + seqs[n] * max_blocks;
+        const scalar_t* qrow = qp + (n * heads + g * group) * d;
+        for (int64_t i = 0; i < group * d; ++i) qf[i] = static_cast<float>(qrow[i]);
+        scores.resize(group * ctx);
+
+        // Scores: one pass over the keys, all heads of the group.
+        for (int64_t t = lo; t <= p; ++t) {
+          const int64_t slot = table[t / block_size] * block_size + t % block_size;
+          const scalar_t* krow = kp + slot * ks0 + g * ks1;
+          for (int64_t gi = 0; gi < group; ++gi) {
+            scores[gi * ctx + (t - lo)] = dot(qf.data() + gi * d, krow, d) * fscale;
+          }
+        }
+        // Softmax (unnormalised; divided out at the end).
+        for (int64_t gi = 0; gi < group; ++gi) {
+          float* s = scores.data() + gi * ctx;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int64_t t = 0; t < ctx; ++t) mx = std::max(mx, s[t]);
+          float sum = 0.f;
+          for (int64_t t = 0; t < ctx; ++t) {
+            s[t] = std::exp(s[t] - mx);
+            sum += s[t];
+          }
+          denom[gi] = sum;
+        }
+        // Weighted sum of the values.
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t = lo; t <= p; ++t) {
+          const int64_t slot = table[t / block_size] * block_size + t % block_size;
+          const scalar_t* vrow = vp + slot * vs0 + g * vs1;
+          for (int64_t gi = 0; gi < group; ++gi) {
+            const float w = scores[gi * ctx + (t - lo)];
+            float* a = acc.data() + gi * d;
+            for (int64_t i = 0; i < d; ++i) a[i] += w * static_cast<float>(vrow[i]);
+          }
+        }
+        for (int64_t gi = 0; gi < group; ++gi) {
+          const float inv = 1.f / denom[gi];
+          for (int64_t i = 0; i < d; ++i)
+            orow[gi * d + i] = static_cast<scalar_t>(acc[gi * d + i] * inv);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace anee_fast::cpu

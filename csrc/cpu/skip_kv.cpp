@@ -1,0 +1,162 @@
+// CPU implementation of anee_fast::skip_kv, the SKIP path of `nl` consecutive layers that share
+// the residual h [N, hidden]: norm -> K|V projection -> RoPE on K -> cache write (see
+// reference_ops.skip_kv). Row n writes layers first_layer[n]..nl-1 at slot slot_mapping[n];
+// rows with slot -1 write nothing at all.
+//
+// The norm statistics of h are computed once for all layers; each layer then projects only its
+// active rows (a CPU op may read the slot mapping on the host: that is row compaction for free).
+// kv_weight may be a strided view (a slice of the stacked [L, 2kv+q, hidden] weights) and the
+// caches slices of the whole cache: writes land in the given tensors.
+#include <c10/core/DispatchKeySet.h>  // needed by linear_ops.h
+#include <ATen/ops/linear_ops.h>
+
+#include <vector>
+
+#include "../ops.h"
+#include "cpu_common.h"
+
+namespace anee_fast::cpu {
+
+void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
+             const std::optional<at::Tensor>& norm_bias, const at::Tensor& kv_weight,
+             const std::optional<at::Tensor>& kv_bias, const at::Tensor& positions,
+             const std::optional<at::Tensor>& inv_freq, double rope_scale, at::Tensor& k_cache,
+             at::Tensor& v_cache, const at::Tensor& slot_mapping,
+             const std::optional<at::Tensor>& first_layer, double eps, bool rms) {
+  TORCH_CHECK(h.dim() == 2, "skip_kv: h must be [N, hidden]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "skip_kv: k_cache and v_cache must both be [layers, slots, kv_heads, head_dim]");
+  TORCH_CHECK(h.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
+              kv_weight.device().is_cpu(), "skip_kv: CPU implementation called with non-CPU tensors");
+  TORCH_CHECK(k_cache.scalar_type() == h.scalar_type() && v_cache.scalar_type() == h.scalar_type(),
+              "skip_kv: the caches must have h's dtype");
+  const int64_t N = h.size(0), hidden = h.size(1);
+  const int64_t nl = k_cache.size(0), num_slots = k_cache.size(1);
+  const int64_t kv_heads = k_cache.size(2), d = k_cache.size(3), kv_size = kv_heads * d;
+  TORCH_CHECK(norm_weight.numel() == nl * hidden, "skip_kv: norm_weight must be [layers, hidden]");
+  TORCH_CHECK(!norm_bias.has_value() || norm_bias->numel() == nl * hidden,
+              "skip_kv: norm_bias must be [layers, hidden]");
+  TORCH_CHECK(kv_weight.dim() == 3 && kv_weight.size(0) == nl && kv_weight.size(1) == 2 * kv_size &&
+              kv_weight.size(2) == hidden, "skip_kv: kv_weight must be [layers, 2*kv_size, hidden]");
+  TORCH_CHECK(!kv_bias.has_value() || (kv_bias->dim() == 2 && kv_bias->size(0) == nl &&
+                                       kv_bias->size(1) == 2 * kv_size),
+              "skip_kv: kv_bias must be [layers, 2*kv_size]");
+  TORCH_CHECK(slot_mapping.numel() == N && positions.numel() == N,
+              "skip_kv: slot_mapping and positions must have one entry per row of h");
+  TORCH_CHECK(!first_layer.has_value() || first_layer->numel() == N,
+              "skip_kv: first_layer must have one entry per row of h");
+  const bool rope = inv_freq.has_value();
+  TORCH_CHECK(!rope || (d % 2 == 0 && inv_freq->numel() == d / 2),
+              "skip_kv: inv_freq must have head_dim / 2 entries");
+
+  const at::Tensor slots_t = index_tensor(slot_mapping, "slot_mapping");
+  const int64_t* slots = slots_t.data_ptr<int64_t>();
+  check_slots(slots, N, num_slots);
+  const at::Tensor first_t =
+      first_layer.has_value() ? index_tensor(*first_layer, "first_layer") : at::Tensor();
+  const int64_t* first = first_t.defined() ? first_t.data_ptr<int64_t>() : nullptr;
+
+  // Rows that write at least one layer (slot >= 0 and first_layer < nl).
+  std::vector<int64_t> rows;
+  rows.reserve(N);
+  for (int64_t n = 0; n < N; ++n)
+    if (slots[n] >= 0 && (first == nullptr || first[n] < nl)) rows.push_back(n);
+  if (rows.empty()) return;
+
+  const at::Tensor hc = h.contiguous();
+  const at::Tensor nw = float_tensor(norm_weight).view({nl, hidden});
+  const at::Tensor nb = norm_bias.has_value() ? float_tensor(*norm_bias).view({nl, hidden})
+                                              : at::Tensor();
+  const float feps = static_cast<float>(eps);
+
+  // RoPE tables of the active rows: cos/sin of position * inv_freq (float32), times rope_scale.
+  const int64_t R = static_cast<int64_t>(rows.size()), half = d / 2;
+  std::vector<float> cos_t, sin_t;
+  if (rope) {
+    const at::Tensor pos_t = index_tensor(positions, "positions");
+    const at::Tensor freq_t = float_tensor(*inv_freq);
+    const int64_t* pos = pos_t.data_ptr<int64_t>();
+    const float* freq = freq_t.data_ptr<float>();
+    const float scale = static_cast<float>(rope_scale);
+    cos_t.resize(R * half);
+    sin_t.resize(R * half);
+    at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float p = static_cast<float>(pos[rows[r]]);
+        for (int64_t i = 0; i < half; ++i) {
+          const float angle = p * freq[i];
+          cos_t[r * half + i] = std::cos(angle) * scale;
+          sin_t[r * half + i] = std::sin(angle) * scale;
+        }
+      }
+    });
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "anee_fast_skip_kv", [&] {
+    const scalar_t* hp = hc.data_ptr<scalar_t>();
+    // Norm statistics, shared by every layer (only the weights differ).
+    std::vector<float> mean(R), rstd(R);
+    at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(hidden, 1)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        row_stats(hp + rows[r] * hidden, hidden, feps, rms, &mean[r], &rstd[r]);
+    });
+
+    std::vector<int64_t> active;  // indices into `rows` of the rows writing layer j
+    active.reserve(R);
+    for (int64_t j = 0; j < nl; ++j) {
+      active.clear();
+      for (int64_t r = 0; r < R; ++r)
+        if (first == nullptr || first[rows[r]] <= j) active.push_back(r);
+      const int64_t M = static_cast<int64_t>(active.size());
+      if (M == 0) continue;
+
+      at::Tensor x = h.new_empty({M, hidden});
+      scalar_t* xp = x.data_ptr<scalar_t>();
+      const float* wj = nw.data_ptr<float>() + j * hidden;
+      const float* bj = nb.defined() ? nb.data_ptr<float>() + j * hidden : nullptr;
+      at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(hidden, 1)),
+                       [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+          const int64_t r = active[m];
+          normalize_row(hp + rows[r] * hidden, hidden, mean[r], rstd[r], wj, bj, xp + m * hidden);
+        }
+      });
+
+      std::optional<at::Tensor> bias_j;
+      if (kv_bias.has_value()) bias_j = kv_bias->select(0, j);
+      const at::Tensor kv =  // [M, 2 * kv_size]
+          at::_ops::linear::call(x, kv_weight.select(0, j), bias_j).contiguous();
+      const scalar_t* kvp = kv.data_ptr<scalar_t>();
+
+      const CacheView<scalar_t> kcv(k_cache, j), vcv(v_cache, j);
+      at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+          const int64_t r = active[m], slot = slots[rows[r]];
+          const scalar_t* krow = kvp + m * 2 * kv_size;
+          const scalar_t* vrow = krow + kv_size;
+          for (int64_t hh = 0; hh < kv_heads; ++hh) {
+            const scalar_t* ks = krow + hh * d;
+            scalar_t* kd = kcv.row(slot, hh);
+            if (rope) {
+              const float* c = cos_t.data() + r * half;
+              const float* s = sin_t.data() + r * half;
+              for (int64_t i = 0; i < half; ++i) {
+                const float a = static_cast<float>(ks[i]), b = static_cast<float>(ks[i + half]);
+                kd[i * kcv.s_dim] = static_cast<scalar_t>(a * c[i] + (-b) * s[i]);
+                kd[(i + half) * kcv.s_dim] = static_cast<scalar_t>(b * c[i] + a * s[i]);
+              }
+            } else {
+              for (int64_t i = 0; i < d; ++i) kd[i * kcv.s_dim] = ks[i];
+            }
+            const scalar_t* vs = vrow + hh * d;
+            scalar_t* vd = vcv.row(slot, hh);
+            for (int64_t i = 0; i < d; ++i) vd[i * vcv.s_dim] = vs[i];
+          }
+        }
+      });
+    }
+  });
+}
+
+}  // namespace anee_fast::cpu

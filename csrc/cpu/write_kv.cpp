@@ -1,0 +1,62 @@
+// CPU implementation of anee_fast::write_kv: copies K/V rows [N, kv_heads, d] into one layer's
+// cache slots (see reference_ops.write_kv). Rows with slot -1 write nothing at all (the reference
+// sends them to the spare last slot; this op leaves every slot they do not own untouched).
+
+#include <cstring>
+
+#include "../ops.h"
+#include "cpu_common.h"
+
+namespace anee_fast::cpu {
+
+void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.dim() == 3,
+              "write_kv: caches must be [slots, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "write_kv: k_cache and v_cache shapes differ");
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3, "write_kv: k and v must be [N, kv_heads, head_dim]");
+  TORCH_CHECK(k.sizes().slice(1) == k_cache.sizes().slice(1) &&
+              v.sizes().slice(1) == v_cache.sizes().slice(1),
+              "write_kv: k/v rows do not match the cache's [kv_heads, head_dim]");
+  TORCH_CHECK(k.size(0) == slot_mapping.numel() && v.size(0) == slot_mapping.numel(),
+              "write_kv: k, v and slot_mapping must have the same number of rows");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
+              "write_kv: k/v and the caches must have the same dtype");
+  TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu() && k.device().is_cpu() &&
+              v.device().is_cpu(), "write_kv: CPU implementation called with non-CPU tensors");
+  const at::Tensor slots_t = index_tensor(slot_mapping, "slot_mapping");
+  const int64_t* slots = slots_t.data_ptr<int64_t>();
+  const int64_t N = slots_t.numel();
+  check_slots(slots, N, k_cache.size(0));
+  check_slots(slots, N, v_cache.size(0));
+  if (N == 0) return;
+
+  const at::Tensor kc = k.contiguous(), vc = v.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(),
+                                  "anee_fast_write_kv", [&] {
+    const CacheView<scalar_t> kv_views[2] = {CacheView<scalar_t>(k_cache),
+                                             CacheView<scalar_t>(v_cache)};
+    const scalar_t* srcs[2] = {kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>()};
+    const int64_t H = k_cache.size(1), D = k_cache.size(2);
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t slot = slots[n];
+        if (slot < 0) continue;
+        for (int which = 0; which < 2; ++which) {
+          const CacheView<scalar_t>& c = kv_views[which];
+          const scalar_t* src = srcs[which] + n * H * D;
+          if (c.s_dim == 1 && c.s_head == D) {
+            std::memcpy(c.row(slot, 0), src, sizeof(scalar_t) * H * D);
+          } else {
+            for (int64_t hh = 0; hh < H; ++hh) {
+              scalar_t* dst = c.row(slot, hh);
+              for (int64_t i = 0; i < D; ++i) dst[i * c.s_dim] = src[hh * D + i];
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace anee_fast::cpu

@@ -1,0 +1,51 @@
+// Schemas of the anee_fast ops (one name and one signature everywhere: see
+// anee_fast/reference_ops.py) and their registration per device: CPU kernels in csrc/cpu/ (one
+// file per op, declared in ops.h). Fake (meta) implementations for torch.compile live in
+// anee_fast/native_ops.py. This is the only file that includes <torch/library.h>.
+//
+// Only <torch/library.h> and ATen headers: no pybind11 (torch/extension.h), which keeps the
+// build fast. Importing the Python module `anee_fast._C` just loads this library so that the
+// static TORCH_LIBRARY initialisers run; the ops are then reached as torch.ops.anee_fast.*.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(anee_fast, m) {
+  m.set_python_module("anee_fast.native_ops");
+  m.def("norm(Tensor x, Tensor weight, Tensor? bias, float eps, bool rms) -> Tensor");
+  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slot_mapping) -> ()");
+  m.def("skip_kv(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor kv_weight, "
+        "Tensor? kv_bias, Tensor positions, Tensor? inv_freq, float rope_scale, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor? first_layer, "
+        "float eps, bool rms) -> ()");
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor seq_idx, Tensor positions, int block_size, float scale, int sliding_window) "
+        "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
+  m.impl("norm", &anee_fast::cpu::norm);
+  m.impl("write_kv", &anee_fast::cpu::write_kv);
+  m.impl("skip_kv", &anee_fast::cpu::skip_kv);
+  m.impl("paged_attention", &anee_fast::cpu::paged_attention);
+}
+
+// CUDA kernels (csrc/cuda/*.cu, built by setup.py when torch has CUDA and nvcc is found, which
+// defines ANEE_FAST_WITH_CUDA) register here the same way: TORCH_LIBRARY_IMPL(anee_fast, CUDA, m).
+
+extern "C" {
+// An empty Python module: `import anee_fast._C` loads this shared library (running the
+// registrations above) and needs nothing else from it.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",     // name
+      nullptr,  // doc
+      -1,       // per-interpreter state size
+      nullptr,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
