@@ -1,1 +1,11 @@
-"""Triton kernels of anee_fast (installed as `anee_fast.kernels`); filled by the kernels issue."""
+"""Triton kernels of anee_fast (installed as `anee_fast.kernels`): the op set of the "triton"
+backend, one file per op, each with the reference_ops signature.
+
+Set TRITON_INTERPRET=1 before importing to run them on the CPU (tests do, when there is no GPU).
+"""
+from .norm import norm
+from .paged_attention import paged_attention
+from .skip_kv import skip_kv
+from .write_kv import write_kv
+
+__all__ = ["norm", "write_kv", "skip_kv", "paged_attention"]

@@ -1,0 +1,144 @@
+"""paged_attention: causal attention of each query row over its sequence's paged K/V cache.
+
+Grid: (rows, query heads, splits). A program walks its share of the pages its row may see (from
+the first page inside the sliding window to the page holding the row's own position), one page
+per iteration, with an online softmax (running max / sum) in fp32. GQA maps query head hq to
+KV head hq // (Hq / KVH). No tl.dot: a row has one query, so the dot products are
+broadcast-multiply-sum over the head dim (which also keeps fp32 exact in the interpreter).
+Prefill rows (many per sequence) and decode rows are the same thing to this kernel.
+
+Flash-decoding: when rows x heads is too few programs to fill a GPU (decode at small batch),
+each row's pages are cut into `splits` contiguous chunks; each chunk stores its unnormalised
+(max, sum, acc) and `_combine_splits_kernel` merges them. The split count comes from shapes
+only (never from device values), so the launcher never syncs with the device.
+"""
+import torch
+import triton
+import triton.language as tl
+
+_TARGET_PROGRAMS = 512      # about 4 programs per SM on an H100: enough to hide latency
+_MAX_SPLITS = 16
+_MIN_PAGES_PER_SPLIT = 4
+
+
+@triton.jit
+def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seq_ptr, pos_ptr, out_ptr,
+                            m_ptr, l_ptr, acc_ptr,
+                            D, GROUP, block_size, scale, sliding_window, NUM_SPLITS,
+                            stride_qn, stride_qh, stride_qd, stride_ks, stride_kh, stride_kd,
+                            stride_vs, stride_vh, stride_vd, stride_tb, stride_on, stride_oh,
+                            SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_head = head // GROUP
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    q = tl.load(q_ptr + row * stride_qn + head * stride_qh + d * stride_qd, mask=dm,
+                other=0.0).to(tl.float32) * scale
+    seq = tl.load(seq_ptr + row)
+    pos = tl.load(pos_ptr + row)
+    first = tl.where(sliding_window > 0, tl.maximum(pos - sliding_window + 1, 0), 0)
+    table = table_ptr + seq * stride_tb
+    # This program's pages: split `split` of the row's pages first_page..last_page.
+    first_page = first // block_size
+    last_page = pos // block_size
+    per_split = (last_page - first_page + NUM_SPLITS) // NUM_SPLITS
+    lo = first_page + split * per_split
+    hi = tl.minimum(lo + per_split, last_page + 1)
+    offs = tl.arange(0, BLOCK_N)
+    m_i = tl.zeros([], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # Every visited page holds at least one visible key, so m_i is finite after the first one.
+    for b in range(lo, hi):
+        page = tl.load(table + b).to(tl.int64)
+        key_pos = b * block_size + offs
+        km = (offs < block_size) & (key_pos <= pos) & (key_pos >= first)
+        slots = page * block_size + offs
+        kv_mask = km[:, None] & dm[None, :]
+        k = tl.load(k_cache_ptr + slots[:, None] * stride_ks + kv_head * stride_kh
+                    + d[None, :] * stride_kd, mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.where(km, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        v = tl.load(v_cache_ptr + slots[:, None] * stride_vs + kv_head * stride_vh
+                    + d[None, :] * stride_vd, mask=kv_mask, other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    if SPLIT:
+        # Partial results [rows, heads, splits(, D)]; an empty split leaves m=-inf, l=0, acc=0.
+        part = (row * tl.num_programs(1) + head) * NUM_SPLITS + split
+        tl.store(m_ptr + part, m_i)
+        tl.store(l_ptr + part, l_i)
+        tl.store(acc_ptr + part * BLOCK_D + d, acc)
+    else:
+        tl.store(out_ptr + row * stride_on + head * stride_oh + d,
+                 (acc / l_i).to(out_ptr.dtype.element_ty), mask=dm)
+
+
+@triton.jit
+def _combine_splits_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, D, NUM_SPLITS, stride_on, stride_oh,
+                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M = max_s m_s (split 0 is never
+    empty, so M is finite)."""
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    base = (row * tl.num_programs(1) + head) * NUM_SPLITS
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    sm = s < NUM_SPLITS
+    m = tl.load(m_ptr + base + s, mask=sm, other=float("-inf"))
+    l = tl.load(l_ptr + base + s, mask=sm, other=0.0)
+    acc = tl.load(acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :], mask=sm[:, None], other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+    tl.store(out_ptr + row * stride_on + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < D)
+
+
+def _num_splits(rows: int, heads: int, max_pages: int) -> int:
+    """Splits per (row, head): enough programs to fill the GPU, >= 4 pages per split."""
+    by_programs = triton.cdiv(_TARGET_PROGRAMS, max(rows * heads, 1))
+    by_pages = max(max_pages // _MIN_PAGES_PER_SPLIT, 1)
+    return max(1, min(by_programs, by_pages, _MAX_SPLITS))
+
+
+def _paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size, scale,
+                     sliding_window, num_splits):
+    n, heads, d = q.shape
+    kv_heads = k_cache.shape[1]
+    assert heads % kv_heads == 0, "query heads must be a multiple of KV heads"
+    out = torch.empty((n, heads, d), dtype=q.dtype, device=q.device)
+    if n == 0:
+        return out
+    block_d = triton.next_power_of_2(d)
+    split = num_splits > 1
+    if split:
+        m = torch.empty((n, heads, num_splits), dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        acc = torch.empty((n, heads, num_splits, block_d), dtype=torch.float32, device=q.device)
+    else:
+        m = l = acc = out           # unused
+    _paged_attention_kernel[(n, heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_idx, positions, out, m, l, acc,
+        d, heads // kv_heads, int(block_size), float(scale), int(sliding_window or 0), num_splits,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        SPLIT=split, BLOCK_N=triton.next_power_of_2(int(block_size)), BLOCK_D=block_d,
+        num_warps=4)
+    if split:
+        _combine_splits_kernel[(n, heads)](m, l, acc, out, d, num_splits, out.stride(0),
+                                           out.stride(1), BLOCK_S=triton.next_power_of_2(num_splits),
+                                           BLOCK_D=block_d, num_warps=1)
+    return out
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size: int,
+                    scale: float, sliding_window: int = 0):
+    """See reference_ops.paged_attention. q [N, heads, d] -> out [N, heads, d] (q's dtype)."""
+    splits = _num_splits(q.shape[0], q.shape[1], block_tables.shape[1])
+    return _paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size,
+                            scale, sliding_window, splits)

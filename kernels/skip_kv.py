@@ -1,0 +1,171 @@
+"""skip_kv: the SKIP path of nl consecutive layers in one launch.
+
+For every row n and layer j >= first_layer[n] (with slot_mapping[n] >= 0):
+    x = norm_j(h[n]);  k|v = W_j x + b_j;  k = rope(k);  cache_j[slot] = k, v.
+Grid: (row tiles of BLOCK_M, layers, 2 * kv_heads): a program produces one K or V head for
+BLOCK_M rows of one layer, so each weight tile it loads serves BLOCK_M rows (decode: BLOCK_M is
+the next power of two of N, up to 8). It recomputes its rows' norm statistics (h is tiny next to
+the weights), then runs the GEMM over the hidden dim in BLOCK_K chunks, normalising x on the fly
+(norm fused into the prologue), as a broadcast multiply-sum on CUDA cores: no tl.dot, so fp32
+stays exact (no TF32) and the interpreter stays right for bf16.
+The head is computed as two halves, so rotate-half RoPE needs no register shuffles:
+    k1' = k1 cos - k2 sin,   k2' = k2 cos + k1 sin   (cos/sin of the half's frequencies).
+A program none of whose rows is active (slot -1, or a layer before the row's first_layer)
+loads and stores nothing; inactive rows of a partly active tile store nothing.
+Every tensor is addressed through its strides: the weights and caches are slices of bigger ones.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
+                    k_cache_ptr, v_cache_ptr, slot_ptr, first_ptr,
+                    N, H, D, KV_HEADS, rope_scale, eps,
+                    stride_hn, stride_nwl, stride_nbl, stride_wl, stride_wr, stride_wk,
+                    stride_bl, stride_kcl, stride_kcs, stride_kch, stride_kcd,
+                    stride_vcl, stride_vcs, stride_vch, stride_vcd,
+                    RMS: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ROPE: tl.constexpr, HAS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr):
+    layer = tl.program_id(1)
+    tile = tl.program_id(2)                 # 0..kv_heads-1: K heads, then V heads
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = rows < N
+    slot = tl.load(slot_ptr + rows, mask=rm, other=-1).to(tl.int64)
+    active = rm & (slot >= 0)
+    if HAS_FIRST:
+        active = active & (tl.load(first_ptr + rows, mask=rm, other=0) <= layer)
+    if tl.max(active.to(tl.int32), axis=0) > 0:
+        h_rows = h_ptr + rows[:, None] * stride_hn
+        nw = nw_ptr + layer * stride_nwl
+        cols = tl.arange(0, BLOCK_K)
+        # Norm statistics of each row (fp32; centred variance for LayerNorm, like torch).
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for start in range(0, H, BLOCK_K):
+            xm = active[:, None] & (start + cols < H)[None, :]
+            x = tl.load(h_rows + start + cols[None, :], mask=xm, other=0.0).to(tl.float32)
+            if RMS:
+                acc += x * x
+            else:
+                acc += x
+        stat = tl.sum(acc, axis=1) / H
+        if RMS:
+            mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+            rstd = 1.0 / tl.sqrt(stat + eps)
+        else:
+            mean = stat
+            acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            for start in range(0, H, BLOCK_K):
+                xm = active[:, None] & (start + cols < H)[None, :]
+                x = tl.load(h_rows + start + cols[None, :], mask=xm, other=0.0).to(tl.float32)
+                xc = tl.where(xm, x - mean[:, None], 0.0)
+                acc += xc * xc
+            rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / H + eps)
+
+        # GEMM of the two halves of this head: weight rows tile*D + [0, D/2) and [D/2, D).
+        half = D // 2
+        r = tl.arange(0, BLOCK_HALF)
+        wrows1 = tile * D + r
+        wrows2 = tile * D + half + r
+        m1 = r < half
+        m2 = r < D - half
+        w_layer = w_ptr + layer * stride_wl
+        acc1 = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
+        for start in range(0, H, BLOCK_K):
+            km = start + cols < H
+            xm = active[:, None] & km[None, :]
+            x = tl.load(h_rows + start + cols[None, :], mask=xm, other=0.0).to(tl.float32)
+            g = tl.load(nw + start + cols, mask=km, other=0.0).to(tl.float32)
+            y = (x - mean[:, None]) * rstd[:, None] * g[None, :]
+            if HAS_NORM_BIAS:
+                y += tl.load(nb_ptr + layer * stride_nbl + start + cols, mask=km,
+                             other=0.0).to(tl.float32)[None, :]
+            # The reference rounds norm's output to the model dtype before the projection.
+            y = tl.where(xm, y.to(h_ptr.dtype.element_ty).to(tl.float32), 0.0)
+            kk = (start + cols) * stride_wk
+            w1 = tl.load(w_layer + wrows1[:, None] * stride_wr + kk[None, :],
+                         mask=m1[:, None] & km[None, :], other=0.0).to(tl.float32)
+            w2 = tl.load(w_layer + wrows2[:, None] * stride_wr + kk[None, :],
+                         mask=m2[:, None] & km[None, :], other=0.0).to(tl.float32)
+            acc1 += tl.sum(y[:, None, :] * w1[None, :, :], axis=2)
+            acc2 += tl.sum(y[:, None, :] * w2[None, :, :], axis=2)
+        if HAS_BIAS:
+            acc1 += tl.load(b_ptr + layer * stride_bl + wrows1, mask=m1,
+                            other=0.0).to(tl.float32)[None, :]
+            acc2 += tl.load(b_ptr + layer * stride_bl + wrows2, mask=m2,
+                            other=0.0).to(tl.float32)[None, :]
+        # The reference's projection output is in the model dtype: round like it does.
+        acc1 = acc1.to(k_cache_ptr.dtype.element_ty).to(tl.float32)
+        acc2 = acc2.to(k_cache_ptr.dtype.element_ty).to(tl.float32)
+
+        sm1 = active[:, None] & m1[None, :]
+        sm2 = active[:, None] & m2[None, :]
+        if tile < KV_HEADS:                 # a K head: RoPE, then the K cache
+            if ROPE:
+                pos = tl.load(pos_ptr + rows, mask=rm, other=0).to(tl.float32)
+                inv = tl.load(inv_freq_ptr + r, mask=m1, other=0.0).to(tl.float32)
+                angle = pos[:, None] * inv[None, :]
+                cos = tl.cos(angle) * rope_scale
+                sin = tl.sin(angle) * rope_scale
+                k1 = acc1 * cos - acc2 * sin
+                k2 = acc2 * cos + acc1 * sin
+            else:
+                k1 = acc1
+                k2 = acc2
+            dst = (k_cache_ptr + layer * stride_kcl + slot[:, None] * stride_kcs
+                   + tile * stride_kch)
+            tl.store(dst + r[None, :] * stride_kcd, k1.to(k_cache_ptr.dtype.element_ty), mask=sm1)
+            tl.store(dst + (half + r[None, :]) * stride_kcd, k2.to(k_cache_ptr.dtype.element_ty),
+                     mask=sm2)
+        else:                               # a V head: straight to the V cache
+            dst = (v_cache_ptr + layer * stride_vcl + slot[:, None] * stride_vcs
+                   + (tile - KV_HEADS) * stride_vch)
+            tl.store(dst + r[None, :] * stride_vcd, acc1.to(v_cache_ptr.dtype.element_ty),
+                     mask=sm1)
+            tl.store(dst + (half + r[None, :]) * stride_vcd, acc2.to(v_cache_ptr.dtype.element_ty),
+                     mask=sm2)
+
+
+def _block_m(n: int) -> int:
+    """Rows per program: 1 for one decode row, up to 8 (each weight tile then serves 8 rows)."""
+    return min(triton.next_power_of_2(n), 8)
+
+
+def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale: float,
+            k_cache, v_cache, slot_mapping, first_layer, eps: float, rms: bool):
+    """See reference_ops.skip_kv. h [N, hidden]; weights [nl, ...]; caches [nl, slots+1, kvh, d]."""
+    n, hidden = h.shape
+    nl, _, kv_heads, d = k_cache.shape
+    if n == 0 or nl == 0:
+        return
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    if norm_weight.stride(-1) != 1:
+        norm_weight = norm_weight.contiguous()
+    if norm_bias is not None and norm_bias.stride(-1) != 1:
+        norm_bias = norm_bias.contiguous()
+    if kv_bias is not None and kv_bias.stride(-1) != 1:
+        kv_bias = kv_bias.contiguous()
+    rope = inv_freq is not None
+    if rope:
+        assert d % 2 == 0, "RoPE needs an even head dim"
+        inv_freq = inv_freq.contiguous()
+    block_m = _block_m(n)
+    block_half = triton.next_power_of_2(max(d - d // 2, 1))
+    # Keep the [BLOCK_M, BLOCK_HALF, BLOCK_K] product at <= 8192 values per half.
+    block_k = max(16, min(triton.next_power_of_2(hidden), 8192 // (block_m * block_half), 256))
+    grid = (triton.cdiv(n, block_m), nl, 2 * kv_heads)
+    _skip_kv_kernel[grid](
+        h, norm_weight, norm_weight if norm_bias is None else norm_bias,
+        kv_weight, kv_weight if kv_bias is None else kv_bias,
+        positions, h if inv_freq is None else inv_freq,
+        k_cache, v_cache, slot_mapping, slot_mapping if first_layer is None else first_layer,
+        n, hidden, d, kv_heads, float(rope_scale), float(eps),
+        h.stride(0), norm_weight.stride(0), 0 if norm_bias is None else norm_bias.stride(0),
+        *kv_weight.stride(), 0 if kv_bias is None else kv_bias.stride(0),
+        *k_cache.stride(), *v_cache.stride(),
+        RMS=bool(rms), HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=kv_bias is not None,
+        ROPE=rope, HAS_FIRST=first_layer is not None, BLOCK_M=block_m,
+        BLOCK_HALF=block_half, BLOCK_K=block_k, num_warps=4 if block_m * block_half <= 128 else 8)

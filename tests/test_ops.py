@@ -1,0 +1,191 @@
+"""Every op of every compiled backend against the pure-PyTorch reference (reference_ops).
+
+Fresh random inputs, odd sizes, GQA, block sizes 8/16/32, head dims 64 and 80, caches poisoned
+with a sentinel: every slot meant to be written is written, every other slot stays bit-equal.
+Cache writes that are copies must match exactly. On the CPU the Triton kernels run in Triton's
+interpreter (TRITON_INTERPRET=1, set by conftest), so shapes stay small.
+"""
+import os
+
+import pytest
+import torch
+
+from anee_fast import LLM, SamplingParams, backends
+from anee_fast import reference_ops as ref
+from anee_fast.backends import ops_for, select_backend
+from conftest import build_model, random_actions, random_ids
+
+COMPILED = ["triton", "native"]
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5)}
+SENTINEL = 7.25
+
+
+@pytest.fixture(params=COMPILED)
+def ops(request):
+    status = backends()[request.param]
+    assert status is True, f"backend {request.param} is not available: {status}"
+    return ops_for(request.param)
+
+
+def poisoned_caches(shape):
+    """A K and a V cache filled with the sentinel."""
+    return torch.full(shape, SENTINEL), torch.full(shape, SENTINEL)
+
+
+def slot_mapping(rows, slots, gen, padding=True):
+    """Distinct slots for the rows; rows 1, 4, 7, ... are padding (-1) when asked."""
+    mapping = torch.randperm(slots, generator=gen)[:rows]
+    if padding:
+        mapping[1::3] = -1
+    return mapping
+
+
+# ---- norm ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows,hidden", [(1, 48), (7, 83), (83, 576)])
+@pytest.mark.parametrize("rms,with_bias", [(True, False), (False, True)])
+def test_norm(ops, rows, hidden, rms, with_bias):
+    g = torch.Generator().manual_seed(rows * hidden)
+    x = torch.randn(rows, hidden, generator=g) * 3
+    w = 1 + 0.3 * torch.randn(hidden, generator=g)
+    b = 0.3 * torch.randn(hidden, generator=g) if with_bias else None
+    torch.testing.assert_close(ops.norm(x, w, b, 1e-5, rms), ref.norm(x, w, b, 1e-5, rms),
+                               **TOL[torch.float32])
+
+
+# ---- write_kv ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows", [1, 7, 83])
+@pytest.mark.parametrize("kv_heads,head_dim", [(2, 64), (3, 80)])
+def test_write_kv_copies_exactly_and_touches_nothing_else(ops, rows, kv_heads, head_dim):
+    g = torch.Generator().manual_seed(rows + head_dim)
+    slots = 97
+    k, v = torch.randn(2, rows, kv_heads, head_dim, generator=g)
+    mapping = slot_mapping(rows, slots, g)
+    k_cache, v_cache = poisoned_caches((slots + 1, kv_heads, head_dim))
+    ops.write_kv(k, v, k_cache, v_cache, mapping)
+    expect_k, expect_v = poisoned_caches((slots + 1, kv_heads, head_dim))
+    ref.write_kv(k, v, expect_k, expect_v, mapping)
+    assert torch.equal(k_cache[:slots], expect_k[:slots]) and torch.equal(v_cache[:slots], expect_v[:slots])
+    assert (k_cache[slots] == SENTINEL).all(), "padding rows must write nothing"
+
+
+# ---- skip_kv -------------------------------------------------------------------------------------
+
+def skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, layers, rope, bias, gen):
+    """Weights as the model stores them: [L, 2kv + q, hidden] stacked, the K|V rows a view."""
+    kv, q = 2 * kv_heads * head_dim, heads * head_dim
+    total_layers = layers + 2
+    kvq = torch.randn(total_layers, kv + q, hidden, generator=gen) / hidden ** 0.5
+    kvq_bias = 0.1 * torch.randn(total_layers, kv + q, generator=gen) if bias else None
+    norm_w = 1 + 0.2 * torch.randn(total_layers, hidden, generator=gen)
+    norm_b = 0.2 * torch.randn(total_layers, hidden, generator=gen) if bias else None
+    first = 1                                                         # a slice of the stack
+    return dict(
+        h=torch.randn(rows, hidden, generator=gen),
+        norm_weight=norm_w[first:first + layers],
+        norm_bias=None if norm_b is None else norm_b[first:first + layers],
+        kv_weight=kvq[first:first + layers, :kv],
+        kv_bias=None if kvq_bias is None else kvq_bias[first:first + layers, :kv],
+        positions=torch.randint(0, 500, (rows,), generator=gen),
+        inv_freq=(1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)) if rope else None,
+        rope_scale=1.25 if rope else 1.0)
+
+
+@pytest.mark.parametrize("rows,hidden,heads,kv_heads,head_dim", [
+    (1, 48, 6, 2, 64), (7, 83, 4, 2, 80), (83, 64, 3, 3, 64)])
+@pytest.mark.parametrize("layers,use_first_layer", [(1, False), (3, True)])
+@pytest.mark.parametrize("rope,bias,rms", [(True, False, True), (False, True, False)])
+def test_skip_kv(ops, rows, hidden, heads, kv_heads, head_dim, layers, use_first_layer, rope, bias, rms):
+    g = torch.Generator().manual_seed(rows * 31 + layers)
+    args = skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, layers, rope, bias, g)
+    slots = 61 + rows
+    mapping = slot_mapping(rows, slots, g)
+    first_layer = torch.randint(0, layers + 1, (rows,), generator=g) if use_first_layer else None
+    # The kernel writes into a layer slice of a bigger cache, as the engine passes cache.k[l:l+n].
+    k_full, v_full = poisoned_caches((layers + 2, slots + 1, kv_heads, head_dim))
+    k_exp, v_exp = poisoned_caches((layers + 2, slots + 1, kv_heads, head_dim))
+    ops.skip_kv(**args, k_cache=k_full[1:1 + layers], v_cache=v_full[1:1 + layers],
+                slot_mapping=mapping, first_layer=first_layer, eps=1e-5, rms=rms)
+    ref.skip_kv(**args, k_cache=k_exp[1:1 + layers], v_cache=v_exp[1:1 + layers],
+                slot_mapping=mapping, first_layer=first_layer, eps=1e-5, rms=rms)
+    written = k_exp != SENTINEL
+    assert written.any()
+    assert torch.equal(k_full[~written], k_exp[~written]), "a slot not meant to be written changed"
+    torch.testing.assert_close(k_full, k_exp, **TOL[torch.float32])
+    torch.testing.assert_close(v_full, v_exp, **TOL[torch.float32])
+
+
+# ---- paged_attention -----------------------------------------------------------------------------
+
+def paged_layout(lengths, block_size, gen):
+    """Block tables over a shuffled pool (padding entries point at block 0), and the slots."""
+    blocks_per_seq = [-(-n // block_size) for n in lengths]
+    pool = torch.randperm(sum(blocks_per_seq) + 3, generator=gen)
+    width = max(blocks_per_seq) + 1
+    tables = torch.zeros(len(lengths), width, dtype=torch.long)
+    used = 0
+    for s, nb in enumerate(blocks_per_seq):
+        tables[s, :nb] = pool[used:used + nb]
+        used += nb
+    return tables, int(pool.numel())
+
+
+@pytest.mark.parametrize("lengths", [[1], [7, 37], [5, 1, 20]])
+@pytest.mark.parametrize("block_size", [8, 16, 32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (4, 4, 80)])
+@pytest.mark.parametrize("window", [0, 5])
+def test_paged_attention(ops, lengths, block_size, heads, kv_heads, head_dim, window):
+    g = torch.Generator().manual_seed(sum(lengths) * block_size + head_dim + window)
+    tables, num_blocks = paged_layout(lengths, block_size, g)
+    slots = num_blocks * block_size
+    k_cache = torch.randn(slots + 1, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(slots + 1, kv_heads, head_dim, generator=g)
+    # Every position of every sequence asks (prefill); a decode step is the one-row case.
+    seq_idx = torch.cat([torch.full((n,), s) for s, n in enumerate(lengths)])
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    q = torch.randn(len(positions), heads, head_dim, generator=g)
+    scale = head_dim ** -0.5
+    got = ops.paged_attention(q, k_cache, v_cache, tables, seq_idx, positions, block_size, scale, window)
+    expect = ref.paged_attention(q, k_cache, v_cache, tables, seq_idx, positions, block_size, scale, window)
+    torch.testing.assert_close(got, expect, **TOL[torch.float32])
+
+
+# ---- end to end ----------------------------------------------------------------------------------
+
+# Triton's interpreter is slow: on the CPU it runs one architecture end to end (the op tests
+# above cover LayerNorm, biases and MHA); on a GPU every architecture.
+END_TO_END = [("native", a) for a in ("gpt2", "llama_gqa", "qwen2")] + [
+    ("triton", a) for a in (("llama_gqa",) if os.environ.get("TRITON_INTERPRET") == "1"
+                            else ("gpt2", "llama_gqa", "qwen2"))]
+
+
+@pytest.mark.parametrize("backend,arch", END_TO_END)
+def test_engine_matches_reference_end_to_end(backend, arch):
+    assert backends()[backend] is True, backends()[backend]
+    model = build_model(arch, num_layers=3)
+    fast, slow = LLM(model, backend=backend, block_size=8), LLM(model, backend="reference", block_size=8)
+    ids = random_ids(model, 19, seed=3)
+    actions = random_actions(19, 3, seed=4)
+    for chunk in (None, 1):
+        torch.testing.assert_close(fast.score(ids, actions, chunk_size=chunk),
+                                   slow.score(ids, actions, chunk_size=chunk), atol=1e-4, rtol=1e-4)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    prompts = [random_ids(model, n, seed=n).tolist() for n in (3, 9)]
+    for controller, budget in (("budget", 1.0), ("heuristic", 0.6)):
+        a = fast.generate(prompts, params, energy_budget=budget, controller=controller)
+        b = slow.generate(prompts, params, energy_budget=budget, controller=controller)
+        assert [o.token_ids for o in a] == [o.token_ids for o in b]
+        assert all(torch.equal(x.trace.actions, y.trace.actions) for x, y in zip(a, b))
+
+
+def test_backends_report_reasons_and_selection_errors(monkeypatch):
+    found = backends()
+    assert found["reference"] is True
+    assert all(v is True or (isinstance(v, str) and v) for v in found.values())
+    with pytest.raises(ValueError, match="unknown backend"):
+        LLM(build_model("gpt2"), backend="cuda-magic")
+    assert select_backend("auto", "cpu") in ("native", "reference")   # never the interpreter
+    monkeypatch.setenv("ANEE_FAST_BACKEND", "reference")
+    assert LLM(build_model("gpt2")).backend == "reference"
+    assert LLM(build_model("gpt2"), backend="native").backend == "native"  # a named choice wins
