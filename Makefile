@@ -1,6 +1,7 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make run    generate with the embedded SmolLM2-135M (plots of what ran in out/)
-#   make test   run the test suite
+#   make test   run the test suite (CPU; what CI runs)
+#   make test-gpu   the GPU-only tests (marker cuda), on a machine with a CUDA GPU
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ BUDGET ?= 1.0
 CONTROLLER ?= heuristic
 MAX_NEW_TOKENS ?= 48
 
-.PHONY: setup run test
+.PHONY: setup run test test-gpu
 
 setup: $(STAMP)
 
@@ -28,4 +29,7 @@ run: setup
 		--heatmap out/heatmap.png --compute-plot out/compute.png --depth-plot out/depth.png
 
 test: setup
-	$(PY) -m pytest -q tests || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }
+	$(PY) -m pytest -q -m "not cuda" tests || { rc=$$?; [ $$rc -ne 5 ] || echo "pytest collected no tests" >&2; exit $$rc; }
+
+test-gpu: setup
+	$(PY) -m pytest -q -m cuda tests

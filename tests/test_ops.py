@@ -15,21 +15,43 @@ from anee_fast import reference_ops as ref
 from anee_fast.backends import ops_for, select_backend
 from conftest import build_model, random_actions, random_ids
 
-COMPILED = ["triton", "native"]
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5)}
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
 SENTINEL = 7.25
+# (backend, device, dtype): the CPU cases run in CI; the `cuda` ones on a GPU (make test-gpu).
+TARGETS = [("triton", "cpu", torch.float32), ("native", "cpu", torch.float32)] + [
+    pytest.param((backend, "cuda", dtype), marks=pytest.mark.cuda, id=f"{backend}-cuda-{str(dtype)[6:]}")
+    for backend in ("triton", "native") for dtype in (torch.float32, torch.bfloat16)]
 
 
-@pytest.fixture(params=COMPILED)
-def ops(request):
-    status = backends()[request.param]
-    assert status is True, f"backend {request.param} is not available: {status}"
-    return ops_for(request.param)
+class Target:
+    """A backend's ops on a device and dtype; `to` moves test inputs there. The reference runs
+    in float32 on the same (rounded) inputs."""
+
+    def __init__(self, backend, device, dtype):
+        status = backends(device)[backend]
+        assert status is True, f"backend {backend} is not available on {device}: {status}"
+        self.ops, self.device, self.dtype = ops_for(backend), torch.device(device), dtype
+        self.tol = TOL[dtype]
+
+    def to(self, t):
+        if t is None:
+            return None
+        return t.to(self.device, self.dtype if t.is_floating_point() else t.dtype)
+
+    def exact(self, t):
+        """The float32 reference input equal to what the kernel reads."""
+        return None if t is None else self.to(t).float() if t.is_floating_point() else self.to(t)
 
 
-def poisoned_caches(shape):
+@pytest.fixture(params=TARGETS, ids=lambda t: "-".join([t[0], t[1], str(t[2])[6:]]))
+def target(request):
+    return Target(*request.param)
+
+
+def poisoned_caches(shape, target):
     """A K and a V cache filled with the sentinel."""
-    return torch.full(shape, SENTINEL), torch.full(shape, SENTINEL)
+    return (torch.full(shape, SENTINEL, device=target.device, dtype=target.dtype),
+            torch.full(shape, SENTINEL, device=target.device, dtype=target.dtype))
 
 
 def slot_mapping(rows, slots, gen, padding=True):
@@ -44,29 +66,31 @@ def slot_mapping(rows, slots, gen, padding=True):
 
 @pytest.mark.parametrize("rows,hidden", [(1, 48), (7, 83), (83, 576)])
 @pytest.mark.parametrize("rms,with_bias", [(True, False), (False, True)])
-def test_norm(ops, rows, hidden, rms, with_bias):
+def test_norm(target, rows, hidden, rms, with_bias):
     g = torch.Generator().manual_seed(rows * hidden)
     x = torch.randn(rows, hidden, generator=g) * 3
     w = 1 + 0.3 * torch.randn(hidden, generator=g)
     b = 0.3 * torch.randn(hidden, generator=g) if with_bias else None
-    torch.testing.assert_close(ops.norm(x, w, b, 1e-5, rms), ref.norm(x, w, b, 1e-5, rms),
-                               **TOL[torch.float32])
+    got = target.ops.norm(target.to(x), target.to(w), target.to(b), 1e-5, rms)
+    expect = ref.norm(target.exact(x), target.exact(w), target.exact(b), 1e-5, rms)
+    assert got.dtype == target.dtype
+    torch.testing.assert_close(got.float(), expect, **target.tol)
 
 
 # ---- write_kv ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rows", [1, 7, 83])
 @pytest.mark.parametrize("kv_heads,head_dim", [(2, 64), (3, 80)])
-def test_write_kv_copies_exactly_and_touches_nothing_else(ops, rows, kv_heads, head_dim):
+def test_write_kv_copies_exactly_and_touches_nothing_else(target, rows, kv_heads, head_dim):
     g = torch.Generator().manual_seed(rows + head_dim)
     slots = 97
-    k, v = torch.randn(2, rows, kv_heads, head_dim, generator=g)
-    mapping = slot_mapping(rows, slots, g)
-    k_cache, v_cache = poisoned_caches((slots + 1, kv_heads, head_dim))
-    ops.write_kv(k, v, k_cache, v_cache, mapping)
-    expect_k, expect_v = poisoned_caches((slots + 1, kv_heads, head_dim))
+    k, v = target.to(torch.randn(2, rows, kv_heads, head_dim, generator=g))
+    mapping = target.to(slot_mapping(rows, slots, g))
+    k_cache, v_cache = poisoned_caches((slots + 1, kv_heads, head_dim), target)
+    target.ops.write_kv(k, v, k_cache, v_cache, mapping)
+    expect_k, expect_v = poisoned_caches((slots + 1, kv_heads, head_dim), target)
     ref.write_kv(k, v, expect_k, expect_v, mapping)
-    assert torch.equal(k_cache[:slots], expect_k[:slots]) and torch.equal(v_cache[:slots], expect_v[:slots])
+    assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
     assert (k_cache[slots] == SENTINEL).all(), "padding rows must write nothing"
 
 
@@ -96,24 +120,30 @@ def skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, layers, rope, bias, 
     (1, 48, 6, 2, 64), (7, 83, 4, 2, 80), (83, 64, 3, 3, 64)])
 @pytest.mark.parametrize("layers,use_first_layer", [(1, False), (3, True)])
 @pytest.mark.parametrize("rope,bias,rms", [(True, False, True), (False, True, False)])
-def test_skip_kv(ops, rows, hidden, heads, kv_heads, head_dim, layers, use_first_layer, rope, bias, rms):
+def test_skip_kv(target, rows, hidden, heads, kv_heads, head_dim, layers, use_first_layer, rope, bias, rms):
     g = torch.Generator().manual_seed(rows * 31 + layers)
     args = skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, layers, rope, bias, g)
     slots = 61 + rows
-    mapping = slot_mapping(rows, slots, g)
+    mapping = target.to(slot_mapping(rows, slots, g))
     first_layer = torch.randint(0, layers + 1, (rows,), generator=g) if use_first_layer else None
+    first_layer = target.to(first_layer)
     # The kernel writes into a layer slice of a bigger cache, as the engine passes cache.k[l:l+n].
-    k_full, v_full = poisoned_caches((layers + 2, slots + 1, kv_heads, head_dim))
-    k_exp, v_exp = poisoned_caches((layers + 2, slots + 1, kv_heads, head_dim))
-    ops.skip_kv(**args, k_cache=k_full[1:1 + layers], v_cache=v_full[1:1 + layers],
-                slot_mapping=mapping, first_layer=first_layer, eps=1e-5, rms=rms)
-    ref.skip_kv(**args, k_cache=k_exp[1:1 + layers], v_cache=v_exp[1:1 + layers],
+    shape = (layers + 2, slots + 1, kv_heads, head_dim)
+    k_full, v_full = poisoned_caches(shape, target)
+    k_exp, v_exp = torch.full(shape, SENTINEL, device=target.device), torch.full(shape, SENTINEL, device=target.device)
+    inv_freq = args.pop("inv_freq")
+    inv_freq = None if inv_freq is None else inv_freq.to(target.device)      # always float32
+    target.ops.skip_kv(**{k: (target.to(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
+                       inv_freq=inv_freq, k_cache=k_full[1:1 + layers], v_cache=v_full[1:1 + layers],
+                       slot_mapping=mapping, first_layer=first_layer, eps=1e-5, rms=rms)
+    ref.skip_kv(**{k: (target.exact(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
+                inv_freq=inv_freq, k_cache=k_exp[1:1 + layers], v_cache=v_exp[1:1 + layers],
                 slot_mapping=mapping, first_layer=first_layer, eps=1e-5, rms=rms)
     written = k_exp != SENTINEL
     assert written.any()
-    assert torch.equal(k_full[~written], k_exp[~written]), "a slot not meant to be written changed"
-    torch.testing.assert_close(k_full, k_exp, **TOL[torch.float32])
-    torch.testing.assert_close(v_full, v_exp, **TOL[torch.float32])
+    assert torch.equal(k_full[~written].float(), k_exp[~written]), "a slot not meant to be written changed"
+    torch.testing.assert_close(k_full.float(), k_exp, **target.tol)
+    torch.testing.assert_close(v_full.float(), v_exp, **target.tol)
 
 
 # ---- paged_attention -----------------------------------------------------------------------------
@@ -135,7 +165,7 @@ def paged_layout(lengths, block_size, gen):
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (4, 4, 80)])
 @pytest.mark.parametrize("window", [0, 5])
-def test_paged_attention(ops, lengths, block_size, heads, kv_heads, head_dim, window):
+def test_paged_attention(target, lengths, block_size, heads, kv_heads, head_dim, window):
     g = torch.Generator().manual_seed(sum(lengths) * block_size + head_dim + window)
     tables, num_blocks = paged_layout(lengths, block_size, g)
     slots = num_blocks * block_size
@@ -146,9 +176,12 @@ def test_paged_attention(ops, lengths, block_size, heads, kv_heads, head_dim, wi
     positions = torch.cat([torch.arange(n) for n in lengths])
     q = torch.randn(len(positions), heads, head_dim, generator=g)
     scale = head_dim ** -0.5
-    got = ops.paged_attention(q, k_cache, v_cache, tables, seq_idx, positions, block_size, scale, window)
-    expect = ref.paged_attention(q, k_cache, v_cache, tables, seq_idx, positions, block_size, scale, window)
-    torch.testing.assert_close(got, expect, **TOL[torch.float32])
+    meta = [target.to(t) for t in (tables, seq_idx, positions)]
+    got = target.ops.paged_attention(target.to(q), target.to(k_cache), target.to(v_cache), *meta,
+                                     block_size, scale, window)
+    expect = ref.paged_attention(target.exact(q), target.exact(k_cache), target.exact(v_cache), *meta,
+                                 block_size, scale, window)
+    torch.testing.assert_close(got.float(), expect, **target.tol)
 
 
 # ---- end to end ----------------------------------------------------------------------------------
