@@ -2,7 +2,8 @@
 
 Every layer, for every token: K/V come from norm(h_in) and go into the cache (`skip_kv`, the
 whole SKIP path in one op). PROCESS rows then take the block's output; the others keep h_in
-(h = where(process, block(h), h)). One code path serves prefill, chunked prefill and decode: a
+(h = where(process, block(h), h)). In a decode step, tokens that EXIT get the K/V of all their
+remaining layers in one launch after the loop (no other token of the step reads them). One code path serves prefill, chunked prefill and decode: a
 step's K/V are written before attention reads the cache, so a query sees exactly positions
 0..p of its own sequence. `ops` is a backend's op set (see reference_ops for the contract).
 """
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference_ops
+from .actions import EXIT
 from .reference_ops import apply_rope, mlp
 
 
@@ -25,6 +27,7 @@ class StepBatch:
     slot_mapping: torch.Tensor     # [N] long, -1 = padding
     block_tables: torch.Tensor     # [S, max_blocks] long
     block_size: int
+    decode: bool = False           # one token per sequence: no token reads another's K/V
 
     @property
     def num_tokens(self) -> int:
@@ -59,8 +62,11 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
         if hidden_states is not None:
             hidden_states.append(h)
         process = policy.decide(l, h, h_prev)
+        slots = step.slot_mapping
+        if step.decode:   # exited rows get their remaining K/V in one launch after the loop
+            slots = torch.where(policy.actions[:, l] == EXIT, -1, slots)
         ops.skip_kv(h, *weights.skip_kv_weights(l, l + 1), step.positions, inv_freq,
-                    weights.rope_scale, cache.k[l:l + 1], cache.v[l:l + 1], step.slot_mapping,
+                    weights.rope_scale, cache.k[l:l + 1], cache.v[l:l + 1], slots,
                     None, spec.norm_eps, rms)
         h_prev = h
         if compact:
@@ -71,7 +77,20 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
         else:
             out = _block(weights, layer, cache, l, step, h, None, ops, inv_freq, rms)
             h = torch.where(process[:, None], out, h)
+    if step.decode:
+        _fill_exited(weights, cache, step, policy.actions, h, ops, inv_freq, rms)
     return h
+
+
+def _fill_exited(weights, cache, step, actions, h, ops, inv_freq, rms):
+    """EXIT fill of a decode step: every row that exited at layer e gets the K/V of layers
+    e..L-1 from its final residual (unchanged since e), in one `skip_kv` launch."""
+    L = weights.spec.num_layers
+    exits = actions == EXIT
+    first = torch.where(exits.any(dim=1), exits.to(torch.int8).argmax(dim=1), L)
+    ops.skip_kv(h, *weights.skip_kv_weights(0, L), step.positions, inv_freq, weights.rope_scale,
+                cache.k[:L], cache.v[:L], torch.where(first < L, step.slot_mapping, -1), first,
+                weights.spec.norm_eps, rms)
 
 
 def _block(weights, layer, cache, l, step, h, rows, ops, inv_freq, rms):

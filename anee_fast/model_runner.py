@@ -62,7 +62,8 @@ class ModelRunner:
         as_long = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)
         return StepBatch(token_ids=as_long(token_ids), positions=as_long(positions),
                          seq_idx=as_long(seq_idx), slot_mapping=as_long(slots),
-                         block_tables=as_long(padded), block_size=self.block_manager.block_size)
+                         block_tables=as_long(padded), block_size=self.block_manager.block_size,
+                         decode=all(n == 1 for _, n in chunks))
 
     def policy_for(self, chunks, num_tokens, fixed_actions=None) -> DepthPolicy:
         L = self.weights.spec.num_layers
