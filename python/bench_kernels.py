@@ -1,0 +1,255 @@
+"""Kernel microbenchmark: each op of the backend contract (norm, write_kv, skip_kv,
+paged_attention) on every usable backend against the unfused PyTorch equivalent (the reference
+op). Prints a table and writes JSON and a PNG.
+
+    python python/bench_kernels.py --rows 1,16,256,2048 --context 512 --out out/bench_kernels
+
+Every backend's result is checked against the reference first (abort on mismatch), then timed:
+median of many repeats after a warm-up (CUDA events on a GPU, time.perf_counter on the CPU).
+Shapes: GPT-2 small (hidden 768, 12 heads, MHA, LayerNorm + biases, no RoPE) and Llama-3.2-1B
+(hidden 2048, 32 heads, 8 KV heads, RMSNorm, RoPE); head_dim 64 in both.
+GB/s counts the bytes an ideal fused kernel must move (byte models below); "% peak" is against
+a large tensor copy measured in the same run. The Triton backend only runs on a CUDA device
+(on the CPU it would be Triton's interpreter, which is no speed backend).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from anee_fast.backends import backends, ops_for
+
+SHAPES = {
+    "gpt2-small": dict(hidden=768, heads=12, kv_heads=12, d=64, rms=False, bias=True, rope=False),
+    "llama-1b": dict(hidden=2048, heads=32, kv_heads=8, d=64, rms=True, bias=False, rope=True),
+}
+BLOCK = 16
+EXIT_LAYERS = 6
+TOL = {"norm": 1e-4, "write_kv": 0.0, "skip_kv": 1e-3, "paged_attention": 1e-4}
+
+
+# ---- byte models: what an ideal (fused) kernel must read + write, in bytes ---------------------
+
+def bytes_norm(n, s, es):
+    # read x [n, hidden], weight (+ bias) [hidden]; write out [n, hidden]
+    return es * (2 * n * s["hidden"] + s["hidden"] * (2 if s["bias"] else 1))
+
+
+def bytes_write_kv(n, s, es):
+    # read k, v [n, kv_heads, d]; write the same into the cache; read slot_mapping (int64)
+    return 4 * n * s["kv_heads"] * s["d"] * es + 8 * n
+
+
+def bytes_skip_kv(n, s, es, nl):
+    # read h [n, hidden] once; per layer: norm weight (+ bias) [hidden], K|V weight
+    # [2 * kv, hidden] (+ bias [2 * kv]); write K and V [n, kv] per layer (first_layer = 0:
+    # every row writes every layer); read positions, slot_mapping (+ first_layer), int64
+    kv = s["kv_heads"] * s["d"]
+    per_layer = s["hidden"] * (2 if s["bias"] else 1) + 2 * kv * s["hidden"] + (2 * kv if s["bias"] else 0)
+    return es * (n * s["hidden"] + nl * per_layer + nl * n * 2 * kv) + 8 * n * (3 if nl > 1 else 2)
+
+
+def bytes_paged_attention(n, s, es, ctx):
+    # read q, write out [n, heads, d]; read each row's visible K and V (ctx keys of its own
+    # sequence, [ctx, kv_heads, d] each); read block tables (int64), seq_idx, positions
+    return es * (2 * n * s["heads"] * s["d"] + 2 * n * ctx * s["kv_heads"] * s["d"]) \
+        + 8 * n * (ctx // BLOCK + 2)
+
+
+# ---- inputs: (args for the op, the outputs to compare, a function resetting state) -------------
+
+def make_case(op, s, n, ctx, nl, device, dtype, g):
+    H, kvh, d = s["hidden"], s["kv_heads"], s["d"]
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    if op == "norm":
+        args = (rnd(n, H), 1 + rnd(H, scale=0.3), rnd(H, scale=0.3) if s["bias"] else None, 1e-5, s["rms"])
+        return args, None, bytes_norm(n, s, dtype.itemsize)
+    if op in ("write_kv", "skip_kv"):
+        num_slots = max(2 * n, 64)
+        slots = torch.randperm(num_slots, generator=g)[:n].to(device)
+        shape = (num_slots + 1, kvh, d) if op == "write_kv" else (nl, num_slots + 1, kvh, d)
+        k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        if op == "write_kv":
+            return (rnd(n, kvh, d), rnd(n, kvh, d), k_cache, v_cache, slots), (2, 3), \
+                bytes_write_kv(n, s, dtype.itemsize)
+        kv = 2 * kvh * d
+        inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))).to(device) \
+            if s["rope"] else None
+        args = (rnd(n, H), 1 + rnd(nl, H, scale=0.3), rnd(nl, H, scale=0.3) if s["bias"] else None,
+                rnd(nl, kv, H, scale=H ** -0.5), rnd(nl, kv, scale=0.3) if s["bias"] else None,
+                torch.randint(0, 4096, (n,), generator=g).to(device), inv_freq, 1.0,
+                k_cache, v_cache, slots,
+                torch.zeros(n, dtype=torch.long, device=device) if nl > 1 else None, 1e-5, s["rms"])
+        return args, (8, 9), bytes_skip_kv(n, s, dtype.itemsize, nl)
+    # paged_attention: n sequences of ctx tokens, one decode row each (at the last position),
+    # blocks shuffled over the cache
+    nb = (ctx + BLOCK - 1) // BLOCK
+    tables = torch.randperm(n * nb, generator=g).reshape(n, nb).to(device)
+    num_slots = n * nb * BLOCK
+    args = (rnd(n, s["heads"], d), rnd(num_slots + 1, kvh, d), rnd(num_slots + 1, kvh, d), tables,
+            torch.arange(n, device=device), torch.full((n,), ctx - 1, device=device), BLOCK,
+            d ** -0.5, 0)
+    return args, None, bytes_paged_attention(n, s, dtype.itemsize, ctx)
+
+
+def fresh(args, mutated):
+    """A copy of args whose mutated (cache) tensors are cloned."""
+    return tuple(a.clone() if i in (mutated or ()) else a for i, a in enumerate(args))
+
+
+def check(op, name, ref_fn, fn, args, mutated, label):
+    a_ref, a_new = fresh(args, mutated), fresh(args, mutated)
+    expected, got = ref_fn(*a_ref), fn(*a_new)
+    pairs = [(expected, got)] if mutated is None else [(a_ref[i], a_new[i]) for i in mutated]
+    tol = TOL[op]
+    for e, o in pairs:
+        err = (e.float() - o.float()).abs().max().item()
+        if not err <= tol * max(1.0, e.float().abs().max().item()):
+            sys.exit(f"MISMATCH: {label}, backend {name}: max abs error {err:.3g} > {tol:g} "
+                     f"against the reference; not timing a wrong kernel")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, budget_s, min_reps=5, max_reps=200):
+    """Median seconds per call; repeats chosen so one measurement takes about budget_s."""
+    for _ in range(2):                                   # warm-up
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    reps = int(min(max_reps, max(min_reps, budget_s / max(time.perf_counter() - t0, 1e-7))))
+    times = []
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), reps
+
+
+def peak_bandwidth(device, mib=256):
+    """GB/s of a large tensor copy: 2 * bytes (read + write) / time."""
+    n = mib * 2 ** 20 // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    t, _ = timed(lambda: dst.copy_(src), device, 1.0, min_reps=5, max_reps=50)
+    return 2 * n * 4 / t / 1e9
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    gpu = torch.cuda.is_available()
+    p.add_argument("--device", default="cuda" if gpu else "cpu")
+    p.add_argument("--rows", default=None, help="comma list (default CPU 1,16,256,2048; GPU 1..4096)")
+    p.add_argument("--attn-max-rows", type=int, default=None,
+                   help="paged_attention runs rows up to this many sequences (default CPU 256, GPU all)")
+    p.add_argument("--context", type=int, default=512, help="paged_attention context length")
+    p.add_argument("--exit-layers", type=int, default=EXIT_LAYERS, help="layers of the multi-layer skip_kv")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--ops", default="norm,write_kv,skip_kv,skip_kv_exit,paged_attention")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--budget", type=float, default=0.15, help="seconds of timing per measurement")
+    p.add_argument("--out", default="out/bench_kernels")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = [int(r) for r in args.rows.split(",")] if args.rows else \
+        ([1, 16, 256, 2048] if device.type == "cpu" else [1, 4, 16, 64, 256, 1024, 4096])
+    attn_max = args.attn_max_rows or (256 if device.type == "cpu" else max(rows))
+    avail = backends(device)
+    names = [b for b, ok in avail.items() if ok is True and b != "reference"
+             and not (b == "triton" and device.type != "cuda")]
+    for b, ok in avail.items():
+        if ok is not True:
+            print(f"# backend {b} skipped: {ok}", file=sys.stderr)
+    ref = ops_for("reference")
+    peak = peak_bandwidth(device)
+    print(f"{device}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; measured copy peak {peak:.1f} GB/s; "
+          f"backends: reference, {', '.join(names)}")
+    header = (f"{'op':<16} {'shape':<11} {'rows':>5} {'backend':<9} {'time us':>10} {'MB':>8} "
+              f"{'GB/s':>7} {'% peak':>7} {'vs ref':>7}")
+    print(header)
+    results = []
+    g = torch.Generator().manual_seed(0)
+    for shape in args.shapes.split(","):
+        s = SHAPES[shape]
+        for op_label in args.ops.split(","):
+            op = "skip_kv" if op_label.startswith("skip_kv") else op_label
+            nl = args.exit_layers if op_label == "skip_kv_exit" else 1
+            for n in rows:
+                if op == "paged_attention" and n > attn_max:
+                    continue
+                op_args, mutated, nbytes = make_case(op, s, n, args.context, nl, device, dtype, g)
+                label = f"{op_label} {shape} rows {n}"
+                for name in names:
+                    check(op, name, getattr(ref, op), getattr(ops_for(name), op), op_args, mutated, label)
+                t_ref = None
+                for name in ["reference"] + names:
+                    fn = getattr(ops_for(name), op)
+                    t, reps = timed(lambda: fn(*op_args), device, args.budget)
+                    t_ref = t if name == "reference" else t_ref
+                    gbs = nbytes / t / 1e9
+                    r = dict(op=op_label, shape=shape, rows=n, backend=name, layers=nl,
+                             context=args.context if op == "paged_attention" else None,
+                             time_us=t * 1e6, bytes=nbytes, gb_s=gbs, pct_peak=100 * gbs / peak,
+                             speedup_vs_ref=t_ref / t, repeats=reps)
+                    results.append(r)
+                    print(f"{op_label:<16} {shape:<11} {n:>5} {name:<9} {r['time_us']:>10.1f} "
+                          f"{nbytes / 1e6:>8.2f} {gbs:>7.2f} {r['pct_peak']:>6.1f}% "
+                          f"{r['speedup_vs_ref']:>6.2f}x", flush=True)
+                del op_args
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    meta = dict(device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
+                threads=torch.get_num_threads(), peak_copy_gb_s=peak, context=args.context,
+                block_size=BLOCK, exit_layers=args.exit_layers)
+    with open(args.out + ".json", "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=1)
+    from matplotlib.figure import Figure
+    shapes = args.shapes.split(",")
+    fig = Figure(figsize=(5.5 * len(shapes), 4))
+    axes = fig.subplots(1, len(shapes), squeeze=False)[0]
+    for ax, shape in zip(axes, shapes):
+        for op_label in args.ops.split(","):
+            for name in names:
+                pts = [(r["rows"], r["speedup_vs_ref"]) for r in results
+                       if r["shape"] == shape and r["op"] == op_label and r["backend"] == name]
+                if pts:
+                    ax.plot(*zip(*pts), "o-", label=f"{op_label} ({name})")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("rows")
+        ax.set_ylabel("speedup over reference (unfused PyTorch)")
+        ax.set_title(f"{shape}, {device}, {meta['dtype']}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out + ".png", dpi=120)
+    print(f"wrote {args.out}.json and {args.out}.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
