@@ -1,5 +1,5 @@
 // Helpers shared by the CPU implementations of the anee_fast ops (csrc/cpu/*.cpp).
-// Everything is computed in float32 (sums in double) and stored in the tensors' own dtype.
+// Everything is computed in float32 and stored in the tensors' own dtype.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -24,29 +24,32 @@ inline at::Tensor float_tensor(const at::Tensor& t) {
   return t.to(at::kFloat).contiguous();
 }
 
-// Per-row normalisation statistics of x[rows, D]: y = (x - mean) * rstd (mean = 0 for RMSNorm).
+// sum_i f(x[i]) in float32 with 8 independent partial sums, so that the compiler can vectorise
+// the reduction (one running sum fixes the order and serialises every add).
+template <typename scalar_t, typename F>
+inline float lane_sum(const scalar_t* x, int64_t n, F f) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += f(static_cast<float>(x[i + l]));
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < n; ++i) s += f(static_cast<float>(x[i]));
+  return s;
+}
+
+// Per-row normalisation statistics of x[rows, D]: y = (x - mean) * rstd (mean = 0 for RMSNorm;
+// LayerNorm uses the centred variance, like torch).
 template <typename scalar_t>
 inline void row_stats(const scalar_t* x, int64_t D, float eps, bool rms, float* mean,
                       float* rstd) {
   if (rms) {
-    double sq = 0.0;
-    for (int64_t i = 0; i < D; ++i) {
-      const float v = static_cast<float>(x[i]);
-      sq += static_cast<double>(v) * v;
-    }
     *mean = 0.f;
-    *rstd = 1.f / std::sqrt(static_cast<float>(sq / D) + eps);
+    *rstd = 1.f / std::sqrt(lane_sum(x, D, [](float v) { return v * v; }) / D + eps);
   } else {
-    double s = 0.0;
-    for (int64_t i = 0; i < D; ++i) s += static_cast<float>(x[i]);
-    const float mu = static_cast<float>(s / D);
-    double var = 0.0;
-    for (int64_t i = 0; i < D; ++i) {
-      const float c = static_cast<float>(x[i]) - mu;
-      var += static_cast<double>(c) * c;
-    }
+    const float mu = lane_sum(x, D, [](float v) { return v; }) / D;
+    const float var = lane_sum(x, D, [mu](float v) { return (v - mu) * (v - mu); }) / D;
     *mean = mu;
-    *rstd = 1.f / std::sqrt(static_cast<float>(var / D) + eps);
+    *rstd = 1.f / std::sqrt(var + eps);
   }
 }
 
