@@ -68,7 +68,9 @@ def _add_generate(subparsers):
 def _cmd_generate(args) -> int:
     # Check everything cheap before loading a model (loading can take a while).
     from .controllers import make_controller
+    from .depth_policy import budget_floor
     from .engine import check_budget
+    from .model_loader import ModelLoadError, check_local_path, default_device
     from .sampling import SamplingParams
     try:
         budget = check_budget(args.budget)
@@ -84,8 +86,14 @@ def _cmd_generate(args) -> int:
         controller = make_controller(args.controller)
     except (ValueError, OSError) as e:
         raise _Error(f"--controller: {e}") from None
-    model = _check_model_path(args.model)
-    _check_device(args.device)
+    try:
+        model = None if args.model is None else check_local_path(args.model)
+    except ModelLoadError as e:
+        raise _Error(f"--model: {e}") from None
+    try:
+        default_device(args.device)
+    except ValueError as e:
+        raise _Error(f"--device: {e}") from None
 
     from .llm import LLM
     with _no_progress_bars():
@@ -102,7 +110,8 @@ def _cmd_generate(args) -> int:
 
     trace = out.trace
     L = llm.num_layers
-    floor = _floor(args.min_layers, L, trace.skip_cost)
+    runner = llm.engine.runner
+    floor = budget_floor(L, trace.skip_cost, runner.min_layers, runner.always_last)
     stats = _stats(trace, len(out.token_ids), seconds)
     print(out.text, flush=True)
     print()
@@ -152,33 +161,6 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def _check_device(device):
-    """A CUDA device without CUDA fails deep in torch with an AssertionError: say so up front."""
-    if device is None:
-        return
-    import torch
-    try:
-        kind = torch.device(device).type
-    except RuntimeError as e:
-        raise _Error(f"--device: {e}") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        why = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise _Error(f"--device {device}: CUDA is not available ({why})")
-
-
-def _check_model_path(model):
-    """A --model that is plainly a local path must exist (otherwise it would be tried on the hub)."""
-    if model is None:
-        return None
-    looks_local = os.path.isabs(model) or model.startswith((".", "~")) or model.endswith(".gguf")
-    if looks_local:
-        model = os.path.expanduser(model)
-        if not os.path.exists(model):
-            raise FileNotFoundError(f"--model: {model} does not exist (give a model directory, a "
-                                    ".gguf file or a hub id)")
-    return model
-
-
 def _encode(tokenizer, prompt, chat):
     """Token ids of the prompt; with chat, the chat template's text (it holds its own specials)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -194,12 +176,6 @@ def _encode(tokenizer, prompt, chat):
     if not ids:
         raise _Error("the prompt encodes to no tokens")
     return [int(t) for t in ids], chat
-
-
-def _floor(min_layers, num_layers, skip_cost) -> float:
-    """Cost of the forced first layers plus K/V fill of the rest: the least a token can spend."""
-    forced = min(min_layers, num_layers)
-    return (forced + (num_layers - forced) * skip_cost) / num_layers
 
 
 def _stats(trace, num_generated, seconds) -> dict:

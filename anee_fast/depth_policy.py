@@ -14,6 +14,14 @@ from .controllers import LayerContext
 _EPS = 1e-6
 
 
+def budget_floor(num_layers: int, skip_cost: float, min_layers: int = 0, always_last: int = 0) -> float:
+    """The least a token can spend (fraction of a full forward): its forced layers processed,
+    every other layer a SKIP. The budget a token gets is max(energy_budget, this)."""
+    min_layers = min(min_layers, num_layers)
+    forced = min_layers + min(always_last, num_layers - min_layers)
+    return (forced + (num_layers - forced) * skip_cost) / num_layers
+
+
 class DepthPolicy:
     def __init__(self, num_tokens, num_layers, skip_cost, device, budget=None, controller=None,
                  fixed_actions=None, min_layers=0, always_last=0, readout=None):
@@ -32,8 +40,7 @@ class DepthPolicy:
         self.readout = readout     # h -> (entropy, max prob), offered to controllers lazily
         self.min_layers = min(min_layers, num_layers)
         self.always_last = min(always_last, num_layers - self.min_layers)
-        forced = self.min_layers + self.always_last
-        floor = (forced + (num_layers - forced) * self.skip_cost) / num_layers
+        floor = budget_floor(num_layers, self.skip_cost, min_layers, always_last)
         self.limit = torch.clamp(budget.float(), min=floor) * num_layers
         self.stopped = torch.zeros(num_tokens, dtype=torch.bool, device=device)
         # After an EXIT the remaining layers are SKIPs; with forced last layers, say SKIP.

@@ -18,7 +18,8 @@ def default_device(device=None) -> torch.device:
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"bad device {device!r}: {e}") from e
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for, but this torch has no usable CUDA GPU")
+            why = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {str(device)!r}: CUDA is not available ({why})")
         return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -43,6 +44,17 @@ def _from_pretrained(source, **kwargs):
     return model, tokenizer
 
 
+def check_local_path(name: str) -> str:
+    """A name that is plainly a local path (absolute, ./, ~, several slashes, .gguf) must exist:
+    otherwise it would be tried as a hub id. Returns it with ~ expanded."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+    name = os.path.expanduser(name)
+    if looks_local and not os.path.exists(name):
+        raise ModelLoadError(f"{name} does not exist (give a model directory, a .gguf file or a "
+                             "hub id)")
+    return name
+
+
 def load_hf(model):
     """Returns (transformers model, tokenizer or None, display name)."""
     if model is None:
@@ -56,19 +68,13 @@ def load_hf(model):
     if not isinstance(model, (str, os.PathLike)):
         raise ModelLoadError(f"model must be a hub id, a directory, a .gguf file or a transformers "
                              f"model, got {type(model).__name__}")
-    name = os.fspath(model)
+    name = check_local_path(os.fspath(model))
     if name.endswith(".gguf"):
-        if not os.path.isfile(name):
-            raise ModelLoadError(f"GGUF file not found: {name}")
         folder, file = os.path.split(os.path.abspath(name))
         hf, tok = _from_pretrained(folder, gguf_file=file)
         return hf, tok, file
     if os.path.exists(name) and not os.path.isdir(name):
         raise ModelLoadError(f"{name} is a file: give a model directory or a .gguf file")
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not os.path.exists(name):
-        raise ModelLoadError(f"{name} does not exist (give a model directory, a .gguf file or a "
-                             "hub id)")
     hf, tok = _from_pretrained(name)
     return hf, tok, name
 

@@ -191,7 +191,7 @@ def test_missing_or_corrupt_weights(tmp_path):
     (bad_config / "config.json").write_text("{ not json")
     with pytest.raises(ModelLoadError):
         LLM(str(bad_config))
-    with pytest.raises(ModelLoadError, match="GGUF file not found"):
+    with pytest.raises(ModelLoadError, match="missing.gguf does not exist"):
         LLM(str(tmp_path / "missing.gguf"))
     plain_file = tmp_path / "weights.bin"
     plain_file.write_bytes(b"x")
