@@ -6,7 +6,7 @@ from .block_manager import BlockManager, OutOfKVBlocks
 from .controllers import make_controller
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample_batch
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -81,9 +81,11 @@ class LLMEngine:
                 rows.append(start - 1)
                 completing.append(seq)
         out = self.run_chunks(chunks, rows)
+        wanted = [s.sampling if s.num_generated < s.sampling.max_tokens else None for s in completing]
+        tokens = sample_batch(out.logits, wanted, [s.generator for s in completing])
         finished = []
-        for seq, logits in zip(completing, out.logits):
-            reason = self._append_token(seq, logits)
+        for seq, token in zip(completing, tokens):
+            reason = self._append_token(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 finished.append(seq)
@@ -112,12 +114,12 @@ class LLMEngine:
             start += n
         return out
 
-    def _append_token(self, seq, logits):
-        """Samples the next token; returns a finish reason or None."""
+    def _append_token(self, seq, token):
+        """Appends a sampled token (None: the sequence may generate no more); returns a finish
+        reason or None."""
         params = seq.sampling
-        if seq.num_generated >= params.max_tokens:
+        if token is None:
             return "length"
-        token = sample(logits, params, seq.generator)
         seq.token_ids.append(token)
         stops = set(params.stop_token_ids)
         if not params.ignore_eos and self.eos_token_id is not None:

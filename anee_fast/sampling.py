@@ -38,10 +38,16 @@ class SamplingParams:
         return g
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator) -> int:
-    """Picks one token id from float32 logits [vocab] (on the host, once per step)."""
-    if params.temperature == 0:
-        return int(logits.argmax())
+def sample_batch(logits: torch.Tensor, params: list, generators: list) -> list:
+    """One token id per row of float32 logits [M, vocab]; a None in `params` means no token for
+    that row. Greedy rows share one argmax and one transfer to the host per step."""
+    greedy = logits.argmax(dim=-1).tolist()
+    return [None if p is None else greedy[i] if p.temperature == 0 else _sample_row(logits[i], p, g)
+            for i, (p, g) in enumerate(zip(params, generators))]
+
+
+def _sample_row(logits: torch.Tensor, params: SamplingParams, generator) -> int:
+    """Temperature, top-k and top-p sampling from one row of logits [vocab], on the host."""
     logits = logits.float().cpu() / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
