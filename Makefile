@@ -2,6 +2,8 @@
 #   make run    generate with the embedded SmolLM2-135M (plots of what ran in out/)
 #   make test   run the test suite (CPU; what CI runs)
 #   make test-gpu   the GPU-only tests (marker cuda), on a machine with a CUDA GPU
+#   make check-cuda-build   compile the CUDA kernels without a GPU (nvcc; own venv .venv-cuda)
+#   make anee-env   the ANEE 0.4 library in its own venv .venv-anee (python/bench_decode.py times it)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +13,7 @@ BUDGET ?= 1.0
 CONTROLLER ?= heuristic
 MAX_NEW_TOKENS ?= 48
 
-.PHONY: setup run test test-gpu
+.PHONY: setup run test test-gpu check-cuda-build anee-env
 
 setup: $(STAMP)
 
@@ -33,3 +35,14 @@ test: setup
 
 test-gpu: setup
 	$(PY) -m pytest -q -m cuda tests
+
+check-cuda-build:
+	.ci/check_cuda_build
+
+# ANEE 0.4 needs transformers <= 4.51.3, so it gets its own venv (CPU torch from local disk).
+anee-env: .venv-anee/.installed
+
+.venv-anee/.installed:
+	$(PYTHON) -m venv .venv-anee
+	.venv-anee/bin/python -m pip install --quiet torch==2.13.0 transformers==4.51.3 anee==0.4 numpy
+	touch $@

@@ -1,7 +1,8 @@
 """pip build of anee_fast. The Triton kernels ship as `anee_fast.kernels` from kernels/.
 
 The C++ extension `anee_fast._C` (csrc/) is built with torch.utils.cpp_extension: the CPU
-sources always, the CUDA sources (csrc/cuda/*.cu) only when torch has CUDA and nvcc is found.
+sources always, the CUDA sources (csrc/cuda/*.cu) only when torch has CUDA and nvcc is found
+(for the architectures in TORCH_CUDA_ARCH_LIST, default "8.0;9.0").
 It uses only <torch/library.h> and ATen (no pybind11), which keeps the build short.
 
 ANEE_FAST_BUILD_NATIVE: "auto" (default) builds the extension and, if that fails, installs the
@@ -51,7 +52,11 @@ def _native_build():
     if cuda_sources and torch.version.cuda and cpp_extension.CUDA_HOME is not None:
         sources += cuda_sources
         ext_cls = cpp_extension.CUDAExtension
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-DANEE_FAST_WITH_CUDA"]
+        # Without a GPU at build time torch cannot detect the architecture: Ampere and Hopper
+        # (A100, H100) unless the user chose. No --use_fast_math: RoPE's cos/sin of large
+        # angles and the softmax's exp keep their full float32 accuracy.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        extra["nvcc"] = ["-O3", "-DANEE_FAST_WITH_CUDA"]
         cxx_flags.append("-DANEE_FAST_WITH_CUDA")
         # pip's CUDA wheels keep some headers torch includes (cusparse.h, ...) under
         # site-packages/nvidia/*/include, not in CUDA_HOME.
@@ -91,10 +96,11 @@ setup(
     python_requires=">=3.10",
     packages=["anee_fast", "anee_fast.kernels"],
     package_dir={"anee_fast.kernels": "kernels"},
+    package_data={"anee_fast": ["data/controllers/*"]},    # the shipped trained controller
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.6", "transformers>=4.56", "safetensors", "tqdm", "platformdirs",
                       "matplotlib", "numpy"],
-    extras_require={"gguf": ["gguf", "accelerate"]},
+    extras_require={"gguf": ["gguf", "accelerate"], "serve": ["fastapi", "uvicorn", "httpx"]},
     entry_points={"console_scripts": ["anee-fast = anee_fast.cli:main"]},
 )

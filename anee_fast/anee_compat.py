@@ -33,11 +33,12 @@ from typing import Any, Optional
 import torch
 
 from .actions import PROCESS
-from .controllers import HeuristicController, LearnedController
+from .controllers import TRAINED_SUFFIXES, HeuristicController, LearnedController
 from .engine import check_budget
 from .llm import LLM
 from .profiler import STATE_DIM
 from .sampling import SamplingParams
+from .trained_controller import BudgetConditionedController
 
 CONTROLLER_TYPES = ("heuristic", "learned")
 
@@ -56,7 +57,8 @@ class ANEEConfig:
     controller_type: str = "heuristic" # "heuristic" or "learned"
     state_dim: int = STATE_DIM         # the learned controller's input: ANEE 0.4's six features
     controller_hidden_dim: int = 32    # hidden width of an untrained learned controller
-    controller_path: Optional[str] = None  # ANEE controller weights (torch.save of a state_dict)
+    controller_path: Optional[str] = None  # ANEE 0.4 weights (.pt) or a trained anee_fast controller
+                                           # (directory, .json or .safetensors)
     # anee_fast additions (not in ANEE 0.4)
     device: Any = None                 # None: CUDA if available, else CPU
     dtype: Any = None                  # None: bfloat16 on CUDA, float32 on CPU
@@ -174,7 +176,10 @@ class ANEEWrapper:
         if config.controller_type == "heuristic":
             return HeuristicController(exit_threshold=threshold)
         if config.controller_path is not None:
-            return LearnedController.from_file(config.controller_path, exit_threshold=threshold)
+            path = os.fspath(config.controller_path)
+            if os.path.isdir(path) or path.endswith(TRAINED_SUFFIXES):
+                return BudgetConditionedController.load(path, exit_threshold=threshold)
+            return LearnedController.from_file(path, exit_threshold=threshold)
         # ANEE runs an untrained controller when given no weights; ours is the same every time.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

@@ -31,7 +31,9 @@ def _native_status(device_type: str):
     except Exception as e:
         return f"the C++ extension anee_fast._C is not available: {type(e).__name__}: {e}"
     if not native.supports(device_type):
-        return f"this build of anee_fast._C has no {device_type} kernels"
+        hint = (" (csrc/cuda is compiled only when torch has CUDA and nvcc is found at build time: "
+                "reinstall with CUDA_HOME set)" if device_type == "cuda" else "")
+        return f"this build of anee_fast._C has no {device_type} kernels{hint}"
     return True
 
 

@@ -219,9 +219,237 @@ def _write_json(path, record) -> str:
     return path
 
 
+# ---- serve ---------------------------------------------------------------------------------------
+
+def _add_serve(subparsers):
+    p = subparsers.add_parser(
+        "serve", help="serve an OpenAI-compatible HTTP API with per-request energy budgets",
+        description="Serve /v1/completions, /v1/chat/completions (streaming with server-sent "
+                    "events), /v1/models, /health and /metrics. Requests may set energy_budget "
+                    "and controller as extra fields.")
+    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                   help="local model directory, .gguf file or hub id (default: the embedded "
+                        "SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("ANEE_FAST_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: "
+                        "$ANEE_FAST_API_KEY; none when unset)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients must send (default: the model's name)")
+    p.add_argument("--budget", type=float, default=1.0,
+                   help="energy budget of requests that give none, in [0, 1] (default 1.0)")
+    p.add_argument("--controller", default="budget", metavar="budget|heuristic|PATH",
+                   help="controller of requests that name none (default budget)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body accepted; larger ones get 413 (default 1 MiB)")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: 8192 "
+                                                                   "tokens' worth)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences per step (default 64)")
+    p.add_argument("--min-layers", type=int, default=2,
+                   help="first layers every token always processes (default 2)")
+    p.add_argument("--backend", default="auto", help="reference | triton | native | auto (default)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weight dtype")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from .controllers import make_controller
+    from .engine import check_budget
+    from .model_loader import ModelLoadError, check_local_path
+    try:
+        budget = check_budget(args.budget)
+    except ValueError as e:
+        raise _Error(f"--budget: {e}") from None
+    try:
+        controller = make_controller(args.controller)
+    except (ValueError, OSError) as e:
+        raise _Error(f"--controller: {e}") from None
+    if not 0 <= args.port <= 65535:
+        raise _Error(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_body_bytes < 1:
+        raise _Error(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
+    if args.api_key is not None and not args.api_key:
+        raise _Error("--api-key is empty")
+    try:
+        model = None if args.model is None else check_local_path(args.model)
+    except ModelLoadError as e:
+        raise _Error(f"--model: {e}") from None
+
+    from .llm import LLM
+    from .server import serve
+    with _no_progress_bars():
+        llm = LLM(model, backend=args.backend, device=args.device, dtype=args.dtype,
+                  num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
+                  min_layers=args.min_layers)
+    serve(llm, host=args.host, port=args.port, api_key=args.api_key,
+          model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
+          energy_budget=budget, controller=controller)
+    return 0
+
+
+# ---- eval ----------------------------------------------------------------------------------------
+
+def _add_eval(subparsers):
+    p = subparsers.add_parser(
+        "eval", help="quality against compute of controllers on held-out text",
+        description="Score held-out text with each controller at each budget and report realised "
+                    "compute, mean KL to the full model, top-1 agreement, perplexity and greedy "
+                    "32-token continuation agreement, as a table, JSON and a PNG. The default text "
+                    "is Python's pydoc topics (offline); the last 20%% of its windows are held out.")
+    p.add_argument("--budgets", default="1,0.75,0.5,0.25",
+                   help="comma-separated energy budgets in [0, 1] (default 1,0.75,0.5,0.25)")
+    p.add_argument("--text", default=None, metavar="PATH",
+                   help="plain-text UTF-8 file to evaluate on (default: the pydoc topics)")
+    p.add_argument("--json", default=None, metavar="OUT.json", help="write the records as JSON")
+    p.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="write KL and top-1 agreement against realised compute")
+    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                   help="local model directory, .gguf file or hub id (default: the embedded "
+                        "SmolLM2-135M-Instruct)")
+    p.add_argument("--controllers", default=None, metavar="LIST",
+                   help="comma-separated: budget, heuristic, random, static, router, "
+                        "anee-untrained, learned, a controller file, or NAME=PATH (default: the "
+                        "six baselines, plus 'learned' when a trained controller is installed)")
+    p.add_argument("--windows", type=int, default=8, help="held-out windows scored (default 8)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    p.add_argument("--search-windows", type=int, default=4,
+                   help="training windows for the static-set search and layer ablation (default 4)")
+    p.add_argument("--search-len", type=int, default=64,
+                   help="tokens per search window (default 64)")
+    p.add_argument("--search-width", type=int, default=4,
+                   help="layers tried per greedy step after the first (default 4)")
+    p.add_argument("--router-k", type=int, default=4, help="router categories (default 4)")
+    p.add_argument("--min-layers", type=int, default=2,
+                   help="first layers every token always processes (default 2)")
+    p.add_argument("--backend", default="auto", help="reference | triton | native | auto (default)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weight dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from .corpus import corpus_text
+    from .model_loader import ModelLoadError, check_local_path
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        raise _Error(f"--budgets must be comma-separated numbers, got {args.budgets!r}") from None
+    if not budgets or any(not 0.0 <= b <= 1.0 for b in budgets):
+        raise _Error(f"--budgets must be numbers in [0, 1], got {args.budgets!r}")
+    for name in ("windows", "seq_len", "search_windows", "search_len", "search_width", "router_k"):
+        if getattr(args, name) < 1:
+            raise _Error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.seq_len <= 32:
+        raise _Error(f"--seq-len must be over 32 (the greedy-continuation prefix), got {args.seq_len}")
+    if args.text is not None:
+        corpus_text(args.text)
+    controllers = None
+    if args.controllers is not None:
+        controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
+        if not controllers:
+            raise _Error("--controllers is empty")
+    try:
+        model = None if args.model is None else check_local_path(args.model)
+    except ModelLoadError as e:
+        raise _Error(f"--model: {e}") from None
+
+    from .evaluation import run_eval
+    from .llm import LLM
+    with _no_progress_bars():
+        llm = LLM(model, backend=args.backend, device=args.device, dtype=args.dtype,
+                  min_layers=args.min_layers)
+    run_eval(llm, budgets=budgets, text_path=args.text, controllers=controllers,
+             windows=args.windows, seq_len=args.seq_len, json_path=args.json, plot_path=args.plot,
+             progress=not args.no_progress, search_windows=args.search_windows,
+             search_len=args.search_len, search_width=args.search_width, router_k=args.router_k)
+    return 0
+
+
+# ---- train-controller ------------------------------------------------------------------------------
+
+_TRAIN_OPTIONS = (   # (flag, type, help); unset ones keep TrainConfig's defaults
+    ("text", str, "plain-text corpus file (default: Python's offline pydoc topics)"),
+    ("seq-len", int, "tokens per window (default 64)"),
+    ("heldout-fraction", float, "last share of the windows held out, never trained on (default 0.2)"),
+    ("trace-windows", int, "training windows the oracle measures (default 8)"),
+    ("trace-budgets", int, "budgets per window in the traces, stratified in [0, 1] (default 6)"),
+    ("order-windows", int, "windows of the greedy ablation giving the oracle's base order (default 4)"),
+    ("order-stop-budget", float, "budget down to which the greedy ablation runs (default 0.2)"),
+    ("max-swaps", int, "oracle: per-token swaps against the base static set (default 1)"),
+    ("margin", float, "oracle: sensitivity ratio a swap needs (default 2)"),
+    ("teacher", str, "warm-start labels: oracle or heuristic (default oracle)"),
+    ("warm-epochs", int, "supervised warm-start epochs (default 6)"),
+    ("warm-lr", float, "warm-start learning rate (default 3e-3)"),
+    ("rl-windows", int, "training windows the REINFORCE rollouts draw from (default 16)"),
+    ("rl-steps", int, "REINFORCE steps (default 20)"),
+    ("rl-batch", int, "windows per REINFORCE step (default 4)"),
+    ("rl-lr", float, "REINFORCE learning rate (default 1e-3)"),
+    ("savings-weight", float, "reward per unit of compute saved (default 0.05)"),
+    ("overspend-penalty", float, "reward penalty per unit of compute over the budget (default 10)"),
+    ("eval-windows", int, "held-out windows for the final check, 0 = none (default 8)"),
+    ("checkpoint-every", int, "REINFORCE steps between checkpoints (default 5)"),
+    ("seed", int, "seed of every random draw (default 0)"),
+)
+
+
+def _add_train_controller(subparsers):
+    p = subparsers.add_parser(
+        "train-controller", help="train a budget-conditioned depth controller",
+        description="Train the budget-conditioned controller on a text corpus: oracle traces "
+                    "(measured layer sensitivity), supervised warm start, then REINFORCE. Writes "
+                    "OUT_DIR/controller.json + controller.safetensors (load with "
+                    "controller=OUT_DIR), checkpoints, training_log.json and training_curve.png.")
+    p.add_argument("out_dir", help="output directory (checkpoints and the trained controller)")
+    p.add_argument("--resume", action="store_true", help="continue the run found in OUT_DIR")
+    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                   help="model to train for (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--min-layers", type=int, default=2,
+                   help="first layers every token always processes (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    for flag, kind, text in _TRAIN_OPTIONS:
+        p.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    p.set_defaults(func=_cmd_train_controller)
+
+
+def _cmd_train_controller(args) -> int:
+    from .controller_training import TrainConfig, train_controller
+    from .model_loader import ModelLoadError, check_local_path
+    given = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in _TRAIN_OPTIONS}
+    config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    try:
+        config.validate()
+    except ValueError as e:
+        raise _Error(str(e)) from None
+    if args.min_layers < 0:
+        raise _Error(f"--min-layers must be >= 0, got {args.min_layers}")
+    try:
+        model = None if args.model is None else check_local_path(args.model)
+    except ModelLoadError as e:
+        raise _Error(f"--model: {e}") from None
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    from .llm import LLM
+    with _no_progress_bars():
+        llm = LLM(model, min_layers=args.min_layers)
+    start = time.perf_counter()
+    log = train_controller(llm, args.out_dir, config, resume=args.resume)
+    print(f"trained in {time.perf_counter() - start:.0f} s this run (stages: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in log["timings_s"].items()) + ")")
+    for row in log.get("heldout") or []:
+        print(f"held-out budget {row['budget']:.2f}: KL {row['kl']:.3f}, top-1 {row['top1']:.3f}, "
+              f"compute {row['compute']:.3f} (max {row['max_compute']:.3f})")
+    print(f"controller: {os.path.join(args.out_dir, 'controller.json')}")
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 
-SUBCOMMANDS = (_add_generate,)   # later: _add_serve, _add_eval, _add_train_controller
+SUBCOMMANDS = (_add_generate, _add_serve, _add_eval, _add_train_controller)
 
 
 def build_parser() -> argparse.ArgumentParser:

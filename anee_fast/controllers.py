@@ -23,6 +23,8 @@ class LayerContext:
     h_prev: torch.Tensor       # [N, hidden] residual entering the previous layer
     budget_left: torch.Tensor  # [N] compute still allowed, as a fraction of a full forward
     readout: Callable = None   # () -> (entropy, max prob) of the LM head at this depth; costly
+    budget: torch.Tensor = None  # [N] the token's whole budget (after the floor), same unit
+    skip_cost: float = 0.0     # cost of a SKIP as a fraction of a PROCESS
 
 
 class Controller:
@@ -30,6 +32,10 @@ class Controller:
 
     def propose(self, ctx: LayerContext) -> torch.Tensor:
         raise NotImplementedError
+
+    def check_model(self, num_layers: int, hidden_size: int) -> None:
+        """Raises ValueError when this controller cannot serve a model of that shape; the engine
+        asks before a request is queued, so a mismatch never fails a shared step."""
 
 
 def _codes(mask_exit, ctx, otherwise=PROCESS):
@@ -129,19 +135,28 @@ class StaticController(Controller):
             raise ValueError(f"static controller actions must be 0/1/2, got {codes}")
         self.layer_actions = codes
 
-    def propose(self, ctx):
-        if len(self.layer_actions) != ctx.num_layers:
+    def check_model(self, num_layers, hidden_size):
+        if len(self.layer_actions) != num_layers:
             raise ValueError(f"static controller has {len(self.layer_actions)} actions for a "
-                             f"{ctx.num_layers}-layer model")
+                             f"{num_layers}-layer model")
+
+    def propose(self, ctx):
+        self.check_model(ctx.num_layers, ctx.h.shape[-1])
         return torch.full((ctx.h.shape[0],), self.layer_actions[ctx.layer], dtype=torch.int8,
                           device=ctx.h.device)
 
 
 CONTROLLER_NAMES = ("budget", "heuristic", "learned")
+TRAINED_SUFFIXES = (".safetensors", ".json")
 
 
 def make_controller(controller) -> Controller:
-    """Accepts a Controller, a name, a path to a controller file, or a per-layer action list."""
+    """Accepts a Controller, a name, a path to a controller file, or a per-layer action list.
+
+    "learned" is the trained controller shipped for the embedded model; a directory or a
+    .safetensors/.json path is a trained (budget-conditioned) controller; .pt/.pth/.bin files
+    are ANEE 0.4 controllers.
+    """
     if isinstance(controller, Controller):
         return controller
     if isinstance(controller, (list, tuple)):
@@ -153,8 +168,11 @@ def make_controller(controller) -> Controller:
         if name == "heuristic":
             return HeuristicController()
         if name == "learned":
-            raise ValueError("controller='learned' needs a trained controller file: pass its path "
-                             "as controller=PATH")
+            from .trained_controller import BudgetConditionedController, shipped_controller_path
+            return BudgetConditionedController.load(shipped_controller_path())
+        if os.path.isdir(name) or name.endswith(TRAINED_SUFFIXES):
+            from .trained_controller import BudgetConditionedController
+            return BudgetConditionedController.load(name)
         if os.path.sep in name or name.endswith((".pt", ".pth", ".bin")) or os.path.exists(name):
             return LearnedController.from_file(name)
     raise ValueError(f"unknown controller {controller!r}: use one of {', '.join(CONTROLLER_NAMES)}, "

@@ -63,7 +63,8 @@ class DepthPolicy:
         else:
             budget_left = (self.limit - self.spent) / L
             ctx = LayerContext(layer=layer, num_layers=L, h=h, h_prev=h_prev, budget_left=budget_left,
-                               readout=lambda: self.readout(h))
+                               readout=lambda: self.readout(h), budget=self.limit / L,
+                               skip_cost=self.skip_cost)
             action = self.controller.propose(ctx)
             # Cost if this layer runs and the rest are SKIPs, plus the forced last layers.
             after = self.spent + 1 + (L - layer - 1) * self.skip_cost \

@@ -1,5 +1,6 @@
 """The serving loop: requests in, `step()` = schedule -> run -> sample, finished sequences out."""
 import math
+import time
 
 from . import reference_ops
 from .block_manager import BlockManager, OutOfKVBlocks
@@ -8,7 +9,7 @@ from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .sampling import SamplingParams, sample_batch
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 
 
 def check_budget(budget) -> float:
@@ -57,8 +58,10 @@ class LLMEngine:
             raise ValueError(f"the request needs up to {max_len} tokens of KV cache, the cache holds "
                              f"{capacity} ({self.block_manager.num_blocks} blocks of "
                              f"{self.block_manager.block_size}): raise num_kv_blocks")
-        return Sequence(ids, sampling, budget, make_controller(controller), spec.num_layers,
-                        self.runner.skip_cost, max_len)
+        controller = make_controller(controller)
+        controller.check_model(spec.num_layers, spec.hidden_size)
+        return Sequence(ids, sampling, budget, controller, spec.num_layers, self.runner.skip_cost,
+                        max_len)
 
     def add_request(self, prompt_ids, sampling: SamplingParams, budget=1.0, controller="budget"):
         seq = self.new_sequence(prompt_ids, sampling, budget, controller)
@@ -121,6 +124,7 @@ class LLMEngine:
         if token is None:
             return "length"
         seq.token_ids.append(token)
+        seq.token_times.append(time.perf_counter())
         stops = set(params.stop_token_ids)
         if not params.ignore_eos and self.eos_token_id is not None:
             stops.add(self.eos_token_id)
@@ -135,4 +139,5 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
         elif seq in self.scheduler.waiting:
             self.scheduler.waiting.remove(seq)
+            seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "abort"

@@ -176,3 +176,32 @@ def plot_depth_profile(trace, path, title=None, generated_only: bool = False):
                           f"processed on average", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_quality_vs_compute(records, path, title=None):
+    """Quality against realised compute, one curve per controller: mean KL to the full model
+    (log scale) and top-1 agreement. `records` are evaluation records (anee_fast.evaluation)."""
+    curves = {}
+    for r in records:
+        curves.setdefault(r["controller"], []).append((r["compute"], r["kl"], r["top1"]))
+    if not curves:
+        raise ValueError("no evaluation records to plot")
+    fig = Figure(figsize=(11.0, 4.4))
+    ax_kl, ax_top1 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for name, points in curves.items():
+        points.sort()
+        compute = [c for c, _, _ in points]
+        marker = "*" if name == "full" else "o"
+        ax_kl.plot(compute, [kl for _, kl, _ in points], marker=marker, label=name)
+        ax_top1.plot(compute, [t for _, _, t in points], marker=marker, label=name)
+    ax_kl.set_yscale("symlog", linthresh=1e-2)     # the full model's KL is exactly 0
+    ax_kl.set_ylabel("mean KL(full || controller), nats")
+    ax_top1.set_ylabel("top-1 agreement with the full model")
+    ax_top1.set_ylim(0, 1.02)
+    for ax in (ax_kl, ax_top1):
+        ax.set_xlabel("realised compute (fraction of a full forward)")
+        ax.grid(alpha=0.3)
+    ax_top1.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.suptitle(title or "Quality against compute on held-out text", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -17,6 +17,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting = deque()
         self.running = []
+        self.num_preemptions = 0       # since start, for the serving metrics
 
     def add(self, seq) -> None:
         self.waiting.append(seq)
@@ -57,6 +58,7 @@ class Scheduler:
     def _preempt(self, seq) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq.seq_id)
+        self.num_preemptions += 1
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

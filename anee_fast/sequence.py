@@ -1,5 +1,6 @@
 """One request's tokens, progress through the model, and trace."""
 import itertools
+import time
 from enum import Enum
 
 import torch
@@ -30,6 +31,8 @@ class Sequence:
         self.num_computed = 0                   # tokens whose K/V are in the cache
         self.status = SequenceStatus.WAITING
         self.finish_reason = None
+        self.arrival_time = time.perf_counter()
+        self.token_times = []                   # perf_counter() when each generated token came
         self.actions = torch.zeros((max_len, num_layers), dtype=torch.int8)
         self.compute = torch.zeros(max_len, dtype=torch.float32)
 
@@ -57,8 +60,37 @@ class Sequence:
         self.actions[start:end] = actions
         self.compute[start:end] = compute
 
+    def stats(self) -> dict:
+        """Per-request statistics: compute spent (fraction of a full forward) and layers run per
+        token over every token run so far (the trace, as `LLM.generate` reports it), time to
+        first token and inter-token latency in seconds."""
+        trace = self.trace()
+        n_run = int(trace.compute.shape[0])
+        times = [self.arrival_time] + self.token_times
+        gaps = sorted(b - a for a, b in zip(times[1:], times[2:]))
+        return {
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": self.num_generated,
+            "energy_budget": self.budget,
+            "tokens_run": n_run,
+            "compute": trace.mean_compute,
+            "layers_run_mean": float(trace.layers_run.float().mean()) if n_run else 0.0,
+            "num_layers": trace.actions.shape[1],
+            "ttft_s": times[1] - times[0] if len(times) > 1 else None,
+            "itl_mean_s": sum(gaps) / len(gaps) if gaps else None,
+            "itl_p50_s": _percentile(gaps, 0.50),
+            "itl_p99_s": _percentile(gaps, 0.99),
+        }
+
     def trace(self) -> Trace:
         n = self.num_computed
         return Trace(actions=self.actions[:n].clone(), compute=self.compute[:n].clone(),
                      budget=self.budget, skip_cost=self.skip_cost,
                      num_prompt_tokens=self.num_prompt_tokens)
+
+
+def _percentile(sorted_values, q):
+    """Nearest-rank percentile of an ascending list (None if empty)."""
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]

@@ -1,30 +1,43 @@
 // Declarations of the anee_fast op implementations. Schemas: torch_bindings.cpp; semantics:
 // anee_fast/reference_ops.py. Light on purpose (only the Tensor header): each csrc/cpu/*.cpp
-// compiles without the dispatcher/registration headers, which only torch_bindings.cpp includes.
+// and csrc/cuda/*.cu compiles without the dispatcher/registration headers, which only
+// torch_bindings.cpp includes.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <optional>
 
+// The ops, declared once and expanded in each device namespace below.
+#define ANEE_FAST_DECLARE_OPS                                                                     \
+  at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,                                  \
+                  const std::optional<at::Tensor>& bias, double eps, bool rms);                   \
+                                                                                                  \
+  void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,                    \
+                at::Tensor& v_cache, const at::Tensor& slot_mapping);                             \
+                                                                                                  \
+  void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,                                \
+               const std::optional<at::Tensor>& norm_bias, const at::Tensor& kv_weight,           \
+               const std::optional<at::Tensor>& kv_bias, const at::Tensor& positions,             \
+               const std::optional<at::Tensor>& inv_freq, double rope_scale,                      \
+               at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,          \
+               const std::optional<at::Tensor>& first_layer, double eps, bool rms);               \
+                                                                                                  \
+  at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,                      \
+                             const at::Tensor& v_cache, const at::Tensor& block_tables,           \
+                             const at::Tensor& seq_idx, const at::Tensor& positions,              \
+                             int64_t block_size, double scale, int64_t sliding_window);
+
+// CPU implementations (csrc/cpu/*.cpp).
 namespace anee_fast::cpu {
-
-at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,
-                const std::optional<at::Tensor>& bias, double eps, bool rms);
-
-void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
-              const at::Tensor& slot_mapping);
-
-void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
-             const std::optional<at::Tensor>& norm_bias, const at::Tensor& kv_weight,
-             const std::optional<at::Tensor>& kv_bias, const at::Tensor& positions,
-             const std::optional<at::Tensor>& inv_freq, double rope_scale, at::Tensor& k_cache,
-             at::Tensor& v_cache, const at::Tensor& slot_mapping,
-             const std::optional<at::Tensor>& first_layer, double eps, bool rms);
-
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& block_tables, const at::Tensor& seq_idx,
-                           const at::Tensor& positions, int64_t block_size, double scale,
-                           int64_t sliding_window);
-
+ANEE_FAST_DECLARE_OPS
 }  // namespace anee_fast::cpu
+
+#ifdef ANEE_FAST_WITH_CUDA
+// CUDA implementations (csrc/cuda/*.cu, compiled only when setup.py finds nvcc).
+namespace anee_fast::cuda {
+ANEE_FAST_DECLARE_OPS
+}  // namespace anee_fast::cuda
+#endif  // ANEE_FAST_WITH_CUDA
+
+#undef ANEE_FAST_DECLARE_OPS

@@ -1,7 +1,7 @@
 // Schemas of the anee_fast ops (one name and one signature everywhere: see
-// anee_fast/reference_ops.py) and their registration per device: CPU kernels in csrc/cpu/ (one
-// file per op, declared in ops.h). Fake (meta) implementations for torch.compile live in
-// anee_fast/native_ops.py. This is the only file that includes <torch/library.h>.
+// anee_fast/reference_ops.py) and their registration per device: CPU kernels in csrc/cpu/, CUDA
+// kernels in csrc/cuda/ (one file per op, declared in ops.h). Fake (meta) implementations for
+// torch.compile live in anee_fast/native_ops.py. This is the only file that includes <torch/library.h>.
 //
 // Only <torch/library.h> and ATen headers: no pybind11 (torch/extension.h), which keeps the
 // build fast. Importing the Python module `anee_fast._C` just loads this library so that the
@@ -32,8 +32,16 @@ TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
   m.impl("paged_attention", &anee_fast::cpu::paged_attention);
 }
 
-// CUDA kernels (csrc/cuda/*.cu, built by setup.py when torch has CUDA and nvcc is found, which
-// defines ANEE_FAST_WITH_CUDA) register here the same way: TORCH_LIBRARY_IMPL(anee_fast, CUDA, m).
+// CUDA kernels (csrc/cuda/*.cu), compiled in when setup.py finds a CUDA torch and nvcc (it then
+// defines ANEE_FAST_WITH_CUDA). native_ops.supports("cuda") asks the dispatcher for these.
+#ifdef ANEE_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(anee_fast, CUDA, m) {
+  m.impl("norm", &anee_fast::cuda::norm);
+  m.impl("write_kv", &anee_fast::cuda::write_kv);
+  m.impl("skip_kv", &anee_fast::cuda::skip_kv);
+  m.impl("paged_attention", &anee_fast::cuda::paged_attention);
+}
+#endif
 
 extern "C" {
 // An empty Python module: `import anee_fast._C` loads this shared library (running the

@@ -1,20 +1,33 @@
-"""End-to-end greedy decode: anee_fast against transformers' `generate` on the same model, device,
-dtype and tokens, in one run. Prints a table and writes JSON and a PNG.
+"""End-to-end greedy decode: anee_fast against transformers' `generate` (and the ANEE 0.4 library
+where it runs) on the same model, device, dtype and tokens, in one run, with the roofline model's
+ideal speedup next to every measured one. Prints a table and writes JSON and a PNG.
 
-    python python/bench_decode.py --model gpt2-124m --budgets 1,0.5 --batch 1 --new-tokens 64
+    python python/bench_decode.py --models gpt2-124m --budgets 1,0.75,0.5,0.25 --batches 1,8,64
 
 Models: `gpt2-124m` and `llama-1b` build random-init models of those shapes (no download);
 `smollm2` is the embedded SmolLM2-135M-Instruct; anything else is passed to `LLM(...)`.
-Decode time is the whole run minus a run that generates one token (the prefill).
+Decode ms/step = (run with N new tokens - run with 1) / (N - 1): the prefill is timed apart.
+"vs full" is our speedup over our own full depth (budget 1.0) in the same run; "ideal" is the
+speedup the roofline model (python/roofline.py) gives for the actions the run actually took;
+"of ideal" = vs full / ideal.
+The ANEE 0.4 library needs transformers <= 4.51.3: `make anee-env` builds .venv-anee, and
+GPT-2 rows at batch 1 then also time it there (its controllers ignore batches; see --anee-python).
 """
 import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
+
+from roofline import ideal_speedup, measure_peaks
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ANEE_PYTHON = os.path.join(HERE, "..", ".venv-anee", "bin", "python")
 
 
 def build(name, device, dtype):
@@ -46,77 +59,150 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
+def anee_library_rows(model, args, budgets):
+    """ms/step of the ANEE 0.4 library at each budget (GPT-2 only), or a reason it cannot run."""
+    python = args.anee_python
+    if not os.path.exists(python):
+        return {"error": f"no ANEE environment at {python} (make anee-env builds it)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, out = os.path.join(tmp, "model"), os.path.join(tmp, "anee.json")
+        model.save_pretrained(model_dir)
+        cmd = [python, os.path.join(HERE, "bench_anee_library.py"), "--model-dir", model_dir,
+               "--budgets", ",".join(map(str, budgets)), "--prompt-tokens", str(args.prompt_tokens),
+               "--new-tokens", str(args.new_tokens - 1), "--repeats", str(args.repeats),
+               "--json", out]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            return {"error": f"the ANEE run failed: {done.stderr.strip().splitlines()[-1:]}"}
+        with open(out) as f:
+            return {r["budget"]: r for r in json.load(f)}
+
+
+def bench_model(name, args, device, dtype, peaks, budgets):
+    from anee_fast import LLM, SamplingParams
+    model = build(name, device, dtype)
+    llm = LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0)
+    spec, es = llm.spec, dtype.itemsize
+    new = args.new_tokens
+    anee = None
+    if name == "gpt2-124m" and device.type == "cpu" and dtype == torch.float32:
+        anee = anee_library_rows(model, args, budgets)
+    rows = []
+    for batch in args.batches:
+        g = torch.Generator().manual_seed(1)
+        prompts = torch.randint(0, spec.vocab_size, (batch, args.prompt_tokens), generator=g)
+
+        def hf(n):
+            with torch.inference_mode():
+                model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts, device=device),
+                               max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+        def ours(n, budget):
+            return llm.generate(prompts.tolist(), SamplingParams(max_tokens=n, ignore_eos=True),
+                                energy_budget=budget, controller=args.controller)
+
+        hf(2), ours(2, 1.0)                                               # warm-up
+        hf_prefill, hf_total = timed(lambda: hf(1), args.repeats), timed(lambda: hf(new), args.repeats)
+        hf_decode = (hf_total - hf_prefill) / (new - 1)
+        full_decode = None
+        for budget in budgets:
+            traces = [o.trace for o in ours(new, budget)]
+            compute = statistics.mean(float(t.compute[t.num_prompt_tokens:].mean()) for t in traces)
+            model_full_ms, ideal = ideal_speedup(spec, traces, peaks, es)
+            prefill = timed(lambda: ours(1, budget), args.repeats)
+            decode = (timed(lambda: ours(new, budget), args.repeats) - prefill) / (new - 1)
+            full_decode = decode if full_decode is None else full_decode
+            row = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                       backend=llm.backend, controller=args.controller, batch=batch, budget=budget,
+                       compute=compute, ms_per_step=decode * 1e3, tokens_per_s=batch / decode,
+                       hf_ms_per_step=hf_decode * 1e3, speedup_vs_hf=hf_decode / decode,
+                       speedup_vs_full=full_decode / decode, ideal_speedup=ideal,
+                       fraction_of_ideal=(full_decode / decode) / ideal,
+                       roofline_full_ms=model_full_ms, prefill_ms=prefill * 1e3,
+                       hf_prefill_ms=hf_prefill * 1e3)
+            if anee is not None and batch == 1:
+                r = anee if "error" in anee else anee[budget]
+                row["anee_ms_per_step"] = r.get("ms_per_step")
+                row["anee_note"] = r.get("error", f"controller {r.get('controller')}, "
+                                                  f"{r.get('layers_executed_last_step')} layers run")
+            rows.append(row)
+            print_row(row)
+    return rows
+
+
+HEADER = (f"{'model':<10} {'batch':>5} {'budget':>6} {'compute':>7} {'ms/step':>8} {'tok/s':>8} "
+          f"{'HF ms':>8} {'vs HF':>6} {'vs full':>7} {'ideal':>6} {'of ideal':>8} {'roof ms':>7} "
+          f"{'prefill':>8} {'HF pre':>8} {'ANEE ms':>8}")
+
+
+def print_row(r):
+    anee = f"{r['anee_ms_per_step']:>8.2f}" if r.get("anee_ms_per_step") is not None else f"{'-':>8}"
+    print(f"{r['model']:<10} {r['batch']:>5} {r['budget']:>6.2f} {r['compute']:>7.3f} "
+          f"{r['ms_per_step']:>8.2f} {r['tokens_per_s']:>8.1f} {r['hf_ms_per_step']:>8.2f} "
+          f"{r['speedup_vs_hf']:>5.2f}x {r['speedup_vs_full']:>6.2f}x {r['ideal_speedup']:>5.2f}x "
+          f"{r['fraction_of_ideal']:>7.0%} {r['roofline_full_ms']:>7.2f} {r['prefill_ms']:>8.1f} "
+          f"{r['hf_prefill_ms']:>8.1f} {anee}", flush=True)
+
+
+def plot(rows, path):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(11, 4))
+    left, right = fig.subplots(1, 2)
+    for key in sorted({(r["model"], r["batch"]) for r in rows}):
+        pts = [r for r in rows if (r["model"], r["batch"]) == key]
+        label = f"{key[0]}, batch {key[1]}"
+        left.plot([r["budget"] for r in pts], [r["speedup_vs_hf"] for r in pts], "o-", label=label)
+        right.plot([r["ideal_speedup"] for r in pts], [r["speedup_vs_full"] for r in pts], "o",
+                   label=label)
+    left.axhline(1.0, color="grey", lw=0.8)
+    left.set_xlabel("energy budget")
+    left.set_ylabel("decode speedup over transformers")
+    top = max(max(r["ideal_speedup"], r["speedup_vs_full"]) for r in rows) * 1.05
+    right.plot([1, top], [1, top], color="grey", lw=0.8, label="achieved = ideal")
+    right.set_xlabel("ideal speedup over own full depth (roofline model)")
+    right.set_ylabel("achieved speedup over own full depth")
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+    fig.suptitle(f"greedy decode, {rows[0]['device']}, {rows[0]['dtype']}, backend {rows[0]['backend']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gpt2-124m")
-    p.add_argument("--budgets", default="1,0.75,0.5,0.25")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--models", default="gpt2-124m")
+    p.add_argument("--budgets", default="1,0.75,0.5,0.25", help="1.0 is always run first")
+    p.add_argument("--batches", default="1")
     p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--controller", default="budget")
     p.add_argument("--backend", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--anee-python", default=DEFAULT_ANEE_PYTHON,
+                   help="python of the environment with the ANEE 0.4 library")
     p.add_argument("--out", default="out/bench_decode")
     args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be >= 2 (decode time is N new tokens minus 1)")
+    args.batches = [int(b) for b in args.batches.split(",")]
+    budgets = [1.0] + [b for b in (float(x) for x in args.budgets.split(",")) if b != 1.0]
 
-    from anee_fast import LLM, SamplingParams
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = build(args.model, device, dtype)
-    llm = LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0)
-    g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt_tokens), generator=g)
-    new = args.new_tokens
-
-    def hf(n):
-        with torch.inference_mode():
-            model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts, device=device),
-                           max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0)
-
-    def ours(n, budget):
-        llm.generate(prompts.tolist(), SamplingParams(max_tokens=n, ignore_eos=True),
-                     energy_budget=budget, controller=args.controller)
-
-    hf(2), ours(2, 1.0)                                                   # warm-up
-    hf_prefill, hf_total = timed(lambda: hf(1), args.repeats), timed(lambda: hf(new), args.repeats)
-    hf_decode = (hf_total - hf_prefill) / (new - 1)
+    peaks = measure_peaks(device, dtype)
+    print(f"{device}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.prompt_tokens} prompt + {args.new_tokens} new "
+          f"tokens, controller {args.controller}; {peaks.describe()}")
+    print(HEADER)
     rows = []
-    for budget in (float(b) for b in args.budgets.split(",")):
-        out = llm.generate(prompts.tolist(), SamplingParams(max_tokens=new, ignore_eos=True),
-                           energy_budget=budget, controller=args.controller)
-        compute = statistics.mean(float(o.trace.compute[o.trace.num_prompt_tokens:].mean()) for o in out)
-        prefill = timed(lambda: ours(1, budget), args.repeats)
-        total = timed(lambda: ours(new, budget), args.repeats)
-        decode = (total - prefill) / (new - 1)
-        rows.append(dict(model=args.model, device=args.device, dtype=str(dtype).removeprefix("torch."),
-                         backend=llm.backend, batch=args.batch, budget=budget, compute=compute,
-                         ms_per_step=decode * 1e3, tokens_per_s=args.batch / decode,
-                         hf_ms_per_step=hf_decode * 1e3, speedup_vs_hf=hf_decode / decode,
-                         prefill_ms=prefill * 1e3, hf_prefill_ms=hf_prefill * 1e3))
-
-    header = f"{'budget':>6} {'compute':>8} {'ms/step':>8} {'tok/s':>8} {'HF ms/step':>10} {'vs HF':>6} {'prefill ms':>10}"
-    print(f"{args.model}, {args.device}, {rows[0]['dtype']}, backend {llm.backend}, batch {args.batch}, "
-          f"{args.prompt_tokens} prompt + {new} new tokens, controller {args.controller}")
-    print(header)
-    for r in rows:
-        print(f"{r['budget']:>6.2f} {r['compute']:>8.3f} {r['ms_per_step']:>8.2f} {r['tokens_per_s']:>8.1f} "
-              f"{r['hf_ms_per_step']:>10.2f} {r['speedup_vs_hf']:>5.2f}x {r['prefill_ms']:>10.1f}")
+    for name in args.models.split(","):
+        rows += bench_model(name, args, device, dtype, peaks, budgets)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(5, 3.5))
-    ax = fig.subplots()
-    ax.plot([r["budget"] for r in rows], [r["speedup_vs_hf"] for r in rows], "o-")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("energy budget")
-    ax.set_ylabel("decode speedup over transformers")
-    ax.set_title(f"{args.model}, batch {args.batch}, {args.device}")
-    fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=120)
+        json.dump(dict(peaks=vars(peaks), rows=rows), f, indent=1)
+    plot(rows, args.out + ".png")
     print(f"wrote {args.out}.json and {args.out}.png", file=sys.stderr)
 
 

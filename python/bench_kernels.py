@@ -22,6 +22,7 @@ import time
 import torch
 
 from anee_fast.backends import backends, ops_for
+from roofline import measure_peaks
 
 SHAPES = {
     "gpt2-small": dict(hidden=768, heads=12, kv_heads=12, d=64, rms=False, bias=True, rope=False),
@@ -148,15 +149,6 @@ def timed(fn, device, budget_s, min_reps=5, max_reps=200):
     return statistics.median(times), reps
 
 
-def peak_bandwidth(device, mib=256):
-    """GB/s of a large tensor copy: 2 * bytes (read + write) / time."""
-    n = mib * 2 ** 20 // 4
-    src = torch.ones(n, device=device)
-    dst = torch.empty_like(src)
-    t, _ = timed(lambda: dst.copy_(src), device, 1.0, min_reps=5, max_reps=50)
-    return 2 * n * 4 / t / 1e9
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gpu = torch.cuda.is_available()
@@ -185,7 +177,7 @@ def main(argv=None):
         if ok is not True:
             print(f"# backend {b} skipped: {ok}", file=sys.stderr)
     ref = ops_for("reference")
-    peak = peak_bandwidth(device)
+    peak = measure_peaks(device, dtype).bandwidth / 1e9
     print(f"{device}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; measured copy peak {peak:.1f} GB/s; "
           f"backends: reference, {', '.join(names)}")

@@ -174,7 +174,7 @@ def test_chat_is_off_without_a_template_and_cannot_be_forced(tmp_path, capsys):
     (["--budget", "nan"], "energy_budget"),
     (["--budget", "-0.1"], "energy_budget"),
     (["--controller", "nonsense"], "unknown controller"),
-    (["--controller", "learned"], "controller file"),
+    (["--controller", "missing/ctrl.json"], "trained controller file not found"),
     (["--controller", "/nonexistent/ctrl.pt"], "not found"),
     (["--max-new-tokens", "-1"], "max_tokens"),
     (["--min-layers", "-1"], "--min-layers must be >= 0"),
@@ -182,7 +182,7 @@ def test_chat_is_off_without_a_template_and_cannot_be_forced(tmp_path, capsys):
     (["--backend", "bogus"], "unknown backend"),
     pytest.param(["--device", "cuda"], "CUDA is not available", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="CUDA is available here")),
-], ids=["budget>1", "budget-nan", "budget<0", "controller-name", "learned-no-file",
+], ids=["budget>1", "budget-nan", "budget<0", "controller-name", "trained-no-file",
         "controller-file", "max-new-tokens", "min-layers", "device", "backend", "no-cuda"])
 def test_bad_arguments_exit_with_one_clear_line(model_dir, capsys, extra, expected):
     rc, out, err = run_cli(capsys, "generate", PROMPT, "--model", model_dir, *extra)

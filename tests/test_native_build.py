@@ -45,6 +45,23 @@ def test_op_registered_with_contract_schema(native, name):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"anee_fast::{name}", "CPU")
 
 
+def test_native_on_cuda_is_available_exactly_when_cuda_kernels_are_built(native):
+    from anee_fast import backends
+    built = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"anee_fast::{name}", "CUDA")
+                for name in SCHEMAS)
+    status = backends("cuda")["native"]
+    assert native.supports("cuda") == built
+    assert status is True if built else "has no cuda kernels" in status
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_cuda_kernels_built_on_a_gpu_machine(native, name):
+    # make setup on a machine with a GPU (CUDA torch, nvcc) must build csrc/cuda: the cuda tests
+    # of test_ops.py then run these kernels, never a CPU fallback.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"anee_fast::{name}", "CUDA")
+
+
 # ---- input builders ------------------------------------------------------------------------------
 
 def _gen(seed):

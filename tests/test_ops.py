@@ -17,7 +17,8 @@ from conftest import build_model, random_actions, random_ids
 
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
 SENTINEL = 7.25
-# (backend, device, dtype): the CPU cases run in CI; the `cuda` ones on a GPU (make test-gpu).
+# (backend, device, dtype): the CPU cases run in CI; the `cuda` ones on a GPU (make test-gpu), where
+# native runs the csrc/cuda kernels (Target fails when the build has none: no silent CPU fallback).
 TARGETS = [("triton", "cpu", torch.float32), ("native", "cpu", torch.float32)] + [
     pytest.param((backend, "cuda", dtype), marks=pytest.mark.cuda, id=f"{backend}-cuda-{str(dtype)[6:]}")
     for backend in ("triton", "native") for dtype in (torch.float32, torch.bfloat16)]

@@ -1,6 +1,7 @@
 // CPU implementation of anee_fast::norm: RMSNorm (rms=true) or LayerNorm over the last dim,
 // computed in float32, returned in x's dtype (see reference_ops.norm).
 
+#include "../op_checks.h"
 #include "../ops.h"
 #include "cpu_common.h"
 
@@ -8,10 +9,7 @@ namespace anee_fast::cpu {
 
 at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,
                 const std::optional<at::Tensor>& bias, double eps, bool rms) {
-  TORCH_CHECK(x.dim() >= 1, "norm: x must have at least one dimension");
-  const int64_t D = x.size(-1);
-  TORCH_CHECK(weight.numel() == D, "norm: weight has ", weight.numel(), " elements, expected ", D);
-  TORCH_CHECK(!bias.has_value() || bias->numel() == D, "norm: bias has the wrong size");
+  const int64_t D = check_norm_args(x, weight, bias);
   const at::Tensor xc = x.contiguous();
   const at::Tensor w = float_tensor(weight);
   const at::Tensor b = bias.has_value() ? float_tensor(*bias) : at::Tensor();

@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 
+#include "../op_checks.h"
 #include "../ops.h"
 #include "cpu_common.h"
 
@@ -19,22 +20,12 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
                            const at::Tensor& block_tables, const at::Tensor& seq_idx,
                            const at::Tensor& positions, int64_t block_size, double scale,
                            int64_t sliding_window) {
-  TORCH_CHECK(q.dim() == 3, "paged_attention: q must be [N, heads, head_dim]");
-  TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
-              "paged_attention: k_cache and v_cache must both be [slots, kv_heads, head_dim]");
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               "paged_attention: CPU implementation called with non-CPU tensors");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "paged_attention: q and the caches must have the same dtype");
-  TORCH_CHECK(block_tables.dim() == 2, "paged_attention: block_tables must be [seqs, max_blocks]");
-  TORCH_CHECK(block_size > 0, "paged_attention: block_size must be positive");
-  const int64_t N = q.size(0), heads = q.size(1), d = q.size(2);
-  const int64_t num_slots = k_cache.size(0), kv_heads = k_cache.size(1);
-  TORCH_CHECK(k_cache.size(2) == d, "paged_attention: q and cache head_dim differ");
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0,
-              "paged_attention: heads must be a multiple of kv_heads");
-  TORCH_CHECK(seq_idx.numel() == N && positions.numel() == N,
-              "paged_attention: seq_idx and positions must have one entry per row of q");
+  const PagedAttentionSizes sizes =
+      check_paged_attention_args(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size);
+  const int64_t N = sizes.N, heads = sizes.heads, d = sizes.d;
+  const int64_t num_slots = sizes.num_slots, kv_heads = sizes.kv_heads;
   const int64_t group = heads / kv_heads;
 
   const at::Tensor tables_t = index_tensor(block_tables, "block_tables");

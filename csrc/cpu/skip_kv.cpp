@@ -12,6 +12,7 @@
 
 #include <vector>
 
+#include "../op_checks.h"
 #include "../ops.h"
 #include "cpu_common.h"
 
@@ -23,31 +24,14 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
              const std::optional<at::Tensor>& inv_freq, double rope_scale, at::Tensor& k_cache,
              at::Tensor& v_cache, const at::Tensor& slot_mapping,
              const std::optional<at::Tensor>& first_layer, double eps, bool rms) {
-  TORCH_CHECK(h.dim() == 2, "skip_kv: h must be [N, hidden]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
-              "skip_kv: k_cache and v_cache must both be [layers, slots, kv_heads, head_dim]");
   TORCH_CHECK(h.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
               kv_weight.device().is_cpu(), "skip_kv: CPU implementation called with non-CPU tensors");
-  TORCH_CHECK(k_cache.scalar_type() == h.scalar_type() && v_cache.scalar_type() == h.scalar_type(),
-              "skip_kv: the caches must have h's dtype");
-  const int64_t N = h.size(0), hidden = h.size(1);
-  const int64_t nl = k_cache.size(0), num_slots = k_cache.size(1);
-  const int64_t kv_heads = k_cache.size(2), d = k_cache.size(3), kv_size = kv_heads * d;
-  TORCH_CHECK(norm_weight.numel() == nl * hidden, "skip_kv: norm_weight must be [layers, hidden]");
-  TORCH_CHECK(!norm_bias.has_value() || norm_bias->numel() == nl * hidden,
-              "skip_kv: norm_bias must be [layers, hidden]");
-  TORCH_CHECK(kv_weight.dim() == 3 && kv_weight.size(0) == nl && kv_weight.size(1) == 2 * kv_size &&
-              kv_weight.size(2) == hidden, "skip_kv: kv_weight must be [layers, 2*kv_size, hidden]");
-  TORCH_CHECK(!kv_bias.has_value() || (kv_bias->dim() == 2 && kv_bias->size(0) == nl &&
-                                       kv_bias->size(1) == 2 * kv_size),
-              "skip_kv: kv_bias must be [layers, 2*kv_size]");
-  TORCH_CHECK(slot_mapping.numel() == N && positions.numel() == N,
-              "skip_kv: slot_mapping and positions must have one entry per row of h");
-  TORCH_CHECK(!first_layer.has_value() || first_layer->numel() == N,
-              "skip_kv: first_layer must have one entry per row of h");
+  const SkipKvSizes sizes =
+      check_skip_kv_args(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq,
+                         k_cache, v_cache, slot_mapping, first_layer);
+  const int64_t N = sizes.N, hidden = sizes.hidden, nl = sizes.nl, num_slots = sizes.num_slots;
+  const int64_t kv_heads = sizes.kv_heads, d = sizes.d, kv_size = kv_heads * d;
   const bool rope = inv_freq.has_value();
-  TORCH_CHECK(!rope || (d % 2 == 0 && inv_freq->numel() == d / 2),
-              "skip_kv: inv_freq must have head_dim / 2 entries");
 
   const at::Tensor slots_t = index_tensor(slot_mapping, "slot_mapping");
   const int64_t* slots = slots_t.data_ptr<int64_t>();

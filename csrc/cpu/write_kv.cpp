@@ -4,6 +4,7 @@
 
 #include <cstring>
 
+#include "../op_checks.h"
 #include "../ops.h"
 #include "cpu_common.h"
 
@@ -11,24 +12,13 @@ namespace anee_fast::cpu {
 
 void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
               const at::Tensor& slot_mapping) {
-  TORCH_CHECK(k_cache.dim() == 3 && v_cache.dim() == 3,
-              "write_kv: caches must be [slots, kv_heads, head_dim]");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "write_kv: k_cache and v_cache shapes differ");
-  TORCH_CHECK(k.dim() == 3 && v.dim() == 3, "write_kv: k and v must be [N, kv_heads, head_dim]");
-  TORCH_CHECK(k.sizes().slice(1) == k_cache.sizes().slice(1) &&
-              v.sizes().slice(1) == v_cache.sizes().slice(1),
-              "write_kv: k/v rows do not match the cache's [kv_heads, head_dim]");
-  TORCH_CHECK(k.size(0) == slot_mapping.numel() && v.size(0) == slot_mapping.numel(),
-              "write_kv: k, v and slot_mapping must have the same number of rows");
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(),
-              "write_kv: k/v and the caches must have the same dtype");
   TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu() && k.device().is_cpu() &&
               v.device().is_cpu(), "write_kv: CPU implementation called with non-CPU tensors");
+  const WriteKvSizes sizes = check_write_kv_args(k, v, k_cache, v_cache, slot_mapping);
   const at::Tensor slots_t = index_tensor(slot_mapping, "slot_mapping");
   const int64_t* slots = slots_t.data_ptr<int64_t>();
-  const int64_t N = slots_t.numel();
-  check_slots(slots, N, k_cache.size(0));
-  check_slots(slots, N, v_cache.size(0));
+  const int64_t N = sizes.N, H = sizes.kv_heads, D = sizes.d;
+  check_slots(slots, N, sizes.num_slots);
   if (N == 0) return;
 
   const at::Tensor kc = k.contiguous(), vc = v.contiguous();
@@ -37,7 +27,6 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at:
     const CacheView<scalar_t> kv_views[2] = {CacheView<scalar_t>(k_cache),
                                              CacheView<scalar_t>(v_cache)};
     const scalar_t* srcs[2] = {kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>()};
-    const int64_t H = k_cache.size(1), D = k_cache.size(2);
     at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const int64_t slot = slots[n];

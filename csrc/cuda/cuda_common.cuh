@@ -1,0 +1,93 @@
+// Helpers shared by the CUDA implementations of the anee_fast ops (csrc/cuda/*.cu): input checks,
+// device-side index copies, and float32 warp/block reductions. Every kernel computes in float32
+// and stores in the tensors' own dtype (float, c10::Half or c10::BFloat16).
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace anee_fast::cuda {
+
+// Dispatches over the three float dtypes the ops accept (scalar_t inside the lambda).
+#define ANEE_FAST_DISPATCH_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+inline void check_cuda(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), ", expected ",
+              like.device(), " (all tensors of one call must be on the same CUDA device)");
+}
+
+// An int64 contiguous copy of an index tensor on the GPU (slot mappings, positions, block
+// tables, ...). The conversion runs on the device: no host synchronisation.
+inline at::Tensor index_tensor(const at::Tensor& t, const at::Tensor& like, const char* op,
+                               const char* name) {
+  check_cuda(t, like, op, name);
+  TORCH_CHECK(!at::isFloatingType(t.scalar_type()), op, ": ", name, " must be an integer tensor, got ",
+              t.scalar_type());
+  return t.to(at::kLong).contiguous();
+}
+
+// A float32 contiguous copy (norm weights, biases, inv_freq), on the device.
+inline at::Tensor float_tensor(const at::Tensor& t, const at::Tensor& like, const char* op,
+                               const char* name) {
+  check_cuda(t, like, op, name);
+  return t.to(at::kFloat).contiguous();
+}
+
+constexpr int kWarp = 32;
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum of v over the whole block, returned to every thread. `scratch` holds >= 32 floats; the
+// leading __syncthreads makes it safe to call again right after a previous call.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int warps = (blockDim.x + kWarp - 1) / kWarp;
+  __syncthreads();
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += scratch[w];
+  return total;
+}
+
+// Normalisation statistics of one row x[0..D) computed by the whole block (the same values in
+// every thread): mean (0 for RMSNorm) and 1 / sqrt(var + eps), LayerNorm with the centred
+// variance like torch.
+template <typename scalar_t>
+__device__ __forceinline__ void block_row_stats(const scalar_t* x, int64_t D, float eps, bool rms,
+                                                float* scratch, float* mean, float* rstd) {
+  if (rms) {
+    float s = 0.f;
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+      const float v = static_cast<float>(x[i]);
+      s += v * v;
+    }
+    *mean = 0.f;
+    *rstd = rsqrtf(block_sum(s, scratch) / static_cast<float>(D) + eps);
+  } else {
+    float s = 0.f;
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) s += static_cast<float>(x[i]);
+    const float mu = block_sum(s, scratch) / static_cast<float>(D);
+    float var = 0.f;
+    for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+      const float c = static_cast<float>(x[i]) - mu;
+      var += c * c;
+    }
+    *mean = mu;
+    *rstd = rsqrtf(block_sum(var, scratch) / static_cast<float>(D) + eps);
+  }
+}
+
+}  // namespace anee_fast::cuda

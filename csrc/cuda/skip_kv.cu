@@ -1,0 +1,167 @@
+// CUDA implementation of anee_fast::skip_kv, the SKIP path of `nl` consecutive layers that share
+// the residual h [N, hidden]: norm -> K|V projection -> RoPE on K -> cache write (see
+// reference_ops.skip_kv). Row n writes layers first_layer[n]..nl-1 at slot slot_mapping[n]; rows
+// with slot -1 write nothing at all.
+//
+// One block per (row, layer, K or V head): it normalises the row into shared memory, computes the
+// head's head_dim outputs (one warp per output column, float32 dot products), applies RoPE to K
+// heads and writes the cache slot. The per-row metadata (slot, first layer, position) is read on
+// the device, so a block whose row writes nothing for its layer simply returns: no host sync.
+// kv_weight may be a strided view (a slice of the stacked [L, 2kv+q, hidden] weights) and the
+// caches slices of the whole cache: writes land in the given tensors.
+
+#include "../op_checks.h"
+#include "../ops.h"
+#include "cuda_common.cuh"
+
+namespace anee_fast::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxSharedFloats = 48 * 1024 / sizeof(float);   // default dynamic shared limit
+
+struct Params {
+  int64_t hidden, kv_heads, d, num_slots;
+  int64_t w_layer, w_row;            // kv_weight strides (the hidden dim is contiguous)
+  int64_t k_s[4], v_s[4];            // cache strides: layer, slot, head, dim
+  float eps, rope_scale;
+  bool rms;
+};
+
+template <typename scalar_t>
+__global__ void skip_kv_kernel(const scalar_t* __restrict__ h, const float* __restrict__ norm_w,
+                               const float* __restrict__ norm_b, const scalar_t* __restrict__ kv_w,
+                               const scalar_t* __restrict__ kv_b, const int64_t* __restrict__ positions,
+                               const float* __restrict__ inv_freq, scalar_t* k_cache, scalar_t* v_cache,
+                               const int64_t* __restrict__ slots, const int64_t* __restrict__ first_layer,
+                               Params p) {
+  const int64_t n = blockIdx.x, j = blockIdx.y;
+  const bool is_v = blockIdx.z >= p.kv_heads;
+  const int64_t head = blockIdx.z % p.kv_heads;
+  const int64_t slot = slots[n];
+  CUDA_KERNEL_ASSERT(slot >= -1 && slot < p.num_slots);
+  // Whole-block decisions, taken before any barrier.
+  if (slot < 0 || slot >= p.num_slots) return;
+  if (first_layer != nullptr && j < first_layer[n]) return;
+
+  extern __shared__ float shared[];
+  float* xs = shared;                 // the normalised row [hidden]
+  float* ys = shared + p.hidden;      // the head's outputs [d]
+  __shared__ float scratch[kWarp];
+
+  // Norm with layer j's weights, rounded to the tensors' dtype as the reference's norm returns.
+  const scalar_t* hr = h + n * p.hidden;
+  float mean, rstd;
+  block_row_stats(hr, p.hidden, p.eps, p.rms, scratch, &mean, &rstd);
+  const float* wj = norm_w + j * p.hidden;
+  for (int64_t i = threadIdx.x; i < p.hidden; i += blockDim.x) {
+    float x = (static_cast<float>(hr[i]) - mean) * rstd * wj[i];
+    if (norm_b != nullptr) x += norm_b[j * p.hidden + i];
+    xs[i] = static_cast<float>(static_cast<scalar_t>(x));
+  }
+  __syncthreads();
+
+  // Projection: output column c of this head is row col0 + c of layer j's K|V weight.
+  const int64_t kv_size = p.kv_heads * p.d;
+  const int64_t col0 = (is_v ? kv_size : 0) + head * p.d;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  for (int64_t c = warp; c < p.d; c += warps) {
+    const scalar_t* wrow = kv_w + j * p.w_layer + (col0 + c) * p.w_row;
+    float s = 0.f;
+    for (int64_t i = lane; i < p.hidden; i += kWarp) s += xs[i] * static_cast<float>(wrow[i]);
+    s = warp_sum(s);
+    if (lane == 0) {
+      if (kv_b != nullptr) s += static_cast<float>(kv_b[j * 2 * kv_size + col0 + c]);
+      ys[c] = static_cast<float>(static_cast<scalar_t>(s));
+    }
+  }
+  __syncthreads();
+
+  // Cache write (RoPE on K heads, rotate-half layout).
+  const int64_t* st = is_v ? p.v_s : p.k_s;
+  scalar_t* dst = (is_v ? v_cache : k_cache) + j * st[0] + slot * st[1] + head * st[2];
+  if (!is_v && inv_freq != nullptr) {
+    const int64_t half = p.d / 2;
+    const float pos = static_cast<float>(positions[n]);
+    for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
+      const float angle = pos * inv_freq[i];
+      const float cs = cosf(angle) * p.rope_scale, sn = sinf(angle) * p.rope_scale;
+      const float a = ys[i], b = ys[i + half];
+      dst[i * st[3]] = static_cast<scalar_t>(a * cs - b * sn);
+      dst[(i + half) * st[3]] = static_cast<scalar_t>(b * cs + a * sn);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x) dst[i * st[3]] = static_cast<scalar_t>(ys[i]);
+  }
+}
+
+}  // namespace
+
+void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
+             const std::optional<at::Tensor>& norm_bias, const at::Tensor& kv_weight,
+             const std::optional<at::Tensor>& kv_bias, const at::Tensor& positions,
+             const std::optional<at::Tensor>& inv_freq, double rope_scale, at::Tensor& k_cache,
+             at::Tensor& v_cache, const at::Tensor& slot_mapping,
+             const std::optional<at::Tensor>& first_layer, double eps, bool rms) {
+  TORCH_CHECK(h.is_cuda(), "skip_kv: CUDA implementation called with a ", h.device(), " tensor h");
+  check_cuda(k_cache, h, "skip_kv", "k_cache");
+  check_cuda(v_cache, h, "skip_kv", "v_cache");
+  check_cuda(kv_weight, h, "skip_kv", "kv_weight");
+  const SkipKvSizes sizes =
+      check_skip_kv_args(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq,
+                         k_cache, v_cache, slot_mapping, first_layer);
+  const int64_t N = sizes.N, hidden = sizes.hidden, nl = sizes.nl;
+  const int64_t kv_heads = sizes.kv_heads, d = sizes.d, kv_size = kv_heads * d;
+  const bool rope = inv_freq.has_value();
+  TORCH_CHECK(hidden + d <= kMaxSharedFloats, "skip_kv: hidden + head_dim = ", hidden + d,
+              " floats exceed the kernel's shared memory (at most ", kMaxSharedFloats, ")");
+  TORCH_CHECK(N <= INT32_MAX && nl <= 65535 && 2 * kv_heads <= 65535,
+              "skip_kv: too many rows, layers or kv heads for one launch");
+  if (N == 0 || nl == 0 || kv_size == 0 || hidden == 0) return;
+
+  const c10::cuda::CUDAGuard guard(h.device());
+  const at::Tensor hc = h.contiguous();
+  const at::Tensor nw = float_tensor(norm_weight, h, "skip_kv", "norm_weight");
+  const at::Tensor nb = norm_bias.has_value() ? float_tensor(*norm_bias, h, "skip_kv", "norm_bias")
+                                              : at::Tensor();
+  const at::Tensor w = kv_weight.stride(2) == 1 ? kv_weight : kv_weight.contiguous();
+  const at::Tensor b = kv_bias.has_value() ? kv_bias->contiguous() : at::Tensor();
+  if (b.defined()) check_cuda(b, h, "skip_kv", "kv_bias");
+  const at::Tensor slots = index_tensor(slot_mapping, h, "skip_kv", "slot_mapping");
+  const at::Tensor pos = index_tensor(positions, h, "skip_kv", "positions");
+  const at::Tensor first = first_layer.has_value()
+                               ? index_tensor(*first_layer, h, "skip_kv", "first_layer")
+                               : at::Tensor();
+  const at::Tensor freq = rope ? float_tensor(*inv_freq, h, "skip_kv", "inv_freq") : at::Tensor();
+
+  Params p{};
+  p.hidden = hidden;
+  p.kv_heads = kv_heads;
+  p.d = d;
+  p.num_slots = sizes.num_slots;
+  p.w_layer = w.stride(0);
+  p.w_row = w.stride(1);
+  for (int i = 0; i < 4; ++i) {
+    p.k_s[i] = k_cache.stride(i);
+    p.v_s[i] = v_cache.stride(i);
+  }
+  p.eps = static_cast<float>(eps);
+  p.rope_scale = static_cast<float>(rope_scale);
+  p.rms = rms;
+
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(nl),
+                  static_cast<unsigned>(2 * kv_heads));
+  const size_t shared_bytes = sizeof(float) * (hidden + d);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  ANEE_FAST_DISPATCH_FLOATS(h.scalar_type(), "anee_fast_skip_kv_cuda", [&] {
+    skip_kv_kernel<scalar_t><<<grid, kThreads, shared_bytes, stream>>>(
+        hc.data_ptr<scalar_t>(), nw.data_ptr<float>(), nb.defined() ? nb.data_ptr<float>() : nullptr,
+        w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+        pos.data_ptr<int64_t>(), rope ? freq.data_ptr<float>() : nullptr,
+        k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(),
+        first.defined() ? first.data_ptr<int64_t>() : nullptr, p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace anee_fast::cuda

@@ -1,0 +1,116 @@
+// Argument checks of the anee_fast ops that do not depend on the device: shapes, dtypes and the
+// sizes the kernels need. Both implementations of an op (csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu)
+// call the same check here, so a bad call fails with the same message on every device; the
+// device checks (CPU vs CUDA, same device) stay in each implementation.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace anee_fast {
+
+// norm: returns D, the size of x's last dim (the normalised one).
+inline int64_t check_norm_args(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1, "norm: x must have at least one dimension");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(weight.numel() == D, "norm: weight has ", weight.numel(), " elements, expected ", D);
+  TORCH_CHECK(!bias.has_value() || bias->numel() == D, "norm: bias has ", bias->numel(),
+              " elements, expected ", D);
+  return D;
+}
+
+struct WriteKvSizes {
+  int64_t N, kv_heads, d, num_slots;
+};
+
+// write_kv: k/v [N, kv_heads, d] into caches [num_slots, kv_heads, d], all of one dtype.
+inline WriteKvSizes check_write_kv_args(const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                        const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.dim() == 3,
+              "write_kv: caches must be [slots, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "write_kv: k_cache and v_cache shapes differ");
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3, "write_kv: k and v must be [N, kv_heads, head_dim]");
+  TORCH_CHECK(k.sizes().slice(1) == k_cache.sizes().slice(1) &&
+              v.sizes().slice(1) == v_cache.sizes().slice(1),
+              "write_kv: k/v rows do not match the cache's [kv_heads, head_dim]");
+  TORCH_CHECK(k.size(0) == slot_mapping.numel() && v.size(0) == slot_mapping.numel(),
+              "write_kv: k, v and slot_mapping must have the same number of rows");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type() &&
+              k.scalar_type() == v.scalar_type(),
+              "write_kv: k, v and the caches must have the same dtype");
+  return {k.size(0), k_cache.size(1), k_cache.size(2), k_cache.size(0)};
+}
+
+struct SkipKvSizes {
+  int64_t N, hidden, nl, num_slots, kv_heads, d;
+};
+
+// skip_kv: h [N, hidden], caches [nl, num_slots, kv_heads, d], per-layer weights and biases
+// stacked along a leading [nl] dim; the caches, kv_weight and kv_bias in h's dtype.
+inline SkipKvSizes check_skip_kv_args(
+    const at::Tensor& h, const at::Tensor& norm_weight, const std::optional<at::Tensor>& norm_bias,
+    const at::Tensor& kv_weight, const std::optional<at::Tensor>& kv_bias,
+    const at::Tensor& positions, const std::optional<at::Tensor>& inv_freq,
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
+    const std::optional<at::Tensor>& first_layer) {
+  TORCH_CHECK(h.dim() == 2, "skip_kv: h must be [N, hidden]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "skip_kv: k_cache and v_cache must both be [layers, slots, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.scalar_type() == h.scalar_type() && v_cache.scalar_type() == h.scalar_type() &&
+              kv_weight.scalar_type() == h.scalar_type(),
+              "skip_kv: the caches and kv_weight must have h's dtype ", h.scalar_type());
+  const int64_t N = h.size(0), hidden = h.size(1);
+  const int64_t nl = k_cache.size(0), num_slots = k_cache.size(1);
+  const int64_t kv_heads = k_cache.size(2), d = k_cache.size(3), kv_size = kv_heads * d;
+  TORCH_CHECK(norm_weight.numel() == nl * hidden, "skip_kv: norm_weight must be [layers, hidden]");
+  TORCH_CHECK(!norm_bias.has_value() || norm_bias->numel() == nl * hidden,
+              "skip_kv: norm_bias must be [layers, hidden]");
+  TORCH_CHECK(kv_weight.dim() == 3 && kv_weight.size(0) == nl && kv_weight.size(1) == 2 * kv_size &&
+              kv_weight.size(2) == hidden, "skip_kv: kv_weight must be [layers, 2*kv_size, hidden]");
+  TORCH_CHECK(!kv_bias.has_value() || (kv_bias->dim() == 2 && kv_bias->size(0) == nl &&
+                                       kv_bias->size(1) == 2 * kv_size),
+              "skip_kv: kv_bias must be [layers, 2*kv_size]");
+  TORCH_CHECK(!kv_bias.has_value() || kv_bias->scalar_type() == h.scalar_type(),
+              "skip_kv: kv_bias must have h's dtype ", h.scalar_type());
+  TORCH_CHECK(slot_mapping.numel() == N && positions.numel() == N,
+              "skip_kv: slot_mapping and positions must have one entry per row of h");
+  TORCH_CHECK(!first_layer.has_value() || first_layer->numel() == N,
+              "skip_kv: first_layer must have one entry per row of h");
+  TORCH_CHECK(!inv_freq.has_value() || (d % 2 == 0 && inv_freq->numel() == d / 2),
+              "skip_kv: inv_freq must have head_dim / 2 entries");
+  return {N, hidden, nl, num_slots, kv_heads, d};
+}
+
+struct PagedAttentionSizes {
+  int64_t N, heads, d, num_slots, kv_heads;
+};
+
+// paged_attention: q [N, heads, d] over caches [num_slots, kv_heads, d] of q's dtype, with
+// heads a multiple of kv_heads (GQA) and one seq_idx / position per row of q.
+inline PagedAttentionSizes check_paged_attention_args(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_idx, const at::Tensor& positions,
+    int64_t block_size) {
+  TORCH_CHECK(q.dim() == 3, "paged_attention: q must be [N, heads, head_dim]");
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
+              "paged_attention: k_cache and v_cache must both be [slots, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "paged_attention: q and the caches must have the same dtype");
+  TORCH_CHECK(block_tables.dim() == 2, "paged_attention: block_tables must be [seqs, max_blocks]");
+  TORCH_CHECK(block_size > 0, "paged_attention: block_size must be positive, got ", block_size);
+  const int64_t N = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t num_slots = k_cache.size(0), kv_heads = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(2) == d, "paged_attention: q and cache head_dim differ");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0,
+              "paged_attention: heads must be a multiple of kv_heads");
+  TORCH_CHECK(seq_idx.numel() == N && positions.numel() == N,
+              "paged_attention: seq_idx and positions must have one entry per row of q");
+  return {N, heads, d, num_slots, kv_heads};
+}
+
+}  // namespace anee_fast

@@ -1,0 +1,217 @@
+"""Load benchmark of the OpenAI-compatible server: requests/s, output tokens/s, time to first
+token and inter-token latency percentiles at several concurrencies, with a mix of energy
+budgets and the compute saving that mix measured. Prints a table and writes JSON and a PNG.
+
+    python python/bench_serving.py --concurrency 1,4,16,64 --budgets 1.0,0.75,0.5 --max-tokens 16
+
+Without --url the server runs in this process (a background thread) on the model given by
+--model (default: the embedded SmolLM2-135M-Instruct); with --url it drives a running server.
+Each concurrency level sends --num-requests requests (default max(4, 2 x concurrency)) from
+that many concurrent streaming clients; requests take the budgets round-robin and generate
+exactly --max-tokens tokens (ignore_eos), so levels are comparable. TTFT is measured by the
+client from sending the request to the first streamed token; inter-token latency is the gap
+between a request's consecutive streamed tokens.
+"""
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+
+import httpx
+
+PROMPTS = [
+    "Explain in two sentences why the sky is blue.",
+    "Write a short poem about the sea.",
+    "What are the three primary colors?",
+    "Give me a recipe for pancakes.",
+    "Summarise the plot of Romeo and Juliet.",
+    "Why do cats purr?",
+    "List four planets of the solar system.",
+    "How does a bicycle stay upright?",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default=None, help="base URL of a running server (default: start one "
+                                                "in this process)")
+    p.add_argument("--model", default=None, help="model for the in-process server (default: the "
+                                                 "embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--api-key", default=None, help="API key of the server, if it needs one")
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
+    p.add_argument("--num-requests", type=int, default=None,
+                   help="requests per level (default max(4, 2 x concurrency))")
+    p.add_argument("--budgets", default="1.0,0.75,0.5", help="energy budgets, taken round-robin")
+    p.add_argument("--controller", default="budget", help="controller of every request")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
+    p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
+    p.add_argument("--json", default="out/bench_serving.json", help="results file")
+    p.add_argument("--plot", default="out/bench_serving.png", help="plot file")
+    args = p.parse_args(argv)
+    try:
+        args.concurrency = [int(c) for c in args.concurrency.split(",")]
+        args.budgets = [float(b) for b in args.budgets.split(",")]
+    except ValueError as e:
+        p.error(f"--concurrency and --budgets are comma-separated numbers: {e}")
+    if not args.concurrency or min(args.concurrency) < 1:
+        p.error("--concurrency levels must be >= 1")
+    if any(not 0 <= b <= 1 for b in args.budgets):
+        p.error("--budgets must be in [0, 1]")
+    if args.max_tokens < 1 or (args.num_requests is not None and args.num_requests < 1):
+        p.error("--max-tokens and --num-requests must be >= 1")
+    return args
+
+
+def percentile(values, q):
+    """Nearest-rank percentile (None for no values)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def one_request(client, args, model, index):
+    """Streams one request; returns its timings, token count and the server's `anee` stats."""
+    budget = args.budgets[index % len(args.budgets)]
+    prompt = PROMPTS[index % len(PROMPTS)]
+    body = {"model": model, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "energy_budget": budget, "controller": args.controller}
+    if args.chat:
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
+    else:
+        path, body["prompt"] = "/v1/completions", prompt
+    start = time.perf_counter()
+    token_times, anee = [], None
+    async with client.stream("POST", path, json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{path} answered {response.status_code}: {await response.aread()}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:
+                raise RuntimeError(f"the server failed a request: {chunk['error']['message']}")
+            for choice in chunk["choices"]:
+                token_times += [time.perf_counter()] * len(choice.get("token_ids", []))
+            anee = chunk.get("anee", anee)
+    return {"budget": budget, "start": start, "token_times": token_times, "anee": anee}
+
+
+async def run_level(url, headers, args, model, concurrency, progress):
+    n = args.num_requests or max(4, 2 * concurrency)
+    pending = asyncio.Queue()
+    for i in range(n):
+        pending.put_nowait(i)
+    results = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600,
+                                 limits=limits) as client:
+        async def worker():
+            while not pending.empty():
+                i = pending.get_nowait()
+                results.append(await one_request(client, args, model, i))
+                progress.update(1)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return summarise(results, concurrency, seconds)
+
+
+def summarise(results, concurrency, seconds):
+    ttft = [r["token_times"][0] - r["start"] for r in results if r["token_times"]]
+    itl = [b - a for r in results for a, b in zip(r["token_times"], r["token_times"][1:])]
+    tokens = sum(len(r["token_times"]) for r in results)
+    # The mix's compute: every request's mean compute per token, weighted by its tokens run.
+    runs = [(r["anee"]["compute"], r["anee"]["tokens_run"]) for r in results]
+    compute = sum(c * n for c, n in runs) / sum(n for _, n in runs)
+    by_budget = {}
+    for r in results:
+        by_budget.setdefault(r["budget"], []).append(r["anee"]["compute"])
+    row = {"concurrency": concurrency, "requests": len(results), "seconds": seconds,
+           "requests_per_s": len(results) / seconds, "output_tokens_per_s": tokens / seconds,
+           "compute": compute, "compute_saved": 1.0 - compute,
+           "compute_by_budget": {str(b): sum(v) / len(v) for b, v in sorted(by_budget.items())}}
+    for name, values in (("ttft", ttft), ("itl", itl)):
+        for q in (50, 90, 99):
+            row[f"{name}_p{q}_ms"] = 1000 * percentile(values, q / 100)
+    return row
+
+
+def table(rows) -> str:
+    head = (f"{'conc':>4} {'reqs':>4} {'req/s':>6} {'tok/s':>7} {'TTFT p50':>9} {'p90':>7} "
+            f"{'p99':>7} {'ITL p50':>8} {'p90':>7} {'p99':>7} {'saved':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['concurrency']:>4} {r['requests']:>4} {r['requests_per_s']:>6.2f} "
+                     f"{r['output_tokens_per_s']:>7.1f} {r['ttft_p50_ms']:>9.0f} "
+                     f"{r['ttft_p90_ms']:>7.0f} {r['ttft_p99_ms']:>7.0f} {r['itl_p50_ms']:>8.0f} "
+                     f"{r['itl_p90_ms']:>7.0f} {r['itl_p99_ms']:>7.0f} {r['compute_saved']:>6.1%}")
+    return "\n".join(lines) + "\n(times in ms; saved = compute saved by the budget mix)"
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+    conc = [r["concurrency"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(conc, [r["output_tokens_per_s"] for r in rows], "o-")
+    ax1.set(xscale="log", xlabel="concurrent clients", ylabel="output tokens/s",
+            title="throughput")
+    ax1.set_xticks(conc, [str(c) for c in conc])
+    ax1.minorticks_off()
+    for name in ("ttft", "itl"):
+        for q, style in ((50, "o-"), (99, "s--")):
+            ax2.plot(conc, [r[f"{name}_p{q}_ms"] for r in rows], style,
+                     label=f"{name.upper()} p{q}")
+    ax2.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms",
+            title="latency")
+    ax2.set_xticks(conc, [str(c) for c in conc])
+    ax2.xaxis.set_minor_locator(NullLocator())
+    ax2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from tqdm import tqdm
+    args = parse_args(argv)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    with contextlib.ExitStack() as stack:
+        if args.url is None:
+            from anee_fast import LLM
+            from anee_fast.server import ServerThread
+            llm = LLM(args.model, max_num_seqs=max(64, max(args.concurrency)))
+            url = stack.enter_context(ServerThread(llm, api_key=args.api_key)).url
+        else:
+            url = args.url.rstrip("/")
+        model = httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
+        total = sum(args.num_requests or max(4, 2 * c) for c in args.concurrency)
+        rows = []
+        with tqdm(total=total, desc="requests", unit="req") as progress:
+            for c in args.concurrency:
+                rows.append(asyncio.run(run_level(url, headers, args, model, c, progress)))
+    print(f"model {model}, budgets {args.budgets} round-robin, controller {args.controller}, "
+          f"{args.max_tokens} tokens per request")
+    print(table(rows))
+    for path in (args.json, args.plot):
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"model": model, "budgets": args.budgets, "controller": args.controller,
+                   "max_tokens": args.max_tokens, "chat": args.chat, "argv": sys.argv[1:],
+                   "rows": rows}, f, indent=1)
+    plot(rows, args.plot, f"{model}: budgets {args.budgets}, {args.max_tokens} tokens/request")
+    print(f"wrote {args.json} and {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
