@@ -23,6 +23,65 @@ class _Error(ValueError):
     """A bad command-line value, reported like a library error."""
 
 
+# ---- options and checks every subcommand shares ------------------------------------------------
+
+def _add_model_options(p, runtime: bool = True):
+    """--model and --min-layers; with runtime, also --backend, --device and --dtype."""
+    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                   help="local model directory, .gguf file or hub id (default: the embedded "
+                        "SmolLM2-135M-Instruct)")
+    p.add_argument("--min-layers", type=int, default=2,
+                   help="first layers every token always processes (default 2)")
+    if runtime:
+        p.add_argument("--backend", default="auto",
+                       help="reference | triton | native | auto (default)")
+        p.add_argument("--device", default=None,
+                       help="torch device, e.g. cpu or cuda (default: cuda when available)")
+        p.add_argument("--dtype", default=None, choices=DTYPES,
+                       help="weight dtype (default: bfloat16 on GPU, float32 on CPU)")
+
+
+def _checked_model(args):
+    """The --model path (None: the embedded model), checked with --min-layers (and --device)
+    before anything slow is loaded."""
+    from .model_loader import ModelLoadError, check_local_path, default_device
+    if args.min_layers < 0:
+        raise _Error(f"--min-layers must be >= 0, got {args.min_layers}")
+    if getattr(args, "device", None) is not None:
+        try:
+            default_device(args.device)
+        except ValueError as e:
+            raise _Error(f"--device: {e}") from None
+    try:
+        return None if args.model is None else check_local_path(args.model)
+    except ModelLoadError as e:
+        raise _Error(f"--model: {e}") from None
+
+
+def _checked_budget(value, flag="--budget") -> float:
+    from .engine import check_budget
+    try:
+        return check_budget(value)
+    except ValueError as e:
+        raise _Error(f"{flag}: {e}") from None
+
+
+def _checked_controller(value):
+    from .controllers import make_controller
+    try:
+        return make_controller(value)
+    except (ValueError, OSError) as e:
+        raise _Error(f"--controller: {e}") from None
+
+
+def _load_llm(args, model, **engine_options):
+    """The LLM of the model options, quietly (loading bars would bury errors and summaries)."""
+    from .llm import LLM
+    runtime = {k: getattr(args, k) for k in ("backend", "device", "dtype") if hasattr(args, k)}
+    with _no_progress_bars():
+        return LLM(model, min_layers=args.min_layers, **runtime, **engine_options)
+
+
 # ---- generate ------------------------------------------------------------------------------------
 
 def _add_generate(subparsers):
@@ -32,9 +91,7 @@ def _add_generate(subparsers):
                     "layer to PROCESS, SKIP or EXIT within an energy budget, and report the compute "
                     "spent.")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                   help="local model directory, .gguf file or hub id (default: the embedded "
-                        "SmolLM2-135M-Instruct)")
+    _add_model_options(p)
     p.add_argument("--budget", type=float, default=0.5,
                    help="energy budget: fraction of a full forward one token may spend, in [0, 1] "
                         "(default 0.5)")
@@ -42,8 +99,6 @@ def _add_generate(subparsers):
     p.add_argument("--controller", default="budget", metavar="budget|heuristic|PATH",
                    help="depth controller: 'budget', 'heuristic' or the path of a trained "
                         "(ANEE 0.4 format) controller file (default budget)")
-    p.add_argument("--min-layers", type=int, default=2,
-                   help="first layers every token always processes (default 2)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
@@ -52,11 +107,6 @@ def _add_generate(subparsers):
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the tokenizer's chat template (default: on when the "
                         "tokenizer has one)")
-    p.add_argument("--backend", default="auto", help="reference | triton | native | auto (default)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda "
-                                                  "when available)")
-    p.add_argument("--dtype", default=None, choices=DTYPES,
-                   help="weight dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--heatmap", metavar="OUT.png", help="write the token x layer execution heatmap")
     p.add_argument("--compute-plot", metavar="OUT.png", help="write the per-token compute plot")
     p.add_argument("--depth-plot", metavar="OUT.png", help="write the per-layer depth profile")
@@ -67,38 +117,17 @@ def _add_generate(subparsers):
 
 def _cmd_generate(args) -> int:
     # Check everything cheap before loading a model (loading can take a while).
-    from .controllers import make_controller
     from .depth_policy import budget_floor
-    from .engine import check_budget
-    from .model_loader import ModelLoadError, check_local_path, default_device
     from .sampling import SamplingParams
-    try:
-        budget = check_budget(args.budget)
-    except ValueError as e:
-        raise _Error(f"--budget: {e}") from None
-    if args.min_layers < 0:
-        raise _Error(f"--min-layers must be >= 0, got {args.min_layers}")
+    budget = _checked_budget(args.budget)
     if not args.prompt:
         raise _Error("the prompt is empty")
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
-    try:
-        controller = make_controller(args.controller)
-    except (ValueError, OSError) as e:
-        raise _Error(f"--controller: {e}") from None
-    try:
-        model = None if args.model is None else check_local_path(args.model)
-    except ModelLoadError as e:
-        raise _Error(f"--model: {e}") from None
-    try:
-        default_device(args.device)
-    except ValueError as e:
-        raise _Error(f"--device: {e}") from None
+    controller = _checked_controller(args.controller)
+    model = _checked_model(args)
 
-    from .llm import LLM
-    with _no_progress_bars():
-        llm = LLM(model, backend=args.backend, device=args.device, dtype=args.dtype,
-                  min_layers=args.min_layers)
+    llm = _load_llm(args, model)
     tokenizer = llm.tokenizer
     if tokenizer is None:
         raise _Error(f"the model {llm.name!r} comes without a tokenizer: save one next to it")
@@ -227,9 +256,7 @@ def _add_serve(subparsers):
         description="Serve /v1/completions, /v1/chat/completions (streaming with server-sent "
                     "events), /v1/models, /health and /metrics. Requests may set energy_budget "
                     "and controller as extra fields.")
-    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                   help="local model directory, .gguf file or hub id (default: the embedded "
-                        "SmolLM2-135M-Instruct)")
+    _add_model_options(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -247,43 +274,22 @@ def _add_serve(subparsers):
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: 8192 "
                                                                    "tokens' worth)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences per step (default 64)")
-    p.add_argument("--min-layers", type=int, default=2,
-                   help="first layers every token always processes (default 2)")
-    p.add_argument("--backend", default="auto", help="reference | triton | native | auto (default)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="weight dtype")
     p.set_defaults(func=_cmd_serve)
 
 
 def _cmd_serve(args) -> int:
-    from .controllers import make_controller
-    from .engine import check_budget
-    from .model_loader import ModelLoadError, check_local_path
-    try:
-        budget = check_budget(args.budget)
-    except ValueError as e:
-        raise _Error(f"--budget: {e}") from None
-    try:
-        controller = make_controller(args.controller)
-    except (ValueError, OSError) as e:
-        raise _Error(f"--controller: {e}") from None
+    budget = _checked_budget(args.budget)
+    controller = _checked_controller(args.controller)
     if not 0 <= args.port <= 65535:
         raise _Error(f"--port must be in [0, 65535], got {args.port}")
     if args.max_body_bytes < 1:
         raise _Error(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     if args.api_key is not None and not args.api_key:
         raise _Error("--api-key is empty")
-    try:
-        model = None if args.model is None else check_local_path(args.model)
-    except ModelLoadError as e:
-        raise _Error(f"--model: {e}") from None
+    model = _checked_model(args)
 
-    from .llm import LLM
     from .server import serve
-    with _no_progress_bars():
-        llm = LLM(model, backend=args.backend, device=args.device, dtype=args.dtype,
-                  num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs,
-                  min_layers=args.min_layers)
+    llm = _load_llm(args, model, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs)
     serve(llm, host=args.host, port=args.port, api_key=args.api_key,
           model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
           energy_budget=budget, controller=controller)
@@ -306,9 +312,7 @@ def _add_eval(subparsers):
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the records as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png",
                    help="write KL and top-1 agreement against realised compute")
-    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                   help="local model directory, .gguf file or hub id (default: the embedded "
-                        "SmolLM2-135M-Instruct)")
+    _add_model_options(p)
     p.add_argument("--controllers", default=None, metavar="LIST",
                    help="comma-separated: budget, heuristic, random, static, router, "
                         "anee-untrained, learned, a controller file, or NAME=PATH (default: the "
@@ -322,18 +326,12 @@ def _add_eval(subparsers):
     p.add_argument("--search-width", type=int, default=4,
                    help="layers tried per greedy step after the first (default 4)")
     p.add_argument("--router-k", type=int, default=4, help="router categories (default 4)")
-    p.add_argument("--min-layers", type=int, default=2,
-                   help="first layers every token always processes (default 2)")
-    p.add_argument("--backend", default="auto", help="reference | triton | native | auto (default)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda")
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="weight dtype")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
     from .corpus import corpus_text
-    from .model_loader import ModelLoadError, check_local_path
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError:
@@ -352,16 +350,10 @@ def _cmd_eval(args) -> int:
         controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
         if not controllers:
             raise _Error("--controllers is empty")
-    try:
-        model = None if args.model is None else check_local_path(args.model)
-    except ModelLoadError as e:
-        raise _Error(f"--model: {e}") from None
+    model = _checked_model(args)
 
     from .evaluation import run_eval
-    from .llm import LLM
-    with _no_progress_bars():
-        llm = LLM(model, backend=args.backend, device=args.device, dtype=args.dtype,
-                  min_layers=args.min_layers)
+    llm = _load_llm(args, model)
     run_eval(llm, budgets=budgets, text_path=args.text, controllers=controllers,
              windows=args.windows, seq_len=args.seq_len, json_path=args.json, plot_path=args.plot,
              progress=not args.no_progress, search_windows=args.search_windows,
@@ -405,10 +397,7 @@ def _add_train_controller(subparsers):
                     "controller=OUT_DIR), checkpoints, training_log.json and training_curve.png.")
     p.add_argument("out_dir", help="output directory (checkpoints and the trained controller)")
     p.add_argument("--resume", action="store_true", help="continue the run found in OUT_DIR")
-    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                   help="model to train for (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--min-layers", type=int, default=2,
-                   help="first layers every token always processes (default 2)")
+    _add_model_options(p, runtime=False)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     for flag, kind, text in _TRAIN_OPTIONS:
         p.add_argument(f"--{flag}", type=kind, default=None, help=text)
@@ -417,25 +406,17 @@ def _add_train_controller(subparsers):
 
 def _cmd_train_controller(args) -> int:
     from .controller_training import TrainConfig, train_controller
-    from .model_loader import ModelLoadError, check_local_path
     given = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in _TRAIN_OPTIONS}
     config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
     try:
         config.validate()
     except ValueError as e:
         raise _Error(str(e)) from None
-    if args.min_layers < 0:
-        raise _Error(f"--min-layers must be >= 0, got {args.min_layers}")
-    try:
-        model = None if args.model is None else check_local_path(args.model)
-    except ModelLoadError as e:
-        raise _Error(f"--model: {e}") from None
+    model = _checked_model(args)
     if args.threads is not None:
         import torch
         torch.set_num_threads(args.threads)
-    from .llm import LLM
-    with _no_progress_bars():
-        llm = LLM(model, min_layers=args.min_layers)
+    llm = _load_llm(args, model)
     start = time.perf_counter()
     log = train_controller(llm, args.out_dir, config, resume=args.resume)
     print(f"trained in {time.perf_counter() - start:.0f} s this run (stages: "
