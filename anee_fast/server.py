@@ -160,7 +160,6 @@ class _Service:
         self.created = int(time.time())
         self.metrics = ServingMetrics()
         self.engine = AsyncEngine(llm.engine, self.metrics)
-        self._named_controllers = {}
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created,
@@ -235,17 +234,15 @@ class _Service:
             raise APIError(400, str(e)) from None
 
     def _controller(self, controller):
-        """A request's controller: a name (one shared instance per name, so the requests that
-        name it share its work in a step) or a per-layer action list; never a file."""
+        """A request's controller: a name (make_controller shares one instance per name, so the
+        requests that name it share its work in a step) or a per-layer action list; never a file."""
         if not isinstance(controller, str):
             return make_controller(controller)
         if not _CONTROLLER_NAME.fullmatch(controller) or os.path.exists(controller):
             raise ValueError(f"controller {controller!r}: a request may give a controller name "
                              "or a per-layer action list; controller files are chosen with "
                              "`anee-fast serve --controller PATH`")
-        if controller not in self._named_controllers:
-            self._named_controllers[controller] = make_controller(controller)
-        return self._named_controllers[controller]
+        return make_controller(controller)
 
     async def respond(self, request, req, ids, chat: bool):
         seq = self.new_sequence(req, ids, chat)

@@ -1,11 +1,13 @@
 """Controllers' proposals on hand-made layer contexts, next to what each rule says."""
+import os
+
 import torch
 import torch.nn.functional as F
 from conftest import build_model
 
-from anee_fast import EXIT, PROCESS, SKIP, LLM
+from anee_fast import EXIT, PROCESS, SKIP, LLM, SamplingParams
 from anee_fast.controllers import (BudgetController, HeuristicController, LayerContext,
-                                   StaticController, make_controller)
+                                   LearnedController, StaticController, make_controller)
 
 
 def context(h, h_prev, budget_left=1.0, layer=3, readout=None):
@@ -73,3 +75,18 @@ def test_confidence_heuristic_runs_in_the_engine():
     _, always = llm.score(ids, controller=HeuristicController(confidence=0.0), return_trace=True)
     assert (never.actions == PROCESS).all()
     assert (always.actions[:, 1:] == EXIT).all() and (always.actions[:, 0] == PROCESS).all()
+
+
+def test_requests_naming_a_controller_share_one_instance(tmp_path):
+    """So a batch of requests naming one controller runs it once per layer, not once per request."""
+    assert make_controller("heuristic") is make_controller("heuristic")
+    llm = LLM(build_model("llama_gqa"), min_layers=1)
+    seqs = [llm.engine.new_sequence([5, 6, 7], SamplingParams(max_tokens=1), 0.5, "budget")
+            for _ in range(3)]
+    assert len({id(s.controller) for s in seqs}) == 1
+    path = tmp_path / "anee.pt"
+    torch.save({f"net.{k}": v for k, v in LearnedController().net.state_dict().items()}, path)
+    first = make_controller(str(path))
+    assert make_controller(str(path)) is first
+    os.utime(path, ns=(0, 1))                   # a changed file is read again
+    assert make_controller(str(path)) is not first
