@@ -373,6 +373,8 @@ _TRAIN_OPTIONS = (   # (flag, type, help); unset ones keep TrainConfig's default
     ("order-stop-budget", float, "budget down to which the greedy ablation runs (default 0.2)"),
     ("max-swaps", int, "oracle: per-token swaps against the base static set (default 1)"),
     ("margin", float, "oracle: sensitivity ratio a swap needs (default 2)"),
+    ("fallback-margin", float, "saved controller follows the oracle's base static set unless "
+                               "|logit| > this (default: never)"),
     ("teacher", str, "warm-start labels: oracle or heuristic (default oracle)"),
     ("warm-epochs", int, "supervised warm-start epochs (default 6)"),
     ("warm-lr", float, "warm-start learning rate (default 3e-3)"),

@@ -11,6 +11,9 @@
    the recorded states; decisions the depth policy overrode carry no gradient.
 4. Selection: REINFORCE's net is kept only if its mean KL on a few training windows at the
    acceptance budgets (0.75, 0.5) is lower than the warm start's; short runs can make it worse.
+5. Optional static fallback (`fallback_margin`): the saved controller follows the oracle's base
+   static set wherever its |logit| is at most the margin (trained_controller). Training is the
+   same with or without it.
 
 Every stage checkpoints into the output directory; `resume=True` continues from what is there.
 The per-step randomness is derived from (seed, step), so a resumed run draws what an unbroken
@@ -48,6 +51,8 @@ class TrainConfig:
     order_stop_budget: float = 0.2    # the greedy ablation runs down to this budget
     max_swaps: int = 1                # oracle: per-token swaps against the base static set
     margin: float = 2.0               # oracle: a swap needs this sensitivity ratio
+    fallback_margin: Optional[float] = None  # saved controller: follow the base static set
+                                      # unless |logit| > this (None = never)
     teacher: str = "oracle"           # warm-start labels: oracle | heuristic
     warm_epochs: int = 6
     warm_lr: float = 3e-3
@@ -83,6 +88,8 @@ class TrainConfig:
         for name in ("savings_weight", "overspend_penalty", "margin"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.fallback_margin is not None and not self.fallback_margin >= 0:
+            raise ValueError(f"fallback_margin must be >= 0 or None, got {self.fallback_margin!r}")
 
 
 def evenly_spaced(items, count: int) -> list:
@@ -307,7 +314,7 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
     else:
         warm_log = warm_start(controller, traces, config.teacher, config.warm_epochs, config.warm_lr,
                               config.seed, progress)
-        warm = {"net": controller.net.state_dict(), "log": warm_log,
+        warm = {"net": {k: v.clone() for k, v in controller.net.state_dict().items()}, "log": warm_log,
                 "elapsed_s": time.perf_counter() - start}
         _save(warm, warm_path)
     controller.net.eval()
@@ -350,6 +357,9 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
                                       evenly_spaced(train, config.rl_windows)[::4], progress)
     timings["selection"] = time.perf_counter() - start
     timings["total"] = sum(timings.values())
+    if config.fallback_margin is not None:
+        controller.config["static_fallback"] = {"order": [int(x) for x in traces["order"]],
+                                                "margin": config.fallback_margin}
 
     # 5. held-out check and the saved controller
     if config.eval_windows:

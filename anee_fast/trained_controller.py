@@ -7,6 +7,11 @@ token can still pay for every remaining layer: at budget 1 nothing is skipped.
 
 On disk: `<stem>.safetensors` (weights) + `<stem>.json` (format, features, model shape, how it was
 trained); a directory holds `controller.safetensors` + `controller.json`.
+
+Optional static fallback (config key "static_fallback": {"order", "margin"}): the net's proposal
+is kept only where |logit| > margin; elsewhere the token follows the base static set of its budget
+(the first layers of `order` SKIPped, as many as the budget needs). The student then departs from
+the static set only where it is sure.
 """
 import json
 import os
@@ -39,6 +44,17 @@ def affordable_fraction(budget_left, layer: int, num_layers: int, skip_cost: flo
     remaining = num_layers - layer
     extra = budget_left * num_layers - remaining * skip_cost
     return extra / (remaining * (1.0 - skip_cost))
+
+
+def static_fallback_process(order, ctx):
+    """[N] bool: whether the static set that SKIPs `order`'s first layers (as many as each token's
+    budget needs) PROCESSes ctx.layer. `order` lists the decidable layers; others always run."""
+    if ctx.layer not in order:
+        return torch.ones(ctx.budget.shape, dtype=torch.bool, device=ctx.budget.device)
+    L, D = ctx.num_layers, len(order)
+    limit = ctx.budget.float() * L - (L - D) - D * ctx.skip_cost
+    processable = torch.floor(limit / (1.0 - ctx.skip_cost) + _EPS).clamp(0, D)
+    return order.index(ctx.layer) >= D - processable
 
 
 def controller_features(ctx):
@@ -91,7 +107,8 @@ class BudgetConditionedController(Controller):
 
     `recorder`, when a list, receives (layer, scalars, normed, process, decided) per call as
     tensors: the rollout runs under inference mode, so training recomputes log-probs from these.
-    `decided` is False where the budget rule, not the net, chose PROCESS.
+    `decided` is False where the budget rule, not the net, chose PROCESS. The static fallback
+    (module docstring) applies to greedy proposals only, never to sampled ones.
     """
     name = "learned"
 
@@ -131,6 +148,10 @@ class BudgetConditionedController(Controller):
             process = u < torch.sigmoid(logit)
         else:
             process = logit > 0
+            fallback = self.config.get("static_fallback")
+            if fallback is not None:
+                base = static_fallback_process(fallback["order"], ctx)
+                process = torch.where(logit.abs() > fallback["margin"], process, base)
         free = scalars[:, FEATURES.index("affordable")] >= 1.0 - _EPS
         leave = ctx.budget_left < self.exit_threshold
         process = (process | free) & ~leave
@@ -177,6 +198,7 @@ class BudgetConditionedController(Controller):
             if not isinstance(config.get(key), int) or config[key] < 1:
                 raise ValueError(f"{json_path}: {key} must be a positive integer, got "
                                  f"{config.get(key)!r}")
+        _check_fallback(config.get("static_fallback"), config["num_layers"], json_path)
         config.setdefault("model", "an unnamed model")
         try:
             state = load_file(str(weights_path))
@@ -191,6 +213,19 @@ class BudgetConditionedController(Controller):
                              f"expected {expected}, got {got}")
         net.load_state_dict(state)
         return cls(net, config, exit_threshold=exit_threshold)
+
+
+def _check_fallback(fallback, num_layers: int, json_path):
+    if fallback is None:
+        return
+    order = fallback.get("order") if isinstance(fallback, dict) else None
+    margin = fallback.get("margin") if isinstance(fallback, dict) else None
+    if (not isinstance(order, list) or not all(isinstance(x, int) and 0 <= x < num_layers for x in order)
+            or len(set(order)) != len(order)):
+        raise ValueError(f"{json_path}: static_fallback.order must list distinct layer indices in "
+                         f"[0, {num_layers}), got {order!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+        raise ValueError(f"{json_path}: static_fallback.margin must be a number >= 0, got {margin!r}")
 
 
 def _file_pair(path, create: bool):

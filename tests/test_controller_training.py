@@ -80,14 +80,19 @@ def test_a_tiny_training_run_learns_checkpoints_and_resumes(tmp_path):
 
     with pytest.raises(ValueError, match="resume"):
         train_controller(llm, out, tiny_config(), progress=False, windows=windows)
-    second = train_controller(llm, out, tiny_config(rl_steps=2), resume=True, progress=False,
-                              windows=windows)
+    # a resumed run (warm start read back from disk) selects as the fresh run did
+    again = train_controller(llm, out, tiny_config(), resume=True, progress=False, windows=windows)
+    assert again["selection"] == first["selection"]
+    second = train_controller(llm, out, tiny_config(rl_steps=2, fallback_margin=0.5), resume=True,
+                              progress=False, windows=windows)
     assert second["reinforce"][0] == first["reinforce"][0]     # resumed, not restarted
     assert [e["step"] for e in second["reinforce"]] == [1, 2]
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
 
     config = json.loads((out / "controller.json").read_text())
     assert config["training"]["recipe"]["rl_steps"] == 2
+    order = torch.load(out / "traces.pt", weights_only=False)["order"]
+    assert config["static_fallback"] == {"order": order, "margin": 0.5}
     selection = config["training"]["selection"]
     assert selection["mean_kl"][selection["kept"]] == min(selection["mean_kl"].values())
     assert all(row["within_budget"] for row in config["training"]["heldout"])
@@ -105,6 +110,8 @@ def test_bad_training_settings_are_rejected():
         TrainConfig(rl_batch=0).validate()
     with pytest.raises(ValueError, match="order_stop_budget"):
         TrainConfig(order_stop_budget=1.5).validate()
+    with pytest.raises(ValueError, match="fallback_margin"):
+        TrainConfig(fallback_margin=-1.0).validate()
 
 
 def test_the_command_line_trains_and_rejects_bad_settings(tmp_path, capsys):

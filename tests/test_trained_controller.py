@@ -7,7 +7,8 @@ from conftest import build_model
 
 from anee_fast import LLM, PROCESS, SKIP
 from anee_fast.anee_compat import ANEEConfig, ANEEWrapper
-from anee_fast.controllers import LayerContext, LearnedController, make_controller
+from anee_fast.controller_traces import processable_layers
+from anee_fast.controllers import LayerContext, LearnedController, StaticController, make_controller
 from anee_fast.depth_policy import budget_floor
 from anee_fast.trained_controller import (BudgetConditionedController, affordable_fraction,
                                           shipped_controller_path)
@@ -77,6 +78,12 @@ def test_bad_files_fail_with_clear_errors(tmp_path):
     write(features=["log_norm"])
     with pytest.raises(ValueError, match="features"):
         BudgetConditionedController.load(json_path)
+    write(static_fallback={"order": [1, 1], "margin": 2.0})
+    with pytest.raises(ValueError, match="static_fallback.order"):
+        BudgetConditionedController.load(json_path)
+    write(static_fallback={"order": [1, 2], "margin": -1})
+    with pytest.raises(ValueError, match="static_fallback.margin"):
+        BudgetConditionedController.load(json_path)
     write(width=17)
     with pytest.raises(ValueError, match="do not match"):
         BudgetConditionedController.load(json_path)
@@ -106,6 +113,34 @@ def test_runs_in_the_engine_within_budget_and_names_the_model_on_a_shape_mismatc
     other = LLM(build_model("llama_gqa", num_layers=3), min_layers=1)
     with pytest.raises(ValueError, match="trained for tiny llama_gqa"):
         other.score(ids, energy_budget=0.5, controller=str(path))
+
+
+def test_the_static_fallback_follows_the_base_set_unless_the_net_is_sure(tmp_path):
+    llm = LLM(build_model("llama_gqa", num_layers=L), min_layers=1)
+    runner = llm.engine.runner
+    order = [3, 1, 4, 2]                         # the decidable layers, the first to skip first
+    ids = list(range(3, 40))
+    plain = trained_like()
+    differs = False
+    for budget in (0.8, 0.5, 0.3):
+        k = processable_layers(budget, L, runner.skip_cost, 1, 0)
+        static = StaticController([SKIP if layer in order[:len(order) - k] else PROCESS
+                                   for layer in range(L)])
+        sure = trained_like()
+        sure.config["static_fallback"] = {"order": order, "margin": 1e9}   # never sure enough
+        _, want = llm.score(ids, energy_budget=budget, controller=static, return_trace=True)
+        _, got = llm.score(ids, energy_budget=budget, controller=sure, return_trace=True)
+        assert torch.equal(got.actions, want.actions)
+        _, alone = llm.score(ids, energy_budget=budget, controller=plain, return_trace=True)
+        differs |= not torch.equal(alone.actions, want.actions)
+        always = trained_like()
+        always.config["static_fallback"] = {"order": order, "margin": 0.0}  # always sure
+        _, want = llm.score(ids, energy_budget=budget, controller=plain, return_trace=True)
+        _, got = llm.score(ids, energy_budget=budget, controller=always, return_trace=True)
+        assert torch.equal(got.actions, want.actions)
+    assert differs                                # the net alone departs from the base set
+    saved = BudgetConditionedController.load(sure.save(tmp_path / "fb"))
+    assert saved.config["static_fallback"] == {"order": order, "margin": 1e9}
 
 
 def test_anee_config_loads_both_formats(tmp_path):
