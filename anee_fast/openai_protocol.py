@@ -10,6 +10,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .engine import check_budget
 
+# Fields the engine cannot honour: accepted only at their neutral value, else a 400 that says why.
+_NEUTRAL = {
+    "n": (lambda v: v == 1, "only n=1 is supported"),
+    "stop": (lambda v: not v, "stop strings are not supported: use stop_token_ids"),
+    "presence_penalty": (lambda v: v == 0, "penalties are not supported: leave them at 0"),
+    "frequency_penalty": (lambda v: v == 0, "penalties are not supported: leave them at 0"),
+    "logit_bias": (lambda v: not v, "logit_bias is not supported"),
+    "logprobs": (lambda v: v is None or v is False, "logprobs is not supported"),
+    "best_of": (lambda v: v is None or v == 1, "best_of is not supported"),
+    "suffix": (lambda v: v is None, "suffix is not supported"),
+    "echo": (lambda v: not v, "echo is not supported"),
+}
+
+
+@classmethod
+def _neutral_only(cls, value, info):
+    accepted, message = _NEUTRAL[info.field_name]
+    if not accepted(value):
+        raise ValueError(message)
+    return value
+
 
 class APIError(Exception):
     """An HTTP error answered with the OpenAI error body."""
@@ -63,33 +84,8 @@ class _GenerationRequest(BaseModel):
     def _budget(cls, value):
         return None if value is None else check_budget(value)
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value):
-        if value != 1:
-            raise ValueError("only n=1 is supported")
-        return value
-
-    @field_validator("stop")
-    @classmethod
-    def _no_stop_strings(cls, value):
-        if value:
-            raise ValueError("stop strings are not supported: use stop_token_ids")
-        return value
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value):
-        if value != 0:
-            raise ValueError("penalties are not supported: leave them at 0")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported")
-        return value
+    _unsupported = field_validator("n", "stop", "presence_penalty", "frequency_penalty",
+                                   "logit_bias")(_neutral_only)
 
 
 class CompletionRequest(_GenerationRequest):
@@ -99,19 +95,7 @@ class CompletionRequest(_GenerationRequest):
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
-    @field_validator("logprobs", "best_of", "suffix")
-    @classmethod
-    def _unsupported(cls, value, info):
-        if value is not None and not (info.field_name == "best_of" and value == 1):
-            raise ValueError(f"{info.field_name} is not supported")
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported")
-        return value
+    _unsupported_here = field_validator("logprobs", "best_of", "suffix", "echo")(_neutral_only)
 
 
 class TextPart(BaseModel):
@@ -137,12 +121,7 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value:
-            raise ValueError("logprobs is not supported")
-        return value
+    _unsupported_here = field_validator("logprobs")(_neutral_only)
 
 
 def parse_request(model_cls, body):
