@@ -2,11 +2,42 @@
 
 One program per row; the row is read in BLOCK_H chunks (two passes for RMS, three for LayerNorm:
 mean, centred variance, output), so any hidden size works and the variance is computed the same
-way as torch's (centred, not E[x^2] - E[x]^2).
+way as torch's (centred, not E[x^2] - E[x]^2). `row_stats` is that statistics pass for a tile of
+rows; skip_kv's norm prologue uses it too.
 """
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def row_stats(row_ptrs, active, H, eps, RMS: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """(mean, rstd) [BLOCK_M] in fp32 of the rows row_ptrs [BLOCK_M, 1] (inactive rows read as
+    zeros); LayerNorm's variance is centred, like torch's. Shared with skip_kv's prologue."""
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for start in range(0, H, BLOCK_K):
+        xm = active[:, None] & (start + cols < H)[None, :]
+        x = tl.load(row_ptrs + start + cols[None, :], mask=xm, other=0.0).to(tl.float32)
+        if RMS:
+            acc += x * x
+        else:
+            acc += x
+    stat = tl.sum(acc, axis=1) / H
+    if RMS:
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+        rstd = 1.0 / tl.sqrt(stat + eps)
+    else:
+        mean = stat
+        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+        for start in range(0, H, BLOCK_K):
+            xm = active[:, None] & (start + cols < H)[None, :]
+            x = tl.load(row_ptrs + start + cols[None, :], mask=xm, other=0.0).to(tl.float32)
+            xc = tl.where(xm, x - mean[:, None], 0.0)
+            acc += xc * xc
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / H + eps)
+    return mean, rstd
 
 
 @triton.jit
@@ -16,27 +47,8 @@ def _norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, stride_x, stride_out, eps,
     x_row = x_ptr + row * stride_x
     out_row = out_ptr + row * stride_out
     cols = tl.arange(0, BLOCK_H)
-    # Pass 1: the row's mean (LayerNorm) or mean square (RMS).
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for start in range(0, H, BLOCK_H):
-        x = tl.load(x_row + start + cols, mask=start + cols < H, other=0.0).to(tl.float32)
-        if RMS:
-            acc += x * x
-        else:
-            acc += x
-    stat = tl.sum(acc, axis=0) / H
-    if RMS:
-        mean = 0.0
-        rstd = 1.0 / tl.sqrt(stat + eps)
-    else:
-        mean = stat
-        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for start in range(0, H, BLOCK_H):
-            m = start + cols < H
-            x = tl.load(x_row + start + cols, mask=m, other=0.0).to(tl.float32)
-            xc = tl.where(m, x - mean, 0.0)
-            acc += xc * xc
-        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / H + eps)
+    one = tl.arange(0, 1)
+    mean, rstd = row_stats(x_row + one[:, None], one == 0, H, eps, RMS, 1, BLOCK_H)
     # Last pass: normalise, scale, shift, store in the output dtype.
     for start in range(0, H, BLOCK_H):
         m = start + cols < H

@@ -17,6 +17,8 @@ Every tensor is addressed through its strides: the weights and caches are slices
 import triton
 import triton.language as tl
 
+from .norm import row_stats
+
 
 @triton.jit
 def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
@@ -40,28 +42,7 @@ def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
         h_rows = h_ptr + rows[:, None] * stride_hn
         nw = nw_ptr + layer * stride_nwl
         cols = tl.arange(0, BLOCK_K)
-        # Norm statistics of each row (fp32; centred variance for LayerNorm, like torch).
-        acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-        for start in range(0, H, BLOCK_K):
-            xm = active[:, None] & (start + cols < H)[None, :]
-            x = tl.load(h_rows + start + cols[None, :], mask=xm, other=0.0).to(tl.float32)
-            if RMS:
-                acc += x * x
-            else:
-                acc += x
-        stat = tl.sum(acc, axis=1) / H
-        if RMS:
-            mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-            rstd = 1.0 / tl.sqrt(stat + eps)
-        else:
-            mean = stat
-            acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-            for start in range(0, H, BLOCK_K):
-                xm = active[:, None] & (start + cols < H)[None, :]
-                x = tl.load(h_rows + start + cols[None, :], mask=xm, other=0.0).to(tl.float32)
-                xc = tl.where(xm, x - mean[:, None], 0.0)
-                acc += xc * xc
-            rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / H + eps)
+        mean, rstd = row_stats(h_rows, active, H, eps, RMS, BLOCK_M, BLOCK_K)
 
         # GEMM of the two halves of this head: weight rows tile*D + [0, D/2) and [D/2, D).
         half = D // 2
