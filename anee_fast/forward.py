@@ -84,13 +84,16 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
 
 def _fill_exited(weights, cache, step, actions, h, ops, inv_freq, rms):
     """EXIT fill of a decode step: every row that exited at layer e gets the K/V of layers
-    e..L-1 from its final residual (unchanged since e), in one `skip_kv` launch."""
+    e..L-1 from its final residual (unchanged since e), in one `skip_kv` launch per block run
+    (one for an untied model)."""
     L = weights.spec.num_layers
     exits = actions == EXIT
     first = torch.where(exits.any(dim=1), exits.to(torch.int8).argmax(dim=1), L)
-    ops.skip_kv(h, *weights.skip_kv_weights(0, L), step.positions, inv_freq, weights.rope_scale,
-                cache.k[:L], cache.v[:L], torch.where(first < L, step.slot_mapping, -1), first,
-                weights.spec.norm_eps, rms)
+    for start, end in weights.block_runs(0, L):
+        ops.skip_kv(h, *weights.skip_kv_weights(start, end), step.positions, inv_freq,
+                    weights.rope_scale, cache.k[start:end], cache.v[start:end],
+                    torch.where(first < end, step.slot_mapping, -1), (first - start).clamp_min(0),
+                    weights.spec.norm_eps, rms)
 
 
 def _block(weights, layer, cache, l, step, h, rows, ops, inv_freq, rms):

@@ -1,9 +1,10 @@
-"""Resolves `LLM(model)`: hub id, local directory, .gguf file, or a loaded transformers model."""
+"""Resolves `LLM(model)`: hub id, local directory, .gguf file, a loaded transformers model, or
+a weight-tied RecurrentTransformer (the module or its saved directory)."""
 import os
 
 import torch
 
-from . import default_model
+from . import default_model, recurrent_model
 from .weight_packing import pack_hf_model
 
 
@@ -69,6 +70,8 @@ def load_hf(model):
         raise ModelLoadError(f"model must be a hub id, a directory, a .gguf file or a transformers "
                              f"model, got {type(model).__name__}")
     name = check_local_path(os.fspath(model))
+    if recurrent_model.is_checkpoint(name):
+        return recurrent_model.load(name), None, name
     if name.endswith(".gguf"):
         folder, file = os.path.split(os.path.abspath(name))
         hf, tok = _from_pretrained(folder, gguf_file=file)

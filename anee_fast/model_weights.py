@@ -2,8 +2,12 @@
 
 Per layer the attention input projection is one matrix with rows ordered K | V | Q, so the
 SKIP path (K/V only) reads one contiguous slice of it: `LayerWeights.kv_weight` is a view.
-The attention norms and these projections of all layers live in stacked [L, ...] tensors (the
+The attention norms and these projections of all blocks live in stacked [B, ...] tensors (the
 per-layer fields are views of them), so one `skip_kv` launch can serve consecutive layers.
+
+Weight-tied (recurrent) models list the same `LayerWeights` object at several positions of
+`layers`: those virtual layers run one block's weights, never a copy, while the paged cache
+still holds K/V per virtual layer. `layer_block[l]` is the stacked block virtual layer l runs.
 """
 from dataclasses import dataclass, field
 from typing import Optional
@@ -85,33 +89,54 @@ class ModelWeights:
     spec: ModelSpec
     embed: torch.Tensor                   # [vocab, hidden]
     pos_embed: Optional[torch.Tensor]     # [max_positions, hidden] (GPT-2) or None
-    layers: list
+    layers: list                          # one entry per virtual layer; tied layers share the object
     final_norm_weight: torch.Tensor
     final_norm_bias: Optional[torch.Tensor]
     lm_head: torch.Tensor                 # [vocab, hidden]; the embedding itself when tied
     rope_inv_freq: Optional[torch.Tensor] = None   # [head_dim/2] float32
     rope_scale: float = 1.0               # multiplies cos/sin (some RoPE variants)
-    stacked: dict = field(default_factory=dict)  # STACKED_FIELDS name -> [L, ...] tensor or None
+    stacked: dict = field(default_factory=dict)  # STACKED_FIELDS name -> [B, ...] tensor or None
+    layer_block: list = field(default_factory=list)  # virtual layer -> index into the stacks
 
     def stack_layers(self) -> None:
-        """Moves the STACKED_FIELDS of every layer into one [L, ...] tensor each."""
+        """Moves the STACKED_FIELDS of every distinct block into one [B, ...] tensor each."""
+        blocks = list({id(layer): layer for layer in self.layers}.values())
+        index = {id(block): b for b, block in enumerate(blocks)}
+        self.layer_block = [index[id(layer)] for layer in self.layers]
         for name in STACKED_FIELDS:
-            parts = [getattr(layer, name) for layer in self.layers]
+            parts = [getattr(block, name) for block in blocks]
             if parts[0] is None:
                 self.stacked[name] = None
                 continue
             self.stacked[name] = torch.stack(parts)
-            for layer, view in zip(self.layers, self.stacked[name]):
-                setattr(layer, name, view)
+            for block, view in zip(blocks, self.stacked[name]):
+                setattr(block, name, view)
+
+    def block_runs(self, first: int, last: int) -> list:
+        """Layers first..last-1 cut into [(start, end)] runs whose blocks are consecutive in the
+        stacks: one run for an untied model, one per prelude, iteration and coda when tied."""
+        runs = []
+        for layer in range(first, last):
+            if runs and self.layer_block[layer] == self.layer_block[layer - 1] + 1:
+                runs[-1] = (runs[-1][0], layer + 1)
+            else:
+                runs.append((layer, layer + 1))
+        return runs
 
     def skip_kv_weights(self, first: int, last: int):
-        """(norm weight, norm bias, K|V weight, K|V bias) of layers first..last-1, stacked."""
+        """(norm weight, norm bias, K|V weight, K|V bias) of layers first..last-1, stacked: views,
+        so the layers must run consecutive blocks (see block_runs)."""
+        b = self.layer_block[first]
+        if self.layer_block[first:last] != list(range(b, b + last - first)):
+            raise ValueError(f"layers {first}..{last - 1} do not run consecutive blocks "
+                             f"({self.layer_block[first:last]}): split them with block_runs")
         kv = 2 * self.spec.kv_size
-        w, b = self.stacked["kvq_weight"], self.stacked["kvq_bias"]
+        w, bias = self.stacked["kvq_weight"], self.stacked["kvq_bias"]
         norm_b = self.stacked["attn_norm_bias"]
-        return (self.stacked["attn_norm_weight"][first:last],
-                None if norm_b is None else norm_b[first:last],
-                w[first:last, :kv], None if b is None else b[first:last, :kv])
+        blocks = slice(b, b + last - first)
+        return (self.stacked["attn_norm_weight"][blocks],
+                None if norm_b is None else norm_b[blocks],
+                w[blocks, :kv], None if bias is None else bias[blocks, :kv])
 
     @property
     def device(self) -> torch.device:

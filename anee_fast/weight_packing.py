@@ -1,9 +1,10 @@
 """Turns a loaded transformers causal LM into `ModelWeights` (repacked once, no copies kept)."""
 import torch
 
+from . import recurrent_model
 from .model_weights import LayerWeights, ModelSpec, ModelWeights
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "qwen2", "mistral", recurrent_model.MODEL_TYPE)
 
 
 class UnsupportedModelError(ValueError):
@@ -17,6 +18,8 @@ def pack_hf_model(model, dtype=None, device=None) -> ModelWeights:
         weights = _pack_gpt2(model)
     elif model_type in ("llama", "qwen2", "mistral"):
         weights = _pack_llama(model)
+    elif model_type == recurrent_model.MODEL_TYPE:
+        weights = recurrent_model.pack(model)
     else:
         raise UnsupportedModelError(
             f"unsupported architecture {model_type!r} ({type(model).__name__}); supported model "
