@@ -1,8 +1,8 @@
 """The `anee-fast` command line.
 
 One subcommand per job, each a `_add_<name>(subparsers)` that registers its arguments and a
-`_cmd_<name>(args) -> int` that runs it: `generate` is here; `serve`, `eval` and
-`train-controller` go into `SUBCOMMANDS` the same way. Library errors (ValueError, OSError,
+`_cmd_<name>(args) -> int` that runs it: `generate` is here; `serve`, `eval`,
+`train-controller`, `train-recurrent` and `eval-recurrent` go into `SUBCOMMANDS` the same way. Library errors (ValueError, OSError,
 RuntimeError) become one line on stderr and a non-zero exit; set ANEE_FAST_DEBUG=1 for the
 traceback instead.
 """
@@ -430,9 +430,106 @@ def _cmd_train_controller(args) -> int:
     return 0
 
 
+# ---- train-recurrent and eval-recurrent (weight-tied models, halting) ---------------------------
+
+_RECURRENT_OPTIONS = (   # (flag, type, help); unset ones keep RecurrentTrainConfig's defaults
+    ("modulus", int, "the task's modulus (default 5)"),
+    ("train-max-ops", int, "operators per training expression: 1..this (default 6)"),
+    ("hidden-size", int, "model width (default 128)"),
+    ("num-heads", int, "attention heads (default 4)"),
+    ("num-kv-heads", int, "K/V heads (default 2)"),
+    ("intermediate-size", int, "MLP width (default 256)"),
+    ("prelude", int, "layers before the recurrent block (default 1)"),
+    ("block", int, "layers in the recurrent block (default 1)"),
+    ("iterations", int, "times the block runs at full depth (default 8)"),
+    ("coda", int, "layers after the recurrent block (default 1)"),
+    ("steps", int, "model training steps (default 4000)"),
+    ("batch", int, "expressions per step (default 64)"),
+    ("lr", float, "model learning rate (default 2e-3)"),
+    ("weight-decay", float, "AdamW weight decay (default 0.01)"),
+    ("halting-examples", int, "fresh expressions the halting heads learn from (default 2048)"),
+    ("halting-steps", int, "optimisation steps per halting head (default 500)"),
+    ("halting-lr", float, "halting heads' learning rate (default 3e-3)"),
+    ("halting-width", int, "hidden width of the halting heads (default 64)"),
+    ("compute-penalty", float, "nats of answer cross-entropy a full depth of compute costs (default 0.05)"),
+    ("checkpoint-every", int, "steps between checkpoints (default 250)"),
+    ("seed", int, "seed of every random draw (default 0)"),
+)
+
+
+def _add_train_recurrent(subparsers):
+    p = subparsers.add_parser(
+        "train-recurrent", help="train a small weight-tied model and its halting heads",
+        description="Train a weight-tied (recurrent) transformer on prefix modular arithmetic, with "
+                    "a random number of iterations per token, then an early-allocation and an "
+                    "online halting head on the frozen model. Writes the model "
+                    "(recurrent_config.json + model.safetensors, loadable with LLM(OUT_DIR)), "
+                    "halting-*.safetensors, checkpoint.pt, training_log.json, training_curve.png.")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue the run found in OUT_DIR")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    for flag, kind, text in _RECURRENT_OPTIONS:
+        p.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    p.set_defaults(func=_cmd_train_recurrent)
+
+
+def _cmd_train_recurrent(args) -> int:
+    from .recurrent_training import RecurrentTrainConfig, train_recurrent
+    given = {f.replace("-", "_"): getattr(args, f.replace("-", "_")) for f, _, _ in _RECURRENT_OPTIONS}
+    try:
+        config = RecurrentTrainConfig(**{k: v for k, v in given.items() if v is not None})
+        config.validate()
+    except ValueError as e:
+        raise _Error(str(e)) from None
+    if args.threads is not None:
+        if args.threads < 1:
+            raise _Error(f"--threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
+    log = train_recurrent(args.out_dir, config, resume=args.resume)
+    last = log["model_log"][-1] if log["model_log"] else None
+    print(f"trained {log['parameters']} parameters in " + ", ".join(
+        f"{k} {v:.0f} s" for k, v in log["timings_s"].items())
+        + (f"; last training accuracy {last['accuracy']:.3f}" if last else ""))
+    print(f"model and halting heads: {args.out_dir} (evaluate with {PROG} eval-recurrent {args.out_dir})")
+    return 0
+
+
+def _add_eval_recurrent(subparsers):
+    p = subparsers.add_parser(
+        "eval-recurrent", help="accuracy and compute of halting controllers against difficulty",
+        description="Run early halting, online halting and every fixed depth on fresh expressions "
+                    "with 1..MAX_OPS operators (beyond the training range too) through the engine; "
+                    "print accuracy and mean iterations of the answer token per L, the correlation "
+                    "of allocated iterations with L, and fixed depth's accuracy at the same mean "
+                    "iterations.")
+    p.add_argument("model_dir", help="a directory written by train-recurrent")
+    p.add_argument("--max-ops", type=int, default=10, help="largest number of operators (default 10)")
+    p.add_argument("--examples", type=int, default=64, help="expressions per L (default 64)")
+    p.add_argument("--backend", default="auto", help="reference | triton | native | auto (default)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the records and summary here")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the expressions (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_eval_recurrent)
+
+
+def _cmd_eval_recurrent(args) -> int:
+    from .recurrent_eval import run_eval_recurrent
+    if args.max_ops < 1:
+        raise _Error(f"--max-ops must be >= 1, got {args.max_ops}")
+    if args.examples < 1:
+        raise _Error(f"--examples must be >= 1, got {args.examples}")
+    run_eval_recurrent(args.model_dir, max_ops=args.max_ops, examples=args.examples,
+                       backend=args.backend, json_path=args.json, plot_path=args.plot, seed=args.seed,
+                       progress=not args.no_progress)
+    return 0
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 
-SUBCOMMANDS = (_add_generate, _add_serve, _add_eval, _add_train_controller)
+SUBCOMMANDS = (_add_generate, _add_serve, _add_eval, _add_train_controller, _add_train_recurrent,
+               _add_eval_recurrent)
 
 
 def build_parser() -> argparse.ArgumentParser:

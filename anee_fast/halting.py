@@ -1,0 +1,137 @@
+"""Per-token halting for weight-tied models (the ANIRA seed): early allocation and online halting.
+
+Both read the residual through a parameter-free RMS normalisation and a small MLP, and act on
+the engine's controller interface by proposing EXIT at an iteration boundary (the engine then
+fills the skipped iterations' K/V and, with always_last = coda, still runs the coda).
+
+- Early (ANIRA-E): at the first recurrent layer, from the state after the prelude, a
+  distribution over 1..R iterations; the token runs the most likely count.
+- Online (ANIRA-O): after each iteration r < R, a halting probability from the current state;
+  the token halts once it exceeds 1/2.
+
+Heads are trained without difficulty labels (recurrent_training.fit_halting_heads): from the
+answer's cross-entropy at every exit plus a compute penalty.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .actions import EXIT, PROCESS
+from .controllers import Controller
+
+KINDS = ("early", "online")
+HALTING_CONFIG = "halting.json"
+
+
+def normalised(h):
+    h = h.float()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class EarlyHead(nn.Module):
+    """logits [N, R] over how many iterations to run (index r-1 = r iterations)."""
+
+    def __init__(self, hidden_size: int, iterations: int, width: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Linear(width, iterations))
+
+    def forward(self, h_after_prelude):
+        return self.net(normalised(h_after_prelude))
+
+
+class OnlineHead(nn.Module):
+    """Halting logit [N] after iteration r (1-based) from the state after it."""
+
+    def __init__(self, hidden_size: int, iterations: int, width: int = 64):
+        super().__init__()
+        self.inp = nn.Linear(hidden_size, width)
+        self.iteration = nn.Embedding(iterations, width)
+        self.out = nn.Linear(width, 1)
+
+    def forward(self, state, r: torch.Tensor):
+        return self.out(F.relu(self.inp(normalised(state)) + self.iteration(r - 1))).squeeze(-1)
+
+
+class HaltingController(Controller):
+    """Proposes EXIT at iteration boundaries (PROCESS elsewhere) for a weight-tied model."""
+
+    def __init__(self, kind: str, head: nn.Module, prelude: int, block: int, iterations: int,
+                 num_layers: int, hidden_size: int):
+        if kind not in KINDS:
+            raise ValueError(f"halting kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        self.name = f"halting-{kind}"
+        self.kind, self.head = kind, head.eval()
+        self.prelude, self.block, self.iterations = prelude, block, iterations
+        self.num_layers, self.hidden_size = num_layers, hidden_size
+        self.planned = None       # early: iterations per row of the current step
+
+    def check_model(self, num_layers: int, hidden_size: int):
+        if (num_layers, hidden_size) != (self.num_layers, self.hidden_size):
+            raise ValueError(f"this halting controller was trained for a recurrent model with "
+                             f"{self.num_layers} virtual layers and hidden size {self.hidden_size}; "
+                             f"the model has {num_layers} and {hidden_size}")
+
+    def propose(self, ctx):
+        self.check_model(ctx.num_layers, ctx.h.shape[-1])
+        n = ctx.h.shape[0]
+        offset = ctx.layer - self.prelude
+        if offset < 0 or offset >= self.block * self.iterations:
+            return torch.full((n,), PROCESS, dtype=torch.int8, device=ctx.h.device)
+        done, boundary = divmod(offset, self.block)       # iterations completed before this layer
+        head = self.head.to(ctx.h.device)
+        with torch.no_grad():
+            if self.kind == "early":
+                if offset == 0:
+                    self.planned = head(ctx.h).argmax(-1) + 1
+                if self.planned is None or self.planned.shape[0] != n:
+                    raise RuntimeError("the early halting controller must see the first recurrent "
+                                       "layer of a step before the later ones")
+                halt = self.planned <= done
+            elif done == 0:
+                halt = torch.zeros(n, dtype=torch.bool, device=ctx.h.device)
+            else:
+                r = torch.full((n,), done, dtype=torch.long, device=ctx.h.device)
+                halt = head(ctx.h, r) > 0.0
+        if boundary:
+            halt = torch.zeros_like(halt)
+        return torch.where(halt, EXIT, PROCESS).to(torch.int8)
+
+
+def new_head(kind: str, hidden_size: int, iterations: int, width: int = 64) -> nn.Module:
+    if kind not in KINDS:
+        raise ValueError(f"halting kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return (EarlyHead if kind == "early" else OnlineHead)(hidden_size, iterations, width)
+
+
+def save_heads(directory, heads: dict, width: int, extra: dict = None):
+    """Writes halting-<kind>.safetensors per head and halting.json (width + anything in extra)."""
+    out = Path(os.fspath(directory))
+    out.mkdir(parents=True, exist_ok=True)
+    for kind, head in heads.items():
+        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+        save_file(state, str(out / f"halting-{kind}.safetensors"))
+    (out / HALTING_CONFIG).write_text(json.dumps({"width": width, "kinds": sorted(heads),
+                                                  **(extra or {})}, indent=2) + "\n")
+
+
+def load_controller(directory, kind: str) -> HaltingController:
+    """The halting controller of `kind` saved next to a recurrent model checkpoint."""
+    from .recurrent_model import CONFIG_NAME, RecurrentConfig
+    folder = Path(os.fspath(directory))
+    if kind not in KINDS:
+        raise ValueError(f"halting kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    weights = folder / f"halting-{kind}.safetensors"
+    if not (folder / HALTING_CONFIG).is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{folder} holds no trained {kind} halting head (train one with "
+                                "anee-fast train-recurrent)")
+    config = RecurrentConfig(**json.loads((folder / CONFIG_NAME).read_text()))
+    width = json.loads((folder / HALTING_CONFIG).read_text())["width"]
+    head = new_head(kind, config.hidden_size, config.iterations, width)
+    head.load_state_dict(load_file(str(weights)))
+    return HaltingController(kind, head, config.prelude, config.block, config.iterations,
+                             config.num_layers, config.hidden_size)

@@ -1,0 +1,277 @@
+"""Training a small weight-tied transformer on prefix modular arithmetic, then its halting heads.
+
+1. The model (RecurrentTransformer): each step draws num_ops uniformly in 1..train_max_ops, and
+   every token a random number of iterations in 1..R (its later iterations SKIPped, as a halted
+   token's are), so the model answers at any depth and tolerates context tokens that halted.
+   The loss is the answer's cross-entropy at the "=" token, at its own random depth.
+2. The halting heads, on the frozen model: for a set of fresh examples, the answer's
+   cross-entropy CE_r at every exit r and the states the heads read. Early head: minimise
+   E_q[CE_r] + penalty * E_q[r] / R over its distribution q. Online head: with halting
+   probabilities l_r, the exit distribution p(r) = l_r * prod_{j<r}(1 - l_j) (the last iteration
+   takes the rest), minimise E_p[CE_r] + penalty * E_p[r] / R. No label says how hard a token is.
+
+The run checkpoints into its directory and resumes (`resume=True`); per-step randomness comes
+from (seed, step), so a resumed run draws what an unbroken one would.
+"""
+import json
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import recurrent_model
+from .halting import KINDS, new_head, save_heads
+from .modular_task import ModularTask
+from .recurrent_model import RecurrentConfig, RecurrentTransformer
+
+
+@dataclass
+class RecurrentTrainConfig:
+    modulus: int = 5
+    train_max_ops: int = 6        # num_ops drawn uniformly in 1..train_max_ops
+    hidden_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    prelude: int = 1
+    block: int = 1
+    iterations: int = 8
+    coda: int = 1
+    steps: int = 4000
+    batch: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    halting_examples: int = 2048
+    halting_steps: int = 500
+    halting_lr: float = 3e-3
+    halting_width: int = 64
+    compute_penalty: float = 0.05  # nats of answer cross-entropy per full depth
+    checkpoint_every: int = 250
+    seed: int = 0
+
+    def validate(self):
+        for name in ("train_max_ops", "steps", "batch", "halting_examples", "halting_steps",
+                     "halting_width", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("lr", "halting_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "compute_penalty"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        ModularTask(self.modulus)
+        self.model_config()
+
+    def model_config(self) -> RecurrentConfig:
+        task = ModularTask(self.modulus)
+        return RecurrentConfig(
+            vocab_size=task.vocab_size, hidden_size=self.hidden_size, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, intermediate_size=self.intermediate_size,
+            prelude=self.prelude, block=self.block, iterations=self.iterations, coda=self.coda,
+            max_positions=max(64, 2 * task.prompt_length(4 * self.train_max_ops)))
+
+
+def _generator(seed: int, *stream) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(repr((seed,) + stream).encode()))
+    return g
+
+
+def depth_mask(config: RecurrentConfig, iterations: torch.Tensor) -> torch.Tensor:
+    """process [..., L] bool for tokens that run `iterations` [...] of the block (prelude and
+    coda always run)."""
+    layers = torch.arange(config.num_layers)
+    done = (layers - config.prelude).div(config.block, rounding_mode="floor")
+    recurrent = (layers >= config.prelude) & (layers < config.iteration_end(config.iterations))
+    return ~recurrent | (done < iterations[..., None])
+
+
+def training_batch(task: ModularTask, config: RecurrentConfig, max_ops: int, batch: int, g):
+    """(ids [n, T], answer position [n], answer [n], num_ops [n], per-token iterations [n, T])."""
+    num_ops = torch.randint(1, max_ops + 1, (batch,), generator=g)
+    ids, where, answers = task.batch(num_ops.tolist(), g)
+    iterations = torch.randint(1, config.iterations + 1, ids.shape, generator=g)
+    return ids, where, answers, num_ops, iterations
+
+
+def answer_loss(model, ids, where, answers, iterations):
+    logits = model(ids, depth_mask(model.config, iterations))
+    picked = logits[torch.arange(len(where)), where]
+    return F.cross_entropy(picked, answers), (picked.argmax(-1) == answers).float().mean()
+
+
+# ---- stage 2: halting heads ---------------------------------------------------------------------
+
+@torch.no_grad()
+def exit_table(model, task: ModularTask, max_ops: int, examples: int, seed: int, batch: int = 256):
+    """{ce [n, R], after_prelude [n, hidden], states [n, R, hidden], num_ops [n]}: the answer's
+    cross-entropy when it exits after r iterations (context tokens at random depths) and the
+    residuals the heads read."""
+    c = model.config
+    R = c.iterations
+    parts = {"ce": [], "after_prelude": [], "states": [], "num_ops": []}
+    g = _generator(seed, "halting")
+    for start in range(0, examples, batch):
+        n = min(batch, examples - start)
+        ids, where, answers, num_ops, iterations = training_batch(task, c, max_ops, n, g)
+        rows = torch.arange(n)
+        iterations[rows, where] = R
+        hidden = []
+        model(ids, depth_mask(c, iterations), hidden_states=hidden)
+        parts["after_prelude"].append(hidden[c.prelude - 1][rows, where] if c.prelude
+                                      else model.embed(ids[rows, where]))
+        parts["states"].append(torch.stack([hidden[c.iteration_end(r) - 1][rows, where]
+                                            for r in range(1, R + 1)], 1))
+        ce = []
+        for r in range(1, R + 1):
+            iterations[rows, where] = r
+            logits = model(ids, depth_mask(c, iterations))[rows, where]
+            ce.append(F.cross_entropy(logits, answers, reduction="none"))
+        parts["ce"].append(torch.stack(ce, 1))
+        parts["num_ops"].append(num_ops)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def exit_distribution(kind: str, head, table) -> torch.Tensor:
+    """[n, R]: the head's probability of exiting after each iteration."""
+    R = table["ce"].shape[1]
+    if kind == "early":
+        return F.softmax(head(table["after_prelude"]), -1)
+    n = table["ce"].shape[0]
+    r = torch.arange(1, R).repeat(n)
+    halt = torch.sigmoid(head(table["states"][:, :R - 1].reshape(n * (R - 1), -1), r)).view(n, R - 1)
+    survive = torch.cumprod(torch.cat([torch.ones(n, 1), 1 - halt], 1), 1)     # [n, R]
+    return torch.cat([halt, torch.ones(n, 1)], 1) * survive
+
+
+def fit_halting_head(kind: str, table, config: RecurrentTrainConfig, progress: bool = True):
+    """Trains one head on an exit table; returns (head, log)."""
+    torch.manual_seed(config.seed)
+    R = table["ce"].shape[1]
+    head = new_head(kind, table["states"].shape[-1], R, config.halting_width)
+    opt = torch.optim.Adam(head.parameters(), lr=config.halting_lr)
+    cost = torch.arange(1, R + 1, dtype=torch.float32) / R
+    log = []
+    from tqdm import tqdm
+    for step in tqdm(range(config.halting_steps), desc=f"{kind} halting head", unit="step",
+                     disable=not progress):
+        p = exit_distribution(kind, head, table)
+        ce = (p * table["ce"]).sum(-1).mean()
+        compute = (p * cost).sum(-1).mean()
+        loss = ce + config.compute_penalty * compute
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step + 1 == config.halting_steps:
+            log.append({"step": step + 1, "loss": float(loss), "expected_ce": float(ce),
+                        "expected_iterations": float(compute) * R})
+    return head.eval(), log
+
+
+# ---- the whole recipe -------------------------------------------------------------------------
+
+def _save(obj, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train_recurrent(out_dir, config: RecurrentTrainConfig = None, resume: bool = False,
+                    progress: bool = True) -> dict:
+    """Runs the recipe into `out_dir`: the model (recurrent_config.json + model.safetensors),
+    both halting heads (halting-*.safetensors + halting.json), training_log.json,
+    training_curve.png and checkpoint.pt. Returns the log."""
+    config = config or RecurrentTrainConfig()
+    config.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists() and not resume:
+        raise ValueError(f"{out} already holds a training run: pass resume=True (--resume) to "
+                         "continue it, or choose an empty directory")
+    task = ModularTask(config.modulus)
+    torch.manual_seed(config.seed)
+    model = RecurrentTransformer(config.model_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (
+        1 + torch.cos(torch.tensor(torch.pi * min(s, config.steps) / config.steps)).item()))
+    log, first, elapsed = [], 0, 0.0
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if ckpt["config"] != asdict(config):
+            raise ValueError(f"{ckpt_path} was made with other settings: {ckpt['config']}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        log, first, elapsed = ckpt["log"], ckpt["step"], ckpt["elapsed_s"]
+    start = time.perf_counter()
+    model.train()
+    from tqdm import tqdm
+    bar = tqdm(range(first, config.steps), desc="recurrent model", unit="step", initial=first,
+               total=config.steps, disable=not progress)
+    window = []
+    for step in bar:
+        g = _generator(config.seed, "train", step)
+        ids, where, answers, _, iterations = training_batch(task, model.config, config.train_max_ops,
+                                                            config.batch, g)
+        loss, accuracy = answer_loss(model, ids, where, answers, iterations)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        window.append((float(loss.detach()), float(accuracy)))
+        if (step + 1) % 50 == 0 or step + 1 == config.steps:
+            mean_loss = sum(x for x, _ in window) / len(window)
+            mean_acc = sum(a for _, a in window) / len(window)
+            log.append({"step": step + 1, "loss": mean_loss, "accuracy": mean_acc})
+            bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.2f}")
+            window = []
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            _save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                   "schedule": schedule.state_dict(), "log": log, "step": step + 1,
+                   "config": asdict(config), "elapsed_s": elapsed + time.perf_counter() - start},
+                  ckpt_path)
+    model.eval()
+    timings = {"model": elapsed + time.perf_counter() - start}
+    recurrent_model.save(model, out)
+
+    start = time.perf_counter()
+    table = exit_table(model, task, config.train_max_ops, config.halting_examples, config.seed)
+    heads, head_logs = {}, {}
+    for kind in KINDS:
+        heads[kind], head_logs[kind] = fit_halting_head(kind, table, config, progress)
+    timings["halting"] = time.perf_counter() - start
+    save_heads(out, heads, config.halting_width, extra={"compute_penalty": config.compute_penalty})
+    full = {"config": asdict(config), "task": {"modulus": config.modulus},
+            "model": asdict(model.config), "parameters": sum(p.numel() for p in model.parameters()),
+            "timings_s": timings, "model_log": log, "halting_log": head_logs,
+            "exit_ce_by_iteration": table["ce"].mean(0).tolist()}
+    (out / "training_log.json").write_text(json.dumps(full, indent=2) + "\n")
+    plot_training(full, out / "training_curve.png")
+    return full
+
+
+def plot_training(log: dict, path):
+    """Model loss/accuracy per step and the answer's mean cross-entropy per exit, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    steps = [e["step"] for e in log["model_log"]]
+    axes[0].plot(steps, [e["loss"] for e in log["model_log"]], label="loss")
+    axes[0].plot(steps, [e["accuracy"] for e in log["model_log"]], label="accuracy")
+    axes[0].set(title="recurrent model (random depth per token)", xlabel="step")
+    axes[0].legend(fontsize=8)
+    ce = log["exit_ce_by_iteration"]
+    axes[1].plot(range(1, len(ce) + 1), ce, marker="o")
+    axes[1].set(title="answer cross-entropy by exit", xlabel="iterations", ylabel="nats")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,209 @@
+"""The modular-arithmetic task, halting heads and controllers, the training recipe and the
+complexity-controlled evaluation, on tiny models (CI's smoke version of issue 7)."""
+import json
+
+import pytest
+import torch
+
+from anee_fast import LLM, PROCESS, SKIP
+from anee_fast.cli import main
+from anee_fast.halting import HaltingController, load_controller, new_head
+from anee_fast.modular_task import ModularTask
+from anee_fast.recurrent_eval import (answer_iterations, fixed_depth_actions, interpolate, pearson,
+                                      run_eval_recurrent)
+from anee_fast.recurrent_model import RecurrentConfig, RecurrentTransformer
+from anee_fast.recurrent_training import (RecurrentTrainConfig, depth_mask, exit_distribution,
+                                          exit_table, train_recurrent)
+
+TINY = dict(hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=24, iterations=3,
+            steps=4, batch=8, halting_examples=24, halting_steps=3, checkpoint_every=2,
+            train_max_ops=2)
+
+
+def evaluate_prefix(symbols, modulus):
+    """Value of a prefix expression given as strings, by a right-to-left operand stack."""
+    stack = []
+    for s in reversed(symbols):
+        if s in "+-*":
+            a, b = stack.pop(), stack.pop()
+            stack.append({"+": a + b, "-": a - b, "*": a * b}[s] % modulus)
+        else:
+            stack.append(int(s))
+    assert len(stack) == 1
+    return stack[0]
+
+
+@pytest.mark.parametrize("modulus", [2, 5, 11])
+def test_task_answers_are_the_expression_values(modulus):
+    task = ModularTask(modulus)
+    g = torch.Generator().manual_seed(modulus)
+    for num_ops in range(0, 7):
+        for _ in range(20):
+            prompt, answer = task.sample(num_ops, g)
+            assert len(prompt) == task.prompt_length(num_ops)
+            words = task.decode(prompt).split()
+            assert words[0] == "<bos>" and words[-1] == "="
+            symbols = words[1:-1]
+            assert sum(s in "+-*" for s in symbols) == num_ops
+            assert task.vocab[answer] == str(evaluate_prefix(symbols, modulus))
+
+
+def test_task_batches_pad_on_the_right_and_point_at_the_answer():
+    task = ModularTask(5)
+    ids, where, answers = task.batch([1, 4, 2], torch.Generator().manual_seed(0))
+    assert ids.shape == (3, task.prompt_length(4))
+    assert where.tolist() == [task.prompt_length(n) - 1 for n in (1, 4, 2)]
+    assert (ids[torch.arange(3), where] == task.token_id("=")).all()
+    assert (ids[0, where[0] + 1:] == task.token_id("<pad>")).all()
+    assert all(task.vocab[a].isdigit() for a in answers)
+
+
+@pytest.mark.parametrize("bad", [1, 0, 98, 2.5, True])
+def test_task_rejects_bad_moduli(bad):
+    with pytest.raises(ValueError, match="modulus"):
+        ModularTask(bad)
+
+
+def test_depth_mask_runs_prelude_and_coda_always():
+    c = RecurrentConfig(vocab_size=11, hidden_size=8, num_heads=2, num_kv_heads=1, prelude=1,
+                        block=2, iterations=3, coda=1)          # layers: P | 1 1 | 2 2 | 3 3 | C
+    mask = depth_mask(c, torch.tensor([1, 2, 3]))
+    assert mask.tolist() == [
+        [True, True, True, False, False, False, False, True],
+        [True, True, True, True, True, False, False, True],
+        [True] * 8,
+    ]
+
+
+def _controller_for(kind, config, bias):
+    head = new_head(kind, config.hidden_size, config.iterations, width=4)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()
+        last = head.net[-1] if kind == "early" else head.out
+        last.bias.copy_(bias)
+    return HaltingController(kind, head, config.prelude, config.block, config.iterations,
+                             config.num_layers, config.hidden_size)
+
+
+@pytest.mark.parametrize("kind, bias, expected", [
+    ("early", torch.tensor([0.0, 0.0, 5.0, 0.0]), 3),     # argmax: 3 iterations
+    ("early", torch.tensor([5.0, 0.0, 0.0, 0.0]), 1),
+    ("online", torch.tensor([5.0]), 1),                   # halts after the first iteration
+    ("online", torch.tensor([-5.0]), 4),                  # never halts: all R iterations
+])
+def test_halting_controllers_exit_at_iteration_boundaries(kind, bias, expected):
+    torch.manual_seed(0)
+    model = RecurrentTransformer(RecurrentConfig(vocab_size=11, hidden_size=8, num_heads=2,
+                                                 num_kv_heads=1, intermediate_size=12, prelude=1,
+                                                 block=2, iterations=4, coda=1)).eval()
+    c = model.config
+    llm = LLM(model, backend="reference", min_layers=c.prelude, always_last=c.coda)
+    controller = _controller_for(kind, c, bias)
+    _, traces = llm.score([[1, 4, 5, 6, 2], [1, 7]], controller=controller, return_trace=True)
+    for trace in traces:
+        assert answer_iterations(trace, c) == expected
+        actions = trace.actions
+        assert (actions[:, :c.iteration_end(expected)] == PROCESS).all()
+        assert (actions[:, c.iteration_end(expected):c.num_layers - c.coda] != PROCESS).all()
+        assert (actions[:, -c.coda:] == PROCESS).all()        # the coda still runs
+    with pytest.raises(ValueError, match="virtual layers"):
+        controller.check_model(c.num_layers + 1, c.hidden_size)
+
+
+def test_online_exit_distribution_sums_to_one():
+    torch.manual_seed(0)
+    head = new_head("online", 8, 5)
+    table = {"ce": torch.rand(7, 5), "states": torch.randn(7, 5, 8)}
+    p = exit_distribution("online", head, table)
+    assert p.shape == (7, 5) and (p >= 0).all()
+    torch.testing.assert_close(p.sum(-1), torch.ones(7))
+
+
+def test_exit_table_matches_the_model_run_at_each_depth():
+    torch.manual_seed(0)
+    config = RecurrentTrainConfig(**TINY)
+    model = RecurrentTransformer(config.model_config()).eval()
+    table = exit_table(model, ModularTask(5), 2, examples=5, seed=1)
+    assert table["ce"].shape == (5, 3) and table["states"].shape == (5, 3, 16)
+    assert table["after_prelude"].shape == (5, 16)
+    assert not torch.equal(table["ce"][:, 0], table["ce"][:, 2])   # depth changes the answer
+
+
+def test_training_writes_resumes_and_evaluates(tmp_path, monkeypatch):
+    import anee_fast.recurrent_training as rt
+    out = tmp_path / "run"
+    # An interrupted run: the third step fails after the checkpoint of step 2.
+    calls, real_loss = [], rt.answer_loss
+
+    def failing_loss(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("interrupted")
+        return real_loss(*args)
+    monkeypatch.setattr(rt, "answer_loss", failing_loss)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train_recurrent(out, RecurrentTrainConfig(**TINY), progress=False)
+    monkeypatch.setattr(rt, "answer_loss", real_loss)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train_recurrent(out, RecurrentTrainConfig(**TINY), progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        train_recurrent(out, RecurrentTrainConfig(**dict(TINY, steps=6)), resume=True, progress=False)
+    log = train_recurrent(out, RecurrentTrainConfig(**TINY), resume=True, progress=False)
+    for name in ("recurrent_config.json", "model.safetensors", "halting-early.safetensors",
+                 "halting-online.safetensors", "halting.json", "checkpoint.pt", "training_log.json",
+                 "training_curve.png"):
+        assert (out / name).is_file(), name
+    assert [e["step"] for e in log["model_log"]] == [4]
+    assert len(log["exit_ce_by_iteration"]) == 3
+    # The resumed run ends with the weights of an unbroken one.
+    unbroken = tmp_path / "unbroken"
+    train_recurrent(unbroken, RecurrentTrainConfig(**TINY), progress=False)
+    a = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(unbroken / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    llm = LLM(str(out), backend="reference", min_layers=1, always_last=1)
+    controller = load_controller(out, "online")
+    assert llm.score([1, 5, 8, 2], controller=controller).shape == (4, ModularTask(5).vocab_size)
+
+    result = run_eval_recurrent(out, max_ops=3, examples=4, backend="reference",
+                                json_path=tmp_path / "e" / "eval.json", plot_path=tmp_path / "e" / "eval.png",
+                                progress=False, out=open(tmp_path / "table.txt", "w"))
+    names = {r["controller"] for r in result["records"]}
+    assert names == {"halting-early", "halting-online", "fixed-1", "fixed-2", "fixed-3"}
+    assert len(result["records"]) == 5 * 3
+    for r in result["records"]:
+        if r["controller"].startswith("fixed-"):
+            assert r["mean_iterations"] == int(r["controller"][6:])
+        assert r["in_range"] == (r["num_ops"] <= 2)
+        assert 0.0 <= r["accuracy"] <= 1.0
+    assert set(result["summary"]) == {"halting-early", "halting-online"}
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["summary"] == result["summary"]
+    assert (tmp_path / "e" / "eval.png").stat().st_size > 1000
+
+
+def test_fixed_depth_actions_and_helpers():
+    c = RecurrentConfig(vocab_size=11, hidden_size=8, num_heads=2, num_kv_heads=1, prelude=1,
+                        block=2, iterations=3, coda=1)
+    assert fixed_depth_actions(c, 2) == [PROCESS] * 5 + [2] * 3
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [5, 5, 5]) is None          # undefined: no variance
+    assert interpolate([(1.0, 0.2), (3.0, 0.6)], 2.0) == pytest.approx(0.4)
+    assert interpolate([(1.0, 0.2), (3.0, 0.6)], 0.5) == 0.2
+
+
+def test_cli_train_and_eval_recurrent(tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert main(["train-recurrent", out, *flags]) == 0
+    assert "halting heads" in capsys.readouterr().out
+    assert main(["eval-recurrent", out, "--max-ops", "2", "--examples", "2", "--backend", "reference",
+                 "--no-progress"]) == 0
+    assert "corr(iterations, L)" in capsys.readouterr().out
+    assert main(["train-recurrent", str(tmp_path / "bad"), "--modulus", "1"]) == 1
+    assert "modulus" in capsys.readouterr().err
+    assert main(["eval-recurrent", str(tmp_path / "missing")]) == 1
+    assert "train-recurrent" in capsys.readouterr().err
+    assert main(["eval-recurrent", out, "--max-ops", "0"]) == 1
