@@ -319,12 +319,12 @@ def _add_eval(subparsers):
                         "six baselines, plus 'learned' when a trained controller is installed)")
     p.add_argument("--windows", type=int, default=8, help="held-out windows scored (default 8)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
-    p.add_argument("--search-windows", type=int, default=4,
-                   help="training windows for the static-set search and layer ablation (default 4)")
+    p.add_argument("--search-windows", type=int, default=16,
+                   help="training windows for the static-set search (default 16)")
     p.add_argument("--search-len", type=int, default=64,
                    help="tokens per search window (default 64)")
-    p.add_argument("--search-width", type=int, default=4,
-                   help="layers tried per greedy step after the first (default 4)")
+    p.add_argument("--search-width", type=int, default=6,
+                   help="layers tried per greedy step after the first (default 6)")
     p.add_argument("--router-k", type=int, default=4, help="router categories (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
@@ -434,7 +434,7 @@ def _cmd_train_controller(args) -> int:
 
 _RECURRENT_OPTIONS = (   # (flag, type, help); unset ones keep RecurrentTrainConfig's defaults
     ("modulus", int, "the task's modulus (default 5)"),
-    ("train-max-ops", int, "operators per training expression: 1..this (default 6)"),
+    ("train-max-ops", int, "operators per training expression: 1..this (default 5)"),
     ("hidden-size", int, "model width (default 128)"),
     ("num-heads", int, "attention heads (default 4)"),
     ("num-kv-heads", int, "K/V heads (default 2)"),
@@ -443,7 +443,7 @@ _RECURRENT_OPTIONS = (   # (flag, type, help); unset ones keep RecurrentTrainCon
     ("block", int, "layers in the recurrent block (default 1)"),
     ("iterations", int, "times the block runs at full depth (default 8)"),
     ("coda", int, "layers after the recurrent block (default 1)"),
-    ("steps", int, "model training steps (default 4000)"),
+    ("steps", int, "model training steps (default 6000)"),
     ("batch", int, "expressions per step (default 64)"),
     ("lr", float, "model learning rate (default 2e-3)"),
     ("weight-decay", float, "AdamW weight decay (default 0.01)"),

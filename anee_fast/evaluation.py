@@ -109,8 +109,8 @@ def evaluate(llm, controllers: dict, budgets, heldout_windows, *, prefix_len: in
     return records
 
 
-def build_controllers(llm, names, budgets, train_windows, heldout_windows, *, search_windows: int = 4,
-                      search_len: int = 64, search_width=4, router_k: int = 4, router_windows: int = 64,
+def build_controllers(llm, names, budgets, train_windows, heldout_windows, *, search_windows: int = 16,
+                      search_len: int = 64, search_width=6, router_k: int = 4, router_windows: int = 64,
                       prefix_len: int = 32, seed: int = 0, progress: bool = True) -> dict:
     """The controllers dict for evaluate() from names: the built-in baselines, 'learned', a
     controller file path, or NAME=PATH for a controller file under a chosen name."""

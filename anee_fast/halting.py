@@ -23,6 +23,7 @@ from torch import nn
 
 from .actions import EXIT, PROCESS
 from .controllers import Controller
+from .recurrent_model import load_config
 
 KINDS = ("early", "online")
 HALTING_CONFIG = "halting.json"
@@ -121,7 +122,6 @@ def save_heads(directory, heads: dict, width: int, extra: dict = None):
 
 def load_controller(directory, kind: str) -> HaltingController:
     """The halting controller of `kind` saved next to a recurrent model checkpoint."""
-    from .recurrent_model import CONFIG_NAME, RecurrentConfig
     folder = Path(os.fspath(directory))
     if kind not in KINDS:
         raise ValueError(f"halting kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -129,7 +129,7 @@ def load_controller(directory, kind: str) -> HaltingController:
     if not (folder / HALTING_CONFIG).is_file() or not weights.is_file():
         raise FileNotFoundError(f"{folder} holds no trained {kind} halting head (train one with "
                                 "anee-fast train-recurrent)")
-    config = RecurrentConfig(**json.loads((folder / CONFIG_NAME).read_text()))
+    config = load_config(folder)
     width = json.loads((folder / HALTING_CONFIG).read_text())["width"]
     head = new_head(kind, config.hidden_size, config.iterations, width)
     head.load_state_dict(load_file(str(weights)))

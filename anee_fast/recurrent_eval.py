@@ -66,7 +66,7 @@ def evaluate_recurrent(llm, model_dir, task: ModularTask, ops_range, train_max_o
                        examples: int = 64, seed: int = 0, progress: bool = True) -> dict:
     """{"records": [{controller, num_ops, in_range, accuracy, mean_iterations, examples}],
     "summary": {controller: {...}}}; see the module docstring."""
-    config = recurrent_model.load(model_dir).config
+    config = recurrent_model.load_config(model_dir)
     ops_range = [int(n) for n in ops_range]
     if not ops_range or min(ops_range) < 1:
         raise ValueError(f"numbers of operators must be integers >= 1, got {ops_range}")

@@ -221,18 +221,22 @@ def is_checkpoint(path) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), CONFIG_NAME))
 
 
-def load(directory) -> RecurrentTransformer:
-    """A model saved by `save` (eval mode, on the CPU)."""
+def load_config(directory) -> RecurrentConfig:
+    """The config of a model saved by `save`."""
     folder = Path(os.fspath(directory))
     if not is_checkpoint(folder) or not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{folder} is not a recurrent model checkpoint (it needs {CONFIG_NAME} "
                                 f"and {WEIGHTS_NAME})")
     try:
-        fields = json.loads((folder / CONFIG_NAME).read_text())
-        config = RecurrentConfig(**fields)
+        return RecurrentConfig(**json.loads((folder / CONFIG_NAME).read_text()))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{folder / CONFIG_NAME} is not a valid recurrent model config: {e}") from None
-    model = RecurrentTransformer(config)
+
+
+def load(directory) -> RecurrentTransformer:
+    """A model saved by `save` (eval mode, on the CPU)."""
+    folder = Path(os.fspath(directory))
+    model = RecurrentTransformer(load_config(folder))
     state = load_file(str(folder / WEIGHTS_NAME))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}

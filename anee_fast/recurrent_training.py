@@ -31,7 +31,7 @@ from .recurrent_model import RecurrentConfig, RecurrentTransformer
 @dataclass
 class RecurrentTrainConfig:
     modulus: int = 5
-    train_max_ops: int = 6        # num_ops drawn uniformly in 1..train_max_ops
+    train_max_ops: int = 5        # num_ops drawn uniformly in 1..train_max_ops
     hidden_size: int = 128
     num_heads: int = 4
     num_kv_heads: int = 2
@@ -40,7 +40,7 @@ class RecurrentTrainConfig:
     block: int = 1
     iterations: int = 8
     coda: int = 1
-    steps: int = 4000
+    steps: int = 6000
     batch: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -168,8 +168,8 @@ def fit_halting_head(kind: str, table, config: RecurrentTrainConfig, progress: b
         loss.backward()
         opt.step()
         if step % 50 == 0 or step + 1 == config.halting_steps:
-            log.append({"step": step + 1, "loss": float(loss), "expected_ce": float(ce),
-                        "expected_iterations": float(compute) * R})
+            log.append({"step": step + 1, "loss": float(loss.detach()), "expected_ce": float(ce.detach()),
+                        "expected_iterations": float(compute.detach()) * R})
     return head.eval(), log
 
 
