@@ -434,7 +434,9 @@ def _cmd_train_controller(args) -> int:
 
 _RECURRENT_OPTIONS = (   # (flag, type, help); unset ones keep RecurrentTrainConfig's defaults
     ("modulus", int, "the task's modulus (default 5)"),
-    ("train-max-ops", int, "operators per training expression: 1..this (default 5)"),
+    ("train-max-ops", int, "operators per training expression: 1..this (default 2)"),
+    ("curriculum", float, "share of the steps over which the largest number of operators grows "
+                          "from 1 to --train-max-ops (default 0.5)"),
     ("hidden-size", int, "model width (default 128)"),
     ("num-heads", int, "attention heads (default 4)"),
     ("num-kv-heads", int, "K/V heads (default 2)"),
@@ -443,7 +445,7 @@ _RECURRENT_OPTIONS = (   # (flag, type, help); unset ones keep RecurrentTrainCon
     ("block", int, "layers in the recurrent block (default 1)"),
     ("iterations", int, "times the block runs at full depth (default 8)"),
     ("coda", int, "layers after the recurrent block (default 1)"),
-    ("steps", int, "model training steps (default 6000)"),
+    ("steps", int, "model training steps (default 4000)"),
     ("batch", int, "expressions per step (default 64)"),
     ("lr", float, "model learning rate (default 2e-3)"),
     ("weight-decay", float, "AdamW weight decay (default 0.01)"),

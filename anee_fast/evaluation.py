@@ -156,6 +156,16 @@ def default_controller_names(out=sys.stdout) -> list:
     return list(DEFAULT_CONTROLLERS) + ["learned"]
 
 
+def write_json(path, value):
+    """Writes value as indented JSON, making parent folders; returns the path."""
+    folder = os.path.dirname(os.fspath(path))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+    return path
+
+
 def format_table(records) -> str:
     head = f"{'controller':<16}{'budget':>7}{'compute':>9}{'max':>7}{'KL':>9}{'top-1':>8}{'ppl':>11}" \
            f"{'greedy':>8}  within"
@@ -186,12 +196,7 @@ def run_eval(llm, *, budgets=DEFAULT_BUDGETS, text_path=None, controllers=None, 
     print(f"{len(heldout)} held-out windows of {seq_len} tokens ({len(train)} training windows), "
           f"{time.perf_counter() - started:.0f} s", file=out)
     if json_path:
-        folder = os.path.dirname(os.fspath(json_path))
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(records, f, indent=1)
-        print(f"records: {json_path}", file=out)
+        print(f"records: {write_json(json_path, records)}", file=out)
     if plot_path:
         from .plots import plot_quality_vs_compute
         print(f"plot: {plot_quality_vs_compute(records, plot_path)}", file=out)

@@ -1,9 +1,9 @@
-"""Pictures of a Trace: which layers each token ran, what each token spent, how deep the model was.
+"""Pictures of a Trace (which layers each token ran, what each token spent, how deep the model
+was) and of evaluation results (quality against compute, halting against difficulty).
 
 Figures are drawn with matplotlib's object API on an Agg canvas, never through pyplot, so
 importing this module neither needs a display nor changes the backend of the caller's process.
-Every function takes an `anee_fast.trace.Trace`, writes a PNG (creating parent folders) and
-returns the path it wrote.
+Every function writes a PNG (creating parent folders) and returns the path it wrote.
 """
 import os
 
@@ -203,5 +203,34 @@ def plot_quality_vs_compute(records, path, title=None):
         ax.grid(alpha=0.3)
     ax_top1.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.suptitle(title or "Quality against compute on held-out text", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_recurrent(result, path):
+    """Answer accuracy and mean answer iterations against the number of operators L, one line per
+    controller (halting, and fixed depth at 1, R/2 and R iterations); the training range is
+    shaded. `result` is anee_fast.recurrent_eval.evaluate_recurrent's."""
+    R, records = result["iterations"], result["records"]
+    shown = ["halting-early", "halting-online"] + [f"fixed-{k}" for k in sorted({1, max(1, R // 2), R})]
+    fig = Figure(figsize=(11.0, 4.2))
+    ax_acc, ax_it = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for name in shown:
+        rows = sorted((r for r in records if r["controller"] == name), key=lambda r: r["num_ops"])
+        if not rows:
+            continue
+        style = dict(marker="o") if name.startswith("halting") else dict(linestyle="--")
+        ops = [r["num_ops"] for r in rows]
+        ax_acc.plot(ops, [r["accuracy"] for r in rows], label=name, **style)
+        ax_it.plot(ops, [r["mean_iterations"] for r in rows], label=name, **style)
+    for ax in (ax_acc, ax_it):
+        ax.axvspan(0.5, result["train_max_ops"] + 0.5, color="0.92", zorder=0)
+        ax.set_xlabel("operators L (shaded: training range)")
+        ax.grid(alpha=0.3)
+    ax_acc.set_ylabel("answer accuracy")
+    ax_acc.set_ylim(0, 1.02)
+    ax_it.set_ylabel("iterations run by the answer token")
+    ax_it.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.suptitle("Halting against difficulty on prefix modular arithmetic", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)

@@ -17,6 +17,7 @@ import torch
 
 from . import recurrent_model
 from .actions import EXIT, PROCESS
+from .evaluation import write_json
 from .halting import KINDS, load_controller
 from .modular_task import ModularTask
 from .quality import score_windows
@@ -131,37 +132,6 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
-def plot_recurrent(result, path):
-    """Accuracy and mean answer iterations against L, one line per controller (fixed depth: the
-    deepest and two shallower ones), with the training range shaded."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    R = result["iterations"]
-    shown = [f"halting-{k}" for k in KINDS] + [f"fixed-{k}" for k in sorted({1, max(1, R // 2), R})]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in shown:
-        rows = sorted((r for r in result["records"] if r["controller"] == name), key=lambda r: r["num_ops"])
-        if not rows:
-            continue
-        style = "-o" if name.startswith("halting") else "--"
-        axes[0].plot([r["num_ops"] for r in rows], [r["accuracy"] for r in rows], style, label=name)
-        axes[1].plot([r["num_ops"] for r in rows], [r["mean_iterations"] for r in rows], style, label=name)
-    for ax in axes:
-        ax.axvspan(0.5, result["train_max_ops"] + 0.5, color="0.9", zorder=0)
-        ax.set_xlabel("operators L (shaded: training range)")
-    axes[0].set(ylabel="answer accuracy", title="accuracy")
-    axes[1].set(ylabel="iterations of the answer token", title="allocated compute")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    folder = os.path.dirname(os.fspath(path))
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def run_eval_recurrent(model_dir, *, max_ops: int = 10, examples: int = 64, backend: str = "auto",
                        json_path=None, plot_path=None, seed: int = 0, progress: bool = True,
                        out=None) -> dict:
@@ -184,12 +154,8 @@ def run_eval_recurrent(model_dir, *, max_ops: int = 10, examples: int = 64, back
     print(format_table(result), file=out)
     print(f"{examples} examples per L, {time.perf_counter() - started:.0f} s", file=out)
     if json_path:
-        folder = os.path.dirname(os.fspath(json_path))
-        if folder:
-            os.makedirs(folder, exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"records: {json_path}", file=out)
+        print(f"records: {write_json(json_path, result)}", file=out)
     if plot_path:
+        from .plots import plot_recurrent
         print(f"plot: {plot_recurrent(result, plot_path)}", file=out)
     return result

@@ -1,7 +1,9 @@
 """Training a small weight-tied transformer on prefix modular arithmetic, then its halting heads.
 
-1. The model (RecurrentTransformer): each step draws num_ops uniformly in 1..train_max_ops, and
-   every token a random number of iterations in 1..R (its later iterations SKIPped, as a halted
+1. The model (RecurrentTransformer): each step draws num_ops uniformly in 1..max_ops(step), a
+   curriculum that grows from 1 to train_max_ops over the first `curriculum` share of the steps
+   (mixing long expressions in from the start drowns the short ones: measured, see
+   docs/recurrent.md), and every token a random number of iterations in 1..R (its later iterations SKIPped, as a halted
    token's are), so the model answers at any depth and tolerates context tokens that halted.
    The loss is the answer's cross-entropy at the "=" token, at its own random depth.
 2. The halting heads, on the frozen model: for a set of fresh examples, the answer's
@@ -31,7 +33,8 @@ from .recurrent_model import RecurrentConfig, RecurrentTransformer
 @dataclass
 class RecurrentTrainConfig:
     modulus: int = 5
-    train_max_ops: int = 5        # num_ops drawn uniformly in 1..train_max_ops
+    train_max_ops: int = 2        # num_ops drawn uniformly in 1..train_max_ops
+    curriculum: float = 0.5       # share of the steps over which max num_ops grows from 1
     hidden_size: int = 128
     num_heads: int = 4
     num_kv_heads: int = 2
@@ -40,7 +43,7 @@ class RecurrentTrainConfig:
     block: int = 1
     iterations: int = 8
     coda: int = 1
-    steps: int = 6000
+    steps: int = 4000
     batch: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -61,6 +64,8 @@ class RecurrentTrainConfig:
         for name in ("lr", "halting_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.curriculum <= 1.0:
+            raise ValueError(f"curriculum must be in [0, 1], got {self.curriculum!r}")
         for name in ("weight_decay", "compute_penalty"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -89,6 +94,15 @@ def depth_mask(config: RecurrentConfig, iterations: torch.Tensor) -> torch.Tenso
     done = (layers - config.prelude).div(config.block, rounding_mode="floor")
     recurrent = (layers >= config.prelude) & (layers < config.iteration_end(config.iterations))
     return ~recurrent | (done < iterations[..., None])
+
+
+def curriculum_max_ops(config: RecurrentTrainConfig, step: int) -> int:
+    """The largest num_ops drawn at `step` (0-based): 1 at the start, train_max_ops from
+    curriculum * steps on, growing linearly in between."""
+    ramp = config.curriculum * config.steps
+    if ramp <= 0 or step >= ramp:
+        return config.train_max_ops
+    return 1 + int((config.train_max_ops - 1) * step / ramp)
 
 
 def training_batch(task: ModularTask, config: RecurrentConfig, max_ops: int, batch: int, g):
@@ -217,8 +231,8 @@ def train_recurrent(out_dir, config: RecurrentTrainConfig = None, resume: bool =
     window = []
     for step in bar:
         g = _generator(config.seed, "train", step)
-        ids, where, answers, _, iterations = training_batch(task, model.config, config.train_max_ops,
-                                                            config.batch, g)
+        ids, where, answers, _, iterations = training_batch(
+            task, model.config, curriculum_max_ops(config, step), config.batch, g)
         loss, accuracy = answer_loss(model, ids, where, answers, iterations)
         opt.zero_grad()
         loss.backward()

@@ -218,3 +218,17 @@ def test_every_backend_matches_the_reference_backend(backend, name):
     a = fast.generate(prompts, params, energy_budget=0.6, controller="heuristic")
     b = slow.generate(prompts, params, energy_budget=0.6, controller="heuristic")
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_weight_tied_model_on_the_gpu_matches_the_cpu_reference(backend, name):
+    model = build(name)
+    gpu = LLM(model, backend=backend, device="cuda", dtype=torch.float32, block_size=8)
+    cpu = LLM(model, backend="reference", block_size=8)
+    L = model.config.num_layers
+    ids = random_ids(23, seed=11)
+    actions = random_actions(23, L, seed=12)
+    for chunk in (None, 1):
+        torch.testing.assert_close(gpu.score(ids, actions, chunk_size=chunk).cpu(),
+                                   cpu.score(ids, actions, chunk_size=chunk), atol=1e-3, rtol=1e-3)

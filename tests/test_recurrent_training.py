@@ -12,8 +12,8 @@ from anee_fast.modular_task import ModularTask
 from anee_fast.recurrent_eval import (answer_iterations, fixed_depth_actions, interpolate, pearson,
                                       run_eval_recurrent)
 from anee_fast.recurrent_model import RecurrentConfig, RecurrentTransformer
-from anee_fast.recurrent_training import (RecurrentTrainConfig, depth_mask, exit_distribution,
-                                          exit_table, train_recurrent)
+from anee_fast.recurrent_training import (RecurrentTrainConfig, curriculum_max_ops, depth_mask,
+                                          exit_distribution, exit_table, train_recurrent)
 
 TINY = dict(hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=24, iterations=3,
             steps=4, batch=8, halting_examples=24, halting_steps=3, checkpoint_every=2,
@@ -73,6 +73,14 @@ def test_depth_mask_runs_prelude_and_coda_always():
         [True, True, True, True, True, False, False, True],
         [True] * 8,
     ]
+
+
+def test_curriculum_grows_the_largest_expression_then_holds():
+    config = RecurrentTrainConfig(train_max_ops=3, steps=100, curriculum=0.5)
+    assert [curriculum_max_ops(config, s) for s in (0, 24, 25, 49, 50, 99)] == [1, 1, 2, 2, 3, 3]
+    assert curriculum_max_ops(RecurrentTrainConfig(train_max_ops=3, curriculum=0.0), 0) == 3
+    with pytest.raises(ValueError, match="curriculum"):
+        RecurrentTrainConfig(curriculum=1.5).validate()
 
 
 def _controller_for(kind, config, bias):
