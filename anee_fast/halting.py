@@ -81,13 +81,14 @@ class HaltingController(Controller):
         self.check_model(ctx.num_layers, ctx.h.shape[-1])
         n = ctx.h.shape[0]
         offset = ctx.layer - self.prelude
-        if offset < 0 or offset >= self.block * self.iterations:
+        done, within = divmod(offset, self.block)       # iterations completed before this layer
+        if offset < 0 or done >= self.iterations or within:
+            # Outside the recurrence, or inside an iteration: decisions are taken at its first layer.
             return torch.full((n,), PROCESS, dtype=torch.int8, device=ctx.h.device)
-        done, boundary = divmod(offset, self.block)       # iterations completed before this layer
         head = self.head.to(ctx.h.device)
         with torch.no_grad():
             if self.kind == "early":
-                if offset == 0:
+                if done == 0:
                     self.planned = head(ctx.h).argmax(-1) + 1
                 if self.planned is None or self.planned.shape[0] != n:
                     raise RuntimeError("the early halting controller must see the first recurrent "
@@ -98,8 +99,6 @@ class HaltingController(Controller):
             else:
                 r = torch.full((n,), done, dtype=torch.long, device=ctx.h.device)
                 halt = head(ctx.h, r) > 0.0
-        if boundary:
-            halt = torch.zeros_like(halt)
         return torch.where(halt, EXIT, PROCESS).to(torch.int8)
 
 
