@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .actions import EXIT, PROCESS
 from .controllers import Controller
 from .recurrent_model import load_config
+from .weights_file import load_matching
 
 KINDS = ("early", "online")
 HALTING_CONFIG = "halting.json"
@@ -131,6 +132,6 @@ def load_controller(directory, kind: str) -> HaltingController:
     config = load_config(folder)
     width = json.loads((folder / HALTING_CONFIG).read_text())["width"]
     head = new_head(kind, config.hidden_size, config.iterations, width)
-    head.load_state_dict(load_file(str(weights)))
+    load_matching(head, weights, f"{kind} halting head", f"{HALTING_CONFIG} and the model's config")
     return HaltingController(kind, head, config.prelude, config.block, config.iterations,
                              config.num_layers, config.hidden_size)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .model_weights import LayerWeights, ModelSpec, ModelWeights
+from .weights_file import load_matching
 
 MODEL_TYPE = "anee_recurrent"
 CONFIG_NAME = "recurrent_config.json"
@@ -239,11 +240,5 @@ def load(directory) -> RecurrentTransformer:
     """A model saved by `save` (eval mode, on the CPU)."""
     folder = Path(os.fspath(directory))
     model = RecurrentTransformer(load_config(folder))
-    state = load_file(str(folder / WEIGHTS_NAME))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if got != expected:
-        raise ValueError(f"{folder / WEIGHTS_NAME} does not match {CONFIG_NAME}: expected {expected}, "
-                         f"got {got}")
-    model.load_state_dict(state)
+    load_matching(model, folder / WEIGHTS_NAME, "model weights", CONFIG_NAME)
     return model.eval()

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .actions import EXIT, PROCESS, SKIP
 from .controllers import Controller
 from .profiler import cosine_saturation
+from .weights_file import load_matching
 
 FORMAT = "anee_fast.budget_controller"
 VERSION = 1
@@ -200,18 +201,9 @@ class BudgetConditionedController(Controller):
                                  f"{config.get(key)!r}")
         _check_fallback(config.get("static_fallback"), config["num_layers"], json_path)
         config.setdefault("model", "an unnamed model")
-        try:
-            state = load_file(str(weights_path))
-        except Exception as e:
-            raise ValueError(f"cannot read controller weights {weights_path}: {e}") from None
         net = ControllerNet(config["num_layers"], config["hidden_size"], config["width"],
                             config["proj_dim"])
-        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        got = {k: tuple(v.shape) for k, v in state.items()}
-        if got != expected:
-            raise ValueError(f"{weights_path}: weights do not match the config {json_path.name}: "
-                             f"expected {expected}, got {got}")
-        net.load_state_dict(state)
+        load_matching(net, weights_path, "controller weights", f"the config {json_path.name}")
         return cls(net, config, exit_threshold=exit_threshold)
 
 

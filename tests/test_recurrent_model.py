@@ -5,6 +5,7 @@ applies the shared block once per virtual layer on every token and keeps its out
 token PROCESSes (BRIEF's formulation). The engine runs the packed weights, in which the tied
 virtual layers share one block's tensors.
 """
+import json
 import os
 
 import pytest
@@ -188,7 +189,12 @@ def test_save_and_load_round_trip(tmp_path):
     assert again.config == model.config
     ids = random_ids(11, seed=9)
     assert max_err(LLM(str(tmp_path / "m")).score(ids), reference_logits(model, ids)) <= REF_TOL
-    (tmp_path / "m" / "recurrent_config.json").write_text('{"vocab_size": 0}')
+    config_path = tmp_path / "m" / "recurrent_config.json"
+    fields = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(fields, intermediate_size=31)))
+    with pytest.raises(ValueError, match="weights do not match recurrent_config.json"):
+        load(tmp_path / "m")
+    config_path.write_text('{"vocab_size": 0}')
     with pytest.raises(ValueError, match="not a valid recurrent model config"):
         load(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="not a recurrent model checkpoint"):
