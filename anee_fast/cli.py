@@ -434,9 +434,9 @@ def _cmd_train_controller(args) -> int:
 
 _RECURRENT_OPTIONS = (   # (flag, type, help); unset ones keep RecurrentTrainConfig's defaults
     ("modulus", int, "the task's modulus (default 5)"),
-    ("train-max-ops", int, "operators per training expression: 1..this (default 2)"),
-    ("curriculum", float, "share of the steps over which the largest number of operators grows "
-                          "from 1 to --train-max-ops (default 0.5)"),
+    ("train-max-ops", int, "operations per training chain: 1..this (default 4)"),
+    ("full-depth-share", float, "share of the training chains whose tokens all run every "
+                                "iteration; the others run random depths (default 0.5)"),
     ("hidden-size", int, "model width (default 128)"),
     ("num-heads", int, "attention heads (default 4)"),
     ("num-kv-heads", int, "K/V heads (default 2)"),
@@ -445,15 +445,15 @@ _RECURRENT_OPTIONS = (   # (flag, type, help); unset ones keep RecurrentTrainCon
     ("block", int, "layers in the recurrent block (default 1)"),
     ("iterations", int, "times the block runs at full depth (default 8)"),
     ("coda", int, "layers after the recurrent block (default 1)"),
-    ("steps", int, "model training steps (default 4000)"),
-    ("batch", int, "expressions per step (default 64)"),
+    ("steps", int, "model training steps (default 1500)"),
+    ("batch", int, "chains per step (default 64)"),
     ("lr", float, "model learning rate (default 2e-3)"),
     ("weight-decay", float, "AdamW weight decay (default 0.01)"),
-    ("halting-examples", int, "fresh expressions the halting heads learn from (default 2048)"),
+    ("halting-examples", int, "fresh chains the halting heads learn from (default 2048)"),
     ("halting-steps", int, "optimisation steps per halting head (default 500)"),
     ("halting-lr", float, "halting heads' learning rate (default 3e-3)"),
     ("halting-width", int, "hidden width of the halting heads (default 64)"),
-    ("compute-penalty", float, "nats of answer cross-entropy a full depth of compute costs (default 0.05)"),
+    ("compute-penalty", float, "nats of cross-entropy a full depth of compute is worth (default 0.2)"),
     ("checkpoint-every", int, "steps between checkpoints (default 250)"),
     ("seed", int, "seed of every random draw (default 0)"),
 )
@@ -462,7 +462,7 @@ _RECURRENT_OPTIONS = (   # (flag, type, help); unset ones keep RecurrentTrainCon
 def _add_train_recurrent(subparsers):
     p = subparsers.add_parser(
         "train-recurrent", help="train a small weight-tied model and its halting heads",
-        description="Train a weight-tied (recurrent) transformer on prefix modular arithmetic, with "
+        description="Train a weight-tied (recurrent) transformer on chained modular arithmetic, with "
                     "a random number of iterations per token, then an early-allocation and an "
                     "online halting head on the frozen model. Writes the model "
                     "(recurrent_config.json + model.safetensors, loadable with LLM(OUT_DIR)), "
@@ -500,18 +500,18 @@ def _cmd_train_recurrent(args) -> int:
 def _add_eval_recurrent(subparsers):
     p = subparsers.add_parser(
         "eval-recurrent", help="accuracy and compute of halting controllers against difficulty",
-        description="Run early halting, online halting and every fixed depth on fresh expressions "
+        description="Run early halting, online halting and every fixed depth on fresh chains "
                     "with 1..MAX_OPS operators (beyond the training range too) through the engine; "
                     "print accuracy and mean iterations of the answer token per L, the correlation "
                     "of allocated iterations with L, and fixed depth's accuracy at the same mean "
                     "iterations.")
     p.add_argument("model_dir", help="a directory written by train-recurrent")
     p.add_argument("--max-ops", type=int, default=10, help="largest number of operators (default 10)")
-    p.add_argument("--examples", type=int, default=64, help="expressions per L (default 64)")
+    p.add_argument("--examples", type=int, default=64, help="chains per L (default 64)")
     p.add_argument("--backend", default="auto", help="reference | triton | native | auto (default)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the records and summary here")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot here")
-    p.add_argument("--seed", type=int, default=0, help="seed of the expressions (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the chains (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval_recurrent)
 

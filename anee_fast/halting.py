@@ -4,13 +4,14 @@ Both read the residual through a parameter-free RMS normalisation and a small ML
 the engine's controller interface by proposing EXIT at an iteration boundary (the engine then
 fills the skipped iterations' K/V and, with always_last = coda, still runs the coda).
 
-- Early (ANIRA-E): at the first recurrent layer, from the state after the prelude, a
-  distribution over 1..R iterations; the token runs the most likely count.
+- Early (ANIRA-E): at the first recurrent layer, from the state after the prelude, the
+  token's predicted cross-entropy after each count r = 1..R of iterations; the token runs the
+  count that minimises it plus compute_penalty * r / R.
 - Online (ANIRA-O): after each iteration r < R, a halting probability from the current state;
   the token halts once it exceeds 1/2.
 
-Heads are trained without difficulty labels (recurrent_training.fit_halting_heads): from the
-answer's cross-entropy at every exit plus a compute penalty.
+Heads are trained without difficulty labels (recurrent_training.fit_halting_head): from each
+token's cross-entropy at every exit, with a compute penalty.
 """
 import json
 import os
@@ -36,7 +37,7 @@ def normalised(h):
 
 
 class EarlyHead(nn.Module):
-    """logits [N, R] over how many iterations to run (index r-1 = r iterations)."""
+    """Predicted cross-entropy [N, R] of exiting after r iterations (index r-1)."""
 
     def __init__(self, hidden_size: int, iterations: int, width: int = 64):
         super().__init__()
@@ -63,13 +64,16 @@ class HaltingController(Controller):
     """Proposes EXIT at iteration boundaries (PROCESS elsewhere) for a weight-tied model."""
 
     def __init__(self, kind: str, head: nn.Module, prelude: int, block: int, iterations: int,
-                 num_layers: int, hidden_size: int):
+                 num_layers: int, hidden_size: int, compute_penalty: float):
         if kind not in KINDS:
             raise ValueError(f"halting kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not compute_penalty >= 0:
+            raise ValueError(f"compute_penalty must be >= 0, got {compute_penalty!r}")
         self.name = f"halting-{kind}"
         self.kind, self.head = kind, head.eval()
         self.prelude, self.block, self.iterations = prelude, block, iterations
         self.num_layers, self.hidden_size = num_layers, hidden_size
+        self.compute_penalty = compute_penalty     # early: nats per full depth
         self.planned = None       # early: iterations per row of the current step
 
     def check_model(self, num_layers: int, hidden_size: int):
@@ -90,7 +94,7 @@ class HaltingController(Controller):
         with torch.no_grad():
             if self.kind == "early":
                 if done == 0:
-                    self.planned = head(ctx.h).argmax(-1) + 1
+                    self.planned = early_plan(head(ctx.h), self.compute_penalty)
                 if self.planned is None or self.planned.shape[0] != n:
                     raise RuntimeError("the early halting controller must see the first recurrent "
                                        "layer of a step before the later ones")
@@ -103,21 +107,28 @@ class HaltingController(Controller):
         return torch.where(halt, EXIT, PROCESS).to(torch.int8)
 
 
+def early_plan(predicted_ce, compute_penalty: float) -> torch.Tensor:
+    """Iterations [N] minimising predicted cross-entropy + compute_penalty * r / R."""
+    R = predicted_ce.shape[-1]
+    cost = torch.arange(1, R + 1, device=predicted_ce.device) / R
+    return (predicted_ce + compute_penalty * cost).argmin(-1) + 1
+
+
 def new_head(kind: str, hidden_size: int, iterations: int, width: int = 64) -> nn.Module:
     if kind not in KINDS:
         raise ValueError(f"halting kind must be one of {', '.join(KINDS)}, got {kind!r}")
     return (EarlyHead if kind == "early" else OnlineHead)(hidden_size, iterations, width)
 
 
-def save_heads(directory, heads: dict, width: int, extra: dict = None):
-    """Writes halting-<kind>.safetensors per head and halting.json (width + anything in extra)."""
+def save_heads(directory, heads: dict, width: int, compute_penalty: float):
+    """Writes halting-<kind>.safetensors per head and halting.json (width, compute penalty)."""
     out = Path(os.fspath(directory))
     out.mkdir(parents=True, exist_ok=True)
     for kind, head in heads.items():
         state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
         save_file(state, str(out / f"halting-{kind}.safetensors"))
     (out / HALTING_CONFIG).write_text(json.dumps({"width": width, "kinds": sorted(heads),
-                                                  **(extra or {})}, indent=2) + "\n")
+                                                  "compute_penalty": compute_penalty}, indent=2) + "\n")
 
 
 def load_controller(directory, kind: str) -> HaltingController:
@@ -130,8 +141,8 @@ def load_controller(directory, kind: str) -> HaltingController:
         raise FileNotFoundError(f"{folder} holds no trained {kind} halting head (train one with "
                                 "anee-fast train-recurrent)")
     config = load_config(folder)
-    width = json.loads((folder / HALTING_CONFIG).read_text())["width"]
-    head = new_head(kind, config.hidden_size, config.iterations, width)
+    settings = json.loads((folder / HALTING_CONFIG).read_text())
+    head = new_head(kind, config.hidden_size, config.iterations, settings["width"])
     load_matching(head, weights, f"{kind} halting head", f"{HALTING_CONFIG} and the model's config")
     return HaltingController(kind, head, config.prelude, config.block, config.iterations,
-                             config.num_layers, config.hidden_size)
+                             config.num_layers, config.hidden_size, settings["compute_penalty"])

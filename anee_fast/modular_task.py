@@ -1,9 +1,13 @@
-"""Prefix modular arithmetic with a difficulty knob (the ANIRA seed's MANO, in spirit).
+"""Chained modular arithmetic with a difficulty knob (the ANIRA seed's MANO, in spirit).
 
-An example is a random expression with exactly `num_ops` binary operators (+, -, *) over digits
-mod `modulus`, written in prefix notation, then "=": `<bos> + * 3 4 - 1 2 =`. The answer is the
-expression's value mod `modulus`, predicted at the "=" token. num_ops is the number of operations
-the answer needs, so difficulty is known exactly and no label ever says it.
+An example chains exactly `num_ops` binary operations (+, -, *) over digits mod `modulus`,
+evaluated left to right, then "=": `<bos> 3 + 4 * 2 - 1 =` is ((3 + 4) * 2 - 1) mod 5 = 3. Every
+digit's target is the running value of the chain up to it and the "=" token's target is the
+answer, the chain's value. The running value after k operations needs the one after k - 1, so
+the answer needs num_ops sequential steps: difficulty is known exactly and no label says it.
+
+(The seed's MANO writes expressions in prefix notation with only the answer supervised; at CPU
+scale that variant did not learn beyond 2 operators, see docs/recurrent.md.)
 """
 from dataclasses import dataclass
 
@@ -11,6 +15,7 @@ import torch
 
 SPECIALS = ("<pad>", "<bos>", "=")
 OPERATORS = ("+", "-", "*")
+IGNORE = -100          # target of tokens that predict nothing (cross_entropy's ignore_index)
 
 
 @dataclass(frozen=True)
@@ -36,39 +41,35 @@ class ModularTask:
         return len(SPECIALS) + len(OPERATORS) + value
 
     def prompt_length(self, num_ops: int) -> int:
-        """<bos>, 2 * num_ops + 1 symbols, "="."""
+        """<bos>, num_ops + 1 digits, num_ops operators, "="."""
         return 2 * num_ops + 3
 
     def sample(self, num_ops: int, generator: torch.Generator) -> tuple:
-        """(prompt token ids, answer token id) of a random expression with num_ops operators."""
+        """(prompt token ids, targets): targets[i] is the running value's token id at a digit,
+        the answer's at "=" (targets[-1]) and IGNORE elsewhere."""
         if isinstance(num_ops, bool) or not isinstance(num_ops, int) or num_ops < 0:
             raise ValueError(f"num_ops must be an integer >= 0, got {num_ops!r}")
-        symbols, value = self._expression(num_ops, generator)
-        prompt = [self.token_id("<bos>")] + symbols + [self.token_id("=")]
-        return prompt, self.digit_id(value)
-
-    def _expression(self, num_ops: int, g) -> tuple:
-        """(prefix symbols, value): the left operand takes a uniform share of the operators."""
-        if num_ops == 0:
-            digit = int(torch.randint(self.modulus, (), generator=g))
-            return [self.digit_id(digit)], digit
-        left_ops = int(torch.randint(num_ops, (), generator=g))
-        op = int(torch.randint(len(OPERATORS), (), generator=g))
-        left, a = self._expression(left_ops, g)
-        right, b = self._expression(num_ops - 1 - left_ops, g)
-        value = (a + b, a - b, a * b)[op] % self.modulus
-        return [len(SPECIALS) + op] + left + right, value
+        digits = torch.randint(self.modulus, (num_ops + 1,), generator=generator).tolist()
+        ops = torch.randint(len(OPERATORS), (num_ops,), generator=generator).tolist()
+        value = digits[0]
+        prompt = [self.token_id("<bos>"), self.digit_id(value)]
+        targets = [IGNORE, self.digit_id(value)]
+        for op, digit in zip(ops, digits[1:]):
+            value = (value + digit, value - digit, value * digit)[op] % self.modulus
+            prompt += [len(SPECIALS) + op, self.digit_id(digit)]
+            targets += [IGNORE, self.digit_id(value)]
+        return prompt + [self.token_id("=")], targets + [self.digit_id(value)]
 
     def batch(self, num_ops, generator: torch.Generator) -> tuple:
-        """(ids [n, T] right-padded, answer position [n], answer id [n]) for a list of num_ops."""
+        """(ids [n, T], targets [n, T]) for a list of num_ops, right-padded (<pad>, IGNORE)."""
         examples = [self.sample(n, generator) for n in num_ops]
         width = max(len(p) for p, _ in examples)
         ids = torch.full((len(examples), width), self.token_id("<pad>"), dtype=torch.long)
-        for i, (prompt, _) in enumerate(examples):
+        targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+        for i, (prompt, target) in enumerate(examples):
             ids[i, :len(prompt)] = torch.tensor(prompt)
-        where = torch.tensor([len(p) - 1 for p, _ in examples])
-        answers = torch.tensor([a for _, a in examples])
-        return ids, where, answers
+            targets[i, :len(target)] = torch.tensor(target)
+        return ids, targets
 
     def decode(self, ids) -> str:
         return " ".join(self.vocab[int(i)] for i in ids)

@@ -231,6 +231,6 @@ def plot_recurrent(result, path):
     ax_acc.set_ylim(0, 1.02)
     ax_it.set_ylabel("iterations run by the answer token")
     ax_it.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.suptitle("Halting against difficulty on prefix modular arithmetic", fontsize=11)
+    fig.suptitle("Halting against difficulty on chained modular arithmetic", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)

@@ -83,7 +83,7 @@ def evaluate_recurrent(llm, model_dir, task: ModularTask, ops_range, train_max_o
     jobs = [(name, n) for name in controllers for n in ops_range]
     for name, n in tqdm(jobs, desc="eval-recurrent", unit="run", disable=not progress):
         prompts = [p for p, _ in data[n]]
-        answers = torch.tensor([a for _, a in data[n]])
+        answers = torch.tensor([targets[-1] for _, targets in data[n]])
         predicted, iterations = run_controller(llm, config, prompts, controllers[name])
         correct = predicted == answers
         records.append({"controller": name, "num_ops": n, "in_range": n <= train_max_ops,

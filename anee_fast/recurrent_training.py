@@ -1,16 +1,19 @@
-"""Training a small weight-tied transformer on prefix modular arithmetic, then its halting heads.
+"""Training a small weight-tied transformer on chained modular arithmetic, then its halting heads.
 
-1. The model (RecurrentTransformer): each step draws num_ops uniformly in 1..max_ops(step), a
-   curriculum that grows from 1 to train_max_ops over the first `curriculum` share of the steps
-   (mixing long expressions in from the start drowns the short ones: measured, see
-   docs/recurrent.md), and every token a random number of iterations in 1..R (its later iterations SKIPped, as a halted
-   token's are), so the model answers at any depth and tolerates context tokens that halted.
-   The loss is the answer's cross-entropy at the "=" token, at its own random depth.
-2. The halting heads, on the frozen model: for a set of fresh examples, the answer's
-   cross-entropy CE_r at every exit r and the states the heads read. Early head: minimise
-   E_q[CE_r] + penalty * E_q[r] / R over its distribution q. Online head: with halting
-   probabilities l_r, the exit distribution p(r) = l_r * prod_{j<r}(1 - l_j) (the last iteration
-   takes the rest), minimise E_p[CE_r] + penalty * E_p[r] / R. No label says how hard a token is.
+1. The model (RecurrentTransformer): each step draws num_ops uniformly in 1..train_max_ops per
+   chain; every digit is trained to predict the running value and "=" the answer (dense targets:
+   a chain of L operations holds problems of every size up to L). A `full_depth_share` of the
+   chains run all R iterations; every other token runs a random number in 1..R (its later
+   iterations SKIPped, as a halted token's are), so the model answers at any depth and reads
+   context tokens that halted.
+2. The halting heads, on the frozen model: for fresh chains, every token's cross-entropy CE_r
+   when all tokens exit after r iterations (0 for tokens without a target: only compute counts
+   there) and the states the heads read. Early head: regress CE_1..CE_R from the state after the
+   prelude (squared error); it runs argmin_r predicted CE_r + penalty * r / R. (Minimising
+   E_q[CE_r] + penalty * E_q[r] / R over a softmax q instead stalled with the same q for every
+   difficulty: measured, see docs/recurrent.md.) Online head: with halting probabilities l_r,
+   the exit distribution p(r) = l_r * prod_{j<r}(1 - l_j) (the last iteration takes the rest),
+   minimise E_p[CE_r] + penalty * E_p[r] / R. No label says how hard a token is.
 
 The run checkpoints into its directory and resumes (`resume=True`); per-step randomness comes
 from (seed, step), so a resumed run draws what an unbroken one would.
@@ -25,16 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from . import recurrent_model
-from .halting import KINDS, new_head, save_heads
-from .modular_task import ModularTask
+from .halting import KINDS, early_plan, new_head, save_heads
+from .modular_task import IGNORE, ModularTask
 from .recurrent_model import RecurrentConfig, RecurrentTransformer
 
 
 @dataclass
 class RecurrentTrainConfig:
     modulus: int = 5
-    train_max_ops: int = 2        # num_ops drawn uniformly in 1..train_max_ops
-    curriculum: float = 0.5       # share of the steps over which max num_ops grows from 1
+    train_max_ops: int = 4        # num_ops drawn uniformly in 1..train_max_ops
+    full_depth_share: float = 0.5  # chains whose tokens all run R iterations
     hidden_size: int = 128
     num_heads: int = 4
     num_kv_heads: int = 2
@@ -43,7 +46,7 @@ class RecurrentTrainConfig:
     block: int = 1
     iterations: int = 8
     coda: int = 1
-    steps: int = 4000
+    steps: int = 1500
     batch: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -51,7 +54,7 @@ class RecurrentTrainConfig:
     halting_steps: int = 500
     halting_lr: float = 3e-3
     halting_width: int = 64
-    compute_penalty: float = 0.05  # nats of answer cross-entropy per full depth
+    compute_penalty: float = 0.2   # nats of cross-entropy a full depth of compute is worth
     checkpoint_every: int = 250
     seed: int = 0
 
@@ -64,8 +67,8 @@ class RecurrentTrainConfig:
         for name in ("lr", "halting_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not 0.0 <= self.curriculum <= 1.0:
-            raise ValueError(f"curriculum must be in [0, 1], got {self.curriculum!r}")
+        if not 0.0 <= self.full_depth_share <= 1.0:
+            raise ValueError(f"full_depth_share must be in [0, 1], got {self.full_depth_share!r}")
         for name in ("weight_decay", "compute_penalty"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -96,66 +99,63 @@ def depth_mask(config: RecurrentConfig, iterations: torch.Tensor) -> torch.Tenso
     return ~recurrent | (done < iterations[..., None])
 
 
-def curriculum_max_ops(config: RecurrentTrainConfig, step: int) -> int:
-    """The largest num_ops drawn at `step` (0-based): 1 at the start, train_max_ops from
-    curriculum * steps on, growing linearly in between."""
-    ramp = config.curriculum * config.steps
-    if ramp <= 0 or step >= ramp:
-        return config.train_max_ops
-    return 1 + int((config.train_max_ops - 1) * step / ramp)
-
-
-def training_batch(task: ModularTask, config: RecurrentConfig, max_ops: int, batch: int, g):
-    """(ids [n, T], answer position [n], answer [n], num_ops [n], per-token iterations [n, T])."""
+def training_batch(task: ModularTask, config: RecurrentConfig, max_ops: int, batch: int,
+                   full_depth_share: float, g):
+    """(ids [n, T], targets [n, T], per-token iterations [n, T]): num_ops uniform in 1..max_ops;
+    a full_depth_share of the chains run R iterations, the other tokens a random number."""
     num_ops = torch.randint(1, max_ops + 1, (batch,), generator=g)
-    ids, where, answers = task.batch(num_ops.tolist(), g)
+    ids, targets = task.batch(num_ops.tolist(), g)
     iterations = torch.randint(1, config.iterations + 1, ids.shape, generator=g)
-    return ids, where, answers, num_ops, iterations
+    full = torch.rand(batch, generator=g) < full_depth_share
+    iterations[full] = config.iterations
+    return ids, targets, iterations
 
 
-def answer_loss(model, ids, where, answers, iterations):
+def token_loss(model, ids, targets, iterations, answer_id: int):
+    """(mean cross-entropy over every target, accuracy of the answers at "=")."""
     logits = model(ids, depth_mask(model.config, iterations))
-    picked = logits[torch.arange(len(where)), where]
-    return F.cross_entropy(picked, answers), (picked.argmax(-1) == answers).float().mean()
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    answer = ids == answer_id
+    return loss, (logits.argmax(-1)[answer] == targets[answer]).float().mean()
 
 
 # ---- stage 2: halting heads ---------------------------------------------------------------------
 
 @torch.no_grad()
 def exit_table(model, task: ModularTask, max_ops: int, examples: int, seed: int, batch: int = 256):
-    """{ce [n, R], after_prelude [n, hidden], states [n, R, hidden], num_ops [n]}: the answer's
-    cross-entropy when it exits after r iterations (context tokens at random depths) and the
-    residuals the heads read."""
+    """One row per token of `examples` fresh chains (padding left out): {ce [n, R]: its
+    cross-entropy when every token exits after r iterations (0 where it has no target),
+    after_prelude [n, hidden] and states [n, R, hidden]: the residuals the heads read, answer [n]:
+    whether it is an "=" token}."""
     c = model.config
     R = c.iterations
-    parts = {"ce": [], "after_prelude": [], "states": [], "num_ops": []}
+    parts = {"ce": [], "after_prelude": [], "states": [], "answer": []}
     g = _generator(seed, "halting")
+    pad, answer_id = task.token_id("<pad>"), task.token_id("=")
     for start in range(0, examples, batch):
         n = min(batch, examples - start)
-        ids, where, answers, num_ops, iterations = training_batch(task, c, max_ops, n, g)
-        rows = torch.arange(n)
-        iterations[rows, where] = R
+        ids, targets, _ = training_batch(task, c, max_ops, n, 1.0, g)
+        real = ids != pad
         hidden = []
-        model(ids, depth_mask(c, iterations), hidden_states=hidden)
-        parts["after_prelude"].append(hidden[c.prelude - 1][rows, where] if c.prelude
-                                      else model.embed(ids[rows, where]))
-        parts["states"].append(torch.stack([hidden[c.iteration_end(r) - 1][rows, where]
+        model(ids, hidden_states=hidden)
+        parts["after_prelude"].append((hidden[c.prelude - 1] if c.prelude else model.embed(ids))[real])
+        parts["states"].append(torch.stack([hidden[c.iteration_end(r) - 1][real]
                                             for r in range(1, R + 1)], 1))
         ce = []
         for r in range(1, R + 1):
-            iterations[rows, where] = r
-            logits = model(ids, depth_mask(c, iterations))[rows, where]
-            ce.append(F.cross_entropy(logits, answers, reduction="none"))
+            logits = model(ids, depth_mask(c, torch.full(ids.shape, r)))
+            ce.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                      reduction="none").view(ids.shape)[real])
         parts["ce"].append(torch.stack(ce, 1))
-        parts["num_ops"].append(num_ops)
+        parts["answer"].append(ids[real] == answer_id)
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def exit_distribution(kind: str, head, table) -> torch.Tensor:
-    """[n, R]: the head's probability of exiting after each iteration."""
+def exit_distribution(kind: str, head, table, compute_penalty: float) -> torch.Tensor:
+    """[n, R]: the head's probability of exiting after each iteration (early: one-hot on its plan)."""
     R = table["ce"].shape[1]
     if kind == "early":
-        return F.softmax(head(table["after_prelude"]), -1)
+        return F.one_hot(early_plan(head(table["after_prelude"]), compute_penalty) - 1, R).float()
     n = table["ce"].shape[0]
     r = torch.arange(1, R).repeat(n)
     halt = torch.sigmoid(head(table["states"][:, :R - 1].reshape(n * (R - 1), -1), r)).view(n, R - 1)
@@ -174,16 +174,20 @@ def fit_halting_head(kind: str, table, config: RecurrentTrainConfig, progress: b
     from tqdm import tqdm
     for step in tqdm(range(config.halting_steps), desc=f"{kind} halting head", unit="step",
                      disable=not progress):
-        p = exit_distribution(kind, head, table)
-        ce = (p * table["ce"]).sum(-1).mean()
-        compute = (p * cost).sum(-1).mean()
-        loss = ce + config.compute_penalty * compute
+        if kind == "early":
+            loss = F.mse_loss(head(table["after_prelude"]), table["ce"])
+        else:
+            p = exit_distribution(kind, head, table, config.compute_penalty)
+            loss = (p * table["ce"]).sum(-1).mean() + config.compute_penalty * (p * cost).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 50 == 0 or step + 1 == config.halting_steps:
-            log.append({"step": step + 1, "loss": float(loss.detach()), "expected_ce": float(ce.detach()),
-                        "expected_iterations": float(compute.detach()) * R})
+            with torch.no_grad():
+                p = exit_distribution(kind, head, table, config.compute_penalty)
+            log.append({"step": step + 1, "loss": float(loss.detach()),
+                        "expected_ce": float((p * table["ce"]).sum(-1).mean()),
+                        "expected_iterations": float((p * cost).sum(-1).mean()) * R})
     return head.eval(), log
 
 
@@ -231,9 +235,9 @@ def train_recurrent(out_dir, config: RecurrentTrainConfig = None, resume: bool =
     window = []
     for step in bar:
         g = _generator(config.seed, "train", step)
-        ids, where, answers, _, iterations = training_batch(
-            task, model.config, curriculum_max_ops(config, step), config.batch, g)
-        loss, accuracy = answer_loss(model, ids, where, answers, iterations)
+        ids, targets, iterations = training_batch(task, model.config, config.train_max_ops,
+                                                  config.batch, config.full_depth_share, g)
+        loss, accuracy = token_loss(model, ids, targets, iterations, task.token_id("="))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -261,11 +265,11 @@ def train_recurrent(out_dir, config: RecurrentTrainConfig = None, resume: bool =
     for kind in KINDS:
         heads[kind], head_logs[kind] = fit_halting_head(kind, table, config, progress)
     timings["halting"] = time.perf_counter() - start
-    save_heads(out, heads, config.halting_width, extra={"compute_penalty": config.compute_penalty})
+    save_heads(out, heads, config.halting_width, config.compute_penalty)
     full = {"config": asdict(config), "task": {"modulus": config.modulus},
             "model": asdict(model.config), "parameters": sum(p.numel() for p in model.parameters()),
             "timings_s": timings, "model_log": log, "halting_log": head_logs,
-            "exit_ce_by_iteration": table["ce"].mean(0).tolist()}
+            "exit_ce_by_iteration": table["ce"][table["answer"]].mean(0).tolist()}
     (out / "training_log.json").write_text(json.dumps(full, indent=2) + "\n")
     plot_training(full, out / "training_curve.png")
     return full

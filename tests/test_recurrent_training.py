@@ -6,56 +6,60 @@ import pytest
 import torch
 
 from anee_fast import LLM, PROCESS, SKIP
+import anee_fast.recurrent_training as rt
 from anee_fast.cli import main
-from anee_fast.halting import HaltingController, load_controller, new_head
-from anee_fast.modular_task import ModularTask
+from anee_fast.halting import HaltingController, early_plan, load_controller, new_head
+from anee_fast.modular_task import IGNORE, ModularTask
 from anee_fast.recurrent_eval import (answer_iterations, fixed_depth_actions, interpolate, pearson,
                                       run_eval_recurrent)
 from anee_fast.recurrent_model import RecurrentConfig, RecurrentTransformer
-from anee_fast.recurrent_training import (RecurrentTrainConfig, curriculum_max_ops, depth_mask,
-                                          exit_distribution, exit_table, train_recurrent)
+from anee_fast.recurrent_training import (RecurrentTrainConfig, depth_mask, exit_distribution,
+                                          exit_table, fit_halting_head, train_recurrent,
+                                          training_batch)
 
 TINY = dict(hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=24, iterations=3,
             steps=4, batch=8, halting_examples=24, halting_steps=3, checkpoint_every=2,
             train_max_ops=2)
 
 
-def evaluate_prefix(symbols, modulus):
-    """Value of a prefix expression given as strings, by a right-to-left operand stack."""
-    stack = []
-    for s in reversed(symbols):
-        if s in "+-*":
-            a, b = stack.pop(), stack.pop()
-            stack.append({"+": a + b, "-": a - b, "*": a * b}[s] % modulus)
-        else:
-            stack.append(int(s))
-    assert len(stack) == 1
-    return stack[0]
+def running_values(words, modulus):
+    """Running values of a chain "d0 op1 d1 op2 d2 ...", left to right."""
+    value, values = int(words[0]), [int(words[0])]
+    for op, digit in zip(words[1::2], words[2::2]):
+        value = {"+": value + int(digit), "-": value - int(digit), "*": value * int(digit)}[op] % modulus
+        values.append(value)
+    return values
 
 
 @pytest.mark.parametrize("modulus", [2, 5, 11])
-def test_task_answers_are_the_expression_values(modulus):
+def test_task_targets_are_the_running_values(modulus):
     task = ModularTask(modulus)
     g = torch.Generator().manual_seed(modulus)
     for num_ops in range(0, 7):
         for _ in range(20):
-            prompt, answer = task.sample(num_ops, g)
-            assert len(prompt) == task.prompt_length(num_ops)
+            prompt, targets = task.sample(num_ops, g)
+            assert len(prompt) == len(targets) == task.prompt_length(num_ops)
             words = task.decode(prompt).split()
             assert words[0] == "<bos>" and words[-1] == "="
             symbols = words[1:-1]
             assert sum(s in "+-*" for s in symbols) == num_ops
-            assert task.vocab[answer] == str(evaluate_prefix(symbols, modulus))
+            assert all(s in "+-*" for s in symbols[1::2])
+            values = running_values(symbols, modulus)
+            assert [task.vocab[t] for t in targets[1:-1:2]] == [str(v) for v in values]
+            assert all(t == IGNORE for t in [targets[0], *targets[2:-1:2]])
+            assert task.vocab[targets[-1]] == str(values[-1])
 
 
-def test_task_batches_pad_on_the_right_and_point_at_the_answer():
+def test_task_batches_pad_on_the_right():
     task = ModularTask(5)
-    ids, where, answers = task.batch([1, 4, 2], torch.Generator().manual_seed(0))
-    assert ids.shape == (3, task.prompt_length(4))
-    assert where.tolist() == [task.prompt_length(n) - 1 for n in (1, 4, 2)]
-    assert (ids[torch.arange(3), where] == task.token_id("=")).all()
-    assert (ids[0, where[0] + 1:] == task.token_id("<pad>")).all()
-    assert all(task.vocab[a].isdigit() for a in answers)
+    ids, targets = task.batch([1, 4, 2], torch.Generator().manual_seed(0))
+    assert ids.shape == targets.shape == (3, task.prompt_length(4))
+    for row, n in enumerate((1, 4, 2)):
+        end = task.prompt_length(n)
+        assert ids[row, end - 1] == task.token_id("=")
+        assert (ids[row, end:] == task.token_id("<pad>")).all()
+        assert (targets[row, end:] == IGNORE).all()
+        assert task.vocab[targets[row, end - 1]].isdigit()
 
 
 @pytest.mark.parametrize("bad", [1, 0, 98, 2.5, True])
@@ -75,15 +79,22 @@ def test_depth_mask_runs_prelude_and_coda_always():
     ]
 
 
-def test_curriculum_grows_the_largest_expression_then_holds():
-    config = RecurrentTrainConfig(train_max_ops=3, steps=100, curriculum=0.5)
-    assert [curriculum_max_ops(config, s) for s in (0, 24, 25, 49, 50, 99)] == [1, 1, 2, 2, 3, 3]
-    assert curriculum_max_ops(RecurrentTrainConfig(train_max_ops=3, curriculum=0.0), 0) == 3
-    with pytest.raises(ValueError, match="curriculum"):
-        RecurrentTrainConfig(curriculum=1.5).validate()
+def test_training_batches_run_a_share_of_the_chains_at_full_depth():
+    task = ModularTask(5)
+    config = RecurrentTrainConfig(**TINY).model_config()
+    g = torch.Generator().manual_seed(0)
+    ids, targets, iterations = training_batch(task, config, 3, 200, 1.0, g)
+    assert (iterations == config.iterations).all()
+    ids, targets, iterations = training_batch(task, config, 3, 200, 0.0, g)
+    assert iterations.min() == 1 and iterations.max() == config.iterations
+    assert (iterations == config.iterations).all(-1).sum() < 5
+    ops = (ids == task.token_id("+")) | (ids == task.token_id("-")) | (ids == task.token_id("*"))
+    assert set(ops.sum(-1).tolist()) == {1, 2, 3}
+    with pytest.raises(ValueError, match="full_depth_share"):
+        RecurrentTrainConfig(full_depth_share=1.5).validate()
 
 
-def _controller_for(kind, config, bias):
+def _controller_for(kind, config, bias, compute_penalty=0.0):
     head = new_head(kind, config.hidden_size, config.iterations, width=4)
     with torch.no_grad():
         for p in head.parameters():
@@ -91,23 +102,25 @@ def _controller_for(kind, config, bias):
         last = head.net[-1] if kind == "early" else head.out
         last.bias.copy_(bias)
     return HaltingController(kind, head, config.prelude, config.block, config.iterations,
-                             config.num_layers, config.hidden_size)
+                             config.num_layers, config.hidden_size, compute_penalty)
 
 
-@pytest.mark.parametrize("kind, bias, expected", [
-    ("early", torch.tensor([0.0, 0.0, 5.0, 0.0]), 3),     # argmax: 3 iterations
-    ("early", torch.tensor([5.0, 0.0, 0.0, 0.0]), 1),
-    ("online", torch.tensor([5.0]), 1),                   # halts after the first iteration
-    ("online", torch.tensor([-5.0]), 4),                  # never halts: all R iterations
+@pytest.mark.parametrize("kind, bias, penalty, expected", [
+    ("early", torch.tensor([5.0, 5.0, 0.0, 5.0]), 0.0, 3),   # predicted CE lowest after 3
+    ("early", torch.tensor([0.0, 5.0, 5.0, 5.0]), 0.0, 1),
+    ("early", torch.tensor([0.2, 0.0, 0.0, 0.0]), 0.0, 2),   # the fewest among equal CEs
+    ("early", torch.tensor([0.2, 0.0, 0.0, 0.0]), 2.0, 1),   # compute outweighs 0.2 nats
+    ("online", torch.tensor([5.0]), 0.0, 1),                 # halts after the first iteration
+    ("online", torch.tensor([-5.0]), 0.0, 4),                # never halts: all R iterations
 ])
-def test_halting_controllers_exit_at_iteration_boundaries(kind, bias, expected):
+def test_halting_controllers_exit_at_iteration_boundaries(kind, bias, penalty, expected):
     torch.manual_seed(0)
     model = RecurrentTransformer(RecurrentConfig(vocab_size=11, hidden_size=8, num_heads=2,
                                                  num_kv_heads=1, intermediate_size=12, prelude=1,
                                                  block=2, iterations=4, coda=1)).eval()
     c = model.config
     llm = LLM(model, backend="reference", min_layers=c.prelude, always_last=c.coda)
-    controller = _controller_for(kind, c, bias)
+    controller = _controller_for(kind, c, bias, penalty)
     _, traces = llm.score([[1, 4, 5, 6, 2], [1, 7]], controller=controller, return_trace=True)
     for trace in traces:
         assert answer_iterations(trace, c) == expected
@@ -117,42 +130,72 @@ def test_halting_controllers_exit_at_iteration_boundaries(kind, bias, expected):
         assert (actions[:, -c.coda:] == PROCESS).all()        # the coda still runs
     with pytest.raises(ValueError, match="virtual layers"):
         controller.check_model(c.num_layers + 1, c.hidden_size)
+    with pytest.raises(ValueError, match="compute_penalty"):
+        _controller_for(kind, c, bias, -1.0)
 
 
 def test_online_exit_distribution_sums_to_one():
     torch.manual_seed(0)
     head = new_head("online", 8, 5)
     table = {"ce": torch.rand(7, 5), "states": torch.randn(7, 5, 8)}
-    p = exit_distribution("online", head, table)
+    p = exit_distribution("online", head, table, 0.05)
     assert p.shape == (7, 5) and (p >= 0).all()
     torch.testing.assert_close(p.sum(-1), torch.ones(7))
 
 
-def test_exit_table_matches_the_model_run_at_each_depth():
+def test_fitted_early_head_plans_the_cheapest_good_exit():
+    """Two kinds of state: one is solved after 1 iteration, the other needs 3."""
+    torch.manual_seed(0)
+    n, R, hidden = 256, 4, 8
+    kind = torch.arange(n) % 2
+    states = torch.randn(n, hidden) * 0.1 + torch.where(kind[:, None] == 1, 1.0, -1.0)
+    ce = torch.where(kind[:, None] == 1, torch.tensor([2.0, 1.0, 0.0, 0.0]), torch.zeros(R))
+    table = {"ce": ce, "after_prelude": states, "states": states[:, None].expand(n, R, hidden)}
+    config = RecurrentTrainConfig(halting_steps=300, halting_width=16, compute_penalty=0.4)
+    head, log = fit_halting_head("early", table, config, progress=False)
+    assert early_plan(head(states), 0.4).tolist() == (kind * 2 + 1).tolist()
+    assert log[-1]["loss"] < log[0]["loss"] / 10
+    assert log[-1]["expected_iterations"] == pytest.approx(2.0)
+
+
+def test_exit_table_holds_every_token_at_every_depth():
     torch.manual_seed(0)
     config = RecurrentTrainConfig(**TINY)
     model = RecurrentTransformer(config.model_config()).eval()
-    table = exit_table(model, ModularTask(5), 2, examples=5, seed=1)
-    assert table["ce"].shape == (5, 3) and table["states"].shape == (5, 3, 16)
-    assert table["after_prelude"].shape == (5, 16)
+    task = ModularTask(5)
+    table = exit_table(model, task, 2, examples=5, seed=1)
+    n = table["ce"].shape[0]
+    assert 5 * task.prompt_length(1) <= n <= 5 * task.prompt_length(2)
+    assert table["ce"].shape == (n, 3) and table["states"].shape == (n, 3, 16)
+    assert table["after_prelude"].shape == (n, 16)
+    assert int(table["answer"].sum()) == 5
+    # The "=" rows hold the answer's cross-entropy after r iterations of every token.
+    g = rt._generator(1, "halting")
+    ids, targets, _ = training_batch(task, model.config, 2, 5, 1.0, g)
+    answer = ids == task.token_id("=")
+    for r in (1, 3):
+        logits = model(ids, depth_mask(model.config, torch.full(ids.shape, r)))
+        expected = torch.nn.functional.cross_entropy(logits[answer], targets[answer], reduction="none")
+        torch.testing.assert_close(table["ce"][table["answer"], r - 1], expected)
     assert not torch.equal(table["ce"][:, 0], table["ce"][:, 2])   # depth changes the answer
+    untargeted = (table["ce"] == 0).all(-1)
+    assert untargeted.sum() >= 5 * 2                                # <bos> and the operators
 
 
 def test_training_writes_resumes_and_evaluates(tmp_path, monkeypatch):
-    import anee_fast.recurrent_training as rt
     out = tmp_path / "run"
     # An interrupted run: the third step fails after the checkpoint of step 2.
-    calls, real_loss = [], rt.answer_loss
+    calls, real_loss = [], rt.token_loss
 
     def failing_loss(*args):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("interrupted")
         return real_loss(*args)
-    monkeypatch.setattr(rt, "answer_loss", failing_loss)
+    monkeypatch.setattr(rt, "token_loss", failing_loss)
     with pytest.raises(RuntimeError, match="interrupted"):
         train_recurrent(out, RecurrentTrainConfig(**TINY), progress=False)
-    monkeypatch.setattr(rt, "answer_loss", real_loss)
+    monkeypatch.setattr(rt, "token_loss", real_loss)
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
     with pytest.raises(ValueError, match="already holds a training run"):
         train_recurrent(out, RecurrentTrainConfig(**TINY), progress=False)
