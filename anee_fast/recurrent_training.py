@@ -151,12 +151,9 @@ def exit_table(model, task: ModularTask, max_ops: int, examples: int, seed: int,
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def exit_distribution(kind: str, head, table, compute_penalty: float) -> torch.Tensor:
-    """[n, R]: the head's probability of exiting after each iteration (early: one-hot on its plan)."""
-    R = table["ce"].shape[1]
-    if kind == "early":
-        return F.one_hot(early_plan(head(table["after_prelude"]), compute_penalty) - 1, R).float()
-    n = table["ce"].shape[0]
+def online_exit_distribution(head, table) -> torch.Tensor:
+    """[n, R]: the online head's probability of exiting after each iteration."""
+    n, R = table["ce"].shape
     r = torch.arange(1, R).repeat(n)
     halt = torch.sigmoid(head(table["states"][:, :R - 1].reshape(n * (R - 1), -1), r)).view(n, R - 1)
     survive = torch.cumprod(torch.cat([torch.ones(n, 1), 1 - halt], 1), 1)     # [n, R]
@@ -175,16 +172,17 @@ def fit_halting_head(kind: str, table, config: RecurrentTrainConfig, progress: b
     for step in tqdm(range(config.halting_steps), desc=f"{kind} halting head", unit="step",
                      disable=not progress):
         if kind == "early":
-            loss = F.mse_loss(head(table["after_prelude"]), table["ce"])
+            predicted = head(table["after_prelude"])
+            loss = F.mse_loss(predicted, table["ce"])
+            p = F.one_hot(early_plan(predicted.detach(), config.compute_penalty) - 1, R).float()
         else:
-            p = exit_distribution(kind, head, table, config.compute_penalty)
+            p = online_exit_distribution(head, table)
             loss = (p * table["ce"]).sum(-1).mean() + config.compute_penalty * (p * cost).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 50 == 0 or step + 1 == config.halting_steps:
-            with torch.no_grad():
-                p = exit_distribution(kind, head, table, config.compute_penalty)
+            p = p.detach()
             log.append({"step": step + 1, "loss": float(loss.detach()),
                         "expected_ce": float((p * table["ce"]).sum(-1).mean()),
                         "expected_iterations": float((p * cost).sum(-1).mean()) * R})

@@ -13,9 +13,9 @@ from anee_fast.modular_task import IGNORE, ModularTask
 from anee_fast.recurrent_eval import (answer_iterations, fixed_depth_actions, interpolate, pearson,
                                       run_eval_recurrent)
 from anee_fast.recurrent_model import RecurrentConfig, RecurrentTransformer
-from anee_fast.recurrent_training import (RecurrentTrainConfig, depth_mask, exit_distribution,
-                                          exit_table, fit_halting_head, train_recurrent,
-                                          training_batch)
+from anee_fast.recurrent_training import (RecurrentTrainConfig, depth_mask, exit_table,
+                                          fit_halting_head, online_exit_distribution,
+                                          train_recurrent, training_batch)
 
 TINY = dict(hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=24, iterations=3,
             steps=4, batch=8, halting_examples=24, halting_steps=3, checkpoint_every=2,
@@ -138,7 +138,7 @@ def test_online_exit_distribution_sums_to_one():
     torch.manual_seed(0)
     head = new_head("online", 8, 5)
     table = {"ce": torch.rand(7, 5), "states": torch.randn(7, 5, 8)}
-    p = exit_distribution("online", head, table, 0.05)
+    p = online_exit_distribution(head, table)
     assert p.shape == (7, 5) and (p >= 0).all()
     torch.testing.assert_close(p.sum(-1), torch.ones(7))
 
