@@ -437,10 +437,10 @@ _RECURRENT_OPTIONS = (   # (flag, type, help); unset ones keep RecurrentTrainCon
     ("train-max-ops", int, "operations per training chain: 1..this (default 4)"),
     ("full-depth-share", float, "share of the training chains whose tokens all run every "
                                 "iteration; the others run random depths (default 0.5)"),
-    ("hidden-size", int, "model width (default 128)"),
-    ("num-heads", int, "attention heads (default 4)"),
-    ("num-kv-heads", int, "K/V heads (default 2)"),
-    ("intermediate-size", int, "MLP width (default 256)"),
+    ("hidden-size", int, "model width (default 256)"),
+    ("num-heads", int, "attention heads (default 8)"),
+    ("num-kv-heads", int, "K/V heads (default 4)"),
+    ("intermediate-size", int, "MLP width (default 768)"),
     ("prelude", int, "layers before the recurrent block (default 1)"),
     ("block", int, "layers in the recurrent block (default 1)"),
     ("iterations", int, "times the block runs at full depth (default 8)"),
@@ -454,6 +454,11 @@ _RECURRENT_OPTIONS = (   # (flag, type, help); unset ones keep RecurrentTrainCon
     ("halting-lr", float, "halting heads' learning rate (default 3e-3)"),
     ("halting-width", int, "hidden width of the halting heads (default 64)"),
     ("compute-penalty", float, "nats of cross-entropy a full depth of compute is worth (default 0.2)"),
+    ("policy-steps", int, "on-policy fine-tuning steps after the first head fit, then the heads "
+                          "are fitted again; 0 leaves the stage out (default 300)"),
+    ("policy-lr", float, "on-policy fine-tuning learning rate (default 3e-4)"),
+    ("policy-share", float, "share of the fine-tuning chains whose tokens run the depths the "
+                            "halting heads pick (default 0.5)"),
     ("checkpoint-every", int, "steps between checkpoints (default 250)"),
     ("seed", int, "seed of every random draw (default 0)"),
 )
@@ -464,9 +469,11 @@ def _add_train_recurrent(subparsers):
         "train-recurrent", help="train a small weight-tied model and its halting heads",
         description="Train a weight-tied (recurrent) transformer on chained modular arithmetic, with "
                     "a random number of iterations per token, then an early-allocation and an "
-                    "online halting head on the frozen model. Writes the model "
+                    "online halting head on the frozen model, then fine-tunes the model on the "
+                    "depths the heads pick and fits the heads again. Writes the model "
                     "(recurrent_config.json + model.safetensors, loadable with LLM(OUT_DIR)), "
-                    "halting-*.safetensors, checkpoint.pt, training_log.json, training_curve.png.")
+                    "halting-*.safetensors, checkpoint.pt, policy_checkpoint.pt, "
+                    "training_log.json, training_curve.png.")
     p.add_argument("out_dir", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run found in OUT_DIR")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

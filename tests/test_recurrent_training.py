@@ -14,12 +14,13 @@ from anee_fast.recurrent_eval import (answer_iterations, fixed_depth_actions, in
                                       run_eval_recurrent)
 from anee_fast.recurrent_model import RecurrentConfig, RecurrentTransformer
 from anee_fast.recurrent_training import (RecurrentTrainConfig, depth_mask, exit_table,
-                                          fit_halting_head, online_exit_distribution,
-                                          train_recurrent, training_batch)
+                                          fit_halting_head, head_inputs, head_iterations,
+                                          online_exit_distribution, policy_batch, train_recurrent,
+                                          training_batch)
 
 TINY = dict(hidden_size=16, num_heads=2, num_kv_heads=1, intermediate_size=24, iterations=3,
             steps=4, batch=8, halting_examples=24, halting_steps=3, checkpoint_every=2,
-            train_max_ops=2)
+            train_max_ops=2, policy_steps=4)
 
 
 def running_values(words, modulus):
@@ -163,15 +164,14 @@ def test_exit_table_holds_every_token_at_every_depth():
     config = RecurrentTrainConfig(**TINY)
     model = RecurrentTransformer(config.model_config()).eval()
     task = ModularTask(5)
-    table = exit_table(model, task, 2, examples=5, seed=1)
+    table = exit_table(model, task, 2, examples=5, g=torch.Generator().manual_seed(1))
     n = table["ce"].shape[0]
     assert 5 * task.prompt_length(1) <= n <= 5 * task.prompt_length(2)
     assert table["ce"].shape == (n, 3) and table["states"].shape == (n, 3, 16)
     assert table["after_prelude"].shape == (n, 16)
     assert int(table["answer"].sum()) == 5
     # The "=" rows hold the answer's cross-entropy after r iterations of every token.
-    g = rt._generator(1, "halting")
-    ids, targets, _ = training_batch(task, model.config, 2, 5, 1.0, g)
+    ids, targets, _ = training_batch(task, model.config, 2, 5, 1.0, torch.Generator().manual_seed(1))
     answer = ids == task.token_id("=")
     for r in (1, 3):
         logits = model(ids, depth_mask(model.config, torch.full(ids.shape, r)))
@@ -182,38 +182,117 @@ def test_exit_table_holds_every_token_at_every_depth():
     assert untargeted.sum() >= 5 * 2                                # <bos> and the operators
 
 
-def test_training_writes_resumes_and_evaluates(tmp_path, monkeypatch):
+def _random_heads(config, seed):
+    torch.manual_seed(seed)
+    return {kind: new_head(kind, config.hidden_size, config.iterations, 8).eval()
+            for kind in ("early", "online")}
+
+
+def test_head_iterations_follow_each_head_from_full_depth_states():
+    torch.manual_seed(0)
+    config = RecurrentTrainConfig(**dict(TINY, iterations=5))
+    model = RecurrentTransformer(config.model_config()).eval()
+    task = ModularTask(5)
+    ids, _ = task.batch([1, 3, 2], torch.Generator().manual_seed(0))
+    for seed in range(4):
+        heads = _random_heads(config, seed)
+        with torch.no_grad():
+            for p in heads["online"].out.parameters():
+                p.add_(torch.randn_like(p))             # halt at varied iterations
+        picked = head_iterations(model, heads, ids, compute_penalty=0.3)
+        hidden = []
+        model(ids, hidden_states=hidden)
+        c = model.config
+        for b in range(ids.shape[0]):
+            for t in range(ids.shape[1]):
+                predicted = heads["early"](hidden[c.prelude - 1][b, t])
+                cost = 0.3 * torch.arange(1, 6) / 5
+                assert picked["early"][b, t] == int((predicted + cost).argmin()) + 1
+                expected = 5                            # the first r < R whose logit is positive
+                for r in range(1, 5):
+                    if heads["online"](hidden[c.iteration_end(r) - 1][b, t], torch.tensor(r)) > 0:
+                        expected = r
+                        break
+                assert picked["online"][b, t] == expected
+    after_prelude, states = head_inputs(model, ids)
+    assert states.shape == (*ids.shape, 5, 16)
+    torch.testing.assert_close(states[..., -1, :], hidden[c.iteration_end(5) - 1])
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0, 0.5])
+def test_policy_batches_give_a_share_of_the_chains_to_the_heads(share):
+    torch.manual_seed(0)
+    config = RecurrentTrainConfig(**dict(TINY, iterations=6, batch=64, policy_share=share))
+    model = RecurrentTransformer(config.model_config()).eval()
+    task = ModularTask(5)
+    heads = _random_heads(config, 1)
+    ids, targets, iterations = policy_batch(model, heads, task, config, torch.Generator().manual_seed(3))
+    plain = training_batch(task, model.config, config.train_max_ops, config.batch,
+                           config.full_depth_share, torch.Generator().manual_seed(3))
+    assert torch.equal(ids, plain[0]) and torch.equal(targets, plain[1])
+    picked = head_iterations(model, heads, ids, config.compute_penalty)
+    as_plain = (iterations == plain[2]).all(-1)
+    as_head = [(iterations == picked[kind]).all(-1) for kind in ("early", "online")]
+    assert (as_plain | as_head[0] | as_head[1]).all()
+    differs = ~as_plain
+    if share == 0.0:
+        assert not differs.any()
+    else:
+        assert differs.sum() >= (20 if share == 1.0 else 8)
+        assert (differs & as_head[0]).any() and (differs & as_head[1]).any()
+    with pytest.raises(ValueError, match="policy_share"):
+        RecurrentTrainConfig(policy_share=-0.1).validate()
+    with pytest.raises(ValueError, match="policy_steps"):
+        RecurrentTrainConfig(policy_steps=-1).validate()
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("failing_call, stage_ckpt, saved_step", [
+    (3, "checkpoint.pt", 2),            # interrupted in the model stage
+    (7, "policy_checkpoint.pt", 2),     # interrupted in on-policy fine-tuning (steps 5..8)
+])
+def test_training_writes_resumes_and_evaluates(tmp_path, monkeypatch, failing_call, stage_ckpt,
+                                               saved_step):
     out = tmp_path / "run"
-    # An interrupted run: the third step fails after the checkpoint of step 2.
     calls, real_loss = [], rt.token_loss
 
     def failing_loss(*args):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == failing_call:
             raise RuntimeError("interrupted")
         return real_loss(*args)
     monkeypatch.setattr(rt, "token_loss", failing_loss)
     with pytest.raises(RuntimeError, match="interrupted"):
         train_recurrent(out, RecurrentTrainConfig(**TINY), progress=False)
     monkeypatch.setattr(rt, "token_loss", real_loss)
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / stage_ckpt, weights_only=False)["step"] == saved_step
     with pytest.raises(ValueError, match="already holds a training run"):
         train_recurrent(out, RecurrentTrainConfig(**TINY), progress=False)
     with pytest.raises(ValueError, match="other settings"):
         train_recurrent(out, RecurrentTrainConfig(**dict(TINY, steps=6)), resume=True, progress=False)
     log = train_recurrent(out, RecurrentTrainConfig(**TINY), resume=True, progress=False)
     for name in ("recurrent_config.json", "model.safetensors", "halting-early.safetensors",
-                 "halting-online.safetensors", "halting.json", "checkpoint.pt", "training_log.json",
-                 "training_curve.png"):
+                 "halting-online.safetensors", "halting.json", "checkpoint.pt",
+                 "policy_checkpoint.pt", "training_log.json", "training_curve.png"):
         assert (out / name).is_file(), name
     assert [e["step"] for e in log["model_log"]] == [4]
+    assert [e["step"] for e in log["policy_log"]] == [4]
+    assert set(log["timings_s"]) == {"model", "halting", "policy", "refit"}
     assert len(log["exit_ce_by_iteration"]) == 3
-    # The resumed run ends with the weights of an unbroken one.
+    # The resumed run ends with the model and heads of an unbroken one, and fine-tuning moved
+    # the model.
     unbroken = tmp_path / "unbroken"
     train_recurrent(unbroken, RecurrentTrainConfig(**TINY), progress=False)
-    a = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(unbroken / "checkpoint.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("model.safetensors", "halting-early.safetensors", "halting-online.safetensors"):
+        a, b = _weights(out / name), _weights(unbroken / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    stage1 = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    final = _weights(out / "model.safetensors")
+    assert any(not torch.equal(stage1[k], final[k]) for k in stage1 if k in final)
 
     llm = LLM(str(out), backend="reference", min_layers=1, always_last=1)
     controller = load_controller(out, "online")
@@ -247,9 +326,12 @@ def test_fixed_depth_actions_and_helpers():
 
 def test_cli_train_and_eval_recurrent(tmp_path, capsys):
     out = str(tmp_path / "cli")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in dict(TINY, policy_steps=0).items()]
     assert main(["train-recurrent", out, *flags]) == 0
     assert "halting heads" in capsys.readouterr().out
+    log = json.loads((tmp_path / "cli" / "training_log.json").read_text())
+    assert set(log["timings_s"]) == {"model", "halting"} and "policy_log" not in log
+    assert not (tmp_path / "cli" / "policy_checkpoint.pt").exists()
     assert main(["eval-recurrent", out, "--max-ops", "2", "--examples", "2", "--backend", "reference",
                  "--no-progress"]) == 0
     assert "corr(iterations, L)" in capsys.readouterr().out
