@@ -48,13 +48,14 @@ def backends(device=None) -> dict:
 
 def select_backend(requested=None, device_type: str = "cpu") -> str:
     """The backend to run on a device of `device_type`. "auto" (or None) takes
-    ANEE_FAST_BACKEND when set, else the fastest usable one: on the CPU the Triton kernels
-    only run in Triton's slow interpreter, so "auto" never picks them there."""
+    ANEE_FAST_BACKEND when set, else the fastest usable one: on a GPU Triton (measured on an
+    H100, docs/gpu-results.md: its paged attention and norm beat the CUDA kernels at every
+    size), on the CPU native (the Triton kernels only run in Triton's slow interpreter there)."""
     if requested in (None, "auto"):      # the environment refines "auto", never a named choice
         requested = os.environ.get("ANEE_FAST_BACKEND") or "auto"
     if requested == "auto":
         available = backends(device_type)
-        order = ("native", "triton", "reference") if device_type == "cuda" else ("native", "reference")
+        order = ("triton", "native", "reference") if device_type == "cuda" else ("native", "reference")
         return next(name for name in order if available[name] is True)
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}: choose one of {', '.join(BACKENDS)} or 'auto'")

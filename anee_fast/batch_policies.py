@@ -21,6 +21,10 @@ class ConsensusController(Controller):
         self.inner = make_controller(inner)
         self.quorum = float(quorum)
 
+    @property
+    def graph_safe(self):
+        return self.inner.graph_safe
+
     def check_model(self, num_layers, hidden_size):
         self.inner.check_model(num_layers, hidden_size)
 

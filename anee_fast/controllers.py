@@ -29,6 +29,9 @@ class LayerContext:
 
 class Controller:
     name = "controller"
+    # True when propose() may be captured in a CUDA graph and replayed on new inputs: device
+    # tensors only, no host reads, no state carried from one step to the next (cuda_graphs.py).
+    graph_safe = False
 
     def propose(self, ctx: LayerContext) -> torch.Tensor:
         raise NotImplementedError
@@ -45,6 +48,7 @@ def _codes(mask_exit, ctx, otherwise=PROCESS):
 class BudgetController(Controller):
     """ANEE v0.0.1: run every layer until the budget runs out (or falls under a threshold)."""
     name = "budget"
+    graph_safe = True
 
     def __init__(self, exit_threshold: float = 0.0):
         self.exit_threshold = exit_threshold
@@ -61,6 +65,7 @@ class HeuristicController(Controller):
     A layer right after a SKIP always runs: the skipped layer gave no new signal.
     """
     name = "heuristic"
+    graph_safe = True
 
     def __init__(self, skip_saturation: float = 0.98, exit_saturation: float = 0.995,
                  confidence=None, exit_threshold: float = 0.0):
@@ -82,6 +87,7 @@ class HeuristicController(Controller):
 class LearnedController(Controller):
     """ANEE 0.4's MLP over the six-feature state; argmax over (PROCESS, SKIP, EXIT)."""
     name = "learned"
+    graph_safe = True
 
     def __init__(self, hidden_dim: int = 32, state_dim: int = STATE_DIM, exit_threshold: float = 0.0):
         if state_dim != STATE_DIM:
@@ -128,6 +134,7 @@ class LearnedController(Controller):
 class StaticController(Controller):
     """The same per-layer action list for every token (e.g. a fixed skip set)."""
     name = "static"
+    graph_safe = True
 
     def __init__(self, layer_actions):
         codes = [int(a) for a in layer_actions]

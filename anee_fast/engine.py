@@ -5,6 +5,7 @@ import time
 from . import reference_ops
 from .block_manager import BlockManager, OutOfKVBlocks
 from .controllers import make_controller
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .sampling import SamplingParams, sample_batch
@@ -22,7 +23,7 @@ def check_budget(budget) -> float:
 class LLMEngine:
     def __init__(self, weights, eos_token_id=None, block_size: int = 16, num_kv_blocks=None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, min_layers: int = 2,
-                 always_last: int = 0, ops=reference_ops):
+                 always_last: int = 0, ops=reference_ops, cuda_graphs=None):
         spec = weights.spec
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
@@ -38,6 +39,15 @@ class LLMEngine:
         self.runner = ModelRunner(weights, self.cache, self.block_manager, min_layers, always_last,
                                   ops)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be None (on where the model is on a GPU), True or "
+                             f"False, got {cuda_graphs!r}")
+        on_gpu = weights.device.type == "cuda"
+        if cuda_graphs and not on_gpu:
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, not {weights.device}")
+        if on_gpu and cuda_graphs is not False:
+            longest = min(spec.max_positions, num_kv_blocks * block_size)
+            self.runner.graphs = DecodeGraphs(self.runner, max_num_seqs, -(-longest // block_size))
 
     def new_sequence(self, prompt_ids, sampling: SamplingParams, budget, controller) -> Sequence:
         """Validates a request and makes its Sequence (not yet scheduled)."""

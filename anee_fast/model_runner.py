@@ -42,6 +42,7 @@ class ModelRunner:
         self.skip_cost = weights.skip_cost()
         self.min_layers = min_layers
         self.always_last = always_last
+        self.graphs = None           # DecodeGraphs: decode steps replayed from CUDA graphs
 
     @property
     def device(self):
@@ -91,6 +92,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks, logits_rows, fixed_actions=None, hidden_states=None) -> StepOutput:
         """Computes the chunks' tokens; returns logits for `logits_rows` (indices into the step)."""
+        if self.graphs is not None and fixed_actions is None and hidden_states is None \
+                and self.graphs.supports(chunks):
+            logits, actions, compute = self.graphs.run(chunks)
+            rows = torch.as_tensor(logits_rows, dtype=torch.long, device=self.device)
+            return StepOutput(logits=logits.index_select(0, rows), actions=actions, compute=compute)
         step = self.build_batch(chunks)
         policy = self.policy_for(chunks, step.num_tokens, fixed_actions)
         h = run_layers(self.weights, self.cache, step, policy, self.ops, hidden_states, self.compact)

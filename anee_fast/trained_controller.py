@@ -129,6 +129,10 @@ class BudgetConditionedController(Controller):
                   "proj_dim": proj_dim, "model": model}
         return cls(ControllerNet(num_layers, hidden_size, width, proj_dim), config)
 
+    @property
+    def graph_safe(self):
+        return not self.sample and self.recorder is None
+
     def check_model(self, num_layers: int, hidden_size: int):
         c = self.config
         if num_layers != c["num_layers"] or hidden_size != c["hidden_size"]:

@@ -144,14 +144,14 @@ def _cast(weights: ModelWeights, dtype, device) -> ModelWeights:
     """Moves every tensor once; tied embeddings stay one tensor."""
     if dtype is None and device is None:
         return weights
-    moved = {}
+    moved = {}     # id(original) -> (original, moved): holding the original keeps its id unique
 
     def move(t):
         if t is None:
             return None
         if id(t) not in moved:
-            moved[id(t)] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        return moved[id(t)]
+            moved[id(t)] = (t, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+        return moved[id(t)][1]
 
     for layer in weights.layers:
         for name, value in list(vars(layer).items()):

@@ -2,18 +2,21 @@
 
 For every row n and layer j >= first_layer[n] (with slot_mapping[n] >= 0):
     x = norm_j(h[n]);  k|v = W_j x + b_j;  k = rope(k);  cache_j[slot] = k, v.
-Grid: (row tiles of BLOCK_M, layers, 2 * kv_heads): a program produces one K or V head for
-BLOCK_M rows of one layer, so each weight tile it loads serves BLOCK_M rows (decode: BLOCK_M is
-the next power of two of N, up to 8). It recomputes its rows' norm statistics (h is tiny next to
-the weights), then runs the GEMM over the hidden dim in BLOCK_K chunks, normalising x on the fly
-(norm fused into the prologue), as a broadcast multiply-sum on CUDA cores: no tl.dot, so fp32
-stays exact (no TF32) and the interpreter stays right for bf16.
+Grid: (row tiles of BLOCK_M, layers, 2 * kv_heads * column chunks): a program produces
+BLOCK_HALF columns of each half of one K or V head for BLOCK_M rows of one layer, so each weight
+tile it loads serves BLOCK_M rows, and a single decode row still spreads over enough programs
+to keep the GPU's memory system busy (GPT-2 small: 24 heads x 8 chunks). It recomputes its rows'
+norm statistics (h is tiny next to the weights), then runs the GEMM over the hidden dim in
+BLOCK_K chunks, normalising x on the fly (norm fused into the prologue). One row: a broadcast
+multiply-sum on CUDA cores; more rows: tiles of 16 to 64 rows through tl.dot (tensor cores;
+float32 with IEEE precision, no TF32). Measured on an H100 (docs/gpu-results.md).
 The head is computed as two halves, so rotate-half RoPE needs no register shuffles:
     k1' = k1 cos - k2 sin,   k2' = k2 cos + k1 sin   (cos/sin of the half's frequencies).
 A program none of whose rows is active (slot -1, or a layer before the row's first_layer)
 loads and stores nothing; inactive rows of a partly active tile store nothing.
 Every tensor is addressed through its strides: the weights and caches are slices of bigger ones.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -29,9 +32,12 @@ def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
                     stride_vcl, stride_vcs, stride_vch, stride_vcd,
                     RMS: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     ROPE: tl.constexpr, HAS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+                    IS_FP32: tl.constexpr):
     layer = tl.program_id(1)
-    tile = tl.program_id(2)                 # 0..kv_heads-1: K heads, then V heads
+    chunks = tl.cdiv(D - D // 2, BLOCK_HALF)
+    tile = tl.program_id(2) // chunks       # 0..2 kv_heads-1: K heads, then V heads
+    chunk = tl.program_id(2) % chunks       # which BLOCK_HALF columns of each half of the head
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = rows < N
     slot = tl.load(slot_ptr + rows, mask=rm, other=-1).to(tl.int64)
@@ -44,9 +50,9 @@ def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
         cols = tl.arange(0, BLOCK_K)
         mean, rstd = row_stats(h_rows, active, H, eps, RMS, BLOCK_M, BLOCK_K)
 
-        # GEMM of the two halves of this head: weight rows tile*D + [0, D/2) and [D/2, D).
+        # GEMM of this chunk of the head's two halves: weight rows tile*D + r and tile*D + half + r.
         half = D // 2
-        r = tl.arange(0, BLOCK_HALF)
+        r = chunk * BLOCK_HALF + tl.arange(0, BLOCK_HALF)
         wrows1 = tile * D + r
         wrows2 = tile * D + half + r
         m1 = r < half
@@ -67,11 +73,20 @@ def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
             y = tl.where(xm, y.to(h_ptr.dtype.element_ty).to(tl.float32), 0.0)
             kk = (start + cols) * stride_wk
             w1 = tl.load(w_layer + wrows1[:, None] * stride_wr + kk[None, :],
-                         mask=m1[:, None] & km[None, :], other=0.0).to(tl.float32)
+                         mask=m1[:, None] & km[None, :], other=0.0)
             w2 = tl.load(w_layer + wrows2[:, None] * stride_wr + kk[None, :],
-                         mask=m2[:, None] & km[None, :], other=0.0).to(tl.float32)
-            acc1 += tl.sum(y[:, None, :] * w1[None, :, :], axis=2)
-            acc2 += tl.sum(y[:, None, :] * w2[None, :, :], axis=2)
+                         mask=m2[:, None] & km[None, :], other=0.0)
+            if USE_DOT:     # many rows: tensor cores in the weights' dtype (float32: exact IEEE)
+                yd = y.to(w_ptr.dtype.element_ty)
+                if IS_FP32:
+                    acc1 += tl.dot(yd, tl.trans(w1), input_precision="ieee")
+                    acc2 += tl.dot(yd, tl.trans(w2), input_precision="ieee")
+                else:
+                    acc1 += tl.dot(yd, tl.trans(w1))
+                    acc2 += tl.dot(yd, tl.trans(w2))
+            else:
+                acc1 += tl.sum(y[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2)
+                acc2 += tl.sum(y[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)
         if HAS_BIAS:
             acc1 += tl.load(b_ptr + layer * stride_bl + wrows1, mask=m1,
                             other=0.0).to(tl.float32)[None, :]
@@ -110,8 +125,8 @@ def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
 
 
 def _block_m(n: int) -> int:
-    """Rows per program: 1 for one decode row, up to 8 (each weight tile then serves 8 rows)."""
-    return min(triton.next_power_of_2(n), 8)
+    """Rows per program: 1 for one row (CUDA cores); else 16 to 64 rows, a tl.dot tile."""
+    return 1 if n == 1 else min(max(triton.next_power_of_2(n), 16), 64)
 
 
 def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale: float,
@@ -134,10 +149,12 @@ def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, 
         assert d % 2 == 0, "RoPE needs an even head dim"
         inv_freq = inv_freq.contiguous()
     block_m = _block_m(n)
-    block_half = triton.next_power_of_2(max(d - d // 2, 1))
-    # Keep the [BLOCK_M, BLOCK_HALF, BLOCK_K] product at <= 8192 values per half.
-    block_k = max(16, min(triton.next_power_of_2(hidden), 8192 // (block_m * block_half), 256))
-    grid = (triton.cdiv(n, block_m), nl, 2 * kv_heads)
+    use_dot = block_m > 1
+    # Columns per half of a head: tl.dot needs >= 16; one row takes 4, for many programs.
+    block_half = 16 if use_dot else min(triton.next_power_of_2(max(d - d // 2, 1)), 4)
+    block_k = 64 if use_dot else max(16, min(triton.next_power_of_2(hidden), 256))
+    chunks = triton.cdiv(d - d // 2, block_half)
+    grid = (triton.cdiv(n, block_m), nl, 2 * kv_heads * chunks)
     _skip_kv_kernel[grid](
         h, norm_weight, norm_weight if norm_bias is None else norm_bias,
         kv_weight, kv_weight if kv_bias is None else kv_bias,
@@ -149,4 +166,5 @@ def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, 
         *k_cache.stride(), *v_cache.stride(),
         RMS=bool(rms), HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=kv_bias is not None,
         ROPE=rope, HAS_FIRST=first_layer is not None, BLOCK_M=block_m,
-        BLOCK_HALF=block_half, BLOCK_K=block_k, num_warps=4 if block_m * block_half <= 128 else 8)
+        BLOCK_HALF=block_half, BLOCK_K=block_k, USE_DOT=use_dot, IS_FP32=kv_weight.dtype == torch.float32,
+        num_warps=4)

@@ -81,7 +81,8 @@ def anee_library_rows(model, args, budgets):
 def bench_model(name, args, device, dtype, peaks, budgets):
     from anee_fast import LLM, SamplingParams
     model = build(name, device, dtype)
-    llm = LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0)
+    graphs = None if device.type == "cpu" else args.cuda_graphs == "on"
+    llm = LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0, cuda_graphs=graphs)
     spec, es = llm.spec, dtype.itemsize
     new = args.new_tokens
     anee = None
@@ -113,7 +114,8 @@ def bench_model(name, args, device, dtype, peaks, budgets):
             decode = (timed(lambda: ours(new, budget), args.repeats) - prefill) / (new - 1)
             full_decode = decode if full_decode is None else full_decode
             row = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                       backend=llm.backend, controller=args.controller, batch=batch, budget=budget,
+                       backend=llm.backend, controller=args.controller, cuda_graphs=bool(graphs),
+                       batch=batch, budget=budget,
                        compute=compute, ms_per_step=decode * 1e3, tokens_per_s=batch / decode,
                        hf_ms_per_step=hf_decode * 1e3, speedup_vs_hf=hf_decode / decode,
                        speedup_vs_full=full_decode / decode, ideal_speedup=ideal,
@@ -163,7 +165,8 @@ def plot(rows, path):
     right.set_ylabel("achieved speedup over own full depth")
     for ax in (left, right):
         ax.legend(fontsize=7)
-    fig.suptitle(f"greedy decode, {rows[0]['device']}, {rows[0]['dtype']}, backend {rows[0]['backend']}")
+    graphs = ", CUDA graphs" if rows[0]["cuda_graphs"] else ""
+    fig.suptitle(f"greedy decode, {rows[0]['device']}, {rows[0]['dtype']}, backend {rows[0]['backend']}{graphs}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -177,6 +180,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--controller", default="budget")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--cuda-graphs", default="on", choices=("on", "off"),
+                   help="on a GPU: replay decode steps from CUDA graphs (on) or launch eagerly (off)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))

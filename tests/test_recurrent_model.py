@@ -226,12 +226,24 @@ def test_every_backend_matches_the_reference_backend(backend, name):
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
 
 
+def test_cast_to_another_dtype_keeps_every_block(name):
+    # Casting creates new tensors and frees the packed originals: a cast keyed by id() alone
+    # once handed one block's weights to another (CPU float64 and CUDA float32 both showed it).
+    model = build(name)
+    L = model.config.num_layers
+    ids, actions = random_ids(17, seed=7), random_actions(17, L, seed=8)
+    wide = LLM(model, backend="reference", device="cpu", dtype=torch.float64, block_size=8)
+    plain = LLM(model, backend="reference", device="cpu", block_size=8)
+    torch.testing.assert_close(wide.score(ids, actions).float(), plain.score(ids, actions),
+                               atol=REF_TOL, rtol=REF_TOL)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 def test_weight_tied_model_on_the_gpu_matches_the_cpu_reference(backend, name):
     model = build(name)
     gpu = LLM(model, backend=backend, device="cuda", dtype=torch.float32, block_size=8)
-    cpu = LLM(model, backend="reference", block_size=8)
+    cpu = LLM(model, backend="reference", device="cpu", block_size=8)
     L = model.config.num_layers
     ids = random_ids(23, seed=11)
     actions = random_actions(23, L, seed=12)

@@ -3,12 +3,17 @@
 // reference_ops.skip_kv). Row n writes layers first_layer[n]..nl-1 at slot slot_mapping[n]; rows
 // with slot -1 write nothing at all.
 //
-// One block per (row, layer, K or V head): it normalises the row into shared memory, computes the
-// head's head_dim outputs (one warp per output column, float32 dot products), applies RoPE to K
-// heads and writes the cache slot. The per-row metadata (slot, first layer, position) is read on
-// the device, so a block whose row writes nothing for its layer simply returns: no host sync.
-// kv_weight may be a strided view (a slice of the stacked [L, 2kv+q, hidden] weights) and the
-// caches slices of the whole cache: writes land in the given tensors.
+// Up to kGemmRows rows (decode), skip_kv_kernel: one block per (row, layer, chunk of a K or V
+// head); it normalises the row into shared memory, computes its columns (one warp per column,
+// float32 dot products), applies RoPE to K heads and writes the cache slot. Past kGemmRows rows
+// that kernel would read every weight once per row, so each layer runs as norm (the norm op's
+// kernel) -> K|V projection (cuBLAS through at::linear) -> rope_write_kernel.
+// The per-row metadata (slot, first layer, position) is read on the device, so a block whose row
+// writes nothing for its layer simply returns: no host sync. kv_weight may be a strided view (a
+// slice of the stacked [L, 2kv+q, hidden] weights) and the caches slices of the whole cache:
+// writes land in the given tensors.
+
+#include <ATen/ops/linear.h>
 
 #include "../op_checks.h"
 #include "../ops.h"
@@ -19,6 +24,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxSharedFloats = 48 * 1024 / sizeof(float);   // default dynamic shared limit
+constexpr int64_t kGemmRows = 32;      // more rows: norm -> cuBLAS -> rope_write_kernel per layer
+constexpr int kPairs = 4;              // column pairs per block of skip_kv_kernel: 8 warps, 8 columns
 
 struct Params {
   int64_t hidden, kv_heads, d, num_slots;
@@ -28,6 +35,33 @@ struct Params {
   bool rms;
 };
 
+// Columns of a head are handled in pairs (i, i + half), half = ceil(d / 2): rotate-half RoPE
+// mixes exactly those two. write_pair stores one pair of projected values a, b (b exists when
+// i + half < d) at layer j, slot `slot`, rotating K heads when inv_freq is given.
+template <typename scalar_t>
+__device__ __forceinline__ void write_pair(float a, float b, int64_t i, bool is_v, int64_t head,
+                                           int64_t j, int64_t slot, int64_t position,
+                                           const float* inv_freq, scalar_t* k_cache,
+                                           scalar_t* v_cache, const Params& p) {
+  const int64_t half = (p.d + 1) / 2;
+  const bool has_b = i + half < p.d;
+  const int64_t* st = is_v ? p.v_s : p.k_s;
+  scalar_t* dst = (is_v ? v_cache : k_cache) + j * st[0] + slot * st[1] + head * st[2];
+  if (!is_v && inv_freq != nullptr) {      // RoPE needs an even d: has_b holds
+    const float angle = static_cast<float>(position) * inv_freq[i];
+    const float cs = cosf(angle) * p.rope_scale, sn = sinf(angle) * p.rope_scale;
+    const float ra = a * cs - b * sn, rb = b * cs + a * sn;
+    a = ra;
+    b = rb;
+  }
+  dst[i * st[3]] = static_cast<scalar_t>(a);
+  if (has_b) dst[(i + half) * st[3]] = static_cast<scalar_t>(b);
+}
+
+// Up to kGemmRows rows. Block (row n, layer j, z): z picks a K or V head and a chunk of kPairs
+// column pairs of it (GPT-2 small, one row: 24 heads x 8 chunks = 192 blocks, enough to keep
+// the memory system busy). The block normalises its row into shared memory, computes its
+// 2 * kPairs columns (one warp per column, float32 dot products) and writes them.
 template <typename scalar_t>
 __global__ void skip_kv_kernel(const scalar_t* __restrict__ h, const float* __restrict__ norm_w,
                                const float* __restrict__ norm_b, const scalar_t* __restrict__ kv_w,
@@ -36,8 +70,10 @@ __global__ void skip_kv_kernel(const scalar_t* __restrict__ h, const float* __re
                                const int64_t* __restrict__ slots, const int64_t* __restrict__ first_layer,
                                Params p) {
   const int64_t n = blockIdx.x, j = blockIdx.y;
-  const bool is_v = blockIdx.z >= p.kv_heads;
-  const int64_t head = blockIdx.z % p.kv_heads;
+  const int64_t half = (p.d + 1) / 2, chunks = (half + kPairs - 1) / kPairs;
+  const int64_t head_z = blockIdx.z / chunks, p0 = (blockIdx.z % chunks) * kPairs;
+  const bool is_v = head_z >= p.kv_heads;
+  const int64_t head = head_z % p.kv_heads;
   const int64_t slot = slots[n];
   CUDA_KERNEL_ASSERT(slot >= -1 && slot < p.num_slots);
   // Whole-block decisions, taken before any barrier.
@@ -46,7 +82,7 @@ __global__ void skip_kv_kernel(const scalar_t* __restrict__ h, const float* __re
 
   extern __shared__ float shared[];
   float* xs = shared;                 // the normalised row [hidden]
-  float* ys = shared + p.hidden;      // the head's outputs [d]
+  __shared__ float ys[2 * kPairs];    // columns p0 + k (k < kPairs) and p0 + k + half
   __shared__ float scratch[kWarp];
 
   // Norm with layer j's weights, rounded to the tensors' dtype as the reference's norm returns.
@@ -61,37 +97,52 @@ __global__ void skip_kv_kernel(const scalar_t* __restrict__ h, const float* __re
   }
   __syncthreads();
 
-  // Projection: output column c of this head is row col0 + c of layer j's K|V weight.
+  // Projection: head column c is row col0 + c of layer j's K|V weight.
   const int64_t kv_size = p.kv_heads * p.d;
   const int64_t col0 = (is_v ? kv_size : 0) + head * p.d;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
-  for (int64_t c = warp; c < p.d; c += warps) {
-    const scalar_t* wrow = kv_w + j * p.w_layer + (col0 + c) * p.w_row;
+  for (int c = warp; c < 2 * kPairs; c += warps) {
+    const int64_t col = c < kPairs ? p0 + c : p0 + (c - kPairs) + half;
+    if ((c < kPairs && p0 + c >= half) || col >= p.d) continue;
+    const scalar_t* wrow = kv_w + j * p.w_layer + (col0 + col) * p.w_row;
     float s = 0.f;
     for (int64_t i = lane; i < p.hidden; i += kWarp) s += xs[i] * static_cast<float>(wrow[i]);
     s = warp_sum(s);
     if (lane == 0) {
-      if (kv_b != nullptr) s += static_cast<float>(kv_b[j * 2 * kv_size + col0 + c]);
+      if (kv_b != nullptr) s += static_cast<float>(kv_b[j * 2 * kv_size + col0 + col]);
       ys[c] = static_cast<float>(static_cast<scalar_t>(s));
     }
   }
   __syncthreads();
+  const int64_t i = p0 + threadIdx.x;
+  if (threadIdx.x < kPairs && i < half) {
+    write_pair(ys[threadIdx.x], ys[kPairs + threadIdx.x], i, is_v, head, j, slot, positions[n],
+               inv_freq, k_cache, v_cache, p);
+  }
+}
 
-  // Cache write (RoPE on K heads, rotate-half layout).
-  const int64_t* st = is_v ? p.v_s : p.k_s;
-  scalar_t* dst = (is_v ? v_cache : k_cache) + j * st[0] + slot * st[1] + head * st[2];
-  if (!is_v && inv_freq != nullptr) {
-    const int64_t half = p.d / 2;
-    const float pos = static_cast<float>(positions[n]);
-    for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
-      const float angle = pos * inv_freq[i];
-      const float cs = cosf(angle) * p.rope_scale, sn = sinf(angle) * p.rope_scale;
-      const float a = ys[i], b = ys[i + half];
-      dst[i * st[3]] = static_cast<scalar_t>(a * cs - b * sn);
-      dst[(i + half) * st[3]] = static_cast<scalar_t>(b * cs + a * sn);
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < p.d; i += blockDim.x) dst[i * st[3]] = static_cast<scalar_t>(ys[i]);
+// Layer j's K/V of many rows, already projected (kv [N, 2 * kv_size], row stride kv_stride):
+// RoPE on K heads and the cache write. One block per row, a thread per column pair.
+template <typename scalar_t>
+__global__ void rope_write_kernel(const scalar_t* __restrict__ kv, int64_t kv_stride, int64_t j,
+                                  const int64_t* __restrict__ positions,
+                                  const float* __restrict__ inv_freq, scalar_t* k_cache,
+                                  scalar_t* v_cache, const int64_t* __restrict__ slots,
+                                  const int64_t* __restrict__ first_layer, Params p) {
+  const int64_t n = blockIdx.x;
+  const int64_t slot = slots[n];
+  CUDA_KERNEL_ASSERT(slot >= -1 && slot < p.num_slots);
+  if (slot < 0 || slot >= p.num_slots) return;
+  if (first_layer != nullptr && j < first_layer[n]) return;
+  const int64_t half = (p.d + 1) / 2;
+  const scalar_t* row = kv + n * kv_stride;
+  for (int64_t t = threadIdx.x; t < 2 * p.kv_heads * half; t += blockDim.x) {
+    const int64_t head_z = t / half, i = t % half;
+    const scalar_t* src = row + head_z * p.d;       // K heads, then V heads
+    const float a = static_cast<float>(src[i]);
+    const float b = i + half < p.d ? static_cast<float>(src[i + half]) : 0.f;
+    write_pair(a, b, i, head_z >= p.kv_heads, head_z % p.kv_heads, j, slot, positions[n], inv_freq,
+               k_cache, v_cache, p);
   }
 }
 
@@ -113,7 +164,7 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
   const int64_t N = sizes.N, hidden = sizes.hidden, nl = sizes.nl;
   const int64_t kv_heads = sizes.kv_heads, d = sizes.d, kv_size = kv_heads * d;
   const bool rope = inv_freq.has_value();
-  TORCH_CHECK(hidden + d <= kMaxSharedFloats, "skip_kv: hidden + head_dim = ", hidden + d,
+  TORCH_CHECK(hidden <= kMaxSharedFloats, "skip_kv: hidden = ", hidden,
               " floats exceed the kernel's shared memory (at most ", kMaxSharedFloats, ")");
   TORCH_CHECK(N <= INT32_MAX && nl <= 65535 && 2 * kv_heads <= 65535,
               "skip_kv: too many rows, layers or kv heads for one launch");
@@ -149,10 +200,30 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
   p.rope_scale = static_cast<float>(rope_scale);
   p.rms = rms;
 
-  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(nl),
-                  static_cast<unsigned>(2 * kv_heads));
-  const size_t shared_bytes = sizeof(float) * (hidden + d);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (N > kGemmRows) {
+    for (int64_t j = 0; j < nl; ++j) {
+      const at::Tensor x = norm(hc, norm_weight[j],
+                                norm_bias.has_value() ? std::optional<at::Tensor>((*norm_bias)[j])
+                                                      : std::nullopt, eps, rms);
+      const at::Tensor kv = at::linear(x, w[j], b.defined() ? std::optional<at::Tensor>(b[j])
+                                                             : std::nullopt);
+      ANEE_FAST_DISPATCH_FLOATS(h.scalar_type(), "anee_fast_rope_write_cuda", [&] {
+        rope_write_kernel<scalar_t><<<static_cast<unsigned>(N), 128, 0, stream>>>(
+            kv.data_ptr<scalar_t>(), kv.stride(0), j, pos.data_ptr<int64_t>(),
+            rope ? freq.data_ptr<float>() : nullptr, k_cache.data_ptr<scalar_t>(),
+            v_cache.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(),
+            first.defined() ? first.data_ptr<int64_t>() : nullptr, p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    return;
+  }
+  const int64_t chunks = ((d + 1) / 2 + kPairs - 1) / kPairs;
+  TORCH_CHECK(2 * kv_heads * chunks <= 65535, "skip_kv: too many kv heads for one launch");
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(nl),
+                  static_cast<unsigned>(2 * kv_heads * chunks));
+  const size_t shared_bytes = sizeof(float) * hidden;
   ANEE_FAST_DISPATCH_FLOATS(h.scalar_type(), "anee_fast_skip_kv_cuda", [&] {
     skip_kv_kernel<scalar_t><<<grid, kThreads, shared_bytes, stream>>>(
         hc.data_ptr<scalar_t>(), nw.data_ptr<float>(), nb.defined() ? nb.data_ptr<float>() : nullptr,

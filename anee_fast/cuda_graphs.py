@@ -1,0 +1,116 @@
+"""CUDA graphs of the decode step: one per (batch-size bucket, controller).
+
+A decode step launches a few kernels per layer for a handful of rows; on a GPU the host's launch
+time, not the device, sets its speed. A graph records the whole step once (embedding, every
+layer with its on-device decisions, the EXIT fill, the LM head) and replays it with one launch.
+Inputs live in static buffers: a step copies its token ids, positions, slots, block tables and
+budgets in (rows past the batch are padding: slot -1, budget 1), replays, and reads the logits,
+actions and compute of its rows back. Nothing in the captured step reads a device value on the
+host (the layer loop's rule), which is what makes it capturable.
+
+`DecodeGraphs(..., capture=False)` runs the same static-buffer step without a graph: the CPU
+tests check the padding and bucketing that way, the GPU tests the captured replays.
+"""
+import torch
+
+from .depth_policy import DepthPolicy
+from .forward import StepBatch, final_logits, run_layers
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MAX_GRAPHS = 32      # (bucket, controller) pairs kept; the oldest is dropped past this
+
+
+def bucket_for(n: int, max_rows: int):
+    """The smallest bucket holding n rows; None past max_rows or the largest bucket."""
+    if n > max_rows:
+        return None
+    return next((b for b in BUCKETS if b >= n), None)
+
+
+class _StepGraph:
+    """Static buffers and (when captured) the graph of one bucket's decode step."""
+
+    def __init__(self, runner, rows: int, controller, width: int, capture: bool):
+        device = runner.device
+        self.rows, self.width = rows, width
+        self.ints = torch.zeros((rows, 3 + width), dtype=torch.long, device=device)
+        self.budget = torch.ones(rows, dtype=torch.float32, device=device)
+        self.ints[:, 2] = -1                                   # padding: writes nothing
+        self.seq_idx = torch.arange(rows, device=device)
+        self.runner, self.controller = runner, controller
+        self.graph = None
+        if capture:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self._forward()                                # compiles kernels, warms allocators
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, stream=stream):
+                    self.outputs = self._forward()
+            torch.cuda.current_stream(device).wait_stream(stream)
+
+    def _forward(self):
+        # One host-to-device copy fills self.ints; its columns become contiguous inside the step.
+        r = self.runner
+        step = StepBatch(token_ids=self.ints[:, 0].contiguous(), positions=self.ints[:, 1].contiguous(),
+                         seq_idx=self.seq_idx, slot_mapping=self.ints[:, 2].contiguous(),
+                         block_tables=self.ints[:, 3:].contiguous(),
+                         block_size=r.block_manager.block_size, decode=True)
+        policy = DepthPolicy(self.rows, r.weights.spec.num_layers, r.skip_cost, r.device,
+                             budget=self.budget, controller=self.controller, min_layers=r.min_layers,
+                             always_last=r.always_last, readout=r.readout)
+        h = run_layers(r.weights, r.cache, step, policy, r.ops)
+        return final_logits(r.weights, h, r.ops), policy.actions, policy.compute()
+
+    def run(self, inputs: torch.Tensor, budgets: torch.Tensor):
+        """inputs: long [n, 3 + width] (token, position, slot, block table); budgets [n]."""
+        n = inputs.shape[0]
+        self.ints[:n].copy_(inputs)
+        self.ints[n:, 2] = -1               # rows past the batch (stale from a larger step) pad
+        self.budget[:n].copy_(budgets)
+        if self.graph is None:
+            outputs = self._forward()
+        else:
+            self.graph.replay()
+            outputs = self.outputs
+        logits, actions, compute = outputs
+        return logits[:n].clone(), actions[:n].clone(), compute[:n].clone()
+
+
+class DecodeGraphs:
+    """The decode steps of one ModelRunner, replayed from CUDA graphs where they can be.
+
+    A step qualifies when every row decodes one token, one controller (with `graph_safe`) serves
+    them all, and the batch fits the largest bucket (<= max_rows). Block tables are padded to
+    `width` blocks, the most a sequence of the model's length can hold.
+    """
+
+    def __init__(self, runner, max_rows: int, width: int, capture: bool = True):
+        self.runner, self.max_rows, self.width, self.capture = runner, max_rows, width, capture
+        self.graphs = {}       # (bucket, id(controller)) -> _StepGraph (holds the controller)
+
+    def supports(self, chunks) -> bool:
+        controller = chunks[0][0].controller
+        return (all(n == 1 for _, n in chunks)
+                and all(seq.controller is controller for seq, _ in chunks)
+                and controller.graph_safe
+                and bucket_for(len(chunks), self.max_rows) is not None)
+
+    def run(self, chunks):
+        """(logits [n, vocab], actions [n, L], compute [n]) of a qualifying decode step."""
+        manager = self.runner.block_manager
+        rows = []
+        for seq, _ in chunks:
+            p = seq.num_computed
+            table = manager.tables[seq.seq_id]
+            rows.append([seq.token_ids[p], p, manager.slot(seq.seq_id, p)] + table
+                        + [0] * (self.width - len(table)))
+        inputs = torch.tensor(rows, dtype=torch.long)
+        budgets = torch.tensor([seq.budget for seq, _ in chunks], dtype=torch.float32)
+        controller = chunks[0][0].controller
+        key = (bucket_for(len(chunks), self.max_rows), id(controller))
+        if key not in self.graphs:
+            if len(self.graphs) >= MAX_GRAPHS:
+                self.graphs.pop(next(iter(self.graphs)))
+            self.graphs[key] = _StepGraph(self.runner, key[0], controller, self.width, self.capture)
+        return self.graphs[key].run(inputs, budgets)
