@@ -150,8 +150,10 @@ def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, 
         inv_freq = inv_freq.contiguous()
     block_m = _block_m(n)
     use_dot = block_m > 1
-    # Columns per half of a head: tl.dot needs >= 16; one row takes 4, for many programs.
-    block_half = 16 if use_dot else min(triton.next_power_of_2(max(d - d // 2, 1)), 4)
+    # Columns per half of a head: few rows take narrow chunks (4; tl.dot needs 16), for many
+    # programs; past 64 rows the whole half, so h is re-read by fewer programs.
+    whole = triton.next_power_of_2(max(d - d // 2, 1))
+    block_half = min(whole, 4) if not use_dot else 16 if n <= 64 else max(whole, 16)
     block_k = 64 if use_dot else max(16, min(triton.next_power_of_2(hidden), 256))
     chunks = triton.cdiv(d - d // 2, block_half)
     grid = (triton.cdiv(n, block_m), nl, 2 * kv_heads * chunks)

@@ -24,7 +24,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxSharedFloats = 48 * 1024 / sizeof(float);   // default dynamic shared limit
-constexpr int64_t kGemmRows = 32;      // more rows: norm -> cuBLAS -> rope_write_kernel per layer
+// More rows than this: norm -> cuBLAS -> rope_write_kernel per layer. On an H100 (bf16, GPT-2
+// small) the fused kernel took 11.5 us at 1 row but 43.7 us at 16 (every block re-reads its
+// weights per row), the GEMM path 21.5 us at 64 rows (docs/gpu-results.md).
+constexpr int64_t kGemmRows = 2;
 constexpr int kPairs = 4;              // column pairs per block of skip_kv_kernel: 8 warps, 8 columns
 
 struct Params {
