@@ -363,6 +363,14 @@ def _cmd_eval(args) -> int:
 
 # ---- train-controller ------------------------------------------------------------------------------
 
+def _budget_list(text: str) -> tuple:
+    """argparse type: comma-separated budgets."""
+    try:
+        return tuple(float(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 _TRAIN_OPTIONS = (   # (flag, type, help); unset ones keep TrainConfig's defaults
     ("text", str, "plain-text corpus file (default: Python's offline pydoc topics)"),
     ("seq-len", int, "tokens per window (default 64)"),
@@ -384,6 +392,12 @@ _TRAIN_OPTIONS = (   # (flag, type, help); unset ones keep TrainConfig's default
     ("rl-lr", float, "REINFORCE learning rate (default 1e-3)"),
     ("savings-weight", float, "reward per unit of compute saved (default 0.05)"),
     ("overspend-penalty", float, "reward penalty per unit of compute over the budget (default 10)"),
+    ("class-budgets", _budget_list,
+     "budgets, comma-separated, with per-token-class plans as the fallback's base (needs "
+     "--fallback-margin; default: none)"),
+    ("classes", int, "class plans: k-means classes (default 16)"),
+    ("class-candidates", int, "class plans: swaps tried per class and budget (default 3)"),
+    ("class-windows", int, "class plans: training windows measured (default 32)"),
     ("eval-windows", int, "held-out windows for the final check, 0 = none (default 8)"),
     ("checkpoint-every", int, "REINFORCE steps between checkpoints (default 5)"),
     ("seed", int, "seed of every random draw (default 0)"),

@@ -14,6 +14,9 @@
 5. Optional static fallback (`fallback_margin`): the saved controller follows the oracle's base
    static set wherever its |logit| is at most the margin (trained_controller). Training is the
    same with or without it.
+6. Optional class plans (`class_budgets`, with the fallback): per-token-class swaps against the
+   base static set at those budgets, measured on training windows (class_plans.py); the saved
+   controller falls back to its token's class plan instead of the static set there.
 
 Every stage checkpoints into the output directory; `resume=True` continues from what is there.
 The per-step randomness is derived from (seed, step), so a resumed run draws what an unbroken
@@ -30,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from .actions import PROCESS, SKIP
-from .controller_traces import collect_traces
+from .class_plans import fit_class_plans
+from .controller_traces import collect_traces, processable_layers
 from .corpus import corpus_text, split_windows, token_windows
 from .depth_policy import budget_floor
 from .quality import full_logits, score_windows, token_metrics
@@ -62,6 +66,10 @@ class TrainConfig:
     rl_lr: float = 1e-3
     savings_weight: float = 0.05
     overspend_penalty: float = 10.0
+    class_budgets: tuple = ()         # budgets with class plans (needs fallback_margin); () = none
+    classes: int = 16                 # class plans: k-means classes
+    class_candidates: int = 3         # class plans: swaps tried per class and budget
+    class_windows: int = 32           # class plans: training windows measured
     eval_windows: int = 8             # held-out windows for the final report (0 = none)
     checkpoint_every: int = 5
     width: int = 32
@@ -72,7 +80,8 @@ class TrainConfig:
         if self.teacher not in TEACHERS:
             raise ValueError(f"teacher must be one of {', '.join(TEACHERS)}, got {self.teacher!r}")
         for name in ("seq_len", "trace_windows", "trace_budgets", "order_windows", "rl_windows", "rl_batch",
-                     "checkpoint_every", "width", "proj_dim"):
+                     "checkpoint_every", "width", "proj_dim", "classes", "class_candidates",
+                     "class_windows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -90,6 +99,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.fallback_margin is not None and not self.fallback_margin >= 0:
             raise ValueError(f"fallback_margin must be >= 0 or None, got {self.fallback_margin!r}")
+        budgets = self.class_budgets
+        if not isinstance(budgets, (tuple, list)) or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 < b < 1.0 for b in budgets):
+            raise ValueError(f"class_budgets must be budgets in (0, 1), got {budgets!r}")
+        if budgets and self.fallback_margin is None:
+            raise ValueError("class plans replace the static fallback's base set: set "
+                             "fallback_margin too")
 
 
 def evenly_spaced(items, count: int) -> list:
@@ -302,6 +318,21 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
         _save(traces, traces_path)
     timings["traces"] = traces["elapsed_s"]
 
+    # 1b. class plans (used by the saved controller's fallback)
+    plans = None
+    if config.class_budgets:
+        start = time.perf_counter()
+        plans_path = out / "class_plans.pt"
+        if plans_path.exists():
+            plans = _load(plans_path)
+        else:
+            plans = fit_plans(llm, evenly_spaced(train, config.class_windows), traces["order"], config,
+                              progress)
+            plans["elapsed_s"] = time.perf_counter() - start
+            _save(plans, plans_path)
+        timings["class_plans"] = plans["elapsed_s"]
+        log["class_plans"] = plans["log"]
+
     # 2. warm start
     start = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -360,6 +391,11 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
     if config.fallback_margin is not None:
         controller.config["static_fallback"] = {"order": [int(x) for x in traces["order"]],
                                                 "margin": config.fallback_margin}
+    if plans is not None:
+        controller.net.register_buffer("class_centroids", plans["centroids"].clone())
+        controller.config["class_plans"] = {
+            "layer": plans["layer"], "classes": config.classes,
+            "plans": {str(n): per_class for n, per_class in plans["plans"].items()}}
 
     # 5. held-out check and the saved controller
     if config.eval_windows:
@@ -371,6 +407,21 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
     (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
     plot_training(log, out / "training_curve.png")
     return log
+
+
+def fit_plans(llm, windows, order, config: TrainConfig, progress: bool = True) -> dict:
+    """Class plans at config.class_budgets against the base static sets of `order`; the class
+    is taken at the first decidable layer."""
+    runner = llm.engine.runner
+    order = [int(x) for x in order]
+    counts = []
+    for b in config.class_budgets:
+        k = processable_layers(b, llm.num_layers, runner.skip_cost, runner.min_layers, runner.always_last)
+        counts.append(len(order) - k)
+    full = full_logits(llm, windows, progress=progress)
+    return fit_class_plans(llm, windows, full, order, sorted(set(counts)), config.classes,
+                           config.class_candidates, layer=min(order), seed=config.seed,
+                           progress=progress)
 
 
 def plot_training(log: dict, path):

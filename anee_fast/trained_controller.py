@@ -12,6 +12,12 @@ Optional static fallback (config key "static_fallback": {"order", "margin"}): th
 is kept only where |logit| > margin; elsewhere the token follows the base static set of its budget
 (the first layers of `order` SKIPped, as many as the budget needs). The student then departs from
 the static set only where it is sure.
+
+Optional class plans (config key "class_plans": {"layer", "classes", "plans"}, the centroids in
+the weights file; see class_plans.py): with the fallback, a token whose budget leaves n layers to
+SKIP, n a key of "plans", falls back to its class's plan for n instead of the static set. The
+class is the nearest centroid to the normalised residual entering "layer", taken there once per
+step and kept for the later layers.
 """
 import json
 import os
@@ -23,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .actions import EXIT, PROCESS, SKIP
+from .class_plans import nearest
 from .controllers import Controller
 from .profiler import cosine_saturation
 from .weights_file import load_matching
@@ -47,15 +54,20 @@ def affordable_fraction(budget_left, layer: int, num_layers: int, skip_cost: flo
     return extra / (remaining * (1.0 - skip_cost))
 
 
+def skip_count(order, ctx) -> torch.Tensor:
+    """[N] long: how many of the decidable layers `order` each token's budget leaves unpaid."""
+    L, D = ctx.num_layers, len(order)
+    limit = ctx.budget.float() * L - (L - D) - D * ctx.skip_cost
+    processable = torch.floor(limit / (1.0 - ctx.skip_cost) + _EPS).clamp(0, D)
+    return (D - processable).long()
+
+
 def static_fallback_process(order, ctx):
     """[N] bool: whether the static set that SKIPs `order`'s first layers (as many as each token's
     budget needs) PROCESSes ctx.layer. `order` lists the decidable layers; others always run."""
     if ctx.layer not in order:
         return torch.ones(ctx.budget.shape, dtype=torch.bool, device=ctx.budget.device)
-    L, D = ctx.num_layers, len(order)
-    limit = ctx.budget.float() * L - (L - D) - D * ctx.skip_cost
-    processable = torch.floor(limit / (1.0 - ctx.skip_cost) + _EPS).clamp(0, D)
-    return order.index(ctx.layer) >= D - processable
+    return order.index(ctx.layer) >= skip_count(order, ctx)
 
 
 def controller_features(ctx):
@@ -82,7 +94,8 @@ def controller_features(ctx):
 class ControllerNet(nn.Module):
     """logit(PROCESS) from (scalars, normalised residual, layer index)."""
 
-    def __init__(self, num_layers: int, hidden_size: int, width: int = 32, proj_dim: int = 8):
+    def __init__(self, num_layers: int, hidden_size: int, width: int = 32, proj_dim: int = 8,
+                 classes: int = 0):
         super().__init__()
         self.proj = nn.Linear(hidden_size, proj_dim, bias=False)
         self.layer_embed = nn.Embedding(num_layers, width)
@@ -91,6 +104,8 @@ class ControllerNet(nn.Module):
         self.out = nn.Linear(width, 1)
         self.register_buffer("scalar_mean", torch.zeros(len(FEATURES)))
         self.register_buffer("scalar_std", torch.ones(len(FEATURES)))
+        if classes:      # the class plans' centroids (config "class_plans")
+            self.register_buffer("class_centroids", torch.zeros(classes, hidden_size))
 
     def set_normalisation(self, scalars):
         """Standardises the scalar features with statistics of training data."""
@@ -121,6 +136,7 @@ class BudgetConditionedController(Controller):
         self.sample = sample
         self.generator = generator
         self.recorder = None
+        self._classes, self._last_layer, self._tables = None, None, {}
 
     @classmethod
     def new(cls, num_layers: int, hidden_size: int, model: str, width: int = 32, proj_dim: int = 8):
@@ -156,6 +172,8 @@ class BudgetConditionedController(Controller):
             fallback = self.config.get("static_fallback")
             if fallback is not None:
                 base = static_fallback_process(fallback["order"], ctx)
+                if "class_plans" in self.config:
+                    base = self._class_plan_process(ctx, normed, fallback["order"], base)
                 process = torch.where(logit.abs() > fallback["margin"], process, base)
         free = scalars[:, FEATURES.index("affordable")] >= 1.0 - _EPS
         leave = ctx.budget_left < self.exit_threshold
@@ -163,6 +181,33 @@ class BudgetConditionedController(Controller):
         if self.recorder is not None:
             self.recorder.append((ctx.layer, scalars, normed, process, ~free & ~leave))
         return torch.where(leave, EXIT, torch.where(process, PROCESS, SKIP)).to(torch.int8)
+
+    def _class_plan_process(self, ctx, normed, order, base):
+        """base, with tokens whose skip count has a class plan following their class's plan."""
+        plans = self.config["class_plans"]
+        if self._last_layer is not None and ctx.layer <= self._last_layer:
+            self._classes = None                       # a new step began
+        self._last_layer = ctx.layer
+        if ctx.layer == plans["layer"]:
+            self._classes = nearest(normed, self.net.class_centroids)
+        if self._classes is None or self._classes.shape[0] != normed.shape[0]:
+            return base                                # the class layer was forced: no class
+        counts = skip_count(order, ctx)
+        for n, skipped in self._plan_tables(ctx.h.device):
+            base = torch.where(counts == n, ~skipped[self._classes, ctx.layer], base)
+        return base
+
+    def _plan_tables(self, device):
+        """[(n, bool [classes, L] skipped)] per skip count n of the class plans."""
+        if device not in self._tables:
+            L, tables = self.config["num_layers"], []
+            for n, per_class in self.config["class_plans"]["plans"].items():
+                skipped = torch.zeros((len(per_class), L), dtype=torch.bool)
+                for c, layers in enumerate(per_class):
+                    skipped[c, layers] = True
+                tables.append((int(n), skipped.to(device)))
+            self._tables[device] = tables
+        return self._tables[device]
 
     # ---- files ---------------------------------------------------------------------------------
 
@@ -204,9 +249,10 @@ class BudgetConditionedController(Controller):
                 raise ValueError(f"{json_path}: {key} must be a positive integer, got "
                                  f"{config.get(key)!r}")
         _check_fallback(config.get("static_fallback"), config["num_layers"], json_path)
+        _check_class_plans(config, json_path)
         config.setdefault("model", "an unnamed model")
         net = ControllerNet(config["num_layers"], config["hidden_size"], config["width"],
-                            config["proj_dim"])
+                            config["proj_dim"], config.get("class_plans", {}).get("classes", 0))
         load_matching(net, weights_path, "controller weights", f"the config {json_path.name}")
         return cls(net, config, exit_threshold=exit_threshold)
 
@@ -222,6 +268,33 @@ def _check_fallback(fallback, num_layers: int, json_path):
                          f"[0, {num_layers}), got {order!r}")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
         raise ValueError(f"{json_path}: static_fallback.margin must be a number >= 0, got {margin!r}")
+
+
+def _check_class_plans(config, json_path):
+    plans = config.get("class_plans")
+    if plans is None:
+        return
+    fallback = config.get("static_fallback")
+    problem = None
+    if fallback is None:
+        problem = "class_plans need a static_fallback (they replace its base static set)"
+    elif not isinstance(plans, dict) or not isinstance(plans.get("classes"), int) or plans["classes"] < 1:
+        problem = f"class_plans.classes must be a positive integer, got {plans!r:.80}"
+    elif plans.get("layer") not in fallback["order"]:
+        problem = f"class_plans.layer must be one of static_fallback.order, got {plans.get('layer')!r}"
+    elif not isinstance(plans.get("plans"), dict):
+        problem = "class_plans.plans must map skip counts to per-class layer lists"
+    else:
+        order = set(fallback["order"])
+        for n, per_class in plans["plans"].items():
+            if (not str(n).isdigit() or not isinstance(per_class, list) or len(per_class) != plans["classes"]
+                    or not all(isinstance(p, list) and len(p) == int(n) and set(p) <= order
+                               for p in per_class)):
+                problem = (f"class_plans.plans[{n!r}] must hold {plans['classes']} lists of {n} "
+                           "layers of static_fallback.order")
+                break
+    if problem:
+        raise ValueError(f"{json_path}: {problem}")
 
 
 def _file_pair(path, create: bool):

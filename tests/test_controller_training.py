@@ -103,6 +103,28 @@ def test_a_tiny_training_run_learns_checkpoints_and_resumes(tmp_path):
     assert float(trace.compute.max()) <= max(0.5, budget_floor(6, runner.skip_cost, 1, 0)) + 1e-6
 
 
+def test_class_plans_join_the_saved_controller(tmp_path):
+    llm = LLM(build_model("llama_gqa", num_layers=6), min_layers=1)
+    g = torch.Generator().manual_seed(1)
+    windows = [torch.randint(3, 101, (16,), generator=g).tolist() for _ in range(6)]
+    out = tmp_path / "run"
+    config = tiny_config(fallback_margin=3.0, class_budgets=(0.5,), classes=2, class_candidates=1,
+                         class_windows=3, rl_steps=0)
+    log = train_controller(llm, out, config, progress=False, windows=windows)
+    saved = json.loads((out / "controller.json").read_text())
+    plans = saved["class_plans"]
+    assert plans["layer"] == 1 and plans["classes"] == 2
+    runner = llm.engine.runner
+    n = 5 - processable_layers(0.5, 6, runner.skip_cost, 1, 0)
+    assert list(plans["plans"]) == [str(n)] and all(len(p) == n for p in plans["plans"][str(n)])
+    assert log["class_plans"][0]["train_kl"] <= log["class_plans"][0]["static_kl"]
+    assert "class_plans" in log["timings_s"]
+    controller = BudgetConditionedController.load(out)
+    assert controller.net.class_centroids.shape == (2, llm.spec.hidden_size)
+    again = train_controller(llm, out, config, resume=True, progress=False, windows=windows)
+    assert again["class_plans"] == log["class_plans"]            # read back, not refitted
+
+
 def test_bad_training_settings_are_rejected():
     with pytest.raises(ValueError, match="teacher"):
         TrainConfig(teacher="nobody").validate()
@@ -112,6 +134,10 @@ def test_bad_training_settings_are_rejected():
         TrainConfig(order_stop_budget=1.5).validate()
     with pytest.raises(ValueError, match="fallback_margin"):
         TrainConfig(fallback_margin=-1.0).validate()
+    with pytest.raises(ValueError, match="set fallback_margin too"):
+        TrainConfig(class_budgets=(0.5,)).validate()
+    with pytest.raises(ValueError, match="class_budgets"):
+        TrainConfig(class_budgets=(1.5,), fallback_margin=3.0).validate()
 
 
 def test_the_command_line_trains_and_rejects_bad_settings(tmp_path, capsys):
