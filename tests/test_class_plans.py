@@ -112,3 +112,17 @@ def test_fitted_plans_keep_the_skip_count_and_never_raise_the_training_kl():
         assert kls == sorted(kls, reverse=True) and all(k < entry["static_kl"] for k in kls)
     with pytest.raises(ValueError, match="decidable"):
         fit_class_plans(llm, train, full, ORDER, [2], classes=2, layer=0, progress=False)
+
+
+@pytest.mark.cuda
+def test_class_plans_replay_from_cuda_graphs_as_on_the_cpu():
+    model = build_model("llama_gqa", num_layers=L)
+    cpu = LLM(model, min_layers=1, block_size=4, device="cpu")
+    controller, n, plans = planned_controller(cpu)
+    gpu = LLM(model, min_layers=1, block_size=4, device="cuda", dtype=torch.float32)
+    ids = windows(1, 30, seed=3)[0]
+    # chunk_size=1: every step decodes one token per sequence, so the steps replay CUDA graphs
+    _, want = cpu.score(ids, energy_budget=0.5, controller=controller, chunk_size=1, return_trace=True)
+    _, got = gpu.score(ids, energy_budget=0.5, controller=controller, chunk_size=1, return_trace=True)
+    assert gpu.engine.runner.graphs.graphs
+    assert torch.equal(got.actions, want.actions)
