@@ -32,7 +32,7 @@ class _StepGraph:
 
     def __init__(self, runner, rows: int, controller, width: int, capture: bool):
         device = runner.device
-        self.rows, self.width = rows, width
+        self.rows = rows
         self.ints = torch.zeros((rows, 3 + width), dtype=torch.long, device=device)
         self.budget = torch.ones(rows, dtype=torch.float32, device=device)
         self.ints[:, 2] = -1                                   # padding: writes nothing
