@@ -7,7 +7,8 @@ op). Prints a table and writes JSON and a PNG.
 Every backend's result is checked against the reference first (abort on mismatch), then timed:
 median of many repeats after a warm-up: on a GPU, CUDA-event timings of a CUDA graph replaying the
 op 10 times (device time without launch gaps; back-to-back calls when the op cannot be
-captured); on the CPU, time.perf_counter around each call. L2 stays warm between calls.
+captured); on the CPU, time.perf_counter around each call. L2 stays warm between calls unless
+--cold-l2 rotates each op over copies of its inputs larger than the cache together.
 Shapes: GPT-2 small (hidden 768, 12 heads, MHA, LayerNorm + biases, no RoPE) and Llama-3.2-1B
 (hidden 2048, 32 heads, 8 KV heads, RMSNorm, RoPE); head_dim 64 in both.
 GB/s counts the bytes an ideal fused kernel must move (byte models below); "% peak" is against
@@ -32,7 +33,8 @@ SHAPES = {
 }
 BLOCK = 16
 EXIT_LAYERS = 6
-GRAPH_CALLS = 10     # calls per timed CUDA graph replay
+GRAPH_CALLS = 10     # calls per timed CUDA graph replay (at least)
+CPU_CACHE_BYTES = 64 << 20   # --cold-l2 on the CPU: rotate inputs over twice this
 TOL = {"norm": 1e-4, "write_kv": 0.0, "skip_kv": 1e-3, "paged_attention": 1e-4}
 
 
@@ -128,19 +130,23 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, budget_s, min_reps=5, max_reps=200):
-    """(median seconds per call, repeats, how): on a GPU the calls are captured in a CUDA graph
-    and its replays timed with events ("graph": device time without the host's launch gaps);
-    an op that cannot be captured is timed as GRAPH_CALLS back-to-back calls ("eager"). On the
-    CPU each call is timed alone ("host"). Repeats: about budget_s of timing."""
-    for _ in range(2):                                   # warm-up (and Triton's compile)
+def timed(calls, device, budget_s, min_reps=5, max_reps=200):
+    """(median seconds per call, repeats, how) of the zero-argument `calls`, run in turn (one
+    call per input copy: with --cold-l2 each copy's inputs are out of cache when its turn comes).
+    On a GPU a CUDA graph captures at least GRAPH_CALLS calls and its replays are timed with
+    events ("graph": device time without the host's launch gaps); an op that cannot be captured
+    is timed as the same calls back to back ("eager"). On the CPU each call is timed alone
+    ("host"). Repeats: about budget_s of timing."""
+    for fn in calls[:2]:                                 # warm-up (and Triton's compile)
         fn()
     sync(device)
-    how, run = "host", fn
+    rounds = -(-GRAPH_CALLS // len(calls))
+    sequence = calls * rounds if device.type == "cuda" else calls
+    how, run = "host", calls[0]                           # on the CPU, run only sizes the repeats
     if device.type == "cuda":
-        how, run = "graph", _graph_of(fn)
+        how, run = "graph", _graph_of(sequence)
         if run is None:
-            how, run = "eager", lambda: [fn() for _ in range(GRAPH_CALLS)]
+            how, run = "eager", lambda: [fn() for fn in sequence]
     sync(device)
     t0 = time.perf_counter()
     run()
@@ -154,32 +160,41 @@ def timed(fn, device, budget_s, min_reps=5, max_reps=200):
             run()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / GRAPH_CALLS)
+            times.append(start.elapsed_time(end) / 1e3 / len(sequence))
     else:
-        for _ in range(reps):
+        for i in range(reps):
+            fn = calls[i % len(calls)]
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times), reps, how
 
 
-def _graph_of(fn):
-    """A function replaying GRAPH_CALLS calls of fn captured in a CUDA graph; None when fn cannot
-    be captured (it synchronises with the host)."""
+def _graph_of(sequence):
+    """A function replaying the calls of `sequence` captured in one CUDA graph; None when a
+    call cannot be captured (it synchronises with the host)."""
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     try:
         with torch.cuda.stream(stream):
-            fn()                                         # allocations outside the capture
+            sequence[0]()                                # allocations outside the capture
             with torch.cuda.graph(graph, stream=stream):
-                for _ in range(GRAPH_CALLS):
+                for fn in sequence:
                     fn()
     except RuntimeError:
         torch.cuda.synchronize()
         return None
     torch.cuda.current_stream().wait_stream(stream)
     return graph.replay
+
+
+def input_copies(op_args, nbytes, cache_bytes, cold: bool) -> list:
+    """The op's argument tuples to rotate through: just op_args, or with `cold` enough copies of
+    every tensor that each call's inputs were evicted by the others (2x the cache, at most 64)."""
+    count = min(64, max(1, -(-2 * cache_bytes // max(nbytes, 1)))) if cold else 1
+    clone = lambda a: a.clone() if isinstance(a, torch.Tensor) else a
+    return [op_args] + [tuple(clone(a) for a in op_args) for _ in range(count - 1)]
 
 
 def main(argv=None):
@@ -195,6 +210,9 @@ def main(argv=None):
     p.add_argument("--ops", default="norm,write_kv,skip_kv,skip_kv_exit,paged_attention")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--budget", type=float, default=0.15, help="seconds of timing per measurement")
+    p.add_argument("--cold-l2", action="store_true",
+                   help="rotate each op over copies of its inputs (together twice the GPU's L2, or "
+                        "128 MiB on the CPU) so that every call reads them from memory")
     p.add_argument("--out", default="out/bench_kernels")
     args = p.parse_args(argv)
 
@@ -211,6 +229,8 @@ def main(argv=None):
             print(f"# backend {b} skipped: {ok}", file=sys.stderr)
     ref = ops_for("reference")
     peak = measure_peaks(device, dtype).bandwidth / 1e9
+    cache_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" \
+        else CPU_CACHE_BYTES
     print(f"{device}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; measured copy peak {peak:.1f} GB/s; "
           f"backends: reference, {', '.join(names)}")
@@ -232,24 +252,28 @@ def main(argv=None):
                 for name in names:
                     check(op, name, getattr(ref, op), getattr(ops_for(name), op), op_args, mutated, label)
                 t_ref = None
+                copies = input_copies(op_args, nbytes, cache_bytes, args.cold_l2)
                 for name in ["reference"] + names:
                     fn = getattr(ops_for(name), op)
-                    t, reps, how = timed(lambda: fn(*op_args), device, args.budget)
+                    calls = [lambda a=a: fn(*a) for a in copies]
+                    t, reps, how = timed(calls, device, args.budget)
                     t_ref = t if name == "reference" else t_ref
                     gbs = nbytes / t / 1e9
                     r = dict(op=op_label, shape=shape, rows=n, backend=name, layers=nl,
                              context=args.context if op == "paged_attention" else None,
                              time_us=t * 1e6, bytes=nbytes, gb_s=gbs, pct_peak=100 * gbs / peak,
-                             speedup_vs_ref=t_ref / t, repeats=reps, timing=how)
+                             speedup_vs_ref=t_ref / t, repeats=reps, timing=how,
+                             input_copies=len(copies))
                     results.append(r)
                     print(f"{op_label:<16} {shape:<11} {n:>5} {name:<9} {r['time_us']:>10.1f} "
                           f"{nbytes / 1e6:>8.2f} {gbs:>7.2f} {r['pct_peak']:>6.1f}% "
                           f"{r['speedup_vs_ref']:>6.2f}x {how:>6}", flush=True)
-                del op_args
+                del op_args, copies
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     meta = dict(device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
                 threads=torch.get_num_threads(), peak_copy_gb_s=peak, context=args.context,
+                cold_l2=args.cold_l2, cache_bytes=cache_bytes,
                 block_size=BLOCK, exit_layers=args.exit_layers)
     with open(args.out + ".json", "w") as f:
         json.dump(dict(meta=meta, results=results), f, indent=1)
