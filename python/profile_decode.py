@@ -1,0 +1,95 @@
+"""Where a decode step's time goes: kernels per step, by name, from torch.profiler.
+
+    python python/profile_decode.py --model gpt2-124m --batch 1 --budget 1.0 --steps 8
+
+Runs greedy decode eagerly (CUDA graphs off, so every kernel is visible), profiles `--steps`
+decode steps after a warm-up, and prints per step: the number of kernel launches, the device
+time by kernel name (on a GPU; on the CPU the host time of the top-level ops: aten and anee_fast).
+The launch count is what a CUDA graph replays and what fusion would cut. Writes JSON.
+"""
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+from bench_decode import build
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2-124m", help="gpt2-124m, llama-1b, smollm2 or a path")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--budget", type=float, default=1.0)
+    p.add_argument("--controller", default="budget")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--steps", type=int, default=8, help="decode steps profiled")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--top", type=int, default=25, help="kernel names printed")
+    p.add_argument("--out", default="out/profile_decode.json")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch < 1:
+        p.error("--steps and --batch must be >= 1")
+
+    from anee_fast import LLM, SamplingParams
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    model = build(args.model, device, dtype)
+    llm = LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0,
+              cuda_graphs=False if gpu else None)
+    engine = llm.engine
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, llm.spec.vocab_size, (args.batch, args.prompt_tokens), generator=g)
+    params = SamplingParams(max_tokens=args.steps + 3, ignore_eos=True)
+    for prompt in prompts.tolist():
+        engine.add_request(prompt, params, args.budget, args.controller)
+    engine.step()                                     # prefill
+    engine.step()                                     # one decode step: warm-up (Triton compiles)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        if gpu:
+            torch.cuda.synchronize()
+    while engine.has_unfinished():
+        engine.step()
+
+    per_name = defaultdict(lambda: [0, 0.0])          # name -> [calls, microseconds]
+    for e in prof.events():
+        if gpu and e.device_type.name == "CUDA":
+            per_name[e.name][0] += 1
+            per_name[e.name][1] += e.device_time
+        elif not gpu and e.device_type.name == "CPU" and "::" in e.name and e.cpu_parent is None:
+            per_name[e.name][0] += 1
+            per_name[e.name][1] += e.cpu_time
+    rows = sorted(({"name": n, "calls_per_step": c / args.steps, "us_per_step": t / args.steps}
+                   for n, (c, t) in per_name.items()), key=lambda r: -r["us_per_step"])
+    launches = sum(r["calls_per_step"] for r in rows)
+    busy = sum(r["us_per_step"] for r in rows)
+    layers = llm.num_layers
+    what = "kernels" if gpu else "top-level ops"
+    print(f"{args.model}, {device}, {str(dtype)[6:]}, backend {llm.backend}, batch {args.batch}, "
+          f"budget {args.budget}, controller {args.controller}, {args.steps} decode steps, eager")
+    print(f"{what} per step: {launches:.0f} ({launches / layers:.1f} per layer), "
+          f"{'device' if gpu else 'host'} time in them {busy:.0f} us per step")
+    print(f"{'us/step':>9} {'calls/step':>10}  name")
+    for r in rows[:args.top]:
+        print(f"{r['us_per_step']:>9.1f} {r['calls_per_step']:>10.1f}  {r['name'][:100]}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(model=args.model, device=str(device), dtype=str(dtype)[6:], backend=llm.backend,
+                       batch=args.batch, budget=args.budget, controller=args.controller,
+                       steps=args.steps, layers=layers, launches_per_step=launches,
+                       busy_us_per_step=busy, by_name=rows), f, indent=1)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
