@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import reference_ops
 from .actions import EXIT
-from .reference_ops import apply_rope, mlp
+from .reference_ops import mlp, rope_cos_sin, rotate
 
 
 @dataclass
@@ -58,6 +58,7 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
         compact = step.token_ids.device.type == "cpu"
     h = embed(weights, step)
     h_prev = h
+    rope = None if inv_freq is None else rope_cos_sin(step.positions, inv_freq, weights.rope_scale)
     for l, layer in enumerate(weights.layers):
         if hidden_states is not None:
             hidden_states.append(h)
@@ -72,10 +73,10 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
         if compact:
             rows = process.nonzero().squeeze(1)
             if rows.numel():
-                out = _block(weights, layer, cache, l, step, h[rows], rows, ops, inv_freq, rms)
+                out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope, rms)
                 h = h.index_copy(0, rows, out)
         else:
-            out = _block(weights, layer, cache, l, step, h, None, ops, inv_freq, rms)
+            out = _block(weights, layer, cache, l, step, h, None, ops, rope, rms)
             h = torch.where(process[:, None], out, h)
     if step.decode:
         _fill_exited(weights, cache, step, policy.actions, h, ops, inv_freq, rms)
@@ -96,17 +97,18 @@ def _fill_exited(weights, cache, step, actions, h, ops, inv_freq, rms):
                     weights.spec.norm_eps, rms)
 
 
-def _block(weights, layer, cache, l, step, h, rows, ops, inv_freq, rms):
+def _block(weights, layer, cache, l, step, h, rows, ops, rope, rms):
     """Attention (over the cache this layer's K/V were just written to) + MLP for the rows
-    `rows` of the step (all rows when None); h holds those rows' residuals."""
+    `rows` of the step (all rows when None); h holds those rows' residuals. rope: the step's
+    (cos, sin) tables, or None without RoPE."""
     spec = weights.spec
     positions = step.positions if rows is None else step.positions[rows]
     seq_idx = step.seq_idx if rows is None else step.seq_idx[rows]
     n = h.shape[0]
     x = ops.norm(h, layer.attn_norm_weight, layer.attn_norm_bias, spec.norm_eps, rms)
     q = F.linear(x, layer.q_weight, layer.q_bias).view(n, spec.num_heads, spec.head_dim)
-    if inv_freq is not None:
-        q = apply_rope(q, positions, inv_freq, weights.rope_scale)
+    if rope is not None:
+        q = rotate(q, *(rope if rows is None else (rope[0][rows], rope[1][rows])))
     attn = ops.paged_attention(q, cache.k[l], cache.v[l], step.block_tables, seq_idx, positions,
                                step.block_size, spec.attn_scale, layer.sliding_window or 0)
     h_attn = h + F.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias)

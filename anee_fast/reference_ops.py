@@ -32,10 +32,19 @@ def norm(x, weight, bias, eps: float, rms: bool):
 
 def apply_rope(x, positions, inv_freq, scale: float = 1.0):
     """Rotary embedding in the rotate-half layout (Llama): x [N, heads, head_dim]."""
+    return rotate(x, *rope_cos_sin(positions, inv_freq, scale))
+
+
+def rope_cos_sin(positions, inv_freq, scale: float = 1.0):
+    """(cos, sin), float32 [N, 1, head_dim], of the rows' positions: computed once per step
+    and shared by every layer's queries."""
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    cos = (emb.cos() * scale)[:, None, :]
-    sin = (emb.sin() * scale)[:, None, :]
+    return (emb.cos() * scale)[:, None, :], (emb.sin() * scale)[:, None, :]
+
+
+def rotate(x, cos, sin):
+    """x [N, heads, head_dim] rotated by rope_cos_sin's tables, in x's dtype."""
     xf = x.float()
     half = xf.shape[-1] // 2
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
