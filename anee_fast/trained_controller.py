@@ -62,12 +62,12 @@ def skip_count(order, ctx) -> torch.Tensor:
     return (D - processable).long()
 
 
-def static_fallback_process(order, ctx):
-    """[N] bool: whether the static set that SKIPs `order`'s first layers (as many as each token's
-    budget needs) PROCESSes ctx.layer. `order` lists the decidable layers; others always run."""
-    if ctx.layer not in order:
-        return torch.ones(ctx.budget.shape, dtype=torch.bool, device=ctx.budget.device)
-    return order.index(ctx.layer) >= skip_count(order, ctx)
+def static_fallback_process(order, layer: int, counts):
+    """[N] bool: whether the static set that SKIPs `order`'s first counts[n] layers (skip_count)
+    PROCESSes `layer`. `order` lists the decidable layers; others always run."""
+    if layer not in order:
+        return torch.ones_like(counts, dtype=torch.bool)
+    return order.index(layer) >= counts
 
 
 def controller_features(ctx):
@@ -171,9 +171,10 @@ class BudgetConditionedController(Controller):
             process = logit > 0
             fallback = self.config.get("static_fallback")
             if fallback is not None:
-                base = static_fallback_process(fallback["order"], ctx)
+                counts = skip_count(fallback["order"], ctx)
+                base = static_fallback_process(fallback["order"], ctx.layer, counts)
                 if "class_plans" in self.config:
-                    base = self._class_plan_process(ctx, normed, fallback["order"], base)
+                    base = self._class_plan_process(ctx, normed, counts, base)
                 process = torch.where(logit.abs() > fallback["margin"], process, base)
         free = scalars[:, FEATURES.index("affordable")] >= 1.0 - _EPS
         leave = ctx.budget_left < self.exit_threshold
@@ -182,8 +183,9 @@ class BudgetConditionedController(Controller):
             self.recorder.append((ctx.layer, scalars, normed, process, ~free & ~leave))
         return torch.where(leave, EXIT, torch.where(process, PROCESS, SKIP)).to(torch.int8)
 
-    def _class_plan_process(self, ctx, normed, order, base):
-        """base, with tokens whose skip count has a class plan following their class's plan."""
+    def _class_plan_process(self, ctx, normed, counts, base):
+        """base, with tokens whose skip count (counts) has a class plan following their class's
+        plan."""
         plans = self.config["class_plans"]
         if self._last_layer is not None and ctx.layer <= self._last_layer:
             self._classes = None                       # a new step began
@@ -192,7 +194,6 @@ class BudgetConditionedController(Controller):
             self._classes = nearest(normed, self.net.class_centroids)
         if self._classes is None or self._classes.shape[0] != normed.shape[0]:
             return base                                # the class layer was forced: no class
-        counts = skip_count(order, ctx)
         for n, skipped in self._plan_tables(ctx.h.device):
             base = torch.where(counts == n, ~skipped[self._classes, ctx.layer], base)
         return base
