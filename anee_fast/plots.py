@@ -208,29 +208,44 @@ def plot_quality_vs_compute(records, path, title=None):
 
 
 def plot_recurrent(result, path):
-    """Answer accuracy and mean answer iterations against the number of operators L, one line per
-    controller (halting, and fixed depth at 1, R/2 and R iterations); the training range is
-    shaded. `result` is anee_fast.recurrent_eval.evaluate_recurrent's."""
+    """Answer accuracy, mean answer iterations and mean iterations per token of the example
+    against the number of operators L, one line per controller (halting, and fixed depth at 1, R/2
+    and R iterations; the training range shaded), then in-range accuracy against both measures
+    of compute, next to fixed depth's. `result` is anee_fast.recurrent_eval.evaluate_recurrent's."""
     R, records = result["iterations"], result["records"]
     shown = ["halting-early", "halting-online"] + [f"fixed-{k}" for k in sorted({1, max(1, R // 2), R})]
-    fig = Figure(figsize=(11.0, 4.2))
-    ax_acc, ax_it = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    fig = Figure(figsize=(11.0, 8.0))
+    panels = [("accuracy", "answer accuracy"),
+              ("mean_iterations", "iterations run by the answer token"),
+              ("mean_token_iterations", "iterations per token of the example")]
+    axes = [fig.add_subplot(2, 2, i + 1) for i in range(len(panels))]
     for name in shown:
         rows = sorted((r for r in records if r["controller"] == name), key=lambda r: r["num_ops"])
         if not rows:
             continue
         style = dict(marker="o") if name.startswith("halting") else dict(linestyle="--")
         ops = [r["num_ops"] for r in rows]
-        ax_acc.plot(ops, [r["accuracy"] for r in rows], label=name, **style)
-        ax_it.plot(ops, [r["mean_iterations"] for r in rows], label=name, **style)
-    for ax in (ax_acc, ax_it):
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot(ops, [r[key] for r in rows], label=name, **style)
+    for ax, (_, label) in zip(axes, panels):
         ax.axvspan(0.5, result["train_max_ops"] + 0.5, color="0.92", zorder=0)
         ax.set_xlabel("operators L (shaded: training range)")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    ax_acc.set_ylabel("answer accuracy")
-    ax_acc.set_ylim(0, 1.02)
-    ax_it.set_ylabel("iterations run by the answer token")
-    ax_it.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    axes[0].set_ylim(0, 1.02)
+    axes[0].legend(loc="lower left", fontsize=8)
+    ax = fig.add_subplot(2, 2, 4)
+    fixed = result["fixed_depth_in_range"]
+    ax.plot([k for k, _ in fixed], [a for _, a in fixed], "k--", label="fixed depth")
+    for (name, s), color in zip(result["summary"].items(), ("C0", "C1")):
+        ax.plot(s["mean_token_iterations_in_range"], s["accuracy_in_range"], "o", color=color,
+                label=f"{name}, per token")
+        ax.plot(s["mean_iterations_in_range"], s["accuracy_in_range"], "o", color=color,
+                fillstyle="none", label=f"{name}, answer only")
+    ax.set_xlabel("mean iterations: per token of the example, or of the answer only")
+    ax.set_ylabel("in-range answer accuracy (L <= %d)" % result["train_max_ops"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("Halting against difficulty on chained modular arithmetic", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)

@@ -2,16 +2,19 @@
 
 For each number of operators L (including L beyond the training range) fresh examples are run
 through the engine with each controller: early allocation, online halting, and fixed depth k
-(every token runs k iterations) for k = 1..R. Per (controller, L): answer accuracy and mean
-iterations of the answer token (the "=" token, whose logits give the answer). Summary per halting
-controller: the Pearson correlation between the answer's iterations and L over in-range examples,
-and its in-range accuracy next to fixed depth's at the same mean iterations (fixed depth's
-accuracy interpolated linearly between the two nearest k).
+(every token runs k iterations) for k = 1..R. Per (controller, L): answer accuracy, mean
+iterations of the answer token (the "=" token, whose logits give the answer) and mean iterations
+per token of the whole example (its compute: the answer reads every context token's K/V, and
+fixed depth k runs every token k times). Summary per halting controller: the Pearson correlation
+between the answer's iterations and L over in-range examples, and its in-range accuracy next to
+fixed depth's at the same mean answer iterations and at the same mean iterations per token
+(fixed depth's accuracy interpolated linearly between the two nearest k).
 """
 import json
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +26,15 @@ from .modular_task import ModularTask
 from .quality import score_windows
 
 
+class Outcome(NamedTuple):
+    """One example under one controller."""
+    num_ops: int
+    answer_iterations: int
+    tokens: int
+    token_iterations: int       # summed over every token of the example
+    correct: bool
+
+
 def fixed_depth_actions(config, k: int) -> list:
     """The per-layer action list of "k iterations, then halt" (the coda still runs when
     always_last = coda)."""
@@ -30,19 +42,27 @@ def fixed_depth_actions(config, k: int) -> list:
     return [PROCESS] * end + [EXIT] * (config.num_layers - end)
 
 
+def token_iterations(trace, config) -> torch.Tensor:
+    """Iterations every token of a scored prompt ran [T]."""
+    ran = trace.actions[:, config.prelude:config.iteration_end(config.iterations)] == PROCESS
+    return ran.sum(-1) // config.block
+
+
 def answer_iterations(trace, config) -> int:
     """Iterations the last token of a scored prompt ran."""
-    last = trace.actions[-1, config.prelude:config.iteration_end(config.iterations)]
-    return int((last == PROCESS).sum()) // config.block
+    return int(token_iterations(trace, config)[-1])
 
 
 def run_controller(llm, config, prompts, controller, progress: bool = False):
-    """(predicted answer [n], answer iterations [n]) of every prompt."""
+    """(predicted answer [n], answer iterations [n], iterations summed over the prompt's tokens
+    [n]) of every prompt."""
     logits, traces = score_windows(llm, prompts, controller=controller, progress=progress,
                                    desc="scoring")
     predicted = torch.stack([lg[-1].argmax() for lg in logits])
-    iterations = torch.tensor([answer_iterations(tr, config) for tr in traces])
-    return predicted, iterations
+    per_token = [token_iterations(tr, config) for tr in traces]
+    answer = torch.stack([t[-1] for t in per_token])
+    example = torch.stack([t.sum() for t in per_token])
+    return predicted, answer, example
 
 
 def pearson(x, y):
@@ -65,8 +85,9 @@ def interpolate(points, x: float) -> float:
 
 def evaluate_recurrent(llm, model_dir, task: ModularTask, ops_range, train_max_ops: int,
                        examples: int = 64, seed: int = 0, progress: bool = True) -> dict:
-    """{"records": [{controller, num_ops, in_range, accuracy, mean_iterations, examples}],
-    "summary": {controller: {...}}}; see the module docstring."""
+    """{"records": [{controller, num_ops, in_range, accuracy, mean_iterations,
+    mean_token_iterations, examples}], "summary": {controller: {...}}, "fixed_depth_in_range":
+    [(k, accuracy)]}; see the module docstring."""
     config = recurrent_model.load_config(model_dir)
     ops_range = [int(n) for n in ops_range]
     if not ops_range or min(ops_range) < 1:
@@ -84,30 +105,39 @@ def evaluate_recurrent(llm, model_dir, task: ModularTask, ops_range, train_max_o
     for name, n in tqdm(jobs, desc="eval-recurrent", unit="run", disable=not progress):
         prompts = [p for p, _ in data[n]]
         answers = torch.tensor([targets[-1] for _, targets in data[n]])
-        predicted, iterations = run_controller(llm, config, prompts, controllers[name])
+        predicted, iterations, token_its = run_controller(llm, config, prompts, controllers[name])
+        tokens = torch.tensor([len(p) for p in prompts])
         correct = predicted == answers
         records.append({"controller": name, "num_ops": n, "in_range": n <= train_max_ops,
                         "accuracy": float(correct.float().mean()),
-                        "mean_iterations": float(iterations.float().mean()), "examples": examples})
-        per_example[name] += [(n, int(i), bool(c)) for i, c in zip(iterations, correct)]
+                        "mean_iterations": float(iterations.float().mean()),
+                        "mean_token_iterations": float(token_its.sum() / tokens.sum()),
+                        "examples": examples})
+        per_example[name] += [Outcome(n, int(i), int(t), int(ti), bool(c))
+                              for i, t, ti, c in zip(iterations, tokens, token_its, correct)]
     fixed = []
     for k in range(1, config.iterations + 1):
-        rows = [r for r in per_example[f"fixed-{k}"] if r[0] <= train_max_ops]
+        rows = [r for r in per_example[f"fixed-{k}"] if r.num_ops <= train_max_ops]
         if rows:
-            fixed.append((float(k), sum(c for _, _, c in rows) / len(rows)))
+            fixed.append((float(k), sum(r.correct for r in rows) / len(rows)))
     summary = {}
     for kind in KINDS:
-        rows = [r for r in per_example[f"halting-{kind}"] if r[0] <= train_max_ops]
+        rows = [r for r in per_example[f"halting-{kind}"] if r.num_ops <= train_max_ops]
         if not rows:
             continue
-        mean_it = sum(i for _, i, _ in rows) / len(rows)
+        mean_it = sum(r.answer_iterations for r in rows) / len(rows)
+        mean_token_it = sum(r.token_iterations for r in rows) / sum(r.tokens for r in rows)
         summary[f"halting-{kind}"] = {
-            "correlation_iterations_vs_ops": pearson([n for n, _, _ in rows], [i for _, i, _ in rows]),
-            "accuracy_in_range": sum(c for _, _, c in rows) / len(rows),
+            "correlation_iterations_vs_ops": pearson([r.num_ops for r in rows],
+                                                     [r.answer_iterations for r in rows]),
+            "accuracy_in_range": sum(r.correct for r in rows) / len(rows),
             "mean_iterations_in_range": mean_it,
             "fixed_depth_accuracy_at_same_iterations": interpolate(fixed, mean_it),
+            "mean_token_iterations_in_range": mean_token_it,
+            "fixed_depth_accuracy_at_same_token_iterations": interpolate(fixed, mean_token_it),
         }
-    return {"records": records, "summary": summary, "train_max_ops": train_max_ops,
+    return {"records": records, "summary": summary, "fixed_depth_in_range": fixed,
+            "train_max_ops": train_max_ops,
             "iterations": config.iterations, "examples_per_ops": examples}
 
 
@@ -122,13 +152,21 @@ def format_table(result) -> str:
         lines.append(f"{name:<16}" + "".join(
             f"{cell[name, n]['accuracy']:>6.2f}/{cell[name, n]['mean_iterations']:<4.1f}"
             f"{'*' if not cell[name, n]['in_range'] else ' '}" for n in ops))
+    lines += ["", "mean iterations per token of the example (fixed-k: k)", head, "-" * len(head)]
+    for name in (n for n in names if not n.startswith("fixed-")):
+        lines.append(f"{name:<16}" + "".join(
+            f"{cell[name, n]['mean_token_iterations']:>11.2f}"
+            f"{'*' if not cell[name, n]['in_range'] else ' '}" for n in ops))
+    lines.append("")
     for name, s in result["summary"].items():
         corr = s["correlation_iterations_vs_ops"]
         corr = "undefined (constant iterations)" if corr is None else f"{corr:.3f}"
-        lines.append(f"{name}: corr(iterations, L) = {corr} in range; "
-                     f"accuracy {s['accuracy_in_range']:.3f} at {s['mean_iterations_in_range']:.2f} "
-                     f"iterations vs fixed depth {s['fixed_depth_accuracy_at_same_iterations']:.3f} "
-                     "at the same mean")
+        lines.append(f"{name}: corr(answer iterations, L) = {corr} in range; "
+                     f"accuracy {s['accuracy_in_range']:.3f} against fixed depth's "
+                     f"{s['fixed_depth_accuracy_at_same_iterations']:.3f} at the same answer "
+                     f"iterations ({s['mean_iterations_in_range']:.2f}) and "
+                     f"{s['fixed_depth_accuracy_at_same_token_iterations']:.3f} at the same "
+                     f"iterations per token ({s['mean_token_iterations_in_range']:.2f})")
     return "\n".join(lines)
 
 

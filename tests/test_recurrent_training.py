@@ -11,7 +11,7 @@ from anee_fast.cli import main
 from anee_fast.halting import HaltingController, early_plan, load_controller, new_head
 from anee_fast.modular_task import IGNORE, ModularTask
 from anee_fast.recurrent_eval import (answer_iterations, fixed_depth_actions, interpolate, pearson,
-                                      run_eval_recurrent)
+                                      run_eval_recurrent, token_iterations)
 from anee_fast.recurrent_model import RecurrentConfig, RecurrentTransformer
 from anee_fast.recurrent_training import (RecurrentTrainConfig, depth_mask, exit_table,
                                           fit_halting_head, head_inputs, head_iterations,
@@ -125,6 +125,7 @@ def test_halting_controllers_exit_at_iteration_boundaries(kind, bias, penalty, e
     _, traces = llm.score([[1, 4, 5, 6, 2], [1, 7]], controller=controller, return_trace=True)
     for trace in traces:
         assert answer_iterations(trace, c) == expected
+        assert (token_iterations(trace, c) == expected).all()
         actions = trace.actions
         assert (actions[:, :c.iteration_end(expected)] == PROCESS).all()
         assert (actions[:, c.iteration_end(expected):c.num_layers - c.coda] != PROCESS).all()
@@ -306,10 +307,19 @@ def test_training_writes_resumes_and_evaluates(tmp_path, monkeypatch, failing_ca
     assert len(result["records"]) == 5 * 3
     for r in result["records"]:
         if r["controller"].startswith("fixed-"):
-            assert r["mean_iterations"] == int(r["controller"][6:])
+            assert r["mean_iterations"] == r["mean_token_iterations"] == int(r["controller"][6:])
+        assert 1.0 <= r["mean_token_iterations"] <= 3.0
         assert r["in_range"] == (r["num_ops"] <= 2)
         assert 0.0 <= r["accuracy"] <= 1.0
     assert set(result["summary"]) == {"halting-early", "halting-online"}
+    assert [k for k, _ in result["fixed_depth_in_range"]] == [1, 2, 3]
+    for k, accuracy in result["fixed_depth_in_range"]:
+        in_range = [r["accuracy"] for r in result["records"]
+                    if r["controller"] == f"fixed-{int(k)}" and r["in_range"]]
+        assert accuracy == pytest.approx(sum(in_range) / len(in_range))
+    for s in result["summary"].values():
+        assert 1.0 <= s["mean_token_iterations_in_range"] <= 3.0
+        assert 0.0 <= s["fixed_depth_accuracy_at_same_token_iterations"] <= 1.0
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["summary"] == result["summary"]
     assert (tmp_path / "e" / "eval.png").stat().st_size > 1000
 
@@ -334,7 +344,7 @@ def test_cli_train_and_eval_recurrent(tmp_path, capsys):
     assert not (tmp_path / "cli" / "policy_checkpoint.pt").exists()
     assert main(["eval-recurrent", out, "--max-ops", "2", "--examples", "2", "--backend", "reference",
                  "--no-progress"]) == 0
-    assert "corr(iterations, L)" in capsys.readouterr().out
+    assert "corr(answer iterations, L)" in capsys.readouterr().out
     assert main(["train-recurrent", str(tmp_path / "bad"), "--modulus", "1"]) == 1
     assert "modulus" in capsys.readouterr().err
     assert main(["eval-recurrent", str(tmp_path / "missing")]) == 1
