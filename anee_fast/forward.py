@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import reference_ops
 from .actions import EXIT
-from .reference_ops import mlp, rope_cos_sin, rotate
+from .reference_ops import rope_cos_sin, rotate
 
 
 @dataclass
@@ -106,14 +106,25 @@ def _block(weights, layer, cache, l, step, h, rows, ops, rope, rms):
     seq_idx = step.seq_idx if rows is None else step.seq_idx[rows]
     n = h.shape[0]
     x = ops.norm(h, layer.attn_norm_weight, layer.attn_norm_bias, spec.norm_eps, rms)
-    q = F.linear(x, layer.q_weight, layer.q_bias).view(n, spec.num_heads, spec.head_dim)
+    q = ops.linear(x, layer.q_weight, layer.q_bias).view(n, spec.num_heads, spec.head_dim)
     if rope is not None:
         q = rotate(q, *(rope if rows is None else (rope[0][rows], rope[1][rows])))
     attn = ops.paged_attention(q, cache.k[l], cache.v[l], step.block_tables, seq_idx, positions,
                                step.block_size, spec.attn_scale, layer.sliding_window or 0)
-    h_attn = h + F.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias)
+    h_attn = h + ops.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias)
     x = ops.norm(h_attn, layer.mlp_norm_weight, layer.mlp_norm_bias, spec.norm_eps, rms)
-    return h_attn + mlp(x, layer, spec.activation)
+    return h_attn + _mlp(x, layer, spec.activation, ops)
+
+
+def _mlp(x, layer, activation: str, ops):
+    """The block's MLP: gated SiLU (Llama family) or GELU-tanh (GPT-2)."""
+    up = ops.linear(x, layer.up_weight, layer.up_bias)
+    if activation == "silu":
+        gate, up = up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
+    else:
+        hidden = F.gelu(up, approximate="tanh")
+    return ops.linear(hidden, layer.down_weight, layer.down_bias)
 
 
 def final_logits(weights, h, ops=reference_ops):
@@ -121,4 +132,4 @@ def final_logits(weights, h, ops=reference_ops):
     spec = weights.spec
     x = ops.norm(h, weights.final_norm_weight, weights.final_norm_bias, spec.norm_eps,
                  spec.norm == "rmsnorm")
-    return F.linear(x, weights.lm_head).float()
+    return ops.linear(x, weights.lm_head).float()

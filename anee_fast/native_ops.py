@@ -15,11 +15,17 @@ import torch
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.anee_fast.*)
 
 _ops = torch.ops.anee_fast
+OPS = ("norm", "linear", "write_kv", "skip_kv", "paged_attention")
 
 
 def norm(x, weight, bias, eps: float, rms: bool):
     """RMSNorm (rms=True) or LayerNorm over the last dim, in float32; returns x's dtype."""
     return _ops.norm(x, weight, bias, float(eps), bool(rms))
+
+
+def linear(x, weight, bias=None):
+    """x @ weight^T + bias; on the CPU an own GEMV for the few rows of a decode step."""
+    return _ops.linear(x, weight, bias)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
@@ -50,6 +56,11 @@ def _norm_fake(x, weight, bias, eps, rms):
     return x.new_empty(x.shape)
 
 
+@torch.library.register_fake("anee_fast::linear")
+def _linear_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 @torch.library.register_fake("anee_fast::write_kv")
 def _write_kv_fake(k, v, k_cache, v_cache, slot_mapping):
     return None
@@ -73,4 +84,4 @@ def supports(device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(str(device_type))
     return key is not None and all(
         torch._C._dispatch_has_kernel_for_dispatch_key(f"anee_fast::{op}", key)
-        for op in ("norm", "write_kv", "skip_kv", "paged_attention"))
+        for op in OPS)

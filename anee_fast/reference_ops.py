@@ -3,6 +3,7 @@
 The ops a backend provides (same names and signatures in `kernels/` and `csrc/`):
 
 - `norm(x, weight, bias, eps, rms) -> out`
+- `linear(x, weight, bias) -> out`
 - `write_kv(k, v, k_cache, v_cache, slot_mapping) -> ()`
 - `skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
            k_cache, v_cache, slot_mapping, first_layer, eps, rms) -> ()`
@@ -28,6 +29,11 @@ def norm(x, weight, bias, eps: float, rms: bool):
         return (y if bias is None else y + bias.float()).to(x.dtype)
     return F.layer_norm(xf, (x.shape[-1],), weight.float(),
                         None if bias is None else bias.float(), eps).to(x.dtype)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight^T + bias: every projection of the block and the LM head."""
+    return F.linear(x, weight, bias)
 
 
 def apply_rope(x, positions, inv_freq, scale: float = 1.0):
@@ -114,14 +120,3 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block
 
 
 _ROWS_PER_CHUNK = 64
-
-
-def mlp(x, layer, activation: str):
-    """The block's MLP: gated SiLU (Llama family) or GELU-tanh (GPT-2)."""
-    up = F.linear(x, layer.up_weight, layer.up_bias)
-    if activation == "silu":
-        gate, up = up.chunk(2, dim=-1)
-        hidden = F.silu(gate) * up
-    else:
-        hidden = F.gelu(up, approximate="tanh")
-    return F.linear(hidden, layer.down_weight, layer.down_bias)

@@ -23,6 +23,28 @@ inline int64_t check_norm_args(const at::Tensor& x, const at::Tensor& weight,
   return D;
 }
 
+struct LinearSizes {
+  int64_t M, K, N;  // rows of x (all leading dims), in features, out features
+};
+
+// linear: x [..., K] @ weight [N, K]^T + bias [N], all of one dtype.
+inline LinearSizes check_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() >= 1, "linear: x must have at least one dimension");
+  TORCH_CHECK(weight.dim() == 2, "linear: weight must be [out_features, in_features]");
+  const int64_t K = x.size(-1), N = weight.size(0);
+  TORCH_CHECK(weight.size(1) == K, "linear: x has ", K, " features, weight expects ",
+              weight.size(1));
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N),
+              "linear: bias must be [", N, "]");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() &&
+              (!bias.has_value() || bias->scalar_type() == x.scalar_type()),
+              "linear: x, weight and bias must have the same dtype");
+  int64_t M = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);
+  return {M, K, N};
+}
+
 struct WriteKvSizes {
   int64_t N, kv_heads, d, num_slots;
 };

@@ -13,6 +13,9 @@
   at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,                                  \
                   const std::optional<at::Tensor>& bias, double eps, bool rms);                   \
                                                                                                   \
+  at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,                                \
+                    const std::optional<at::Tensor>& bias);                                       \
+                                                                                                  \
   void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,                    \
                 at::Tensor& v_cache, const at::Tensor& slot_mapping);                             \
                                                                                                   \

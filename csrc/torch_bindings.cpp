@@ -14,6 +14,7 @@
 TORCH_LIBRARY(anee_fast, m) {
   m.set_python_module("anee_fast.native_ops");
   m.def("norm(Tensor x, Tensor weight, Tensor? bias, float eps, bool rms) -> Tensor");
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slot_mapping) -> ()");
   m.def("skip_kv(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor kv_weight, "
@@ -27,6 +28,7 @@ TORCH_LIBRARY(anee_fast, m) {
 
 TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
   m.impl("norm", &anee_fast::cpu::norm);
+  m.impl("linear", &anee_fast::cpu::linear);
   m.impl("write_kv", &anee_fast::cpu::write_kv);
   m.impl("skip_kv", &anee_fast::cpu::skip_kv);
   m.impl("paged_attention", &anee_fast::cpu::paged_attention);
@@ -37,6 +39,7 @@ TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
 #ifdef ANEE_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(anee_fast, CUDA, m) {
   m.impl("norm", &anee_fast::cuda::norm);
+  m.impl("linear", &anee_fast::cuda::linear);
   m.impl("write_kv", &anee_fast::cuda::write_kv);
   m.impl("skip_kv", &anee_fast::cuda::skip_kv);
   m.impl("paged_attention", &anee_fast::cuda::paged_attention);

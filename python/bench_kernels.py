@@ -1,4 +1,4 @@
-"""Kernel microbenchmark: each op of the backend contract (norm, write_kv, skip_kv,
+"""Kernel microbenchmark: each op of the backend contract (norm, linear, write_kv, skip_kv,
 paged_attention) on every usable backend against the unfused PyTorch equivalent (the reference
 op). Prints a table and writes JSON and a PNG.
 
@@ -10,7 +10,8 @@ op 10 times (device time without launch gaps; back-to-back calls when the op can
 captured); on the CPU, time.perf_counter around each call. L2 stays warm between calls unless
 --cold-l2 rotates each op over copies of its inputs larger than the cache together.
 Shapes: GPT-2 small (hidden 768, 12 heads, MHA, LayerNorm + biases, no RoPE) and Llama-3.2-1B
-(hidden 2048, 32 heads, 8 KV heads, RMSNorm, RoPE); head_dim 64 in both.
+(hidden 2048, 32 heads, 8 KV heads, RMSNorm, RoPE); head_dim 64 in both; linear is the MLP's
+first projection (GPT-2's 3072 x 768 with bias, Llama's fused gate|up 16384 x 2048).
 GB/s counts the bytes an ideal fused kernel must move (byte models below); "% peak" is against
 a large tensor copy measured in the same run. The Triton backend only runs on a CUDA device
 (on the CPU it would be Triton's interpreter, which is no speed backend).
@@ -28,14 +29,16 @@ from anee_fast.backends import backends, ops_for
 from roofline import measure_peaks
 
 SHAPES = {
-    "gpt2-small": dict(hidden=768, heads=12, kv_heads=12, d=64, rms=False, bias=True, rope=False),
-    "llama-1b": dict(hidden=2048, heads=32, kv_heads=8, d=64, rms=True, bias=False, rope=True),
+    "gpt2-small": dict(hidden=768, heads=12, kv_heads=12, d=64, rms=False, bias=True, rope=False,
+                       up=3072),
+    "llama-1b": dict(hidden=2048, heads=32, kv_heads=8, d=64, rms=True, bias=False, rope=True,
+                     up=16384),
 }
 BLOCK = 16
 EXIT_LAYERS = 6
 GRAPH_CALLS = 10     # calls per timed CUDA graph replay (at least)
 CPU_CACHE_BYTES = 64 << 20   # --cold-l2 on the CPU: rotate inputs over twice this
-TOL = {"norm": 1e-4, "write_kv": 0.0, "skip_kv": 1e-3, "paged_attention": 1e-4}
+TOL = {"norm": 1e-4, "linear": 1e-4, "write_kv": 0.0, "skip_kv": 1e-3, "paged_attention": 1e-4}
 
 
 # ---- byte models: what an ideal (fused) kernel must read + write, in bytes ---------------------
@@ -43,6 +46,11 @@ TOL = {"norm": 1e-4, "write_kv": 0.0, "skip_kv": 1e-3, "paged_attention": 1e-4}
 def bytes_norm(n, s, es):
     # read x [n, hidden], weight (+ bias) [hidden]; write out [n, hidden]
     return es * (2 * n * s["hidden"] + s["hidden"] * (2 if s["bias"] else 1))
+
+
+def bytes_linear(n, s, es):
+    # read x [n, hidden], the weight [up, hidden] (+ bias [up]); write out [n, up]
+    return es * (n * s["hidden"] + s["up"] * s["hidden"] + (s["up"] if s["bias"] else 0) + n * s["up"])
 
 
 def bytes_write_kv(n, s, es):
@@ -77,6 +85,9 @@ def make_case(op, s, n, ctx, nl, device, dtype, g):
     if op == "norm":
         args = (rnd(n, H), 1 + rnd(H, scale=0.3), rnd(H, scale=0.3) if s["bias"] else None, 1e-5, s["rms"])
         return args, None, bytes_norm(n, s, dtype.itemsize)
+    if op == "linear":
+        args = (rnd(n, H), rnd(s["up"], H, scale=H ** -0.5), rnd(s["up"], scale=0.3) if s["bias"] else None)
+        return args, None, bytes_linear(n, s, dtype.itemsize)
     if op in ("write_kv", "skip_kv"):
         num_slots = max(2 * n, 64)
         slots = torch.randperm(num_slots, generator=g)[:n].to(device)
@@ -207,7 +218,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=512, help="paged_attention context length")
     p.add_argument("--exit-layers", type=int, default=EXIT_LAYERS, help="layers of the multi-layer skip_kv")
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--ops", default="norm,write_kv,skip_kv,skip_kv_exit,paged_attention")
+    p.add_argument("--ops", default="norm,linear,write_kv,skip_kv,skip_kv_exit,paged_attention")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--budget", type=float, default=0.15, help="seconds of timing per measurement")
     p.add_argument("--cold-l2", action="store_true",

@@ -12,6 +12,7 @@ from anee_fast import reference_ops as ref
 SENTINEL = -1234.5
 SCHEMAS = {
     "norm": "anee_fast::norm(Tensor x, Tensor weight, Tensor? bias, float eps, bool rms) -> Tensor",
+    "linear": "anee_fast::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
     "write_kv": "anee_fast::write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
                 "Tensor slot_mapping) -> ()",
     "skip_kv": "anee_fast::skip_kv(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor kv_weight, "
@@ -147,6 +148,16 @@ def test_opcheck_norm(native):
     torch.library.opcheck(torch.ops.anee_fast.norm, (x, torch.randn(16, generator=g), None, 1e-6, True))
 
 
+def test_opcheck_linear(native):
+    g = _gen(1)
+    for rows, bias in [(1, True), (5, False), (17, True)]:     # the GEMV and at::linear sides
+        torch.library.opcheck(torch.ops.anee_fast.linear, (
+            torch.randn(rows, 37, generator=g), torch.randn(11, 37, generator=g),
+            torch.randn(11, generator=g) if bias else None))
+    torch.library.opcheck(torch.ops.anee_fast.linear, (
+        torch.randn(2, 3, 16, generator=g), torch.randn(9, 16, generator=g), None))
+
+
 def test_opcheck_write_kv(native):
     g = _gen(1)
     k, v = torch.randn(6, 2, 16, generator=g), torch.randn(6, 2, 16, generator=g)
@@ -212,6 +223,15 @@ def test_norm_half_precision(native, dtype):
     out = native.norm(x, w, b, 1e-5, False)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.norm(x, w, b, 1e-5, False).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_linear_other_dtypes(native, dtype):
+    g = _gen(6)
+    x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((3, 83), (29, 83), (29,)))
+    out = native.linear(x, w, b)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref.linear(x, w, b))
 
 
 @pytest.mark.parametrize("rows", [1, 7, 83])

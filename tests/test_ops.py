@@ -78,6 +78,46 @@ def test_norm(target, rows, hidden, rms, with_bias):
     torch.testing.assert_close(got.float(), expect, **target.tol)
 
 
+# ---- linear --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 16, 17, 83])    # native's CPU kernel serves <= 16 rows
+@pytest.mark.parametrize("in_features,out_features", [(48, 7), (83, 769), (768, 130)])
+@pytest.mark.parametrize("with_bias,weight_layout", [(False, "rows of a stack"), (True, "transposed")])
+def test_linear(target, rows, in_features, out_features, with_bias, weight_layout):
+    g = torch.Generator().manual_seed(rows * in_features + out_features)
+    x = torch.randn(rows, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g) / in_features ** 0.5
+    b = torch.randn(out_features, generator=g) if with_bias else None
+    if weight_layout == "rows of a stack":      # a view at an offset, like a fused QKV's K|V rows
+        stack = target.to(torch.randn(out_features + 5, in_features, generator=g))
+        stack[3:3 + out_features] = target.to(w)
+        w_in = stack[3:3 + out_features]
+    else:                                       # a transposed view: column stride 1 is not given
+        w_in = target.to(w.t().contiguous()).t()
+    got = target.ops.linear(target.to(x), w_in, target.to(b))
+    expect = ref.linear(target.exact(x), target.exact(w), target.exact(b))
+    assert got.dtype == target.dtype and got.shape == (rows, out_features)
+    torch.testing.assert_close(got.float(), expect, **target.tol)
+    # Leading dims other than one: [2, rows, in] -> [2, rows, out].
+    got = target.ops.linear(target.to(torch.stack([x, -x])), w_in, target.to(b))
+    assert got.shape == (2, rows, out_features)
+    torch.testing.assert_close(got[1].float(), ref.linear(-target.exact(x), target.exact(w),
+                                                          target.exact(b)), **target.tol)
+
+
+def test_native_linear_rejects_bad_shapes_and_dtypes():
+    ops = ops_for("native")
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    with pytest.raises(RuntimeError, match="x has 7 features, weight expects 8"):
+        ops.linear(torch.randn(3, 7), w)
+    with pytest.raises(RuntimeError, match=r"bias must be \[5\]"):
+        ops.linear(x, w, torch.randn(4))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.linear(x, w.double())
+    with pytest.raises(RuntimeError, match="weight must be"):
+        ops.linear(x, w[None])
+
+
 # ---- write_kv ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rows", [1, 7, 83])

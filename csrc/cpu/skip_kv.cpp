@@ -7,9 +7,6 @@
 // active rows (a CPU op may read the slot mapping on the host: that is row compaction for free).
 // kv_weight may be a strided view (a slice of the stacked [L, 2kv+q, hidden] weights) and the
 // caches slices of the whole cache: writes land in the given tensors.
-#include <c10/core/DispatchKeySet.h>  // needed by linear_ops.h
-#include <ATen/ops/linear_ops.h>
-
 #include <vector>
 
 #include "../op_checks.h"
@@ -110,7 +107,7 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
       std::optional<at::Tensor> bias_j;
       if (kv_bias.has_value()) bias_j = kv_bias->select(0, j);
       const at::Tensor kv =  // [M, 2 * kv_size]
-          at::_ops::linear::call(x, kv_weight.select(0, j), bias_j).contiguous();
+          linear(x, kv_weight.select(0, j), bias_j).contiguous();
       const scalar_t* kvp = kv.data_ptr<scalar_t>();
 
       const CacheView<scalar_t> kcv(k_cache, j), vcv(v_cache, j);
