@@ -10,7 +10,14 @@ host (the layer loop's rule), which is what makes it capturable.
 
 `DecodeGraphs(..., capture=False)` runs the same static-buffer step without a graph: the CPU
 tests check the padding and bucketing that way, the GPU tests the captured replays.
+
+With `conditional_layers`, each layer's block is captured as the body of a conditional (IF)
+graph node whose predicate is "some row processes this layer", computed on the device: a layer
+that every row skips then costs its decision and K/V kernels only, not the block's ~35. That
+needs CUDA >= 12.4 and a torch whose CUDAGraph has `begin_capture_to_if_node`.
 """
+from contextlib import contextmanager
+
 import torch
 
 from .depth_policy import DepthPolicy
@@ -18,6 +25,25 @@ from .forward import StepBatch, final_logits, run_layers
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MAX_GRAPHS = 32      # (bucket, controller) pairs kept; the oldest is dropped past this
+
+
+def conditional_nodes_supported() -> bool:
+    """Whether this torch can capture conditional (IF) nodes into a CUDA graph."""
+    graph = torch.cuda.CUDAGraph
+    return (torch.cuda.is_available() and hasattr(graph, "get_currently_capturing_graph")
+            and hasattr(graph, "begin_capture_to_if_node"))
+
+
+@contextmanager
+def run_only_if(pred: torch.Tensor):
+    """Inside a graph capture: what runs in the block becomes the body of an IF node that runs
+    at replay only where the device bool `pred` is true."""
+    graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
+    graph.begin_capture_to_if_node(pred)
+    try:
+        yield
+    finally:
+        graph.end_capture_to_conditional_node()
 
 
 def bucket_for(n: int, max_rows: int):
@@ -30,26 +56,26 @@ def bucket_for(n: int, max_rows: int):
 class _StepGraph:
     """Static buffers and (when captured) the graph of one bucket's decode step."""
 
-    def __init__(self, runner, rows: int, controller, width: int, capture: bool):
+    def __init__(self, runner, rows: int, controller, width: int, capture: bool, layer_guard):
         device = runner.device
         self.rows = rows
         self.ints = torch.zeros((rows, 3 + width), dtype=torch.long, device=device)
         self.budget = torch.ones(rows, dtype=torch.float32, device=device)
         self.ints[:, 2] = -1                                   # padding: writes nothing
         self.seq_idx = torch.arange(rows, device=device)
-        self.runner, self.controller = runner, controller
+        self.runner, self.controller, self.layer_guard = runner, controller, layer_guard
         self.graph = None
         if capture:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
-                self._forward()                                # compiles kernels, warms allocators
+                self._forward(layer_guard=None)                # compiles kernels, warms allocators
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph, stream=stream):
-                    self.outputs = self._forward()
+                    self.outputs = self._forward(layer_guard)
             torch.cuda.current_stream(device).wait_stream(stream)
 
-    def _forward(self):
+    def _forward(self, layer_guard):
         # One host-to-device copy fills self.ints; its columns become contiguous inside the step.
         r = self.runner
         step = StepBatch(token_ids=self.ints[:, 0].contiguous(), positions=self.ints[:, 1].contiguous(),
@@ -59,7 +85,8 @@ class _StepGraph:
         policy = DepthPolicy(self.rows, r.weights.spec.num_layers, r.skip_cost, r.device,
                              budget=self.budget, controller=self.controller, min_layers=r.min_layers,
                              always_last=r.always_last, readout=r.readout)
-        h = run_layers(r.weights, r.cache, step, policy, r.ops)
+        h = run_layers(r.weights, r.cache, step, policy, r.ops,
+                       compact=False if layer_guard is not None else None, layer_guard=layer_guard)
         return final_logits(r.weights, h, r.ops), policy.actions, policy.compute()
 
     def run(self, inputs: torch.Tensor, budgets: torch.Tensor):
@@ -69,7 +96,7 @@ class _StepGraph:
         self.ints[n:, 2] = -1               # rows past the batch (stale from a larger step) pad
         self.budget[:n].copy_(budgets)
         if self.graph is None:
-            outputs = self._forward()
+            outputs = self._forward(self.layer_guard)
         else:
             self.graph.replay()
             outputs = self.outputs
@@ -82,11 +109,13 @@ class DecodeGraphs:
 
     A step qualifies when every row decodes one token, one controller (with `graph_safe`) serves
     them all, and the batch fits the largest bucket (<= max_rows). Block tables are padded to
-    `width` blocks, the most a sequence of the model's length can hold.
+    `width` blocks, the most a sequence of the model's length can hold. `layer_guard` wraps each
+    layer's block (masked variant): `run_only_if` for conditional layers.
     """
 
-    def __init__(self, runner, max_rows: int, width: int, capture: bool = True):
+    def __init__(self, runner, max_rows: int, width: int, capture: bool = True, layer_guard=None):
         self.runner, self.max_rows, self.width, self.capture = runner, max_rows, width, capture
+        self.layer_guard = layer_guard       # run_layers' layer_guard: run_only_if, or None
         self.graphs = {}       # (bucket, id(controller)) -> _StepGraph (holds the controller)
 
     def supports(self, chunks) -> bool:
@@ -112,5 +141,6 @@ class DecodeGraphs:
         if key not in self.graphs:
             if len(self.graphs) >= MAX_GRAPHS:
                 self.graphs.pop(next(iter(self.graphs)))
-            self.graphs[key] = _StepGraph(self.runner, key[0], controller, self.width, self.capture)
+            self.graphs[key] = _StepGraph(self.runner, key[0], controller, self.width, self.capture,
+                                          self.layer_guard)
         return self.graphs[key].run(inputs, budgets)

@@ -2,10 +2,12 @@
 import math
 import time
 
+import torch
+
 from . import reference_ops
 from .block_manager import BlockManager, OutOfKVBlocks
 from .controllers import make_controller
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, conditional_nodes_supported, run_only_if
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .sampling import SamplingParams, sample_batch
@@ -23,7 +25,8 @@ def check_budget(budget) -> float:
 class LLMEngine:
     def __init__(self, weights, eos_token_id=None, block_size: int = 16, num_kv_blocks=None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, min_layers: int = 2,
-                 always_last: int = 0, ops=reference_ops, cuda_graphs=None):
+                 always_last: int = 0, ops=reference_ops, cuda_graphs=None,
+                 conditional_layers: bool = False):
         spec = weights.spec
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
@@ -45,9 +48,19 @@ class LLMEngine:
         on_gpu = weights.device.type == "cuda"
         if cuda_graphs and not on_gpu:
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, not {weights.device}")
+        if not isinstance(conditional_layers, bool):
+            raise ValueError(f"conditional_layers must be True or False, got {conditional_layers!r}")
+        if conditional_layers and (not on_gpu or cuda_graphs is False):
+            raise ValueError("conditional_layers=True needs CUDA graphs: the model on a CUDA device "
+                             "and cuda_graphs not False")
+        if conditional_layers and not conditional_nodes_supported():
+            raise ValueError(f"conditional_layers=True needs a torch whose CUDA graphs capture "
+                             f"conditional nodes (CUDAGraph.begin_capture_to_if_node, CUDA >= 12.4); "
+                             f"torch {torch.__version__} has none")
         if on_gpu and cuda_graphs is not False:
             longest = min(spec.max_positions, num_kv_blocks * block_size)
-            self.runner.graphs = DecodeGraphs(self.runner, max_num_seqs, -(-longest // block_size))
+            self.runner.graphs = DecodeGraphs(self.runner, max_num_seqs, -(-longest // block_size),
+                                              layer_guard=run_only_if if conditional_layers else None)
 
     def new_sequence(self, prompt_ids, sampling: SamplingParams, budget, controller) -> Sequence:
         """Validates a request and makes its Sequence (not yet scheduled)."""

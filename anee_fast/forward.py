@@ -42,7 +42,8 @@ def embed(weights, step: StepBatch):
 
 
 def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
-               hidden_states: Optional[list] = None, compact: Optional[bool] = None):
+               hidden_states: Optional[list] = None, compact: Optional[bool] = None,
+               layer_guard=None):
     """Runs every layer under `policy`; returns the final residual [N, hidden].
 
     `hidden_states`, when given, receives the residual entering each layer (for profiling and
@@ -50,12 +51,19 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
     every row and `where` keeps the PROCESS rows (masked). On the CPU, where "device" and host
     are the same memory, the block runs on the PROCESS rows only (compacted), so skipped work
     is really saved. `compact` forces one variant (None: by device).
+
+    `layer_guard` (masked variant only): pred -> a context manager around each layer's block
+    that may skip it where pred (a device bool: does any row process this layer?) is false,
+    as the CUDA graph's conditional node does (cuda_graphs.run_only_if). The block's result
+    then lands in a copy of h made before the guard, so a skipped body leaves h as it was.
     """
     spec = weights.spec
     rms = spec.norm == "rmsnorm"
     inv_freq = weights.rope_inv_freq if spec.uses_rope else None
     if compact is None:
         compact = step.token_ids.device.type == "cpu"
+    if compact and layer_guard is not None:
+        raise ValueError("layer_guard wraps the masked variant's blocks: pass compact=False")
     h = embed(weights, step)
     h_prev = h
     rope = None if inv_freq is None else rope_cos_sin(step.positions, inv_freq, weights.rope_scale)
@@ -75,6 +83,12 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
             if rows.numel():
                 out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope, rms)
                 h = h.index_copy(0, rows, out)
+        elif layer_guard is not None:
+            h_next = h.clone()
+            with layer_guard(process.any()):
+                out = _block(weights, layer, cache, l, step, h, None, ops, rope, rms)
+                h_next.copy_(torch.where(process[:, None], out, h))
+            h = h_next
         else:
             out = _block(weights, layer, cache, l, step, h, None, ops, rope, rms)
             h = torch.where(process[:, None], out, h)

@@ -24,14 +24,15 @@ class LLM:
     def __init__(self, model=None, backend: str = "auto", device=None, dtype=None, *,
                  tokenizer=None, block_size: int = 16, num_kv_blocks=None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, min_layers: int = 2, always_last: int = 0,
-                 cuda_graphs=None):
+                 cuda_graphs=None, conditional_layers: bool = False):
         self.backend = select_backend(backend, default_device(device).type)
         self.weights, loaded_tokenizer, self.name = load_weights(model, device, dtype)
         self.tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         eos = getattr(self.tokenizer, "eos_token_id", None)
         self.engine = LLMEngine(self.weights, eos, block_size, num_kv_blocks, max_num_seqs,
                                 max_num_batched_tokens, min_layers, always_last,
-                                ops=ops_for(self.backend), cuda_graphs=cuda_graphs)
+                                ops=ops_for(self.backend), cuda_graphs=cuda_graphs,
+                                conditional_layers=conditional_layers)
 
     @property
     def spec(self):

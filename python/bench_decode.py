@@ -82,7 +82,9 @@ def bench_model(name, args, device, dtype, peaks, budgets):
     from anee_fast import LLM, SamplingParams
     model = build(name, device, dtype)
     graphs = None if device.type == "cpu" else args.cuda_graphs == "on"
-    llm = LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0, cuda_graphs=graphs)
+    conditional = args.conditional_layers == "on"
+    llm = LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0, cuda_graphs=graphs,
+              conditional_layers=conditional)
     spec, es = llm.spec, dtype.itemsize
     new = args.new_tokens
     anee = None
@@ -115,6 +117,7 @@ def bench_model(name, args, device, dtype, peaks, budgets):
             full_decode = decode if full_decode is None else full_decode
             row = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
                        backend=llm.backend, controller=args.controller, cuda_graphs=bool(graphs),
+                       conditional_layers=conditional,
                        batch=batch, budget=budget,
                        compute=compute, ms_per_step=decode * 1e3, tokens_per_s=batch / decode,
                        hf_ms_per_step=hf_decode * 1e3, speedup_vs_hf=hf_decode / decode,
@@ -166,6 +169,7 @@ def plot(rows, path):
     for ax in (left, right):
         ax.legend(fontsize=7)
     graphs = ", CUDA graphs" if rows[0]["cuda_graphs"] else ""
+    graphs += " with conditional layers" if rows[0]["conditional_layers"] else ""
     fig.suptitle(f"greedy decode, {rows[0]['device']}, {rows[0]['dtype']}, backend {rows[0]['backend']}{graphs}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -182,6 +186,9 @@ def main(argv=None):
     p.add_argument("--backend", default="auto")
     p.add_argument("--cuda-graphs", default="on", choices=("on", "off"),
                    help="on a GPU: replay decode steps from CUDA graphs (on) or launch eagerly (off)")
+    p.add_argument("--conditional-layers", default="off", choices=("on", "off"),
+                   help="with CUDA graphs: each layer's block a conditional node that runs only "
+                        "when some row processes the layer")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))

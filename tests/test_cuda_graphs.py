@@ -4,6 +4,8 @@ On the CPU the static-buffer step runs without a graph (capture=False): that che
 bucketing, the padding rows (a stale slot from a larger step would overwrite another
 sequence's K/V) and the per-row budgets. The `cuda` tests replay real CUDA graphs.
 """
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -77,23 +79,59 @@ def test_steps_that_do_not_qualify_run_plain():
     assert not graphs.graphs
 
 
+def test_a_layer_guard_wraps_every_block_and_changes_nothing():
+    """The masked variant with a guard around each block (conditional layers, here a guard that
+    records its predicate and runs the body) gives the plain steps' tokens, actions and compute.
+    Where the guard skips a body its predicate is false: no row processes that layer, so the
+    block's `where` would have kept h anyway."""
+    model = build_model("llama_gqa", num_layers=4)
+    plain = LLM(model, backend="reference", device="cpu", block_size=4)
+    guarded = LLM(model, backend="reference", device="cpu", block_size=4)
+    predicates = []
+
+    @contextmanager
+    def recording_guard(pred):
+        assert pred.dtype == torch.bool and pred.dim() == 0
+        predicates.append(bool(pred))
+        yield
+
+    runner = guarded.engine.runner
+    runner.graphs = DecodeGraphs(runner, max_rows=64, width=8, capture=False, layer_guard=recording_guard)
+    budgets = [0.4, 1.0, 0.2, 0.4, 0.8]
+    a = generate_shrinking(plain, model, "budget", budgets)
+    b = generate_shrinking(guarded, model, "budget", budgets)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        assert torch.equal(x.actions, y.actions)
+        torch.testing.assert_close(x.compute, y.compute)
+    decode_steps = sum(len(s.token_ids) - 1 for s in b)         # at most; batched steps share
+    assert 0 < len(predicates) <= 4 * decode_steps and len(predicates) % 4 == 0
+    assert True in predicates and False in predicates           # some layers ran, some did not
+
+
 def test_cuda_graphs_need_a_gpu():
     model = build_model("gpt2", num_layers=3)
     with pytest.raises(ValueError, match="CUDA device"):
         LLM(model, device="cpu", cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs must be"):
         LLM(model, device="cpu", cuda_graphs="yes")
+    with pytest.raises(ValueError, match="conditional_layers=True needs CUDA graphs"):
+        LLM(model, device="cpu", conditional_layers=True)
+    with pytest.raises(ValueError, match="conditional_layers must be"):
+        LLM(model, device="cpu", conditional_layers="on")
     assert LLM(model, device="cpu").engine.runner.graphs is None
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama_gqa"])
-def test_graph_replays_match_eager_steps_on_the_gpu(backend, arch):
+@pytest.mark.parametrize("conditional_layers", [False, True])
+def test_graph_replays_match_eager_steps_on_the_gpu(backend, arch, conditional_layers):
     model = build_model(arch, num_layers=3)
     eager = LLM(model, backend=backend, device="cuda", dtype=torch.float32, block_size=4,
                 cuda_graphs=False)
-    graphed = LLM(model, backend=backend, device="cuda", dtype=torch.float32, block_size=4)
+    graphed = LLM(model, backend=backend, device="cuda", dtype=torch.float32, block_size=4,
+                  conditional_layers=conditional_layers)
     assert graphed.engine.runner.graphs is not None
     for controller, budget in CONTROLLERS:
         budgets = [budget, 1.0, budget / 2, budget, 0.8]
