@@ -42,6 +42,12 @@ class DepthPolicy:
         self.always_last = min(always_last, num_layers - self.min_layers)
         floor = budget_floor(num_layers, self.skip_cost, min_layers, always_last)
         self.limit = torch.clamp(budget.float(), min=floor) * num_layers
+        self.budget = self.limit / num_layers          # what controllers see as ctx.budget
+        self.allowed = self.limit + _EPS
+        # What running layer l commits a token to, in layers: l itself, every later layer as a
+        # SKIP, and the forced last layers' difference to a SKIP. Host floats: one add per layer.
+        self.commitment = [1 + (num_layers - l - 1) * self.skip_cost
+                           + self.always_last * (1 - self.skip_cost) for l in range(num_layers)]
         self.stopped = torch.zeros(num_tokens, dtype=torch.bool, device=device)
         # After an EXIT the remaining layers are SKIPs; with forced last layers, say SKIP.
         self.stop_code = EXIT if self.always_last == 0 else SKIP
@@ -63,17 +69,13 @@ class DepthPolicy:
         else:
             budget_left = (self.limit - self.spent) / L
             ctx = LayerContext(layer=layer, num_layers=L, h=h, h_prev=h_prev, budget_left=budget_left,
-                               readout=lambda: self.readout(h), budget=self.limit / L,
+                               readout=lambda: self.readout(h), budget=self.budget,
                                skip_cost=self.skip_cost)
             action = self.controller.propose(ctx)
-            # Cost if this layer runs and the rest are SKIPs, plus the forced last layers.
-            after = self.spent + 1 + (L - layer - 1) * self.skip_cost \
-                + self.always_last * (1 - self.skip_cost)
-            broke = (action == PROCESS) & (after > self.limit + _EPS)
+            broke = (action == PROCESS) & (self.spent + self.commitment[layer] > self.allowed)
+            # A stopped token (an EXIT proposed now or before, or out of budget) takes stop_code.
             self.stopped |= (action == EXIT) | broke
             action = torch.where(self.stopped, self.stop_code, action).to(torch.int8)
-            if self.stop_code == SKIP:
-                action = torch.where(action == EXIT, SKIP, action).to(torch.int8)
         self.actions[:, layer] = action
         return action == PROCESS
 
