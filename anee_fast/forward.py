@@ -125,8 +125,8 @@ def _block(weights, layer, cache, l, step, h, rows, ops, rope, rms):
         q = rotate(q, *(rope if rows is None else (rope[0][rows], rope[1][rows])))
     attn = ops.paged_attention(q, cache.k[l], cache.v[l], step.block_tables, seq_idx, positions,
                                step.block_size, spec.attn_scale, layer.sliding_window or 0)
-    h_attn = h + ops.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias)
-    x = ops.norm(h_attn, layer.mlp_norm_weight, layer.mlp_norm_bias, spec.norm_eps, rms)
+    h_attn, x = ops.add_norm(ops.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias), h,
+                             layer.mlp_norm_weight, layer.mlp_norm_bias, spec.norm_eps, rms)
     return h_attn + _mlp(x, layer, spec.activation, ops)
 
 

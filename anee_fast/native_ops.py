@@ -15,12 +15,17 @@ import torch
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.anee_fast.*)
 
 _ops = torch.ops.anee_fast
-OPS = ("norm", "linear", "write_kv", "skip_kv", "paged_attention")
+OPS = ("norm", "add_norm", "linear", "write_kv", "skip_kv", "paged_attention")
 
 
 def norm(x, weight, bias, eps: float, rms: bool):
     """RMSNorm (rms=True) or LayerNorm over the last dim, in float32; returns x's dtype."""
     return _ops.norm(x, weight, bias, float(eps), bool(rms))
+
+
+def add_norm(x, residual, weight, bias, eps: float, rms: bool):
+    """(x + residual, its RMSNorm / LayerNorm): the residual add and the norm in one op."""
+    return _ops.add_norm(x, residual, weight, bias, float(eps), bool(rms))
 
 
 def linear(x, weight, bias=None):
@@ -54,6 +59,11 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block
 @torch.library.register_fake("anee_fast::norm")
 def _norm_fake(x, weight, bias, eps, rms):
     return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("anee_fast::add_norm")
+def _add_norm_fake(x, residual, weight, bias, eps, rms):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @torch.library.register_fake("anee_fast::linear")

@@ -3,6 +3,7 @@
 The ops a backend provides (same names and signatures in `kernels/` and `csrc/`):
 
 - `norm(x, weight, bias, eps, rms) -> out`
+- `add_norm(x, residual, weight, bias, eps, rms) -> (sum, normed)`
 - `linear(x, weight, bias) -> out`
 - `write_kv(k, v, k_cache, v_cache, slot_mapping) -> ()`
 - `skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
@@ -29,6 +30,13 @@ def norm(x, weight, bias, eps: float, rms: bool):
         return (y if bias is None else y + bias.float()).to(x.dtype)
     return F.layer_norm(xf, (x.shape[-1],), weight.float(),
                         None if bias is None else bias.float(), eps).to(x.dtype)
+
+
+def add_norm(x, residual, weight, bias, eps: float, rms: bool):
+    """(s, norm(s)) with s = x + residual in x's dtype: a residual add and the norm that reads
+    its result, as one op (the block's attention output joining the residual stream)."""
+    s = x + residual
+    return s, norm(s, weight, bias, eps, rms)
 
 
 def linear(x, weight, bias=None):

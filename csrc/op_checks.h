@@ -23,6 +23,16 @@ inline int64_t check_norm_args(const at::Tensor& x, const at::Tensor& weight,
   return D;
 }
 
+// add_norm: x and residual of one shape and dtype, then norm's checks; returns D.
+inline int64_t check_add_norm_args(const at::Tensor& x, const at::Tensor& residual,
+                                   const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.sizes() == residual.sizes(), "add_norm: x ", x.sizes(), " and residual ",
+              residual.sizes(), " differ in shape");
+  TORCH_CHECK(x.scalar_type() == residual.scalar_type(),
+              "add_norm: x and residual must have the same dtype");
+  return check_norm_args(x, weight, bias);
+}
+
 struct LinearSizes {
   int64_t M, K, N;  // rows of x (all leading dims), in features, out features
 };

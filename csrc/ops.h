@@ -7,11 +7,17 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <tuple>
 
 // The ops, declared once and expanded in each device namespace below.
 #define ANEE_FAST_DECLARE_OPS                                                                     \
   at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,                                  \
                   const std::optional<at::Tensor>& bias, double eps, bool rms);                   \
+                                                                                                  \
+  std::tuple<at::Tensor, at::Tensor> add_norm(const at::Tensor& x, const at::Tensor& residual,    \
+                                               const at::Tensor& weight,                          \
+                                               const std::optional<at::Tensor>& bias, double eps, \
+                                               bool rms);                                         \
                                                                                                   \
   at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,                                \
                     const std::optional<at::Tensor>& bias);                                       \

@@ -14,6 +14,8 @@
 TORCH_LIBRARY(anee_fast, m) {
   m.set_python_module("anee_fast.native_ops");
   m.def("norm(Tensor x, Tensor weight, Tensor? bias, float eps, bool rms) -> Tensor");
+  m.def("add_norm(Tensor x, Tensor residual, Tensor weight, Tensor? bias, float eps, bool rms) "
+        "-> (Tensor, Tensor)");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slot_mapping) -> ()");
@@ -28,6 +30,7 @@ TORCH_LIBRARY(anee_fast, m) {
 
 TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
   m.impl("norm", &anee_fast::cpu::norm);
+  m.impl("add_norm", &anee_fast::cpu::add_norm);
   m.impl("linear", &anee_fast::cpu::linear);
   m.impl("write_kv", &anee_fast::cpu::write_kv);
   m.impl("skip_kv", &anee_fast::cpu::skip_kv);
@@ -39,6 +42,7 @@ TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
 #ifdef ANEE_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(anee_fast, CUDA, m) {
   m.impl("norm", &anee_fast::cuda::norm);
+  m.impl("add_norm", &anee_fast::cuda::add_norm);
   m.impl("linear", &anee_fast::cuda::linear);
   m.impl("write_kv", &anee_fast::cuda::write_kv);
   m.impl("skip_kv", &anee_fast::cuda::skip_kv);

@@ -3,10 +3,11 @@ backend, one file per op, each with the reference_ops signature.
 
 Set TRITON_INTERPRET=1 before importing to run them on the CPU (tests do, when there is no GPU).
 """
+from .add_norm import add_norm
 from .linear import linear
 from .norm import norm
 from .paged_attention import paged_attention
 from .skip_kv import skip_kv
 from .write_kv import write_kv
 
-__all__ = ["norm", "linear", "write_kv", "skip_kv", "paged_attention"]
+__all__ = ["norm", "add_norm", "linear", "write_kv", "skip_kv", "paged_attention"]

@@ -3,7 +3,7 @@
 One program per row; the row is read in BLOCK_H chunks (two passes for RMS, three for LayerNorm:
 mean, centred variance, output), so any hidden size works and the variance is computed the same
 way as torch's (centred, not E[x^2] - E[x]^2). `row_stats` is that statistics pass for a tile of
-rows; skip_kv's norm prologue uses it too.
+rows; skip_kv's norm prologue uses it too, and add_norm uses `normalize_row`.
 """
 import torch
 import triton
@@ -41,22 +41,28 @@ def row_stats(row_ptrs, active, H, eps, RMS: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, stride_x, stride_out, eps,
-                 RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x
-    out_row = out_ptr + row * stride_out
+def normalize_row(x_row, out_row, w_ptr, b_ptr, H, eps, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_H: tl.constexpr):
+    """out_row = norm(x_row) for one row of H: the statistics, then the pass that normalises,
+    scales, shifts and stores in the output dtype. Shared with add_norm."""
     cols = tl.arange(0, BLOCK_H)
     one = tl.arange(0, 1)
     mean, rstd = row_stats(x_row + one[:, None], one == 0, H, eps, RMS, 1, BLOCK_H)
-    # Last pass: normalise, scale, shift, store in the output dtype.
     for start in range(0, H, BLOCK_H):
         m = start + cols < H
         x = tl.load(x_row + start + cols, mask=m, other=0.0).to(tl.float32)
         y = (x - mean) * rstd * tl.load(w_ptr + start + cols, mask=m, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + start + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_row + start + cols, y.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(out_row + start + cols, y.to(out_row.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, H, stride_x, stride_out, eps,
+                 RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    normalize_row(x_ptr + row * stride_x, out_ptr + row * stride_out, w_ptr, b_ptr, H, eps, RMS,
+                  HAS_BIAS, BLOCK_H)
 
 
 def norm(x, weight, bias, eps: float, rms: bool):

@@ -1,5 +1,5 @@
-"""Kernel microbenchmark: each op of the backend contract (norm, linear, write_kv, skip_kv,
-paged_attention) on every usable backend against the unfused PyTorch equivalent (the reference
+"""Kernel microbenchmark: each op of the backend contract (norm, add_norm, linear, write_kv,
+skip_kv, paged_attention) on every usable backend against the unfused PyTorch equivalent (the reference
 op). Prints a table and writes JSON and a PNG.
 
     python python/bench_kernels.py --rows 1,16,256,2048 --context 512 --out out/bench_kernels
@@ -38,7 +38,7 @@ BLOCK = 16
 EXIT_LAYERS = 6
 GRAPH_CALLS = 10     # calls per timed CUDA graph replay (at least)
 CPU_CACHE_BYTES = 64 << 20   # --cold-l2 on the CPU: rotate inputs over twice this
-TOL = {"norm": 1e-4, "linear": 1e-4, "write_kv": 0.0, "skip_kv": 1e-3, "paged_attention": 1e-4}
+TOL = {"norm": 1e-4, "add_norm": 1e-4, "linear": 1e-4, "write_kv": 0.0, "skip_kv": 1e-3, "paged_attention": 1e-4}
 
 
 # ---- byte models: what an ideal (fused) kernel must read + write, in bytes ---------------------
@@ -46,6 +46,11 @@ TOL = {"norm": 1e-4, "linear": 1e-4, "write_kv": 0.0, "skip_kv": 1e-3, "paged_at
 def bytes_norm(n, s, es):
     # read x [n, hidden], weight (+ bias) [hidden]; write out [n, hidden]
     return es * (2 * n * s["hidden"] + s["hidden"] * (2 if s["bias"] else 1))
+
+
+def bytes_add_norm(n, s, es):
+    # read x and the residual [n, hidden], weight (+ bias) [hidden]; write the sum and the norm
+    return es * (4 * n * s["hidden"] + s["hidden"] * (2 if s["bias"] else 1))
 
 
 def bytes_linear(n, s, es):
@@ -85,6 +90,10 @@ def make_case(op, s, n, ctx, nl, device, dtype, g):
     if op == "norm":
         args = (rnd(n, H), 1 + rnd(H, scale=0.3), rnd(H, scale=0.3) if s["bias"] else None, 1e-5, s["rms"])
         return args, None, bytes_norm(n, s, dtype.itemsize)
+    if op == "add_norm":
+        args = (rnd(n, H), rnd(n, H), 1 + rnd(H, scale=0.3), rnd(H, scale=0.3) if s["bias"] else None,
+                1e-5, s["rms"])
+        return args, None, bytes_add_norm(n, s, dtype.itemsize)
     if op == "linear":
         args = (rnd(n, H), rnd(s["up"], H, scale=H ** -0.5), rnd(s["up"], scale=0.3) if s["bias"] else None)
         return args, None, bytes_linear(n, s, dtype.itemsize)
@@ -125,7 +134,10 @@ def fresh(args, mutated):
 def check(op, name, ref_fn, fn, args, mutated, label):
     a_ref, a_new = fresh(args, mutated), fresh(args, mutated)
     expected, got = ref_fn(*a_ref), fn(*a_new)
-    pairs = [(expected, got)] if mutated is None else [(a_ref[i], a_new[i]) for i in mutated]
+    if mutated is not None:
+        pairs = [(a_ref[i], a_new[i]) for i in mutated]
+    else:
+        pairs = list(zip(expected, got)) if isinstance(expected, tuple) else [(expected, got)]
     tol, dtype = TOL[op], pairs[0][1].dtype
     if tol and dtype != torch.float32:      # the reference rounds each step to bf16/fp16: 2 ulps
         tol = max(tol, 2 * torch.finfo(dtype).eps)
@@ -218,7 +230,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=512, help="paged_attention context length")
     p.add_argument("--exit-layers", type=int, default=EXIT_LAYERS, help="layers of the multi-layer skip_kv")
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--ops", default="norm,linear,write_kv,skip_kv,skip_kv_exit,paged_attention")
+    p.add_argument("--ops", default="norm,add_norm,linear,write_kv,skip_kv,skip_kv_exit,paged_attention")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--budget", type=float, default=0.15, help="seconds of timing per measurement")
     p.add_argument("--cold-l2", action="store_true",

@@ -12,6 +12,8 @@ from anee_fast import reference_ops as ref
 SENTINEL = -1234.5
 SCHEMAS = {
     "norm": "anee_fast::norm(Tensor x, Tensor weight, Tensor? bias, float eps, bool rms) -> Tensor",
+    "add_norm": "anee_fast::add_norm(Tensor x, Tensor residual, Tensor weight, Tensor? bias, "
+                "float eps, bool rms) -> (Tensor, Tensor)",
     "linear": "anee_fast::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
     "write_kv": "anee_fast::write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
                 "Tensor slot_mapping) -> ()",
@@ -146,6 +148,36 @@ def test_opcheck_norm(native):
         torch.library.opcheck(torch.ops.anee_fast.norm, (x, w, b, 1e-5, rms))
     x = torch.randn(2, 3, 16, generator=g)
     torch.library.opcheck(torch.ops.anee_fast.norm, (x, torch.randn(16, generator=g), None, 1e-6, True))
+
+
+def test_opcheck_add_norm(native):
+    g = _gen(2)
+    for rms, with_bias in [(True, False), (False, True)]:
+        x, w, b = _norm_inputs(g, 5, 37, rms, with_bias)
+        torch.library.opcheck(torch.ops.anee_fast.add_norm,
+                              (x, torch.randn(5, 37, generator=g), w, b, 1e-5, rms))
+    x = torch.randn(2, 3, 16, generator=g)
+    torch.library.opcheck(torch.ops.anee_fast.add_norm,
+                          (x, torch.randn(2, 3, 16, generator=g), torch.randn(16, generator=g), None, 1e-6, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_add_norm_half_precision(native, dtype):
+    x, w, b = _norm_inputs(_gen(7), 9, 83, False, True, dtype)
+    residual = torch.randn(9, 83, generator=_gen(8)).to(dtype)
+    total, out = native.add_norm(x, residual, w, b, 1e-5, False)
+    assert total.dtype == out.dtype == dtype
+    assert torch.equal(total, x + residual)
+    torch.testing.assert_close(out.float(), ref.norm(x + residual, w, b, 1e-5, False).float(),
+                               atol=2e-2, rtol=2e-2)
+
+
+def test_add_norm_rejects_mismatched_inputs(native):
+    x, w = torch.randn(3, 8), torch.randn(8)
+    with pytest.raises(RuntimeError, match="differ in shape"):
+        native.add_norm(x, torch.randn(3, 7), w, None, 1e-5, True)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        native.add_norm(x, x.double(), w, None, 1e-5, True)
 
 
 def test_opcheck_linear(native):

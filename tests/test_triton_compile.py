@@ -23,6 +23,7 @@ FLOAT_ARGS = {"eps", "scale", "rope_scale"}
 
 def _variants():
     """(name, kernel, constexprs) of every kernel in the variants the launchers use."""
+    from anee_fast.kernels.add_norm import _add_norm_kernel
     from anee_fast.kernels.norm import _norm_kernel
     from anee_fast.kernels.paged_attention import _combine_splits_kernel, _paged_attention_kernel
     from anee_fast.kernels.skip_kv import _skip_kv_kernel
@@ -30,6 +31,8 @@ def _variants():
     out = []
     for rms in (True, False):
         out.append((f"norm_rms{int(rms)}", _norm_kernel,
+                    dict(RMS=rms, HAS_BIAS=not rms, BLOCK_H=1024)))
+        out.append((f"add_norm_rms{int(rms)}", _add_norm_kernel,
                     dict(RMS=rms, HAS_BIAS=not rms, BLOCK_H=1024)))
     out.append(("write_kv", _write_kv_kernel, dict(BLOCK=256)))
     # Llama-like decode (RMS, RoPE, first_layer, head_dim 64, one row per program) and GPT-2-like
@@ -89,7 +92,7 @@ def compile_all():
 
 def _case_keys():
     from itertools import product
-    names = ["norm_rms1", "norm_rms0", "write_kv", "skip_kv_llama", "skip_kv_gpt2", "paged_attention",
+    names = ["norm_rms1", "norm_rms0", "add_norm_rms1", "add_norm_rms0", "write_kv", "skip_kv_llama", "skip_kv_gpt2", "paged_attention",
              "paged_attention_split", "combine_splits"]
     return [f"{n}-{d}-sm{cc}" for n, d, cc in product(names, DTYPES, ARCHS)]
 
