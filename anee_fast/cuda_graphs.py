@@ -84,7 +84,7 @@ class _StepGraph:
                          block_size=r.block_manager.block_size, decode=True)
         policy = DepthPolicy(self.rows, r.weights.spec.num_layers, r.skip_cost, r.device,
                              budget=self.budget, controller=self.controller, min_layers=r.min_layers,
-                             always_last=r.always_last, readout=r.readout)
+                             always_last=r.always_last, readout=r.readout, ops=r.ops)
         h = run_layers(r.weights, r.cache, step, policy, r.ops,
                        compact=False if layer_guard is not None else None, layer_guard=layer_guard)
         return final_logits(r.weights, h, r.ops), policy.actions, policy.compute()

@@ -8,7 +8,8 @@ the policy then EXITs (or SKIPs up to the forced last layers).
 """
 import torch
 
-from .actions import EXIT, PROCESS, SKIP, canonical_actions, process_mask
+from . import reference_ops
+from .actions import EXIT, SKIP, canonical_actions, process_mask
 from .controllers import LayerContext
 
 _EPS = 1e-6
@@ -24,8 +25,9 @@ def budget_floor(num_layers: int, skip_cost: float, min_layers: int = 0, always_
 
 class DepthPolicy:
     def __init__(self, num_tokens, num_layers, skip_cost, device, budget=None, controller=None,
-                 fixed_actions=None, min_layers=0, always_last=0, readout=None):
+                 fixed_actions=None, min_layers=0, always_last=0, readout=None, ops=reference_ops):
         self.L = num_layers
+        self.ops = ops             # the backend's op set: policy_step applies the rule
         self.skip_cost = float(skip_cost)
         self.actions = torch.empty((num_tokens, num_layers), dtype=torch.int8, device=device)
         self.spent = torch.zeros(num_tokens, dtype=torch.float32, device=device)   # in layers
@@ -45,10 +47,11 @@ class DepthPolicy:
         self.budget = self.limit / num_layers          # what controllers see as ctx.budget
         self.allowed = self.limit + _EPS
         # What running layer l commits a token to, in layers: l itself, every later layer as a
-        # SKIP, and the forced last layers' difference to a SKIP. Host floats: one add per layer.
+        # SKIP, and the forced last layers' difference to a SKIP (host floats).
         self.commitment = [1 + (num_layers - l - 1) * self.skip_cost
                            + self.always_last * (1 - self.skip_cost) for l in range(num_layers)]
         self.stopped = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+        self.no_proposal = torch.zeros(num_tokens, dtype=torch.int8, device=device)  # forced layers
         # After an EXIT the remaining layers are SKIPs; with forced last layers, say SKIP.
         self.stop_code = EXIT if self.always_last == 0 else SKIP
 
@@ -56,28 +59,22 @@ class DepthPolicy:
         """[N] bool: which tokens run layer `layer`. Records the action and its cost."""
         if self.fixed_process is not None:
             process = self.fixed_process[:, layer]
-        else:
-            process = self._decide_with_controller(layer, h, h_prev)
-        self.spent += torch.where(process, 1.0, self.skip_cost)
-        return process
-
-    def _decide_with_controller(self, layer, h, h_prev):
+            self.spent += torch.where(process, 1.0, self.skip_cost)
+            return process
         L = self.L
         forced = layer < self.min_layers or layer >= L - self.always_last
-        if forced:
-            action = torch.full_like(self.stopped, PROCESS, dtype=torch.int8)
-        else:
+        proposed = self.no_proposal
+        if not forced:
             budget_left = (self.limit - self.spent) / L
             ctx = LayerContext(layer=layer, num_layers=L, h=h, h_prev=h_prev, budget_left=budget_left,
                                readout=lambda: self.readout(h), budget=self.budget,
                                skip_cost=self.skip_cost)
-            action = self.controller.propose(ctx)
-            broke = (action == PROCESS) & (self.spent + self.commitment[layer] > self.allowed)
-            # A stopped token (an EXIT proposed now or before, or out of budget) takes stop_code.
-            self.stopped |= (action == EXIT) | broke
-            action = torch.where(self.stopped, self.stop_code, action).to(torch.int8)
-        self.actions[:, layer] = action
-        return action == PROCESS
+            proposed = self.controller.propose(ctx).to(torch.int8)
+        # A PROCESS that breaks the budget, and any EXIT, stop the token for good: it then
+        # takes stop_code. Records the action and its cost.
+        return self.ops.policy_step(proposed, self.spent, self.stopped, self.allowed, self.actions,
+                                    layer, self.commitment[layer], self.skip_cost, self.stop_code,
+                                    forced)
 
     def compute(self) -> torch.Tensor:
         """Compute spent per token, as a fraction of a full forward."""

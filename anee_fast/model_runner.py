@@ -84,7 +84,7 @@ class ModelRunner:
                 for c, idx in by_controller.values()])
         return DepthPolicy(num_tokens, L, self.skip_cost, self.device, budget=budget,
                            controller=controller, min_layers=self.min_layers,
-                           always_last=self.always_last, readout=self.readout)
+                           always_last=self.always_last, readout=self.readout, ops=self.ops)
 
     def readout(self, h):
         return lm_head_confidence(h, self.weights, self.ops.norm)

@@ -15,7 +15,7 @@ import torch
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.anee_fast.*)
 
 _ops = torch.ops.anee_fast
-OPS = ("norm", "add_norm", "linear", "write_kv", "skip_kv", "paged_attention")
+OPS = ("norm", "add_norm", "linear", "write_kv", "skip_kv", "paged_attention", "policy_step")
 
 
 def norm(x, weight, bias, eps: float, rms: bool):
@@ -54,6 +54,13 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block
                                 int(block_size), float(scale), int(sliding_window or 0))
 
 
+def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitment: float,
+                skip_cost: float, stop_code: int, forced: bool):
+    """One layer of the depth policy's budget rule for every token (see reference_ops)."""
+    return _ops.policy_step(proposed, spent, stopped, allowed, actions, int(layer), float(commitment),
+                            float(skip_cost), int(stop_code), bool(forced))
+
+
 # Fake (meta) implementations: shapes and dtypes only, for FakeTensor tracing / torch.compile.
 
 @torch.library.register_fake("anee_fast::norm")
@@ -86,6 +93,12 @@ def _skip_kv_fake(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_
 def _paged_attention_fake(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size,
                           scale, sliding_window):
     return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("anee_fast::policy_step")
+def _policy_step_fake(proposed, spent, stopped, allowed, actions, layer, commitment, skip_cost,
+                      stop_code, forced):
+    return stopped.new_empty(stopped.shape)
 
 
 def supports(device_type: str) -> bool:

@@ -10,6 +10,8 @@ The ops a backend provides (same names and signatures in `kernels/` and `csrc/`)
            k_cache, v_cache, slot_mapping, first_layer, eps, rms) -> ()`
 - `paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size, scale,
                    sliding_window) -> out`
+- `policy_step(proposed, spent, stopped, allowed, actions, layer, commitment, skip_cost,
+               stop_code, forced) -> process`
 
 Cache layout: per layer [num_slots + 1, kv_heads, head_dim], slot = block * block_size + offset;
 the spare last slot belongs to no sequence and is never written. Slot -1 in a slot mapping
@@ -20,6 +22,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .actions import EXIT, PROCESS
 
 
 def norm(x, weight, bias, eps: float, rms: bool):
@@ -128,3 +132,26 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block
 
 
 _ROWS_PER_CHUNK = 64
+
+
+def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitment: float,
+                skip_cost: float, stop_code: int, forced: bool):
+    """One layer of the depth policy's budget rule (depth_policy.py) for every token, as one op:
+    a dozen tiny tensor ops per layer otherwise, each a kernel launch on a GPU.
+
+    proposed [N] int8: the controller's codes (ignored when `forced`: every token PROCESSes).
+    A PROCESS that would leave spent + commitment > allowed breaks the budget; a token that
+    proposes EXIT or breaks it is stopped for good and takes `stop_code`. Writes the action to
+    actions[:, layer] (int8 [N, L]), adds its cost (1 or skip_cost) to spent (float32 [N]),
+    updates stopped (bool [N]) in place; returns the PROCESS mask [N] bool.
+    """
+    if forced:
+        action = torch.full_like(proposed, PROCESS)
+    else:
+        broke = (proposed == PROCESS) & (spent + commitment > allowed)
+        stopped |= (proposed == EXIT) | broke
+        action = torch.where(stopped, stop_code, proposed).to(torch.int8)
+    actions[:, layer] = action
+    process = action == PROCESS
+    spent += torch.where(process, 1.0, skip_cost)
+    return process

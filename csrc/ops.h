@@ -35,7 +35,11 @@
   at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,                      \
                              const at::Tensor& v_cache, const at::Tensor& block_tables,           \
                              const at::Tensor& seq_idx, const at::Tensor& positions,              \
-                             int64_t block_size, double scale, int64_t sliding_window);
+                             int64_t block_size, double scale, int64_t sliding_window);          \
+                                                                                                  \
+  at::Tensor policy_step(const at::Tensor& proposed, at::Tensor& spent, at::Tensor& stopped,      \
+                         const at::Tensor& allowed, at::Tensor& actions, int64_t layer,           \
+                         double commitment, double skip_cost, int64_t stop_code, bool forced);
 
 // CPU implementations (csrc/cpu/*.cpp).
 namespace anee_fast::cpu {

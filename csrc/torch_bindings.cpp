@@ -26,6 +26,9 @@ TORCH_LIBRARY(anee_fast, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor seq_idx, Tensor positions, int block_size, float scale, int sliding_window) "
         "-> Tensor");
+  m.def("policy_step(Tensor proposed, Tensor(a!) spent, Tensor(b!) stopped, Tensor allowed, "
+        "Tensor(c!) actions, int layer, float commitment, float skip_cost, int stop_code, "
+        "bool forced) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
@@ -35,6 +38,7 @@ TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
   m.impl("write_kv", &anee_fast::cpu::write_kv);
   m.impl("skip_kv", &anee_fast::cpu::skip_kv);
   m.impl("paged_attention", &anee_fast::cpu::paged_attention);
+  m.impl("policy_step", &anee_fast::cpu::policy_step);
 }
 
 // CUDA kernels (csrc/cuda/*.cu), compiled in when setup.py finds a CUDA torch and nvcc (it then
@@ -47,6 +51,7 @@ TORCH_LIBRARY_IMPL(anee_fast, CUDA, m) {
   m.impl("write_kv", &anee_fast::cuda::write_kv);
   m.impl("skip_kv", &anee_fast::cuda::skip_kv);
   m.impl("paged_attention", &anee_fast::cuda::paged_attention);
+  m.impl("policy_step", &anee_fast::cuda::policy_step);
 }
 #endif
 

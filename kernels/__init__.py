@@ -7,7 +7,8 @@ from .add_norm import add_norm
 from .linear import linear
 from .norm import norm
 from .paged_attention import paged_attention
+from .policy_step import policy_step
 from .skip_kv import skip_kv
 from .write_kv import write_kv
 
-__all__ = ["norm", "add_norm", "linear", "write_kv", "skip_kv", "paged_attention"]
+__all__ = ["norm", "add_norm", "linear", "write_kv", "skip_kv", "paged_attention", "policy_step"]

@@ -24,6 +24,9 @@ SCHEMAS = {
     "paged_attention": "anee_fast::paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
                        "Tensor block_tables, Tensor seq_idx, Tensor positions, int block_size, "
                        "float scale, int sliding_window) -> Tensor",
+    "policy_step": "anee_fast::policy_step(Tensor proposed, Tensor(a!) spent, Tensor(b!) stopped, "
+                   "Tensor allowed, Tensor(c!) actions, int layer, float commitment, "
+                   "float skip_cost, int stop_code, bool forced) -> Tensor",
 }
 
 
@@ -178,6 +181,31 @@ def test_add_norm_rejects_mismatched_inputs(native):
         native.add_norm(x, torch.randn(3, 7), w, None, 1e-5, True)
     with pytest.raises(RuntimeError, match="same dtype"):
         native.add_norm(x, x.double(), w, None, 1e-5, True)
+
+
+def test_opcheck_policy_step(native):
+    g = _gen(3)
+    for forced in (False, True):
+        torch.library.opcheck(torch.ops.anee_fast.policy_step, (
+            torch.randint(0, 3, (9,), generator=g, dtype=torch.int8), torch.rand(9, generator=g) * 4,
+            torch.rand(9, generator=g) < 0.3, torch.rand(9, generator=g) * 6,
+            torch.zeros(9, 5, dtype=torch.int8), 2, 1.3, 0.1, 2, forced))
+
+
+def test_policy_step_rejects_bad_arguments(native):
+    args = lambda **kw: {**dict(proposed=torch.zeros(4, dtype=torch.int8), spent=torch.zeros(4),
+                                stopped=torch.zeros(4, dtype=torch.bool), allowed=torch.ones(4),
+                                actions=torch.zeros(4, 3, dtype=torch.int8)), **kw}
+    call = lambda layer=1, stop_code=2, **kw: native.policy_step(*args(**kw).values(), layer, 1.0, 0.1,
+                                                                  stop_code, False)
+    with pytest.raises(RuntimeError, match="layer 3 is out of range"):
+        call(layer=3)
+    with pytest.raises(RuntimeError, match="stop_code must be"):
+        call(stop_code=0)
+    with pytest.raises(RuntimeError, match="spent must be a contiguous float32"):
+        call(spent=torch.zeros(8)[::2])
+    with pytest.raises(RuntimeError, match="proposed must be int8"):
+        call(proposed=torch.zeros(4, dtype=torch.long))
 
 
 def test_opcheck_linear(native):

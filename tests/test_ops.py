@@ -243,6 +243,36 @@ def test_paged_attention(target, lengths, block_size, heads, kv_heads, head_dim,
     torch.testing.assert_close(got.float(), expect, **target.tol)
 
 
+# ---- policy_step ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows", [1, 7, 83, 1100])        # 1100: more than one program / block
+@pytest.mark.parametrize("forced,stop_code", [(False, 2), (False, 1), (True, 2)])
+def test_policy_step_equals_the_rule_exactly(target, rows, forced, stop_code):
+    """Actions, the PROCESS mask, stopped and spent (float32) equal the reference bit for bit,
+    budget boundaries included; the other layers' actions stay untouched."""
+    g = torch.Generator().manual_seed(rows + stop_code + 10 * forced)
+    L, layer, skip_cost = 6, 3, 0.0877
+    proposed = torch.randint(0, 3, (rows,), generator=g, dtype=torch.int8)
+    spent = torch.randint(0, 4, (rows,), generator=g).float() + skip_cost * torch.randint(0, 3, (rows,), generator=g)
+    stopped = torch.rand(rows, generator=g) < 0.2
+    commitment = 1 + 2 * skip_cost
+    # Every third token sits exactly on its budget: spent + commitment == allowed.
+    allowed = torch.where(torch.arange(rows) % 3 == 0, spent + commitment,
+                          spent + commitment + torch.randn(rows, generator=g))
+    actions = torch.full((rows, L), 7, dtype=torch.int8)
+    dev = target.device
+    state = [t.to(dev) for t in (proposed, spent, stopped, allowed, actions)]
+    expect = [t.clone() for t in state]
+    got_process = target.ops.policy_step(*state, layer, commitment, skip_cost, stop_code, forced)
+    expect_process = ref.policy_step(*expect, layer, commitment, skip_cost, stop_code, forced)
+    assert torch.equal(got_process, expect_process)
+    for got, exp in zip(state[1:], expect[1:]):     # spent, stopped, allowed, actions
+        assert torch.equal(got, exp)
+    assert (state[4][:, [0, 1, 2, 4, 5]] == 7).all()
+    if rows > 1:        # the inputs exercise both outcomes
+        assert expect_process.any() and (forced or not expect_process.all())
+
+
 # ---- end to end ----------------------------------------------------------------------------------
 
 # Triton's interpreter is slow: on the CPU it runs one architecture end to end (the op tests

@@ -17,8 +17,11 @@ import pytest
 ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16")
 INDEX_ARGS = {"pos_ptr", "slot_ptr", "first_ptr", "seq_ptr", "table_ptr"}   # int64 tensors
-FP32_ARGS = {"inv_freq_ptr", "m_ptr", "l_ptr", "acc_ptr"}         # float32 whatever the model dtype
-FLOAT_ARGS = {"eps", "scale", "rope_scale"}
+FP32_ARGS = {"inv_freq_ptr", "m_ptr", "l_ptr", "acc_ptr",          # float32 whatever the model dtype
+             "spent_ptr", "allowed_ptr"}
+INT8_ARGS = {"proposed_ptr", "actions_ptr"}                        # action codes
+BOOL_ARGS = {"stopped_ptr", "process_ptr"}
+FLOAT_ARGS = {"eps", "scale", "rope_scale", "commitment", "skip_cost"}
 
 
 def _variants():
@@ -26,6 +29,7 @@ def _variants():
     from anee_fast.kernels.add_norm import _add_norm_kernel
     from anee_fast.kernels.norm import _norm_kernel
     from anee_fast.kernels.paged_attention import _combine_splits_kernel, _paged_attention_kernel
+    from anee_fast.kernels.policy_step import _policy_step_kernel
     from anee_fast.kernels.skip_kv import _skip_kv_kernel
     from anee_fast.kernels.write_kv import _write_kv_kernel
     out = []
@@ -48,6 +52,9 @@ def _variants():
     out.append(("paged_attention_split", _paged_attention_kernel,
                 dict(SPLIT=True, BLOCK_N=16, BLOCK_D=128)))
     out.append(("combine_splits", _combine_splits_kernel, dict(BLOCK_S=16, BLOCK_D=128)))
+    for forced in (False, True):
+        out.append((f"policy_step_forced{int(forced)}", _policy_step_kernel,
+                    dict(FORCED=forced, BLOCK=128)))
     return out
 
 
@@ -60,6 +67,10 @@ def _signature(fn, constexprs, dtype):
             sig[name] = "*fp32"
         elif name in INDEX_ARGS:
             sig[name] = "*i64"
+        elif name in INT8_ARGS:
+            sig[name] = "*i8"
+        elif name in BOOL_ARGS:
+            sig[name] = "*i1"
         elif name.endswith("_ptr"):
             sig[name] = f"*{dtype}"
         elif name in FLOAT_ARGS:
@@ -93,7 +104,7 @@ def compile_all():
 def _case_keys():
     from itertools import product
     names = ["norm_rms1", "norm_rms0", "add_norm_rms1", "add_norm_rms0", "write_kv", "skip_kv_llama", "skip_kv_gpt2", "paged_attention",
-             "paged_attention_split", "combine_splits"]
+             "paged_attention_split", "combine_splits", "policy_step_forced0", "policy_step_forced1"]
     return [f"{n}-{d}-sm{cc}" for n, d, cc in product(names, DTYPES, ARCHS)]
 
 

@@ -1,0 +1,51 @@
+"""policy_step: one layer of the depth policy's budget rule for every token, one launch.
+
+The rule (reference_ops.policy_step) is a dozen tiny tensor ops per layer in PyTorch; on a GPU
+each is a kernel launch, and at small batch the decode step's time is its launches. One program
+per BLOCK tokens applies it in float32 in the reference's order.
+"""
+import torch
+import triton
+import triton.language as tl
+
+PROCESS = tl.constexpr(0)    # anee_fast/actions.py (kernels/ does not import the package)
+EXIT = tl.constexpr(2)
+
+
+@triton.jit
+def _policy_step_kernel(proposed_ptr, spent_ptr, stopped_ptr, allowed_ptr, actions_ptr,
+                        process_ptr, N, action_stride, commitment, skip_cost, stop_code,
+                        FORCED: tl.constexpr, BLOCK: tl.constexpr):
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    spent = tl.load(spent_ptr + n, mask=m, other=0.0)
+    if FORCED:
+        action = tl.zeros([BLOCK], dtype=tl.int8)
+    else:
+        proposed = tl.load(proposed_ptr + n, mask=m, other=0)
+        stopped = tl.load(stopped_ptr + n, mask=m, other=0) != 0
+        broke = (proposed == PROCESS) & (spent + commitment > tl.load(allowed_ptr + n, mask=m, other=0.0))
+        stopped = stopped | (proposed == EXIT) | broke
+        tl.store(stopped_ptr + n, stopped.to(tl.int1), mask=m)
+        action = tl.where(stopped, stop_code.to(tl.int8), proposed)
+    process = action == PROCESS
+    tl.store(actions_ptr + n.to(tl.int64) * action_stride, action, mask=m)
+    tl.store(process_ptr + n, process.to(tl.int1), mask=m)
+    tl.store(spent_ptr + n, spent + tl.where(process, 1.0, skip_cost), mask=m)
+
+
+def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitment: float,
+                skip_cost: float, stop_code: int, forced: bool):
+    """See reference_ops.policy_step: updates spent, stopped and actions[:, layer] in place;
+    returns the PROCESS mask."""
+    N = proposed.shape[0]
+    if not (spent.is_contiguous() and stopped.is_contiguous()):
+        raise ValueError("policy_step: spent and stopped must be contiguous (updated in place)")
+    process = torch.empty_like(stopped)
+    if N:
+        block = min(triton.next_power_of_2(N), 1024)
+        _policy_step_kernel[(triton.cdiv(N, block),)](
+            proposed.contiguous(), spent, stopped, allowed.contiguous(), actions[:, layer], process,
+            N, actions.stride(0), float(commitment), float(skip_cost), int(stop_code),
+            FORCED=bool(forced), BLOCK=block)
+    return process
