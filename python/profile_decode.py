@@ -5,7 +5,9 @@
 Runs greedy decode eagerly (CUDA graphs off, so every kernel is visible), profiles `--steps`
 decode steps after a warm-up, and prints per step: the number of kernel launches, the device
 time by kernel name (on a GPU; on the CPU the host time of the top-level ops: aten and anee_fast).
-The launch count is what a CUDA graph replays and what fusion would cut. Writes JSON.
+The launch count is what a CUDA graph replays and what fusion would cut. On the CPU, `--masked`
+runs the layer loop's GPU variant (every block on every row) and the ops that are views (no
+kernel on a GPU) are counted apart, so the count stands for a GPU's launches. Writes JSON.
 """
 import argparse
 import json
@@ -16,6 +18,14 @@ from collections import defaultdict
 import torch
 
 from bench_decode import build
+
+# Top-level ops that launch no kernel on a GPU: views, metadata, no-op dtype casts.
+NO_KERNEL = {"aten::slice", "aten::select", "aten::view", "aten::squeeze", "aten::unsqueeze",
+             "aten::reshape", "aten::expand", "aten::as_strided", "aten::t", "aten::transpose",
+             "aten::permute", "aten::chunk", "aten::split", "aten::narrow", "aten::detach",
+             "aten::detach_", "aten::alias", "aten::_unsafe_view", "aten::unbind", "aten::to",
+             "aten::lift_fresh", "aten::contiguous", "aten::result_type", "aten::resolve_conj",
+             "aten::resolve_neg"}
 
 
 def main(argv=None):
@@ -30,6 +40,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--top", type=int, default=25, help="kernel names printed")
+    p.add_argument("--masked", action="store_true",
+                   help="on the CPU: run every block on every row, as a GPU does (default: the "
+                        "CPU's compacted variant)")
     p.add_argument("--out", default="out/profile_decode.json")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
@@ -45,6 +58,8 @@ def main(argv=None):
     llm = LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0,
               cuda_graphs=False if gpu else None)
     engine = llm.engine
+    if args.masked:
+        engine.runner.compact = False
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, llm.spec.vocab_size, (args.batch, args.prompt_tokens), generator=g)
     params = SamplingParams(max_tokens=args.steps + 3, ignore_eos=True)
@@ -72,13 +87,18 @@ def main(argv=None):
     rows = sorted(({"name": n, "calls_per_step": c / args.steps, "us_per_step": t / args.steps}
                    for n, (c, t) in per_name.items()), key=lambda r: -r["us_per_step"])
     launches = sum(r["calls_per_step"] for r in rows)
+    kernel_ops = sum(r["calls_per_step"] for r in rows if r["name"] not in NO_KERNEL)
     busy = sum(r["us_per_step"] for r in rows)
     layers = llm.num_layers
     what = "kernels" if gpu else "top-level ops"
     print(f"{args.model}, {device}, {str(dtype)[6:]}, backend {llm.backend}, batch {args.batch}, "
-          f"budget {args.budget}, controller {args.controller}, {args.steps} decode steps, eager")
+          f"budget {args.budget}, controller {args.controller}, {args.steps} decode steps, eager, "
+          f"{'masked' if args.masked or gpu else 'compacted'} blocks")
     print(f"{what} per step: {launches:.0f} ({launches / layers:.1f} per layer), "
           f"{'device' if gpu else 'host'} time in them {busy:.0f} us per step")
+    if not gpu:
+        print(f"of which launch a kernel on a GPU (not views or no-op casts): {kernel_ops:.0f} "
+              f"({kernel_ops / layers:.1f} per layer)")
     print(f"{'us/step':>9} {'calls/step':>10}  name")
     for r in rows[:args.top]:
         print(f"{r['us_per_step']:>9.1f} {r['calls_per_step']:>10.1f}  {r['name'][:100]}")
@@ -86,7 +106,9 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(dict(model=args.model, device=str(device), dtype=str(dtype)[6:], backend=llm.backend,
                        batch=args.batch, budget=args.budget, controller=args.controller,
-                       steps=args.steps, layers=layers, launches_per_step=launches,
+                       steps=args.steps, layers=layers, masked=args.masked or gpu,
+                       launches_per_step=launches,
+                       kernel_ops_per_step=None if gpu else kernel_ops,
                        busy_us_per_step=busy, by_name=rows), f, indent=1)
     print(f"wrote {args.out}", file=sys.stderr)
 
