@@ -4,8 +4,9 @@ A decode step launches a few kernels per layer for a handful of rows; on a GPU t
 time, not the device, sets its speed. A graph records the whole step once (embedding, every
 layer with its on-device decisions, the EXIT fill, the LM head) and replays it with one launch.
 Inputs live in static buffers: a step copies its token ids, positions, slots, block tables and
-budgets in (rows past the batch are padding: slot -1, budget 1), replays, and reads the logits,
-actions and compute of its rows back. Nothing in the captured step reads a device value on the
+budgets in (rows past the batch are padding: slot -1, budget 0, so that they process only the
+forced layers and a conditional layer skips when no real row runs it), replays, and reads the
+logits, actions and compute of its rows back. Nothing in the captured step reads a device value on the
 host (the layer loop's rule), which is what makes it capturable.
 
 `DecodeGraphs(..., capture=False)` runs the same static-buffer step without a graph: the CPU
@@ -13,11 +14,12 @@ tests check the padding and bucketing that way, the GPU tests the captured repla
 
 With `conditional_layers`, each layer's block is captured as the body of a conditional (IF)
 graph node whose predicate is "some row processes this layer", computed on the device: a layer
-that every row skips then costs its decision and K/V kernels only, not the block's ~35. That
-needs CUDA >= 12.4 and a torch whose CUDAGraph has `begin_capture_to_if_node`.
+that every row skips then costs its decision and K/V kernels only, not the block's own. With
+"compacted", buckets of 16 rows and more also get bodies for a quarter and a half of their rows
+(those of at least 8; PROCESS rows first): the one body whose range holds the step's PROCESS
+count runs. That needs CUDA >= 12.4
+and a torch whose CUDAGraph has `begin_capture_to_if_node`.
 """
-from contextlib import contextmanager
-
 import torch
 
 from .depth_policy import DepthPolicy
@@ -34,16 +36,20 @@ def conditional_nodes_supported() -> bool:
             and hasattr(graph, "begin_capture_to_if_node"))
 
 
-@contextmanager
-def run_only_if(pred: torch.Tensor):
-    """Inside a graph capture: what runs in the block becomes the body of an IF node that runs
-    at replay only where the device bool `pred` is true."""
+def run_only_if(pred: torch.Tensor, body) -> None:
+    """Inside a graph capture: body()'s kernels become the body of an IF node that runs at
+    replay only where the device bool `pred` is true (run_layers' layer_guard)."""
     graph = torch.cuda.CUDAGraph.get_currently_capturing_graph()
     graph.begin_capture_to_if_node(pred)
     try:
-        yield
+        body()
     finally:
         graph.end_capture_to_conditional_node()
+
+
+def compaction_caps(rows: int) -> tuple:
+    """Row capacities of the compacted bodies below a bucket's `rows` (run_layers' row_caps)."""
+    return tuple(c for c in (rows // 4, rows // 2) if c >= 8)
 
 
 def bucket_for(n: int, max_rows: int):
@@ -56,14 +62,16 @@ def bucket_for(n: int, max_rows: int):
 class _StepGraph:
     """Static buffers and (when captured) the graph of one bucket's decode step."""
 
-    def __init__(self, runner, rows: int, controller, width: int, capture: bool, layer_guard):
+    def __init__(self, runner, rows: int, controller, width: int, capture: bool, layer_guard,
+                 row_caps: tuple):
         device = runner.device
         self.rows = rows
         self.ints = torch.zeros((rows, 3 + width), dtype=torch.long, device=device)
-        self.budget = torch.ones(rows, dtype=torch.float32, device=device)
+        self.budget = torch.zeros(rows, dtype=torch.float32, device=device)
         self.ints[:, 2] = -1                                   # padding: writes nothing
         self.seq_idx = torch.arange(rows, device=device)
         self.runner, self.controller, self.layer_guard = runner, controller, layer_guard
+        self.row_caps = row_caps
         self.graph = None
         if capture:
             stream = torch.cuda.Stream(device)
@@ -86,7 +94,8 @@ class _StepGraph:
                              budget=self.budget, controller=self.controller, min_layers=r.min_layers,
                              always_last=r.always_last, readout=r.readout, ops=r.ops)
         h = run_layers(r.weights, r.cache, step, policy, r.ops,
-                       compact=False if layer_guard is not None else None, layer_guard=layer_guard)
+                       compact=False if layer_guard is not None else None, layer_guard=layer_guard,
+                       row_caps=self.row_caps if layer_guard is not None else ())
         return final_logits(r.weights, h, r.ops), policy.actions, policy.compute()
 
     def run(self, inputs: torch.Tensor, budgets: torch.Tensor):
@@ -95,6 +104,7 @@ class _StepGraph:
         self.ints[:n].copy_(inputs)
         self.ints[n:, 2] = -1               # rows past the batch (stale from a larger step) pad
         self.budget[:n].copy_(budgets)
+        self.budget[n:] = 0.0
         if self.graph is None:
             outputs = self._forward(self.layer_guard)
         else:
@@ -109,13 +119,18 @@ class DecodeGraphs:
 
     A step qualifies when every row decodes one token, one controller (with `graph_safe`) serves
     them all, and the batch fits the largest bucket (<= max_rows). Block tables are padded to
-    `width` blocks, the most a sequence of the model's length can hold. `layer_guard` wraps each
-    layer's block (masked variant): `run_only_if` for conditional layers.
+    `width` blocks, the most a sequence of the model's length can hold. `layer_guard` runs each
+    layer's block (masked variant): `run_only_if` for conditional layers; `compacted` adds the
+    bodies of compaction_caps(bucket).
     """
 
-    def __init__(self, runner, max_rows: int, width: int, capture: bool = True, layer_guard=None):
+    def __init__(self, runner, max_rows: int, width: int, capture: bool = True, layer_guard=None,
+                 compacted: bool = False):
+        if compacted and layer_guard is None:
+            raise ValueError("compacted bodies need a layer_guard")
         self.runner, self.max_rows, self.width, self.capture = runner, max_rows, width, capture
         self.layer_guard = layer_guard       # run_layers' layer_guard: run_only_if, or None
+        self.compacted = compacted
         self.graphs = {}       # (bucket, id(controller)) -> _StepGraph (holds the controller)
 
     def supports(self, chunks) -> bool:
@@ -141,6 +156,7 @@ class DecodeGraphs:
         if key not in self.graphs:
             if len(self.graphs) >= MAX_GRAPHS:
                 self.graphs.pop(next(iter(self.graphs)))
+            caps = compaction_caps(key[0]) if self.compacted else ()
             self.graphs[key] = _StepGraph(self.runner, key[0], controller, self.width, self.capture,
-                                          self.layer_guard)
+                                          self.layer_guard, caps)
         return self.graphs[key].run(inputs, budgets)

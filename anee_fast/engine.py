@@ -26,7 +26,7 @@ class LLMEngine:
     def __init__(self, weights, eos_token_id=None, block_size: int = 16, num_kv_blocks=None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, min_layers: int = 2,
                  always_last: int = 0, ops=reference_ops, cuda_graphs=None,
-                 conditional_layers: bool = False):
+                 conditional_layers=False):
         spec = weights.spec
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
@@ -48,19 +48,21 @@ class LLMEngine:
         on_gpu = weights.device.type == "cuda"
         if cuda_graphs and not on_gpu:
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, not {weights.device}")
-        if not isinstance(conditional_layers, bool):
-            raise ValueError(f"conditional_layers must be True or False, got {conditional_layers!r}")
+        if not (isinstance(conditional_layers, bool) or conditional_layers == "compacted"):
+            raise ValueError(f"conditional_layers must be False, True or 'compacted', got "
+                             f"{conditional_layers!r}")
         if conditional_layers and (not on_gpu or cuda_graphs is False):
-            raise ValueError("conditional_layers=True needs CUDA graphs: the model on a CUDA device "
-                             "and cuda_graphs not False")
+            raise ValueError(f"conditional_layers={conditional_layers!r} needs CUDA graphs: the "
+                             "model on a CUDA device and cuda_graphs not False")
         if conditional_layers and not conditional_nodes_supported():
-            raise ValueError(f"conditional_layers=True needs a torch whose CUDA graphs capture "
-                             f"conditional nodes (CUDAGraph.begin_capture_to_if_node, CUDA >= 12.4); "
-                             f"torch {torch.__version__} has none")
+            raise ValueError(f"conditional_layers={conditional_layers!r} needs a torch whose CUDA "
+                             "graphs capture conditional nodes (CUDAGraph.begin_capture_to_if_node, "
+                             f"CUDA >= 12.4); torch {torch.__version__} has none")
         if on_gpu and cuda_graphs is not False:
             longest = min(spec.max_positions, num_kv_blocks * block_size)
             self.runner.graphs = DecodeGraphs(self.runner, max_num_seqs, -(-longest // block_size),
-                                              layer_guard=run_only_if if conditional_layers else None)
+                                              layer_guard=run_only_if if conditional_layers else None,
+                                              compacted=conditional_layers == "compacted")
 
     def new_sequence(self, prompt_ids, sampling: SamplingParams, budget, controller) -> Sequence:
         """Validates a request and makes its Sequence (not yet scheduled)."""

@@ -43,7 +43,7 @@ def embed(weights, step: StepBatch):
 
 def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
                hidden_states: Optional[list] = None, compact: Optional[bool] = None,
-               layer_guard=None):
+               layer_guard=None, row_caps: tuple = ()):
     """Runs every layer under `policy`; returns the final residual [N, hidden].
 
     `hidden_states`, when given, receives the residual entering each layer (for profiling and
@@ -52,10 +52,9 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
     are the same memory, the block runs on the PROCESS rows only (compacted), so skipped work
     is really saved. `compact` forces one variant (None: by device).
 
-    `layer_guard` (masked variant only): pred -> a context manager around each layer's block
-    that may skip it where pred (a device bool: does any row process this layer?) is false,
-    as the CUDA graph's conditional node does (cuda_graphs.run_only_if). The block's result
-    then lands in a copy of h made before the guard, so a skipped body leaves h as it was.
+    `layer_guard(pred, body)` (masked variant only) runs body() only where the device bool
+    pred holds, as a CUDA graph's conditional node does (cuda_graphs.run_only_if); each layer's
+    block then runs under it (see _guarded_block, which also explains `row_caps`).
     """
     spec = weights.spec
     rms = spec.norm == "rmsnorm"
@@ -64,6 +63,8 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
         compact = step.token_ids.device.type == "cpu"
     if compact and layer_guard is not None:
         raise ValueError("layer_guard wraps the masked variant's blocks: pass compact=False")
+    if row_caps and layer_guard is None:
+        raise ValueError("row_caps choose among guarded blocks: give a layer_guard too")
     h = embed(weights, step)
     h_prev = h
     rope = None if inv_freq is None else rope_cos_sin(step.positions, inv_freq, weights.rope_scale)
@@ -84,17 +85,41 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
                 out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope, rms)
                 h = h.index_copy(0, rows, out)
         elif layer_guard is not None:
-            h_next = h.clone()
-            with layer_guard(process.any()):
-                out = _block(weights, layer, cache, l, step, h, None, ops, rope, rms)
-                h_next.copy_(torch.where(process[:, None], out, h))
-            h = h_next
+            h = _guarded_block(weights, layer, cache, l, step, h, process, ops, rope, rms,
+                               layer_guard, row_caps)
         else:
             out = _block(weights, layer, cache, l, step, h, None, ops, rope, rms)
             h = torch.where(process[:, None], out, h)
     if step.decode:
         _fill_exited(weights, cache, step, policy.actions, h, ops, inv_freq, rms)
     return h
+
+
+def _guarded_block(weights, layer, cache, l, step, h, process, ops, rope, rms, guard, row_caps):
+    """The masked variant's block under guard(pred, body), which runs body() only where the
+    device bool pred holds. Without row_caps: one body on every row, run when some row processes
+    the layer. With row_caps (ascending, each below the step's N rows): the rows are ordered
+    PROCESS first, and of the bodies for capacities row_caps + (N,), only the one whose range
+    holds the PROCESS count runs the block, on that many leading rows (a device-side row count
+    with fixed-capacity launches). Results land in a copy of h made before, so where no body
+    runs h is unchanged."""
+    h_next = h.clone()
+    if not row_caps:
+        def every_row():
+            out = _block(weights, layer, cache, l, step, h, None, ops, rope, rms)
+            h_next.copy_(torch.where(process[:, None], out, h))
+        guard(process.any(), every_row)
+        return h_next
+    order = torch.argsort((~process).to(torch.int8), stable=True)     # PROCESS rows first
+    count = process.sum()
+    low = 0
+    for cap in (*row_caps, h.shape[0]):
+        def leading_rows(rows=order[:cap]):
+            out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope, rms)
+            h_next[rows] = torch.where(process[rows][:, None], out, h[rows])
+        guard((count > low) & (count <= cap), leading_rows)
+        low = cap
+    return h_next
 
 
 def _fill_exited(weights, cache, step, actions, h, ops, inv_freq, rms):

@@ -24,7 +24,7 @@ class LLM:
     def __init__(self, model=None, backend: str = "auto", device=None, dtype=None, *,
                  tokenizer=None, block_size: int = 16, num_kv_blocks=None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, min_layers: int = 2, always_last: int = 0,
-                 cuda_graphs=None, conditional_layers: bool = False):
+                 cuda_graphs=None, conditional_layers=False):
         self.backend = select_backend(backend, default_device(device).type)
         self.weights, loaded_tokenizer, self.name = load_weights(model, device, dtype)
         self.tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer

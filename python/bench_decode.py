@@ -82,7 +82,7 @@ def bench_model(name, args, device, dtype, peaks, budgets):
     from anee_fast import LLM, SamplingParams
     model = build(name, device, dtype)
     graphs = None if device.type == "cpu" else args.cuda_graphs == "on"
-    conditional = args.conditional_layers == "on"
+    conditional = {"off": False, "on": True, "compacted": "compacted"}[args.conditional_layers]
     llm = LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0, cuda_graphs=graphs,
               conditional_layers=conditional)
     spec, es = llm.spec, dtype.itemsize
@@ -169,7 +169,8 @@ def plot(rows, path):
     for ax in (left, right):
         ax.legend(fontsize=7)
     graphs = ", CUDA graphs" if rows[0]["cuda_graphs"] else ""
-    graphs += " with conditional layers" if rows[0]["conditional_layers"] else ""
+    graphs += {False: "", True: " with conditional layers",
+               "compacted": " with compacted conditional layers"}[rows[0]["conditional_layers"]]
     fig.suptitle(f"greedy decode, {rows[0]['device']}, {rows[0]['dtype']}, backend {rows[0]['backend']}{graphs}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -186,9 +187,10 @@ def main(argv=None):
     p.add_argument("--backend", default="auto")
     p.add_argument("--cuda-graphs", default="on", choices=("on", "off"),
                    help="on a GPU: replay decode steps from CUDA graphs (on) or launch eagerly (off)")
-    p.add_argument("--conditional-layers", default="off", choices=("on", "off"),
+    p.add_argument("--conditional-layers", default="off", choices=("off", "on", "compacted"),
                    help="with CUDA graphs: each layer's block a conditional node that runs only "
-                        "when some row processes the layer")
+                        "when some row processes the layer; compacted: on the PROCESS rows only, "
+                        "at a quarter, a half or all of the bucket's rows")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))

@@ -4,14 +4,12 @@ On the CPU the static-buffer step runs without a graph (capture=False): that che
 bucketing, the padding rows (a stale slot from a larger step would overwrite another
 sequence's K/V) and the per-row budgets. The `cuda` tests replay real CUDA graphs.
 """
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 from anee_fast import LLM, SamplingParams
 from anee_fast.controllers import StaticController
-from anee_fast.cuda_graphs import BUCKETS, DecodeGraphs, bucket_for
+from anee_fast.cuda_graphs import BUCKETS, DecodeGraphs, bucket_for, compaction_caps
 from conftest import build_model, random_ids
 
 # One StaticController object: a list would make one controller per request (no shared graph).
@@ -79,24 +77,31 @@ def test_steps_that_do_not_qualify_run_plain():
     assert not graphs.graphs
 
 
-def test_a_layer_guard_wraps_every_block_and_changes_nothing():
-    """The masked variant with a guard around each block (conditional layers, here a guard that
-    records its predicate and runs the body) gives the plain steps' tokens, actions and compute.
-    Where the guard skips a body its predicate is false: no row processes that layer, so the
-    block's `where` would have kept h anyway."""
+class HostGuard:
+    """run_layers' layer_guard evaluated on the host: body() runs only where pred holds, as in
+    a CUDA graph's conditional node. Counts, per position in a layer's guard calls, how often the
+    body ran."""
+
+    def __init__(self, calls_per_layer):
+        self.calls_per_layer, self.calls, self.ran = calls_per_layer, 0, [0] * calls_per_layer
+
+    def __call__(self, pred, body):
+        assert pred.dtype == torch.bool and pred.dim() == 0
+        if bool(pred):
+            self.ran[self.calls % self.calls_per_layer] += 1
+            body()
+        self.calls += 1
+
+
+def test_guarded_blocks_skip_layers_no_row_processes():
+    """A block runs only when some row processes the layer; tokens, actions and compute are the
+    plain steps'."""
     model = build_model("llama_gqa", num_layers=4)
     plain = LLM(model, backend="reference", device="cpu", block_size=4)
     guarded = LLM(model, backend="reference", device="cpu", block_size=4)
-    predicates = []
-
-    @contextmanager
-    def recording_guard(pred):
-        assert pred.dtype == torch.bool and pred.dim() == 0
-        predicates.append(bool(pred))
-        yield
-
+    guard = HostGuard(1)
     runner = guarded.engine.runner
-    runner.graphs = DecodeGraphs(runner, max_rows=64, width=8, capture=False, layer_guard=recording_guard)
+    runner.graphs = DecodeGraphs(runner, max_rows=64, width=8, capture=False, layer_guard=guard)
     budgets = [0.4, 1.0, 0.2, 0.4, 0.8]
     a = generate_shrinking(plain, model, "budget", budgets)
     b = generate_shrinking(guarded, model, "budget", budgets)
@@ -104,9 +109,38 @@ def test_a_layer_guard_wraps_every_block_and_changes_nothing():
         assert x.token_ids == y.token_ids
         assert torch.equal(x.actions, y.actions)
         torch.testing.assert_close(x.compute, y.compute)
-    decode_steps = sum(len(s.token_ids) - 1 for s in b)         # at most; batched steps share
-    assert 0 < len(predicates) <= 4 * decode_steps and len(predicates) % 4 == 0
-    assert True in predicates and False in predicates           # some layers ran, some did not
+    assert guard.calls % 4 == 0 and 0 < guard.ran[0] < guard.calls    # some layers skipped
+
+
+def test_compacted_guarded_blocks_run_only_the_leading_rows():
+    """With row capacities, the rows are ordered PROCESS first and only the body whose
+    capacity range holds the PROCESS count runs: 20 sequences (bucket 32, capacities 8 and 16)
+    whose budgets make every range occur."""
+    assert compaction_caps(32) == (8, 16) and compaction_caps(16) == (8,) and compaction_caps(8) == ()
+    model = build_model("gpt2", num_layers=6)
+    prompts = [random_ids(model, 2 + n % 5, seed=n).tolist() for n in range(20)]
+    budgets = [(1.0, 0.6, 0.3, 0.3)[n % 4] for n in range(20)]
+    outs = []
+    for guarded in (False, True):
+        llm = LLM(model, backend="reference", device="cpu", block_size=4, min_layers=1)
+        guard = HostGuard(3)
+        if guarded:
+            runner = llm.engine.runner
+            runner.graphs = DecodeGraphs(runner, max_rows=64, width=8, capture=False,
+                                         layer_guard=guard, compacted=True)
+        for prompt, budget in zip(prompts, budgets):
+            llm.engine.add_request(prompt, SamplingParams(max_tokens=4, ignore_eos=True), budget,
+                                   "budget")
+        done = []
+        while llm.engine.has_unfinished():
+            done += llm.engine.step()
+        outs.append(sorted(done, key=lambda s: s.seq_id))
+    for x, y in zip(*outs):
+        assert x.token_ids == y.token_ids
+        assert torch.equal(x.actions, y.actions)
+        torch.testing.assert_close(x.compute, y.compute)
+    assert {key[0] for key in runner.graphs.graphs} == {32}
+    assert all(n > 0 for n in guard.ran), guard.ran      # bodies for <= 8, <= 16 and <= 32 rows ran
 
 
 def test_cuda_graphs_need_a_gpu():
@@ -115,17 +149,19 @@ def test_cuda_graphs_need_a_gpu():
         LLM(model, device="cpu", cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs must be"):
         LLM(model, device="cpu", cuda_graphs="yes")
-    with pytest.raises(ValueError, match="conditional_layers=True needs CUDA graphs"):
-        LLM(model, device="cpu", conditional_layers=True)
-    with pytest.raises(ValueError, match="conditional_layers must be"):
-        LLM(model, device="cpu", conditional_layers="on")
+    for value in (True, "compacted"):
+        with pytest.raises(ValueError, match=f"conditional_layers={value!r} needs CUDA graphs"):
+            LLM(model, device="cpu", conditional_layers=value)
+    for value in ("on", 1):
+        with pytest.raises(ValueError, match="conditional_layers must be"):
+            LLM(model, device="cpu", conditional_layers=value)
     assert LLM(model, device="cpu").engine.runner.graphs is None
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama_gqa"])
-@pytest.mark.parametrize("conditional_layers", [False, True])
+@pytest.mark.parametrize("conditional_layers", [False, True, "compacted"])
 def test_graph_replays_match_eager_steps_on_the_gpu(backend, arch, conditional_layers):
     model = build_model(arch, num_layers=3)
     eager = LLM(model, backend=backend, device="cuda", dtype=torch.float32, block_size=4,
