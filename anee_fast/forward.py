@@ -73,8 +73,9 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
             hidden_states.append(h)
         process = policy.decide(l, h, h_prev)
         slots = step.slot_mapping
-        if step.decode:   # exited rows get their remaining K/V in one launch after the loop
-            slots = torch.where(policy.actions[:, l] == EXIT, -1, slots)
+        exited = policy.exited(l) if step.decode else None
+        if exited is not None:   # exited rows get their remaining K/V in one launch after the loop
+            slots = torch.where(exited, -1, slots)
         ops.skip_kv(h, *weights.skip_kv_weights(l, l + 1), step.positions, inv_freq,
                     weights.rope_scale, cache.k[l:l + 1], cache.v[l:l + 1], slots,
                     None, spec.norm_eps, rms)
