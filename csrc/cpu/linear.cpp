@@ -50,7 +50,7 @@ __attribute__((target("avx2,fma"))) void dot_tile(const float* x, int64_t ldx, c
     }
 }
 
-// Weight rows [n0, n1) against every row of x, two rows of x at a time.
+// NR weight rows from row n against every row of x, two rows of x at a time.
 template <int NR>
 void dot_rows(const float* x, int64_t M, int64_t K, const float* w, int64_t ldw, int64_t n,
               float* y, int64_t N) {
