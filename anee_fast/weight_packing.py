@@ -140,26 +140,30 @@ def _pack_llama(model) -> ModelWeights:
         lm_head=model.lm_head.weight.detach(), rope_inv_freq=inv_freq, rope_scale=rope_scale)
 
 
+# Norm weights and biases stay float32 whatever the model's dtype: every backend normalises in
+# float32, and a kernel given bf16 ones would convert them on every call (a launch each on a GPU).
+NORM_FIELDS = ("attn_norm_weight", "attn_norm_bias", "mlp_norm_weight", "mlp_norm_bias")
+
+
 def _cast(weights: ModelWeights, dtype, device) -> ModelWeights:
-    """Moves every tensor once; tied embeddings stay one tensor."""
-    if dtype is None and device is None:
-        return weights
+    """Moves every tensor once (norm parameters to float32); tied embeddings stay one tensor."""
     moved = {}     # id(original) -> (original, moved): holding the original keeps its id unique
 
-    def move(t):
+    def move(t, to_dtype):
         if t is None:
             return None
         if id(t) not in moved:
-            moved[id(t)] = (t, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+            moved[id(t)] = (t, t.to(device=device, dtype=to_dtype if t.is_floating_point() else t.dtype))
         return moved[id(t)][1]
 
     for layer in weights.layers:
         for name, value in list(vars(layer).items()):
             if isinstance(value, torch.Tensor):
-                setattr(layer, name, move(value))
-    for name in ("embed", "pos_embed", "final_norm_weight", "final_norm_bias", "lm_head"):
-        setattr(weights, name, move(getattr(weights, name)))
+                setattr(layer, name, move(value, torch.float32 if name in NORM_FIELDS else dtype))
+    for name in ("embed", "pos_embed", "lm_head"):
+        setattr(weights, name, move(getattr(weights, name), dtype))
+    for name in ("final_norm_weight", "final_norm_bias"):
+        setattr(weights, name, move(getattr(weights, name), torch.float32))
     if weights.rope_inv_freq is not None:
         weights.rope_inv_freq = weights.rope_inv_freq.to(device)
     return weights
-

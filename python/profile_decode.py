@@ -7,7 +7,9 @@ decode steps after a warm-up, and prints per step: the number of kernel launches
 time by kernel name (on a GPU; on the CPU the host time of the top-level ops: aten and anee_fast).
 The launch count is what a CUDA graph replays and what fusion would cut. On the CPU, `--masked`
 runs the layer loop's GPU variant (every block on every row) and the ops that are views (no
-kernel on a GPU) are counted apart, so the count stands for a GPU's launches. Writes JSON.
+kernel on a GPU) are counted apart, while dtype casts that copy (`aten::_to_copy`) count as
+kernels, also inside our own ops: with `--dtype bfloat16` the count stands for a GPU's
+launches. Writes JSON.
 """
 import argparse
 import json
@@ -25,7 +27,24 @@ NO_KERNEL = {"aten::slice", "aten::select", "aten::view", "aten::squeeze", "aten
              "aten::permute", "aten::chunk", "aten::split", "aten::narrow", "aten::detach",
              "aten::detach_", "aten::alias", "aten::_unsafe_view", "aten::unbind", "aten::to",
              "aten::lift_fresh", "aten::contiguous", "aten::result_type", "aten::resolve_conj",
-             "aten::resolve_neg"}
+             "aten::resolve_neg", "aten::empty", "aten::empty_like", "aten::new_empty",
+             "aten::empty_strided"}
+COPY = "aten::_to_copy"     # a cast that copies: a kernel, wherever it is called from
+
+
+def kernel_ops(event) -> int:
+    """Kernels a top-level CPU op would launch on a GPU: 1 unless it is a view or a no-op cast,
+    plus the copying casts inside our own ops (e.g. weights converted to float32)."""
+    if event.name in NO_KERNEL:
+        return int(any(c.name == COPY for c in event.cpu_children))
+    nested = 0
+    if event.name.startswith("anee_fast::"):
+        stack = list(event.cpu_children)
+        while stack:
+            child = stack.pop()
+            nested += child.name == COPY
+            stack.extend(child.cpu_children)
+    return 1 + nested
 
 
 def main(argv=None):
@@ -76,7 +95,7 @@ def main(argv=None):
     while engine.has_unfinished():
         engine.step()
 
-    per_name = defaultdict(lambda: [0, 0.0])          # name -> [calls, microseconds]
+    per_name = defaultdict(lambda: [0, 0.0, 0])       # name -> [calls, microseconds, kernels]
     for e in prof.events():
         if gpu and e.device_type.name == "CUDA":
             per_name[e.name][0] += 1
@@ -84,10 +103,12 @@ def main(argv=None):
         elif not gpu and e.device_type.name == "CPU" and "::" in e.name and e.cpu_parent is None:
             per_name[e.name][0] += 1
             per_name[e.name][1] += e.cpu_time
-    rows = sorted(({"name": n, "calls_per_step": c / args.steps, "us_per_step": t / args.steps}
-                   for n, (c, t) in per_name.items()), key=lambda r: -r["us_per_step"])
+            per_name[e.name][2] += kernel_ops(e)
+    rows = sorted(({"name": n, "calls_per_step": c / args.steps, "us_per_step": t / args.steps,
+                    "kernels_per_step": k / args.steps}
+                   for n, (c, t, k) in per_name.items()), key=lambda r: -r["us_per_step"])
     launches = sum(r["calls_per_step"] for r in rows)
-    kernel_ops = sum(r["calls_per_step"] for r in rows if r["name"] not in NO_KERNEL)
+    kernels = sum(r["kernels_per_step"] for r in rows)
     busy = sum(r["us_per_step"] for r in rows)
     layers = llm.num_layers
     what = "kernels" if gpu else "top-level ops"
@@ -97,18 +118,19 @@ def main(argv=None):
     print(f"{what} per step: {launches:.0f} ({launches / layers:.1f} per layer), "
           f"{'device' if gpu else 'host'} time in them {busy:.0f} us per step")
     if not gpu:
-        print(f"of which launch a kernel on a GPU (not views or no-op casts): {kernel_ops:.0f} "
-              f"({kernel_ops / layers:.1f} per layer)")
-    print(f"{'us/step':>9} {'calls/step':>10}  name")
+        print(f"kernels they would launch on a GPU (views and no-op casts left out, copying "
+              f"casts inside our ops counted): {kernels:.0f} ({kernels / layers:.1f} per layer)")
+    print(f"{'us/step':>9} {'calls/step':>10} {'kernels':>8}  name")
     for r in rows[:args.top]:
-        print(f"{r['us_per_step']:>9.1f} {r['calls_per_step']:>10.1f}  {r['name'][:100]}")
+        k = r["kernels_per_step"] if not gpu else r["calls_per_step"]
+        print(f"{r['us_per_step']:>9.1f} {r['calls_per_step']:>10.1f} {k:>8.1f}  {r['name'][:100]}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(model=args.model, device=str(device), dtype=str(dtype)[6:], backend=llm.backend,
                        batch=args.batch, budget=args.budget, controller=args.controller,
                        steps=args.steps, layers=layers, masked=args.masked or gpu,
                        launches_per_step=launches,
-                       kernel_ops_per_step=None if gpu else kernel_ops,
+                       kernel_ops_per_step=None if gpu else kernels,
                        busy_us_per_step=busy, by_name=rows), f, indent=1)
     print(f"wrote {args.out}", file=sys.stderr)
 

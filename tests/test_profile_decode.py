@@ -18,4 +18,19 @@ def test_masked_profile_counts_kernel_launching_ops(tmp_path, capsys):
     assert {"anee_fast::policy_step", "anee_fast::add_norm", "anee_fast::linear"} <= names
     # Views are left out of the kernel count, and every layer launches at least its block's ops.
     assert 12 * 8 <= result["kernel_ops_per_step"] < result["launches_per_step"]
-    assert "launch a kernel on a GPU" in capsys.readouterr().out
+    assert "would launch on a GPU" in capsys.readouterr().out
+
+
+class _Event:
+    def __init__(self, name, *children):
+        self.name, self.cpu_children = name, list(children)
+
+
+def test_kernel_count_leaves_out_views_and_counts_copying_casts():
+    assert profile_decode.kernel_ops(_Event("aten::slice", _Event("aten::as_strided"))) == 0
+    assert profile_decode.kernel_ops(_Event("aten::to")) == 0                      # no-op cast
+    assert profile_decode.kernel_ops(_Event("aten::to", _Event("aten::_to_copy"))) == 1
+    assert profile_decode.kernel_ops(_Event("aten::where", _Event("aten::where"))) == 1
+    # Inside our ops: a weight cast nested at any depth is a kernel of its own.
+    cast = _Event("aten::to", _Event("aten::_to_copy", _Event("aten::copy_")))
+    assert profile_decode.kernel_ops(_Event("anee_fast::norm", cast, cast, _Event("aten::empty"))) == 3

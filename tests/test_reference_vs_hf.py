@@ -117,3 +117,21 @@ def test_sliding_window_is_applied_by_hf_and_by_us(arch):
     assert any(layer.sliding_window is not None for layer in llm.weights.layers)
     for chunk_size in (None, 1):
         assert max_err(llm.score(ids, chunk_size=chunk_size), ref) <= ATOL
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_bf16_weights_keep_float32_norms(arch):
+    """In bf16 every projection is bf16 but the norm parameters stay float32 (every backend
+    normalises in float32; the CUDA kernels would otherwise convert them on every call), and the
+    logits stay close to transformers' fp32 ones."""
+    model = build_model(arch)
+    llm = LLM(model, dtype=torch.bfloat16, backend="reference")
+    weights = llm.weights
+    layer = weights.layers[0]
+    norms = [layer.attn_norm_weight, layer.mlp_norm_weight, weights.final_norm_weight,
+             weights.stacked["attn_norm_weight"]]
+    assert all(t.dtype == torch.float32 for t in norms)
+    assert {layer.kvq_weight.dtype, layer.up_weight.dtype, weights.lm_head.dtype} == {torch.bfloat16}
+    ids = random_ids(model, 9, seed=3)
+    ref = hf_logits(model, ids)
+    assert max_err(llm.score(ids), ref) <= 0.05 * ref.abs().max().item()
