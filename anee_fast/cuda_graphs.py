@@ -2,7 +2,7 @@
 
 A decode step launches a few kernels per layer for a handful of rows; on a GPU the host's launch
 time, not the device, sets its speed. A graph records the whole step once (embedding, every
-layer with its on-device decisions, the EXIT fill, the LM head) and replays it with one launch.
+layer with its on-device decisions, the LM head) and replays it with one launch.
 Inputs live in static buffers: a step copies its token ids, positions, slots, block tables and
 budgets in (rows past the batch are padding: slot -1, budget 0, so that they process only the
 forced layers and a conditional layer skips when no real row runs it), replays, and reads the

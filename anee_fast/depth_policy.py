@@ -76,16 +76,6 @@ class DepthPolicy:
                                     layer, self.commitment[layer], self.skip_cost, self.stop_code,
                                     forced)
 
-    def exited(self, layer: int):
-        """[N] bool: the tokens whose action at `layer` (already decided) is EXIT, or None where
-        no token can have one. With a controller a token EXITs exactly when it is stopped and
-        stop_code is EXIT (the forced first layers come before any stop), so no op is needed."""
-        if self.fixed_process is not None:
-            return self.actions[:, layer] == EXIT
-        if self.stop_code != EXIT or layer < self.min_layers:
-            return None
-        return self.stopped
-
     def compute(self) -> torch.Tensor:
         """Compute spent per token, as a fraction of a full forward."""
         return self.spent / self.L

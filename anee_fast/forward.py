@@ -2,9 +2,11 @@
 
 Every layer, for every token: K/V come from norm(h_in) and go into the cache (`skip_kv`, the
 whole SKIP path in one op). PROCESS rows then take the block's output; the others keep h_in
-(h = where(process, block(h), h)). In a decode step, tokens that EXIT get the K/V of all their
-remaining layers in one launch after the loop (no other token of the step reads them). One code path serves prefill, chunked prefill and decode: a
-step's K/V are written before attention reads the cache, so a query sees exactly positions
+(h = where(process, block(h), h)). A token that EXITed keeps its residual, so the same per-layer
+launch writes its remaining layers' K/V. (skip_kv could write them all in one launch after the
+loop, but the per-layer launches happen anyway for the other rows, and such a fill would read
+those layers' weights a second time.) One code path serves prefill, chunked prefill and decode:
+a step's K/V are written before attention reads the cache, so a query sees exactly positions
 0..p of its own sequence. `ops` is a backend's op set (see reference_ops for the contract).
 """
 from dataclasses import dataclass
@@ -14,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from . import reference_ops
-from .actions import EXIT
 from .reference_ops import rope_cos_sin, rotate
 
 
@@ -72,12 +73,8 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
         if hidden_states is not None:
             hidden_states.append(h)
         process = policy.decide(l, h, h_prev)
-        slots = step.slot_mapping
-        exited = policy.exited(l) if step.decode else None
-        if exited is not None:   # exited rows get their remaining K/V in one launch after the loop
-            slots = torch.where(exited, -1, slots)
-        ops.skip_kv(h, *weights.skip_kv_weights(l, l + 1), step.positions, inv_freq,
-                    weights.rope_scale, cache.k[l:l + 1], cache.v[l:l + 1], slots,
+        ops.skip_kv(h, *weights.skip_kv_weights(l), step.positions, inv_freq,
+                    weights.rope_scale, cache.k[l:l + 1], cache.v[l:l + 1], step.slot_mapping,
                     None, spec.norm_eps, rms)
         h_prev = h
         if compact:
@@ -91,8 +88,6 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
         else:
             out = _block(weights, layer, cache, l, step, h, None, ops, rope, rms)
             h = torch.where(process[:, None], out, h)
-    if step.decode:
-        _fill_exited(weights, cache, step, policy.actions, h, ops, inv_freq, rms)
     return h
 
 
@@ -121,20 +116,6 @@ def _guarded_block(weights, layer, cache, l, step, h, process, ops, rope, rms, g
         guard((count > low) & (count <= cap), leading_rows)
         low = cap
     return h_next
-
-
-def _fill_exited(weights, cache, step, actions, h, ops, inv_freq, rms):
-    """EXIT fill of a decode step: every row that exited at layer e gets the K/V of layers
-    e..L-1 from its final residual (unchanged since e), in one `skip_kv` launch per block run
-    (one for an untied model)."""
-    L = weights.spec.num_layers
-    exits = actions == EXIT
-    first = torch.where(exits.any(dim=1), exits.to(torch.int8).argmax(dim=1), L)
-    for start, end in weights.block_runs(0, L):
-        ops.skip_kv(h, *weights.skip_kv_weights(start, end), step.positions, inv_freq,
-                    weights.rope_scale, cache.k[start:end], cache.v[start:end],
-                    torch.where(first < end, step.slot_mapping, -1), (first - start).clamp_min(0),
-                    weights.spec.norm_eps, rms)
 
 
 def _block(weights, layer, cache, l, step, h, rows, ops, rope, rms):

@@ -112,31 +112,17 @@ class ModelWeights:
             for block, view in zip(blocks, self.stacked[name]):
                 setattr(block, name, view)
 
-    def block_runs(self, first: int, last: int) -> list:
-        """Layers first..last-1 cut into [(start, end)] runs whose blocks are consecutive in the
-        stacks: one run for an untied model, one per prelude, iteration and coda when tied."""
-        runs = []
-        for layer in range(first, last):
-            if runs and self.layer_block[layer] == self.layer_block[layer - 1] + 1:
-                runs[-1] = (runs[-1][0], layer + 1)
-            else:
-                runs.append((layer, layer + 1))
-        return runs
-
-    def skip_kv_weights(self, first: int, last: int):
-        """(norm weight, norm bias, K|V weight, K|V bias) of layers first..last-1, stacked: views,
-        so the layers must run consecutive blocks (see block_runs)."""
-        b = self.layer_block[first]
-        if self.layer_block[first:last] != list(range(b, b + last - first)):
-            raise ValueError(f"layers {first}..{last - 1} do not run consecutive blocks "
-                             f"({self.layer_block[first:last]}): split them with block_runs")
+    def skip_kv_weights(self, layer: int):
+        """(norm weight, norm bias, K|V weight, K|V bias) of `layer` as the [1, ...] slices of the
+        stacks that skip_kv reads (views: tied layers read their one stored block)."""
         kv = 2 * self.spec.kv_size
         w, bias = self.stacked["kvq_weight"], self.stacked["kvq_bias"]
         norm_b = self.stacked["attn_norm_bias"]
-        blocks = slice(b, b + last - first)
-        return (self.stacked["attn_norm_weight"][blocks],
-                None if norm_b is None else norm_b[blocks],
-                w[blocks, :kv], None if bias is None else bias[blocks, :kv])
+        b = self.layer_block[layer]
+        block = slice(b, b + 1)
+        return (self.stacked["attn_norm_weight"][block],
+                None if norm_b is None else norm_b[block],
+                w[block, :kv], None if bias is None else bias[block, :kv])
 
     @property
     def device(self) -> torch.device:

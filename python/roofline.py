@@ -3,10 +3,10 @@ bytes + FLOPs + launches model of a decode step under the actions it actually to
 
 A piece of work takes max(bytes / bandwidth, flops / peak_flops) plus one launch overhead per
 kernel. The model charges what an ideal implementation of our semantics must do:
-- every layer, for every row: norm + K/V projection + cache write (the SKIP path, one launch);
+- every layer, for every row: norm + K/V projection + cache write (the SKIP path, one launch;
+  it also writes the K/V of rows that EXITed);
 - a layer's other weights (Q, O, MLP) are read once if ANY row of the step processes it, and
   its FLOPs and attention reads (the row's whole context of K and V) scale with those rows;
-- EXIT fill: one launch after the loop for rows that exited;
 - embedding, final norm, LM head and argmax for every row.
 The ideal speedup of an action matrix is time(all PROCESS) / time(actions), both by this model.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from anee_fast.actions import EXIT, PROCESS
+from anee_fast.actions import PROCESS
 
 BLOCK_LAUNCHES = 5      # fused block: QKV GEMV with norm prologue, attention, O + residual,
                         # MLP up with norm prologue, MLP down + residual
@@ -82,7 +82,7 @@ def step_time(spec, actions: torch.Tensor, context: torch.Tensor, peaks: Peaks,
     rows = actions.shape[0]
     process = (actions == PROCESS)
     t = 0.0
-    launches = FIXED_LAUNCHES + int((actions == EXIT).any())
+    launches = FIXED_LAUNCHES
     for l in range(L):
         # SKIP path for every row: norm + K|V weights once, h in, K/V out.
         t += _piece(es * (2 * kv * H + H + rows * (H + 2 * kv)), 2 * rows * 2 * kv * H, peaks)

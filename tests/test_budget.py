@@ -229,35 +229,3 @@ def test_ragged_batch_decides_like_each_sequence_alone(llms, learned_path, contr
         assert torch.equal(trace.actions, alone_trace.actions)
         assert (lg - alone).abs().max() <= 1e-5
         check_trace(trace, llm, budget, 2, 0, len(ids))
-
-
-class _RandomProposals:
-    """Proposes random PROCESS/SKIP/EXIT codes (seeded), to drive DepthPolicy through stops."""
-    graph_safe = False
-
-    def __init__(self, seed):
-        self.g = torch.Generator().manual_seed(seed)
-
-    def propose(self, ctx):
-        return torch.randint(0, 3, (ctx.h.shape[0],), generator=self.g, dtype=torch.int8)
-
-
-@pytest.mark.parametrize("min_layers,always_last", [(0, 0), (2, 0), (1, 2)])
-def test_exited_mask_is_the_exit_actions(min_layers, always_last):
-    """policy.exited(l), which spares the layer loop an op, names exactly the EXIT actions."""
-    from anee_fast.depth_policy import DepthPolicy
-    N, L = 64, 8
-    for seed in range(3):
-        budget = torch.rand(N, generator=torch.Generator().manual_seed(seed))
-        policy = DepthPolicy(N, L, 0.1, "cpu", budget=budget, controller=_RandomProposals(seed),
-                             min_layers=min_layers, always_last=always_last)
-        h = torch.randn(N, 4)
-        for layer in range(L):
-            policy.decide(layer, h, h)
-            exited = policy.exited(layer)
-            expected = policy.actions[:, layer] == EXIT
-            if exited is None:
-                assert not expected.any()
-            else:
-                assert torch.equal(exited, expected)
-        assert (policy.actions == EXIT).any() == (always_last == 0)

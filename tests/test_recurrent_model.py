@@ -138,10 +138,9 @@ def test_prefill_equals_decode_equals_ragged(name):
             assert max_err(out, ref) <= TIGHT
 
 
-def test_decode_exit_fill_writes_every_later_iteration(name):
-    """A decode step's EXIT fill spans several block runs (one per iteration): every token that
-    halts at layer e must find the K/V of layers e..L-1 from its unchanged residual, which the
-    next tokens read."""
+def test_decode_exit_writes_every_later_iteration(name):
+    """Every token that halts at layer e must leave the K/V of layers e..L-1 (tied blocks of
+    later iterations) from its unchanged residual: the next tokens read them."""
     model = build(name)
     llm = LLM(model, backend="reference", block_size=8)
     L = model.config.num_layers
@@ -157,14 +156,13 @@ def test_decode_exit_fill_writes_every_later_iteration(name):
     assert max_err(llm.score(ids, actions=actions), ref) <= REF_TOL
 
 
-def test_skip_kv_weights_refuse_layers_of_different_runs():
+def test_skip_kv_weights_are_views_of_the_stored_block():
     weights = LLM(build("prelude_coda")).weights     # blocks per layer: 0 1 2 1 2 1 2 3
-    assert weights.block_runs(0, 8) == [(0, 3), (3, 5), (5, 8)]
-    assert weights.block_runs(2, 4) == [(2, 3), (3, 4)]
-    norm_w, _, kv_w, _ = weights.skip_kv_weights(3, 5)
-    assert kv_w.data_ptr() == weights.stacked["kvq_weight"][1].data_ptr() and kv_w.shape[0] == 2
-    with pytest.raises(ValueError, match="block_runs"):
-        weights.skip_kv_weights(2, 4)
+    assert weights.layer_block == [0, 1, 2, 1, 2, 1, 2, 3]
+    for layer in (1, 3):
+        norm_w, _, kv_w, _ = weights.skip_kv_weights(layer)
+        assert kv_w.data_ptr() == weights.stacked["kvq_weight"][1].data_ptr() and kv_w.shape[0] == 1
+        assert norm_w.data_ptr() == weights.stacked["attn_norm_weight"][1].data_ptr()
 
 
 def test_halting_with_a_coda_still_runs_the_coda():
