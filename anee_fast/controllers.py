@@ -5,7 +5,6 @@ so no controller can overspend. Every decision is a device tensor: nothing here 
 back to the host.
 """
 import os
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -15,16 +14,37 @@ from .actions import EXIT, PROCESS, SKIP
 from .profiler import STATE_DIM, anee_state, cosine_saturation
 
 
-@dataclass
 class LayerContext:
-    layer: int
-    num_layers: int
-    h: torch.Tensor            # [N, hidden] residual entering the layer
-    h_prev: torch.Tensor       # [N, hidden] residual entering the previous layer
-    budget_left: torch.Tensor  # [N] compute still allowed, as a fraction of a full forward
-    readout: Callable = None   # () -> (entropy, max prob) of the LM head at this depth; costly
-    budget: torch.Tensor = None  # [N] the token's whole budget (after the floor), same unit
-    skip_cost: float = 0.0     # cost of a SKIP as a fraction of a PROCESS
+    """What a controller sees at one layer. `budget_left` ([N] compute still allowed, as a
+    fraction of a full forward) may be given as a function: it is computed on first read, so a
+    controller that never reads it costs no op; `readout` likewise (an LM-head product)."""
+
+    def __init__(self, layer: int, num_layers: int, h: torch.Tensor, h_prev: torch.Tensor,
+                 budget_left, readout: Callable = None, budget: torch.Tensor = None,
+                 skip_cost: float = 0.0, all_process: torch.Tensor = None):
+        self.layer = layer
+        self.num_layers = num_layers
+        self.h = h                       # [N, hidden] residual entering the layer
+        self.h_prev = h_prev             # [N, hidden] residual entering the previous layer
+        self._budget_left = budget_left
+        self.readout = readout           # () -> (entropy, max prob) of the LM head at this depth
+        self.budget = budget             # [N] the token's whole budget (after the floor)
+        self.skip_cost = skip_cost       # cost of a SKIP as a fraction of a PROCESS
+        self._all_process = all_process
+
+    @property
+    def budget_left(self) -> torch.Tensor:
+        if callable(self._budget_left):
+            self._budget_left = self._budget_left()
+        return self._budget_left
+
+    def all_process(self) -> torch.Tensor:
+        """[N] int8 PROCESS codes: the depth policy passes a preset tensor, so proposing it
+        launches nothing."""
+        if self._all_process is None:
+            self._all_process = torch.full((self.h.shape[0],), PROCESS, dtype=torch.int8,
+                                           device=self.h.device)
+        return self._all_process
 
 
 class Controller:
@@ -54,6 +74,10 @@ class BudgetController(Controller):
         self.exit_threshold = exit_threshold
 
     def propose(self, ctx):
+        if self.exit_threshold <= 0:
+            # budget_left < 0 cannot hold where a PROCESS is still affordable (it would leave
+            # budget for every later layer), so the budget rule alone decides: no op to launch.
+            return ctx.all_process()
         return _codes(ctx.budget_left < self.exit_threshold, ctx)
 
 

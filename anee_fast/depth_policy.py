@@ -9,7 +9,7 @@ the policy then EXITs (or SKIPs up to the forced last layers).
 import torch
 
 from . import reference_ops
-from .actions import EXIT, SKIP, canonical_actions, process_mask
+from .actions import EXIT, PROCESS, SKIP, canonical_actions, process_mask
 from .controllers import LayerContext
 
 _EPS = 1e-6
@@ -51,7 +51,8 @@ class DepthPolicy:
         self.commitment = [1 + (num_layers - l - 1) * self.skip_cost
                            + self.always_last * (1 - self.skip_cost) for l in range(num_layers)]
         self.stopped = torch.zeros(num_tokens, dtype=torch.bool, device=device)
-        self.no_proposal = torch.zeros(num_tokens, dtype=torch.int8, device=device)  # forced layers
+        # PROCESS everywhere: the proposal of forced layers, and one a controller may return.
+        self.no_proposal = torch.full((num_tokens,), PROCESS, dtype=torch.int8, device=device)
         # After an EXIT the remaining layers are SKIPs; with forced last layers, say SKIP.
         self.stop_code = EXIT if self.always_last == 0 else SKIP
 
@@ -65,10 +66,10 @@ class DepthPolicy:
         forced = layer < self.min_layers or layer >= L - self.always_last
         proposed = self.no_proposal
         if not forced:
-            budget_left = (self.limit - self.spent) / L
-            ctx = LayerContext(layer=layer, num_layers=L, h=h, h_prev=h_prev, budget_left=budget_left,
+            ctx = LayerContext(layer=layer, num_layers=L, h=h, h_prev=h_prev,
+                               budget_left=lambda: (self.limit - self.spent) / L,
                                readout=lambda: self.readout(h), budget=self.budget,
-                               skip_cost=self.skip_cost)
+                               skip_cost=self.skip_cost, all_process=self.no_proposal)
             proposed = self.controller.propose(ctx).to(torch.int8)
         # A PROCESS that breaks the budget, and any EXIT, stop the token for good: it then
         # takes stop_code. Records the action and its cost.

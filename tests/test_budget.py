@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from anee_fast import EXIT, LLM, PROCESS, SKIP, SamplingParams
-from anee_fast.controllers import HeuristicController
+from anee_fast.controllers import BudgetController, Controller, HeuristicController, LayerContext
+from anee_fast.depth_policy import DepthPolicy
 from conftest import build_model, random_ids
 
 BUDGETS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
@@ -229,3 +230,36 @@ def test_ragged_batch_decides_like_each_sequence_alone(llms, learned_path, contr
         assert torch.equal(trace.actions, alone_trace.actions)
         assert (lg - alone).abs().max() <= 1e-5
         check_trace(trace, llm, budget, 2, 0, len(ids))
+
+
+class _ExplicitBudgetRule(Controller):
+    """The budget controller's rule at threshold 0, computed: EXIT where budget_left < 0."""
+
+    def propose(self, ctx):
+        return torch.where(ctx.budget_left < 0, EXIT, PROCESS).to(torch.int8)
+
+
+@pytest.mark.parametrize("min_layers,always_last", [(0, 0), (2, 0), (1, 2)])
+@pytest.mark.parametrize("skip_cost", [0.0, 0.1, 0.37])
+def test_budget_controller_at_threshold_0_needs_no_op(min_layers, always_last, skip_cost):
+    """BudgetController() proposes the policy's preset all-PROCESS tensor (no op per layer, not
+    even budget_left), and that gives exactly the actions and compute of computing its rule."""
+    N, L = 257, 12
+    g = torch.Generator().manual_seed(int(100 * skip_cost) + min_layers)
+    budget = torch.rand(N, generator=g)
+    budget[:L + 1] = torch.arange(L + 1) / L          # budgets on layer boundaries
+    h = torch.randn(N, 4)
+    results = []
+    for controller in (BudgetController(), _ExplicitBudgetRule()):
+        policy = DepthPolicy(N, L, skip_cost, "cpu", budget=budget, controller=controller,
+                             min_layers=min_layers, always_last=always_last)
+        for layer in range(L):
+            policy.decide(layer, h, h)
+        results.append((policy.actions, policy.spent))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert (results[0][0] != PROCESS).any() and (results[0][0] == PROCESS).any()
+
+    preset = DepthPolicy(N, L, skip_cost, "cpu", budget=budget, controller=BudgetController())
+    ctx = LayerContext(layer=0, num_layers=L, h=h, h_prev=h, budget_left=lambda: 1 / 0,
+                       all_process=preset.no_proposal)
+    assert BudgetController().propose(ctx) is preset.no_proposal     # budget_left never read

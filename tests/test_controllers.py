@@ -53,8 +53,8 @@ def test_heuristic_confidence_reads_the_lm_head_only_when_asked():
 
 def test_budget_controller_exits_under_its_threshold():
     h = torch.randn(2, 8)
-    ctx = context(h, torch.randn(2, 8))
-    ctx.budget_left = torch.tensor([0.05, 0.5])
+    ctx = LayerContext(layer=3, num_layers=8, h=h, h_prev=torch.randn(2, 8),
+                       budget_left=torch.tensor([0.05, 0.5]))
     assert BudgetController(exit_threshold=0.1).propose(ctx).tolist() == [EXIT, PROCESS]
     assert BudgetController().propose(ctx).tolist() == [PROCESS, PROCESS]
 
