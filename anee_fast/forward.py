@@ -2,7 +2,8 @@
 
 Every layer, for every token: K/V come from norm(h_in) and go into the cache (`skip_kv`, the
 whole SKIP path in one op). PROCESS rows then take the block's output; the others keep h_in
-(h = where(process, block(h), h)). A token that EXITed keeps its residual, so the same per-layer
+(h = where(process, block(h), h)). Where the block runs on every row (masked, on a GPU) the
+same skip_kv launch also gives every row's query, so the block starts at attention. A token that EXITed keeps its residual, so the same per-layer
 launch writes its remaining layers' K/V. (skip_kv could write them all in one launch after the
 loop, but the per-layer launches happen anyway for the other rows, and such a fill would read
 those layers' weights a second time.) One code path serves prefill, chunked prefill and decode:
@@ -68,30 +69,34 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
         raise ValueError("row_caps choose among guarded blocks: give a layer_guard too")
     h = embed(weights, step)
     h_prev = h
-    rope = None if inv_freq is None else rope_cos_sin(step.positions, inv_freq, weights.rope_scale)
+    # Masked: every row's query comes out of skip_kv, into one buffer reused by every layer.
+    # Compacted: the block projects its rows' queries, RoPE'd with the step's (cos, sin) tables.
+    q = None if compact else h.new_empty((h.shape[0], spec.num_heads, spec.head_dim))
+    rope = None if inv_freq is None or not compact else rope_cos_sin(step.positions, inv_freq,
+                                                                      weights.rope_scale)
     for l, layer in enumerate(weights.layers):
         if hidden_states is not None:
             hidden_states.append(h)
         process = policy.decide(l, h, h_prev)
-        ops.skip_kv(h, *weights.skip_kv_weights(l), step.positions, inv_freq,
+        ops.skip_kv(h, *weights.skip_kv_weights(l, with_q=q is not None), step.positions, inv_freq,
                     weights.rope_scale, cache.k[l:l + 1], cache.v[l:l + 1], step.slot_mapping,
-                    None, spec.norm_eps, rms)
+                    None, spec.norm_eps, rms, q)
         h_prev = h
         if compact:
             rows = process.nonzero().squeeze(1)
             if rows.numel():
-                out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope, rms)
+                out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope=rope)
                 h = h.index_copy(0, rows, out)
         elif layer_guard is not None:
-            h = _guarded_block(weights, layer, cache, l, step, h, process, ops, rope, rms,
-                               layer_guard, row_caps)
+            h = _guarded_block(weights, layer, cache, l, step, h, q, process, ops, layer_guard,
+                               row_caps)
         else:
-            out = _block(weights, layer, cache, l, step, h, None, ops, rope, rms)
+            out = _block(weights, layer, cache, l, step, h, None, ops, q=q)
             h = torch.where(process[:, None], out, h)
     return h
 
 
-def _guarded_block(weights, layer, cache, l, step, h, process, ops, rope, rms, guard, row_caps):
+def _guarded_block(weights, layer, cache, l, step, h, q, process, ops, guard, row_caps):
     """The masked variant's block under guard(pred, body), which runs body() only where the
     device bool pred holds. Without row_caps: one body on every row, run when some row processes
     the layer. With row_caps (ascending, each below the step's N rows): the rows are ordered
@@ -102,7 +107,7 @@ def _guarded_block(weights, layer, cache, l, step, h, process, ops, rope, rms, g
     h_next = h.clone()
     if not row_caps:
         def every_row():
-            out = _block(weights, layer, cache, l, step, h, None, ops, rope, rms)
+            out = _block(weights, layer, cache, l, step, h, None, ops, q=q)
             h_next.copy_(torch.where(process[:, None], out, h))
         guard(process.any(), every_row)
         return h_next
@@ -111,25 +116,28 @@ def _guarded_block(weights, layer, cache, l, step, h, process, ops, rope, rms, g
     low = 0
     for cap in (*row_caps, h.shape[0]):
         def leading_rows(rows=order[:cap]):
-            out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope, rms)
+            out = _block(weights, layer, cache, l, step, h[rows], rows, ops, q=q[rows])
             h_next[rows] = torch.where(process[rows][:, None], out, h[rows])
         guard((count > low) & (count <= cap), leading_rows)
         low = cap
     return h_next
 
 
-def _block(weights, layer, cache, l, step, h, rows, ops, rope, rms):
+def _block(weights, layer, cache, l, step, h, rows, ops, q=None, rope=None):
     """Attention (over the cache this layer's K/V were just written to) + MLP for the rows
-    `rows` of the step (all rows when None); h holds those rows' residuals. rope: the step's
-    (cos, sin) tables, or None without RoPE."""
+    `rows` of the step (all rows when None); h holds those rows' residuals. q: their queries
+    when skip_kv gave them; else they are projected here (rope: the step's (cos, sin) tables,
+    or None without RoPE)."""
     spec = weights.spec
+    rms = spec.norm == "rmsnorm"
     positions = step.positions if rows is None else step.positions[rows]
     seq_idx = step.seq_idx if rows is None else step.seq_idx[rows]
     n = h.shape[0]
-    x = ops.norm(h, layer.attn_norm_weight, layer.attn_norm_bias, spec.norm_eps, rms)
-    q = ops.linear(x, layer.q_weight, layer.q_bias).view(n, spec.num_heads, spec.head_dim)
-    if rope is not None:
-        q = rotate(q, *(rope if rows is None else (rope[0][rows], rope[1][rows])))
+    if q is None:
+        x = ops.norm(h, layer.attn_norm_weight, layer.attn_norm_bias, spec.norm_eps, rms)
+        q = ops.linear(x, layer.q_weight, layer.q_bias).view(n, spec.num_heads, spec.head_dim)
+        if rope is not None:
+            q = rotate(q, *(rope if rows is None else (rope[0][rows], rope[1][rows])))
     attn = ops.paged_attention(q, cache.k[l], cache.v[l], step.block_tables, seq_idx, positions,
                                step.block_size, spec.attn_scale, layer.sliding_window or 0)
     h_attn, x = ops.add_norm(ops.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias), h,

@@ -112,17 +112,18 @@ class ModelWeights:
             for block, view in zip(blocks, self.stacked[name]):
                 setattr(block, name, view)
 
-    def skip_kv_weights(self, layer: int):
+    def skip_kv_weights(self, layer: int, with_q: bool = False):
         """(norm weight, norm bias, K|V weight, K|V bias) of `layer` as the [1, ...] slices of the
-        stacks that skip_kv reads (views: tied layers read their one stored block)."""
-        kv = 2 * self.spec.kv_size
+        stacks that skip_kv reads (views: tied layers read their one stored block). with_q: the
+        projection's Q rows too (K|V|Q), for skip_kv's q_out."""
+        rows = slice(None) if with_q else slice(0, 2 * self.spec.kv_size)
         w, bias = self.stacked["kvq_weight"], self.stacked["kvq_bias"]
         norm_b = self.stacked["attn_norm_bias"]
         b = self.layer_block[layer]
         block = slice(b, b + 1)
         return (self.stacked["attn_norm_weight"][block],
                 None if norm_b is None else norm_b[block],
-                w[block, :kv], None if bias is None else bias[block, :kv])
+                w[block, rows], None if bias is None else bias[block, rows])
 
     @property
     def device(self) -> torch.device:

@@ -40,11 +40,12 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
 
 def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: Optional[torch.Tensor],
             rope_scale: float, k_cache, v_cache, slot_mapping, first_layer: Optional[torch.Tensor],
-            eps: float, rms: bool):
-    """norm -> K|V projection -> RoPE on K -> cache write for `nl` layers (see reference_ops)."""
+            eps: float, rms: bool, q_out: Optional[torch.Tensor] = None):
+    """norm -> K|V(|Q) projection -> RoPE -> cache write (and q_out) for `nl` layers (see
+    reference_ops)."""
     _ops.skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq,
                  float(rope_scale), k_cache, v_cache, slot_mapping, first_layer, float(eps),
-                 bool(rms))
+                 bool(rms), q_out)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size: int,
@@ -85,7 +86,7 @@ def _write_kv_fake(k, v, k_cache, v_cache, slot_mapping):
 
 @torch.library.register_fake("anee_fast::skip_kv")
 def _skip_kv_fake(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
-                  k_cache, v_cache, slot_mapping, first_layer, eps, rms):
+                  k_cache, v_cache, slot_mapping, first_layer, eps, rms, q_out=None):
     return None
 
 

@@ -7,7 +7,7 @@ The ops a backend provides (same names and signatures in `kernels/` and `csrc/`)
 - `linear(x, weight, bias) -> out`
 - `write_kv(k, v, k_cache, v_cache, slot_mapping) -> ()`
 - `skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
-           k_cache, v_cache, slot_mapping, first_layer, eps, rms) -> ()`
+           k_cache, v_cache, slot_mapping, first_layer, eps, rms, q_out=None) -> ()`
 - `paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size, scale,
                    sliding_window) -> out`
 - `policy_step(proposed, spent, stopped, allowed, actions, layer, commitment, skip_cost,
@@ -84,24 +84,31 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
 
 def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: Optional[torch.Tensor],
             rope_scale: float, k_cache, v_cache, slot_mapping, first_layer: Optional[torch.Tensor],
-            eps: float, rms: bool):
+            eps: float, rms: bool, q_out: Optional[torch.Tensor] = None):
     """The SKIP path of `nl` consecutive layers that share the residual h [N, hidden]:
     norm -> K|V projection -> RoPE on K (when inv_freq is given) -> cache write.
 
     norm_weight/norm_bias [nl, hidden]; kv_weight [nl, 2*kv_size, hidden] with rows K | V;
     kv_bias [nl, 2*kv_size]; k_cache/v_cache [nl, slots + 1, kv_heads, d]. Row n writes layers
     first_layer[n].. nl-1 (all layers when first_layer is None) at slot slot_mapping[n].
+
+    With q_out [N, heads, d] (one layer, no first_layer), kv_weight/kv_bias hold the rows
+    K | V | Q, and every row's query (RoPE'd like K) lands in q_out: a PROCESS row's whole QKV
+    projection and cache write in one launch, sharing the norm.
     """
     nl, kv_heads, d = k_cache.shape[0], k_cache.shape[2], k_cache.shape[3]
     for j in range(nl):
         x = norm(h, norm_weight[j], None if norm_bias is None else norm_bias[j], eps, rms)
-        kv = F.linear(x, kv_weight[j], None if kv_bias is None else kv_bias[j])
-        k = kv[:, :kv_heads * d].reshape(-1, kv_heads, d)
-        v = kv[:, kv_heads * d:].reshape(-1, kv_heads, d)
+        kvq = F.linear(x, kv_weight[j], None if kv_bias is None else kv_bias[j])
+        k = kvq[:, :kv_heads * d].reshape(-1, kv_heads, d)
+        v = kvq[:, kv_heads * d:2 * kv_heads * d].reshape(-1, kv_heads, d)
         if inv_freq is not None:
             k = apply_rope(k, positions, inv_freq, rope_scale)
         slots = slot_mapping if first_layer is None else torch.where(first_layer <= j, slot_mapping, -1)
         write_kv(k, v, k_cache[j], v_cache[j], slots)
+        if q_out is not None:
+            q = kvq[:, 2 * kv_heads * d:].reshape(q_out.shape)
+            q_out.copy_(q if inv_freq is None else apply_rope(q, positions, inv_freq, rope_scale))
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size: int,

@@ -79,17 +79,18 @@ inline WriteKvSizes check_write_kv_args(const at::Tensor& k, const at::Tensor& v
 }
 
 struct SkipKvSizes {
-  int64_t N, hidden, nl, num_slots, kv_heads, d;
+  int64_t N, hidden, nl, num_slots, kv_heads, d, q_heads;   // q_heads: 0 without q_out
 };
 
 // skip_kv: h [N, hidden], caches [nl, num_slots, kv_heads, d], per-layer weights and biases
-// stacked along a leading [nl] dim; the caches, kv_weight and kv_bias in h's dtype.
+// stacked along a leading [nl] dim; the caches, kv_weight and kv_bias in h's dtype. With q_out
+// [N, q_heads, d] (one layer, no first_layer) kv_weight and kv_bias also hold the Q rows.
 inline SkipKvSizes check_skip_kv_args(
     const at::Tensor& h, const at::Tensor& norm_weight, const std::optional<at::Tensor>& norm_bias,
     const at::Tensor& kv_weight, const std::optional<at::Tensor>& kv_bias,
     const at::Tensor& positions, const std::optional<at::Tensor>& inv_freq,
     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
-    const std::optional<at::Tensor>& first_layer) {
+    const std::optional<at::Tensor>& first_layer, const std::optional<at::Tensor>& q_out) {
   TORCH_CHECK(h.dim() == 2, "skip_kv: h must be [N, hidden]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "skip_kv: k_cache and v_cache must both be [layers, slots, kv_heads, head_dim]");
@@ -99,14 +100,27 @@ inline SkipKvSizes check_skip_kv_args(
   const int64_t N = h.size(0), hidden = h.size(1);
   const int64_t nl = k_cache.size(0), num_slots = k_cache.size(1);
   const int64_t kv_heads = k_cache.size(2), d = k_cache.size(3), kv_size = kv_heads * d;
+  int64_t q_heads = 0;
+  if (q_out.has_value()) {
+    TORCH_CHECK(q_out->dim() == 3 && q_out->size(0) == h.size(0) && q_out->size(2) == d &&
+                q_out->scalar_type() == h.scalar_type(),
+                "skip_kv: q_out must be [N, heads, head_dim] in h's dtype");
+    TORCH_CHECK(nl == 1 && !first_layer.has_value(),
+                "skip_kv: q_out needs one layer and no first_layer");
+    q_heads = q_out->size(1);
+  }
+  const int64_t rows = 2 * kv_size + q_heads * d;   // K | V (| Q) rows of kv_weight
   TORCH_CHECK(norm_weight.numel() == nl * hidden, "skip_kv: norm_weight must be [layers, hidden]");
   TORCH_CHECK(!norm_bias.has_value() || norm_bias->numel() == nl * hidden,
               "skip_kv: norm_bias must be [layers, hidden]");
-  TORCH_CHECK(kv_weight.dim() == 3 && kv_weight.size(0) == nl && kv_weight.size(1) == 2 * kv_size &&
-              kv_weight.size(2) == hidden, "skip_kv: kv_weight must be [layers, 2*kv_size, hidden]");
+  TORCH_CHECK(kv_weight.dim() == 3 && kv_weight.size(0) == nl && kv_weight.size(1) == rows &&
+                  kv_weight.size(2) == hidden,
+              "skip_kv: kv_weight must be [layers, 2*kv_size", q_out.has_value() ? " + q_size" : "",
+              ", hidden]");
   TORCH_CHECK(!kv_bias.has_value() || (kv_bias->dim() == 2 && kv_bias->size(0) == nl &&
-                                       kv_bias->size(1) == 2 * kv_size),
-              "skip_kv: kv_bias must be [layers, 2*kv_size]");
+                                       kv_bias->size(1) == rows),
+              "skip_kv: kv_bias must be [layers, 2*kv_size", q_out.has_value() ? " + q_size" : "",
+              "]");
   TORCH_CHECK(!kv_bias.has_value() || kv_bias->scalar_type() == h.scalar_type(),
               "skip_kv: kv_bias must have h's dtype ", h.scalar_type());
   TORCH_CHECK(slot_mapping.numel() == N && positions.numel() == N,
@@ -115,7 +129,7 @@ inline SkipKvSizes check_skip_kv_args(
               "skip_kv: first_layer must have one entry per row of h");
   TORCH_CHECK(!inv_freq.has_value() || (d % 2 == 0 && inv_freq->numel() == d / 2),
               "skip_kv: inv_freq must have head_dim / 2 entries");
-  return {N, hidden, nl, num_slots, kv_heads, d};
+  return {N, hidden, nl, num_slots, kv_heads, d, q_heads};
 }
 
 struct PagedAttentionSizes {

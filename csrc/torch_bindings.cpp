@@ -22,7 +22,7 @@ TORCH_LIBRARY(anee_fast, m) {
   m.def("skip_kv(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor kv_weight, "
         "Tensor? kv_bias, Tensor positions, Tensor? inv_freq, float rope_scale, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor? first_layer, "
-        "float eps, bool rms) -> ()");
+        "float eps, bool rms, Tensor(c!)? q_out=None) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor seq_idx, Tensor positions, int block_size, float scale, int sliding_window) "
         "-> Tensor");

@@ -2,8 +2,9 @@
 
 For every row n and layer j >= first_layer[n] (with slot_mapping[n] >= 0):
     x = norm_j(h[n]);  k|v = W_j x + b_j;  k = rope(k);  cache_j[slot] = k, v.
-Grid: (row tiles of BLOCK_M, layers, 2 * kv_heads * column chunks): a program produces
-BLOCK_HALF columns of each half of one K or V head for BLOCK_M rows of one layer, so each weight
+With q_out (one layer), W also holds the Q rows and every row's rope(q) goes to q_out.
+Grid: (row tiles of BLOCK_M, layers, (2 * kv_heads + q_heads) * column chunks): a program produces
+BLOCK_HALF columns of each half of one K, V or Q head for BLOCK_M rows of one layer, so each weight
 tile it loads serves BLOCK_M rows, and a single decode row still spreads over enough programs
 to keep the GPU's memory system busy (GPT-2 small: 24 heads x 8 chunks). It recomputes its rows'
 norm statistics (h is tiny next to the weights), then runs the GEMM over the hidden dim in
@@ -12,8 +13,9 @@ multiply-sum on CUDA cores; more rows: tiles of 16 to 64 rows through tl.dot (te
 float32 with IEEE precision, no TF32). Measured on an H100 (docs/gpu-results.md).
 The head is computed as two halves, so rotate-half RoPE needs no register shuffles:
     k1' = k1 cos - k2 sin,   k2' = k2 cos + k1 sin   (cos/sin of the half's frequencies).
-A program none of whose rows is active (slot -1, or a layer before the row's first_layer)
-loads and stores nothing; inactive rows of a partly active tile store nothing.
+A K/V program none of whose rows is active (slot -1, or a layer before the row's first_layer)
+loads and stores nothing; inactive rows of a partly active tile store nothing. Q programs
+serve every row.
 Every tensor is addressed through its strides: the weights and caches are slices of bigger ones.
 """
 import torch
@@ -24,24 +26,32 @@ from .norm import row_stats
 
 
 @triton.jit
+def _store_halves(dst, stride_d, r, half, a, b, mask_a, mask_b):
+    """Columns r of a head's first half (a) and r + half of its second (b), rows at dst."""
+    tl.store(dst + r[None, :] * stride_d, a.to(dst.dtype.element_ty), mask=mask_a)
+    tl.store(dst + (half + r[None, :]) * stride_d, b.to(dst.dtype.element_ty), mask=mask_b)
+
+
+@triton.jit
 def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
-                    k_cache_ptr, v_cache_ptr, slot_ptr, first_ptr,
+                    k_cache_ptr, v_cache_ptr, slot_ptr, first_ptr, q_ptr,
                     N, H, D, KV_HEADS, rope_scale, eps,
                     stride_hn, stride_nwl, stride_nbl, stride_wl, stride_wr, stride_wk,
                     stride_bl, stride_kcl, stride_kcs, stride_kch, stride_kcd,
-                    stride_vcl, stride_vcs, stride_vch, stride_vcd,
+                    stride_vcl, stride_vcs, stride_vch, stride_vcd, stride_qn, stride_qh, stride_qd,
                     RMS: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     ROPE: tl.constexpr, HAS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
                     IS_FP32: tl.constexpr):
     layer = tl.program_id(1)
     chunks = tl.cdiv(D - D // 2, BLOCK_HALF)
-    tile = tl.program_id(2) // chunks       # 0..2 kv_heads-1: K heads, then V heads
+    tile = tl.program_id(2) // chunks       # K heads, then V heads, then Q heads
     chunk = tl.program_id(2) % chunks       # which BLOCK_HALF columns of each half of the head
+    is_q = tile >= 2 * KV_HEADS
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = rows < N
     slot = tl.load(slot_ptr + rows, mask=rm, other=-1).to(tl.int64)
-    active = rm & (slot >= 0)
+    active = rm & ((slot >= 0) | (rows * 0 + tile >= 2 * KV_HEADS))   # a block: Q rows all
     if HAS_FIRST:
         active = active & (tl.load(first_ptr + rows, mask=rm, other=0) <= layer)
     if tl.max(active.to(tl.int32), axis=0) > 0:
@@ -98,7 +108,7 @@ def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
 
         sm1 = active[:, None] & m1[None, :]
         sm2 = active[:, None] & m2[None, :]
-        if tile < KV_HEADS:                 # a K head: RoPE, then the K cache
+        if (tile < KV_HEADS) | is_q:        # a K or Q head: RoPE, then the K cache or q_out
             if ROPE:
                 pos = tl.load(pos_ptr + rows, mask=rm, other=0).to(tl.float32)
                 inv = tl.load(inv_freq_ptr + r, mask=m1, other=0.0).to(tl.float32)
@@ -110,18 +120,16 @@ def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
             else:
                 k1 = acc1
                 k2 = acc2
-            dst = (k_cache_ptr + layer * stride_kcl + slot[:, None] * stride_kcs
-                   + tile * stride_kch)
-            tl.store(dst + r[None, :] * stride_kcd, k1.to(k_cache_ptr.dtype.element_ty), mask=sm1)
-            tl.store(dst + (half + r[None, :]) * stride_kcd, k2.to(k_cache_ptr.dtype.element_ty),
-                     mask=sm2)
+            if is_q:
+                _store_halves(q_ptr + rows[:, None] * stride_qn + (tile - 2 * KV_HEADS) * stride_qh,
+                              stride_qd, r, half, k1, k2, sm1, sm2)
+            else:
+                _store_halves(k_cache_ptr + layer * stride_kcl + slot[:, None] * stride_kcs
+                              + tile * stride_kch, stride_kcd, r, half, k1, k2, sm1, sm2)
         else:                               # a V head: straight to the V cache
-            dst = (v_cache_ptr + layer * stride_vcl + slot[:, None] * stride_vcs
-                   + (tile - KV_HEADS) * stride_vch)
-            tl.store(dst + r[None, :] * stride_vcd, acc1.to(v_cache_ptr.dtype.element_ty),
-                     mask=sm1)
-            tl.store(dst + (half + r[None, :]) * stride_vcd, acc2.to(v_cache_ptr.dtype.element_ty),
-                     mask=sm2)
+            _store_halves(v_cache_ptr + layer * stride_vcl + slot[:, None] * stride_vcs
+                          + (tile - KV_HEADS) * stride_vch, stride_vcd, r, half, acc1, acc2,
+                          sm1, sm2)
 
 
 def _block_m(n: int) -> int:
@@ -130,10 +138,19 @@ def _block_m(n: int) -> int:
 
 
 def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale: float,
-            k_cache, v_cache, slot_mapping, first_layer, eps: float, rms: bool):
-    """See reference_ops.skip_kv. h [N, hidden]; weights [nl, ...]; caches [nl, slots+1, kvh, d]."""
+            k_cache, v_cache, slot_mapping, first_layer, eps: float, rms: bool, q_out=None):
+    """See reference_ops.skip_kv. h [N, hidden]; weights [nl, ...]; caches [nl, slots+1, kvh, d];
+    q_out [N, heads, d] or None."""
     n, hidden = h.shape
     nl, _, kv_heads, d = k_cache.shape
+    q_heads = 0
+    if q_out is not None:
+        if nl != 1 or first_layer is not None:
+            raise ValueError("skip_kv: q_out needs one layer and no first_layer")
+        q_heads = q_out.shape[1]
+    if kv_weight.shape[1] != (2 * kv_heads + q_heads) * d:
+        raise ValueError(f"skip_kv: kv_weight has {kv_weight.shape[1]} rows, expected "
+                         f"{(2 * kv_heads + q_heads) * d} (K|V{'|Q' if q_heads else ''})")
     if n == 0 or nl == 0:
         return
     if h.stride(-1) != 1:
@@ -156,16 +173,17 @@ def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, 
     block_half = min(whole, 4) if not use_dot else 16 if n <= 64 else max(whole, 16)
     block_k = 64 if use_dot else max(16, min(triton.next_power_of_2(hidden), 256))
     chunks = triton.cdiv(d - d // 2, block_half)
-    grid = (triton.cdiv(n, block_m), nl, 2 * kv_heads * chunks)
+    grid = (triton.cdiv(n, block_m), nl, (2 * kv_heads + q_heads) * chunks)
     _skip_kv_kernel[grid](
         h, norm_weight, norm_weight if norm_bias is None else norm_bias,
         kv_weight, kv_weight if kv_bias is None else kv_bias,
         positions, h if inv_freq is None else inv_freq,
         k_cache, v_cache, slot_mapping, slot_mapping if first_layer is None else first_layer,
+        k_cache if q_out is None else q_out,
         n, hidden, d, kv_heads, float(rope_scale), float(eps),
         h.stride(0), norm_weight.stride(0), 0 if norm_bias is None else norm_bias.stride(0),
         *kv_weight.stride(), 0 if kv_bias is None else kv_bias.stride(0),
-        *k_cache.stride(), *v_cache.stride(),
+        *k_cache.stride(), *v_cache.stride(), *((0, 0, 0) if q_out is None else q_out.stride()),
         RMS=bool(rms), HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=kv_bias is not None,
         ROPE=rope, HAS_FIRST=first_layer is not None, BLOCK_M=block_m,
         BLOCK_HALF=block_half, BLOCK_K=block_k, USE_DOT=use_dot, IS_FP32=kv_weight.dtype == torch.float32,

@@ -20,7 +20,7 @@ SCHEMAS = {
     "skip_kv": "anee_fast::skip_kv(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor kv_weight, "
                "Tensor? kv_bias, Tensor positions, Tensor? inv_freq, float rope_scale, "
                "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor? first_layer, "
-               "float eps, bool rms) -> ()",
+               "float eps, bool rms, Tensor(c!)? q_out=None) -> ()",
     "paged_attention": "anee_fast::paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
                        "Tensor block_tables, Tensor seq_idx, Tensor positions, int block_size, "
                        "float scale, int sliding_window) -> Tensor",
@@ -236,6 +236,20 @@ def test_opcheck_skip_kv(native, rope, rms, biases, first_layer):
         a["h"], a["norm_weight"], a["norm_bias"], a["kv_weight"], a["kv_bias"], a["positions"],
         a["inv_freq"], a["rope_scale"], a["k_all"][lo:lo + nl], a["v_all"][lo:lo + nl],
         a["slot_mapping"], a["first_layer"], a["eps"], a["rms"]))
+
+
+def test_opcheck_skip_kv_with_q_out(native):
+    """q_out (a mutated optional argument): one layer whose weights hold K|V|Q."""
+    a = _skip_kv_inputs(_gen(6), rows=6, hidden=24, kv_heads=2, d=8, nl=1, total_layers=3, q_size=24,
+                        num_slots=33, rope=True, rms=True, biases=True, first_layer=False)
+    lo = a["lo"]
+    kvq_w = a["kv_weight"]._base[lo:lo + 1]
+    kvq_b = a["kv_bias"]._base[lo:lo + 1]
+    q_out = torch.full((6, 3, 8), float("nan"))
+    torch.library.opcheck(torch.ops.anee_fast.skip_kv, (
+        a["h"], a["norm_weight"], a["norm_bias"], kvq_w, kvq_b, a["positions"], a["inv_freq"],
+        a["rope_scale"], a["k_all"][lo:lo + 1], a["v_all"][lo:lo + 1], a["slot_mapping"], None,
+        a["eps"], a["rms"], q_out))
 
 
 @pytest.mark.parametrize("window", [0, 3])

@@ -1,7 +1,8 @@
 // CPU implementation of anee_fast::skip_kv, the SKIP path of `nl` consecutive layers that share
 // the residual h [N, hidden]: norm -> K|V projection -> RoPE on K -> cache write (see
 // reference_ops.skip_kv). Row n writes layers first_layer[n]..nl-1 at slot slot_mapping[n];
-// rows with slot -1 write nothing at all.
+// rows with slot -1 write nothing at all. With q_out (one layer) kv_weight holds K | V | Q rows
+// and every row's query, RoPE'd like K, goes to q_out: a PROCESS row's whole QKV projection.
 //
 // The norm statistics of h are computed once for all layers; each layer then projects only its
 // active rows (a CPU op may read the slot mapping on the host: that is row compaction for free).
@@ -20,12 +21,14 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
              const std::optional<at::Tensor>& kv_bias, const at::Tensor& positions,
              const std::optional<at::Tensor>& inv_freq, double rope_scale, at::Tensor& k_cache,
              at::Tensor& v_cache, const at::Tensor& slot_mapping,
-             const std::optional<at::Tensor>& first_layer, double eps, bool rms) {
+             const std::optional<at::Tensor>& first_layer, double eps, bool rms,
+             const std::optional<at::Tensor>& q_out) {
   TORCH_CHECK(h.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
-              kv_weight.device().is_cpu(), "skip_kv: CPU implementation called with non-CPU tensors");
+              kv_weight.device().is_cpu() && (!q_out.has_value() || q_out->device().is_cpu()),
+              "skip_kv: CPU implementation called with non-CPU tensors");
   const SkipKvSizes sizes =
       check_skip_kv_args(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq,
-                         k_cache, v_cache, slot_mapping, first_layer);
+                         k_cache, v_cache, slot_mapping, first_layer, q_out);
   const int64_t N = sizes.N, hidden = sizes.hidden, nl = sizes.nl, num_slots = sizes.num_slots;
   const int64_t kv_heads = sizes.kv_heads, d = sizes.d, kv_size = kv_heads * d;
   const bool rope = inv_freq.has_value();
@@ -37,12 +40,14 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
       first_layer.has_value() ? index_tensor(*first_layer, "first_layer") : at::Tensor();
   const int64_t* first = first_t.defined() ? first_t.data_ptr<int64_t>() : nullptr;
 
-  // Rows that write at least one layer (slot >= 0 and first_layer < nl).
+  // Rows to project: those that write at least one layer (slot >= 0 and first_layer < nl), or
+  // every row when queries are asked for.
   std::vector<int64_t> rows;
   rows.reserve(N);
   for (int64_t n = 0; n < N; ++n)
-    if (slots[n] >= 0 && (first == nullptr || first[n] < nl)) rows.push_back(n);
+    if (q_out.has_value() || (slots[n] >= 0 && (first == nullptr || first[n] < nl))) rows.push_back(n);
   if (rows.empty()) return;
+  const int64_t q_heads = sizes.q_heads, width = 2 * kv_size + q_heads * d;
 
   const at::Tensor hc = h.contiguous();
   const at::Tensor nw = float_tensor(norm_weight).view({nl, hidden});
@@ -106,34 +111,38 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
 
       std::optional<at::Tensor> bias_j;
       if (kv_bias.has_value()) bias_j = kv_bias->select(0, j);
-      const at::Tensor kv =  // [M, 2 * kv_size]
+      const at::Tensor kvq =  // [M, width]: K | V (| Q)
           linear(x, kv_weight.select(0, j), bias_j).contiguous();
-      const scalar_t* kvp = kv.data_ptr<scalar_t>();
+      const scalar_t* kvp = kvq.data_ptr<scalar_t>();
 
+      // One head of d values, RoPE'd when the model uses it (rotate-half), to dst.
+      auto write_head = [&](const scalar_t* src, scalar_t* dst, int64_t s_dim, int64_t r, bool rotate) {
+        if (rotate) {
+          const float* c = cos_t.data() + r * half;
+          const float* sn = sin_t.data() + r * half;
+          for (int64_t i = 0; i < half; ++i) {
+            const float a = static_cast<float>(src[i]), b = static_cast<float>(src[i + half]);
+            dst[i * s_dim] = static_cast<scalar_t>(a * c[i] + (-b) * sn[i]);
+            dst[(i + half) * s_dim] = static_cast<scalar_t>(b * c[i] + a * sn[i]);
+          }
+        } else {
+          for (int64_t i = 0; i < d; ++i) dst[i * s_dim] = src[i];
+        }
+      };
       const CacheView<scalar_t> kcv(k_cache, j), vcv(v_cache, j);
+      const std::optional<CacheView<scalar_t>> qv =
+          q_out.has_value() ? std::optional<CacheView<scalar_t>>(CacheView<scalar_t>(*q_out))
+                            : std::nullopt;
       at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; ++m) {
-          const int64_t r = active[m], slot = slots[rows[r]];
-          const scalar_t* krow = kvp + m * 2 * kv_size;
-          const scalar_t* vrow = krow + kv_size;
-          for (int64_t hh = 0; hh < kv_heads; ++hh) {
-            const scalar_t* ks = krow + hh * d;
-            scalar_t* kd = kcv.row(slot, hh);
-            if (rope) {
-              const float* c = cos_t.data() + r * half;
-              const float* s = sin_t.data() + r * half;
-              for (int64_t i = 0; i < half; ++i) {
-                const float a = static_cast<float>(ks[i]), b = static_cast<float>(ks[i + half]);
-                kd[i * kcv.s_dim] = static_cast<scalar_t>(a * c[i] + (-b) * s[i]);
-                kd[(i + half) * kcv.s_dim] = static_cast<scalar_t>(b * c[i] + a * s[i]);
-              }
-            } else {
-              for (int64_t i = 0; i < d; ++i) kd[i * kcv.s_dim] = ks[i];
-            }
-            const scalar_t* vs = vrow + hh * d;
-            scalar_t* vd = vcv.row(slot, hh);
-            for (int64_t i = 0; i < d; ++i) vd[i * vcv.s_dim] = vs[i];
+          const int64_t r = active[m], n = rows[r], slot = slots[n];
+          const scalar_t* krow = kvp + m * width;
+          for (int64_t hh = 0; slot >= 0 && hh < kv_heads; ++hh) {
+            write_head(krow + hh * d, kcv.row(slot, hh), kcv.s_dim, r, rope);
+            write_head(krow + kv_size + hh * d, vcv.row(slot, hh), vcv.s_dim, r, false);
           }
+          for (int64_t hh = 0; hh < q_heads; ++hh)
+            write_head(krow + 2 * kv_size + hh * d, qv->row(n, hh), qv->s_dim, r, rope);
         }
       });
     }

@@ -1,15 +1,16 @@
 // CUDA implementation of anee_fast::skip_kv, the SKIP path of `nl` consecutive layers that share
 // the residual h [N, hidden]: norm -> K|V projection -> RoPE on K -> cache write (see
 // reference_ops.skip_kv). Row n writes layers first_layer[n]..nl-1 at slot slot_mapping[n]; rows
-// with slot -1 write nothing at all.
+// with slot -1 write nothing at all. With q_out (one layer) kv_weight holds K | V | Q rows and
+// every row's query, RoPE'd like K, goes to q_out: a PROCESS row's whole QKV projection.
 //
-// Up to kGemmRows rows (decode), skip_kv_kernel: one block per (row, layer, chunk of a K or V
+// Up to kGemmRows rows (decode), skip_kv_kernel: one block per (row, layer, chunk of a K, V or Q
 // head); it normalises the row into shared memory, computes its columns (one warp per column,
 // float32 dot products), applies RoPE to K heads and writes the cache slot. Past kGemmRows rows
 // that kernel would read every weight once per row, so each layer runs as norm (the norm op's
 // kernel) -> K|V projection (cuBLAS through at::linear) -> rope_write_kernel.
-// The per-row metadata (slot, first layer, position) is read on the device, so a block whose row
-// writes nothing for its layer simply returns: no host sync. kv_weight may be a strided view (a
+// The per-row metadata (slot, first layer, position) is read on the device, so a K/V block whose
+// row writes nothing for its layer simply returns: no host sync. kv_weight may be a strided view (a
 // slice of the stacked [L, 2kv+q, hidden] weights) and the caches slices of the whole cache:
 // writes land in the given tensors.
 
@@ -31,25 +32,38 @@ constexpr int64_t kGemmRows = 2;
 constexpr int kPairs = 4;              // column pairs per block of skip_kv_kernel: 8 warps, 8 columns
 
 struct Params {
-  int64_t hidden, kv_heads, d, num_slots;
+  int64_t hidden, kv_heads, q_heads, d, num_slots;
   int64_t w_layer, w_row;            // kv_weight strides (the hidden dim is contiguous)
+  int64_t b_layer;                   // kv_bias layer stride
   int64_t k_s[4], v_s[4];            // cache strides: layer, slot, head, dim
+  int64_t q_s[3];                    // q_out strides: row, head, dim
   float eps, rope_scale;
   bool rms;
 };
 
 // Columns of a head are handled in pairs (i, i + half), half = ceil(d / 2): rotate-half RoPE
-// mixes exactly those two. write_pair stores one pair of projected values a, b (b exists when
-// i + half < d) at layer j, slot `slot`, rotating K heads when inv_freq is given.
+// mixes exactly those two. Heads are numbered K heads, V heads, then Q heads (the rows of
+// kv_weight). write_pair stores one pair of projected values a, b (b exists when i + half < d)
+// of head head_z for row n at layer j, slot `slot` (K/V), rotating K and Q heads when inv_freq
+// is given.
 template <typename scalar_t>
-__device__ __forceinline__ void write_pair(float a, float b, int64_t i, bool is_v, int64_t head,
+__device__ __forceinline__ void write_pair(float a, float b, int64_t i, int64_t head_z, int64_t n,
                                            int64_t j, int64_t slot, int64_t position,
                                            const float* inv_freq, scalar_t* k_cache,
-                                           scalar_t* v_cache, const Params& p) {
+                                           scalar_t* v_cache, scalar_t* q_out, const Params& p) {
   const int64_t half = (p.d + 1) / 2;
   const bool has_b = i + half < p.d;
-  const int64_t* st = is_v ? p.v_s : p.k_s;
-  scalar_t* dst = (is_v ? v_cache : k_cache) + j * st[0] + slot * st[1] + head * st[2];
+  const bool is_v = head_z >= p.kv_heads && head_z < 2 * p.kv_heads;
+  scalar_t* dst;
+  int64_t s_dim;
+  if (head_z >= 2 * p.kv_heads) {
+    dst = q_out + n * p.q_s[0] + (head_z - 2 * p.kv_heads) * p.q_s[1];
+    s_dim = p.q_s[2];
+  } else {
+    const int64_t* st = is_v ? p.v_s : p.k_s;
+    dst = (is_v ? v_cache : k_cache) + j * st[0] + slot * st[1] + (head_z % p.kv_heads) * st[2];
+    s_dim = st[3];
+  }
   if (!is_v && inv_freq != nullptr) {      // RoPE needs an even d: has_b holds
     const float angle = static_cast<float>(position) * inv_freq[i];
     const float cs = cosf(angle) * p.rope_scale, sn = sinf(angle) * p.rope_scale;
@@ -57,13 +71,13 @@ __device__ __forceinline__ void write_pair(float a, float b, int64_t i, bool is_
     a = ra;
     b = rb;
   }
-  dst[i * st[3]] = static_cast<scalar_t>(a);
-  if (has_b) dst[(i + half) * st[3]] = static_cast<scalar_t>(b);
+  dst[i * s_dim] = static_cast<scalar_t>(a);
+  if (has_b) dst[(i + half) * s_dim] = static_cast<scalar_t>(b);
 }
 
-// Up to kGemmRows rows. Block (row n, layer j, z): z picks a K or V head and a chunk of kPairs
-// column pairs of it (GPT-2 small, one row: 24 heads x 8 chunks = 192 blocks, enough to keep
-// the memory system busy). The block normalises its row into shared memory, computes its
+// Up to kGemmRows rows. Block (row n, layer j, z): z picks a K, V or Q head and a chunk of
+// kPairs column pairs of it (GPT-2 small, one row: 24 K/V heads x 8 chunks = 192 blocks, enough
+// to keep the memory system busy). The block normalises its row into shared memory, computes its
 // 2 * kPairs columns (one warp per column, float32 dot products) and writes them.
 template <typename scalar_t>
 __global__ void skip_kv_kernel(const scalar_t* __restrict__ h, const float* __restrict__ norm_w,
@@ -71,17 +85,17 @@ __global__ void skip_kv_kernel(const scalar_t* __restrict__ h, const float* __re
                                const scalar_t* __restrict__ kv_b, const int64_t* __restrict__ positions,
                                const float* __restrict__ inv_freq, scalar_t* k_cache, scalar_t* v_cache,
                                const int64_t* __restrict__ slots, const int64_t* __restrict__ first_layer,
-                               Params p) {
+                               scalar_t* q_out, Params p) {
   const int64_t n = blockIdx.x, j = blockIdx.y;
   const int64_t half = (p.d + 1) / 2, chunks = (half + kPairs - 1) / kPairs;
   const int64_t head_z = blockIdx.z / chunks, p0 = (blockIdx.z % chunks) * kPairs;
-  const bool is_v = head_z >= p.kv_heads;
-  const int64_t head = head_z % p.kv_heads;
   const int64_t slot = slots[n];
   CUDA_KERNEL_ASSERT(slot >= -1 && slot < p.num_slots);
-  // Whole-block decisions, taken before any barrier.
-  if (slot < 0 || slot >= p.num_slots) return;
-  if (first_layer != nullptr && j < first_layer[n]) return;
+  // Whole-block decisions, taken before any barrier. Q heads are written for every row.
+  if (head_z < 2 * p.kv_heads) {
+    if (slot < 0 || slot >= p.num_slots) return;
+    if (first_layer != nullptr && j < first_layer[n]) return;
+  }
 
   extern __shared__ float shared[];
   float* xs = shared;                 // the normalised row [hidden]
@@ -100,9 +114,8 @@ __global__ void skip_kv_kernel(const scalar_t* __restrict__ h, const float* __re
   }
   __syncthreads();
 
-  // Projection: head column c is row col0 + c of layer j's K|V weight.
-  const int64_t kv_size = p.kv_heads * p.d;
-  const int64_t col0 = (is_v ? kv_size : 0) + head * p.d;
+  // Projection: head column c is row col0 + c of layer j's K|V(|Q) weight.
+  const int64_t col0 = head_z * p.d;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   for (int c = warp; c < 2 * kPairs; c += warps) {
     const int64_t col = c < kPairs ? p0 + c : p0 + (c - kPairs) + half;
@@ -112,40 +125,44 @@ __global__ void skip_kv_kernel(const scalar_t* __restrict__ h, const float* __re
     for (int64_t i = lane; i < p.hidden; i += kWarp) s += xs[i] * static_cast<float>(wrow[i]);
     s = warp_sum(s);
     if (lane == 0) {
-      if (kv_b != nullptr) s += static_cast<float>(kv_b[j * 2 * kv_size + col0 + col]);
+      if (kv_b != nullptr) s += static_cast<float>(kv_b[j * p.b_layer + col0 + col]);
       ys[c] = static_cast<float>(static_cast<scalar_t>(s));
     }
   }
   __syncthreads();
   const int64_t i = p0 + threadIdx.x;
   if (threadIdx.x < kPairs && i < half) {
-    write_pair(ys[threadIdx.x], ys[kPairs + threadIdx.x], i, is_v, head, j, slot, positions[n],
-               inv_freq, k_cache, v_cache, p);
+    write_pair(ys[threadIdx.x], ys[kPairs + threadIdx.x], i, head_z, n, j, slot, positions[n],
+               inv_freq, k_cache, v_cache, q_out, p);
   }
 }
 
-// Layer j's K/V of many rows, already projected (kv [N, 2 * kv_size], row stride kv_stride):
-// RoPE on K heads and the cache write. One block per row, a thread per column pair.
+// Layer j's K/V(/Q) of many rows, already projected (kv [N, 2 * kv_size (+ q_size)], row stride
+// kv_stride): RoPE on K and Q heads, the cache write and q_out. One block per row, a thread per
+// column pair.
 template <typename scalar_t>
 __global__ void rope_write_kernel(const scalar_t* __restrict__ kv, int64_t kv_stride, int64_t j,
                                   const int64_t* __restrict__ positions,
                                   const float* __restrict__ inv_freq, scalar_t* k_cache,
                                   scalar_t* v_cache, const int64_t* __restrict__ slots,
-                                  const int64_t* __restrict__ first_layer, Params p) {
+                                  const int64_t* __restrict__ first_layer, scalar_t* q_out,
+                                  Params p) {
   const int64_t n = blockIdx.x;
   const int64_t slot = slots[n];
   CUDA_KERNEL_ASSERT(slot >= -1 && slot < p.num_slots);
-  if (slot < 0 || slot >= p.num_slots) return;
-  if (first_layer != nullptr && j < first_layer[n]) return;
+  const bool writes_kv = slot >= 0 && slot < p.num_slots &&
+                         (first_layer == nullptr || j >= first_layer[n]);
   const int64_t half = (p.d + 1) / 2;
   const scalar_t* row = kv + n * kv_stride;
-  for (int64_t t = threadIdx.x; t < 2 * p.kv_heads * half; t += blockDim.x) {
+  // K heads, V heads, then Q heads; a row without a slot writes only its query.
+  const int64_t first_head = writes_kv ? 0 : 2 * p.kv_heads;
+  for (int64_t t = first_head * half + threadIdx.x; t < (2 * p.kv_heads + p.q_heads) * half;
+       t += blockDim.x) {
     const int64_t head_z = t / half, i = t % half;
-    const scalar_t* src = row + head_z * p.d;       // K heads, then V heads
+    const scalar_t* src = row + head_z * p.d;
     const float a = static_cast<float>(src[i]);
     const float b = i + half < p.d ? static_cast<float>(src[i + half]) : 0.f;
-    write_pair(a, b, i, head_z >= p.kv_heads, head_z % p.kv_heads, j, slot, positions[n], inv_freq,
-               k_cache, v_cache, p);
+    write_pair(a, b, i, head_z, n, j, slot, positions[n], inv_freq, k_cache, v_cache, q_out, p);
   }
 }
 
@@ -156,22 +173,25 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
              const std::optional<at::Tensor>& kv_bias, const at::Tensor& positions,
              const std::optional<at::Tensor>& inv_freq, double rope_scale, at::Tensor& k_cache,
              at::Tensor& v_cache, const at::Tensor& slot_mapping,
-             const std::optional<at::Tensor>& first_layer, double eps, bool rms) {
+             const std::optional<at::Tensor>& first_layer, double eps, bool rms,
+             const std::optional<at::Tensor>& q_out) {
   TORCH_CHECK(h.is_cuda(), "skip_kv: CUDA implementation called with a ", h.device(), " tensor h");
   check_cuda(k_cache, h, "skip_kv", "k_cache");
   check_cuda(v_cache, h, "skip_kv", "v_cache");
   check_cuda(kv_weight, h, "skip_kv", "kv_weight");
+  if (q_out.has_value()) check_cuda(*q_out, h, "skip_kv", "q_out");
   const SkipKvSizes sizes =
       check_skip_kv_args(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq,
-                         k_cache, v_cache, slot_mapping, first_layer);
+                         k_cache, v_cache, slot_mapping, first_layer, q_out);
   const int64_t N = sizes.N, hidden = sizes.hidden, nl = sizes.nl;
-  const int64_t kv_heads = sizes.kv_heads, d = sizes.d, kv_size = kv_heads * d;
+  const int64_t kv_heads = sizes.kv_heads, q_heads = sizes.q_heads, d = sizes.d;
+  const int64_t width = (2 * kv_heads + q_heads) * d;
   const bool rope = inv_freq.has_value();
   TORCH_CHECK(hidden <= kMaxSharedFloats, "skip_kv: hidden = ", hidden,
               " floats exceed the kernel's shared memory (at most ", kMaxSharedFloats, ")");
-  TORCH_CHECK(N <= INT32_MAX && nl <= 65535 && 2 * kv_heads <= 65535,
-              "skip_kv: too many rows, layers or kv heads for one launch");
-  if (N == 0 || nl == 0 || kv_size == 0 || hidden == 0) return;
+  TORCH_CHECK(N <= INT32_MAX && nl <= 65535 && 2 * kv_heads + q_heads <= 65535,
+              "skip_kv: too many rows, layers or heads for one launch");
+  if (N == 0 || nl == 0 || width == 0 || hidden == 0) return;
 
   const c10::cuda::CUDAGuard guard(h.device());
   const at::Tensor hc = h.contiguous();
@@ -191,14 +211,17 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
   Params p{};
   p.hidden = hidden;
   p.kv_heads = kv_heads;
+  p.q_heads = q_heads;
   p.d = d;
   p.num_slots = sizes.num_slots;
   p.w_layer = w.stride(0);
   p.w_row = w.stride(1);
+  p.b_layer = b.defined() ? b.stride(0) : 0;
   for (int i = 0; i < 4; ++i) {
     p.k_s[i] = k_cache.stride(i);
     p.v_s[i] = v_cache.stride(i);
   }
+  for (int i = 0; i < 3; ++i) p.q_s[i] = q_out.has_value() ? q_out->stride(i) : 0;
   p.eps = static_cast<float>(eps);
   p.rope_scale = static_cast<float>(rope_scale);
   p.rms = rms;
@@ -216,16 +239,17 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
             kv.data_ptr<scalar_t>(), kv.stride(0), j, pos.data_ptr<int64_t>(),
             rope ? freq.data_ptr<float>() : nullptr, k_cache.data_ptr<scalar_t>(),
             v_cache.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(),
-            first.defined() ? first.data_ptr<int64_t>() : nullptr, p);
+            first.defined() ? first.data_ptr<int64_t>() : nullptr,
+            q_out.has_value() ? q_out->data_ptr<scalar_t>() : nullptr, p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
     return;
   }
   const int64_t chunks = ((d + 1) / 2 + kPairs - 1) / kPairs;
-  TORCH_CHECK(2 * kv_heads * chunks <= 65535, "skip_kv: too many kv heads for one launch");
+  TORCH_CHECK((2 * kv_heads + q_heads) * chunks <= 65535, "skip_kv: too many heads for one launch");
   const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(nl),
-                  static_cast<unsigned>(2 * kv_heads * chunks));
+                  static_cast<unsigned>((2 * kv_heads + q_heads) * chunks));
   const size_t shared_bytes = sizeof(float) * hidden;
   ANEE_FAST_DISPATCH_FLOATS(h.scalar_type(), "anee_fast_skip_kv_cuda", [&] {
     skip_kv_kernel<scalar_t><<<grid, kThreads, shared_bytes, stream>>>(
@@ -233,7 +257,8 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
         w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
         pos.data_ptr<int64_t>(), rope ? freq.data_ptr<float>() : nullptr,
         k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(),
-        first.defined() ? first.data_ptr<int64_t>() : nullptr, p);
+        first.defined() ? first.data_ptr<int64_t>() : nullptr,
+        q_out.has_value() ? q_out->data_ptr<scalar_t>() : nullptr, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
