@@ -4,9 +4,10 @@ A decode step launches a few kernels per layer for a handful of rows; on a GPU t
 time, not the device, sets its speed. A graph records the whole step once (embedding, every
 layer with its on-device decisions, the LM head) and replays it with one launch.
 Inputs live in static buffers: a step copies its token ids, positions, slots, block tables and
-budgets in (rows past the batch are padding: slot -1, budget 0, so that they process only the
-forced layers and a conditional layer skips when no real row runs it), replays, and reads the
-logits, actions and compute of its rows back. Nothing in the captured step reads a device value on the
+budgets in, whole buckets built on the host (rows past the batch are padding: slot -1, budget 0,
+so that they process only the forced layers and a conditional layer skips when no real row runs
+it), replays, and hands out views of the logits, actions and compute of its rows (valid until
+the next step). Nothing in the captured step reads a device value on the
 host (the layer loop's rule), which is what makes it capturable.
 
 `DecodeGraphs(..., capture=False)` runs the same static-buffer step without a graph: the CPU
@@ -66,9 +67,10 @@ class _StepGraph:
                  row_caps: tuple):
         device = runner.device
         self.rows = rows
-        self.ints = torch.zeros((rows, 3 + width), dtype=torch.long, device=device)
+        self.meta = torch.zeros((3, rows), dtype=torch.long, device=device)  # token, position, slot
+        self.meta[2] = -1                                      # padding: writes nothing
+        self.tables = torch.zeros((rows, width), dtype=torch.long, device=device)
         self.budget = torch.zeros(rows, dtype=torch.float32, device=device)
-        self.ints[:, 2] = -1                                   # padding: writes nothing
         self.seq_idx = torch.arange(rows, device=device)
         self.runner, self.controller, self.layer_guard = runner, controller, layer_guard
         self.row_caps = row_caps
@@ -84,11 +86,9 @@ class _StepGraph:
             torch.cuda.current_stream(device).wait_stream(stream)
 
     def _forward(self, layer_guard):
-        # One host-to-device copy fills self.ints; its columns become contiguous inside the step.
         r = self.runner
-        step = StepBatch(token_ids=self.ints[:, 0].contiguous(), positions=self.ints[:, 1].contiguous(),
-                         seq_idx=self.seq_idx, slot_mapping=self.ints[:, 2].contiguous(),
-                         block_tables=self.ints[:, 3:].contiguous(),
+        step = StepBatch(token_ids=self.meta[0], positions=self.meta[1], seq_idx=self.seq_idx,
+                         slot_mapping=self.meta[2], block_tables=self.tables,
                          block_size=r.block_manager.block_size, decode=True)
         policy = DepthPolicy(self.rows, r.weights.spec.num_layers, r.skip_cost, r.device,
                              budget=self.budget, controller=self.controller, min_layers=r.min_layers,
@@ -98,20 +98,19 @@ class _StepGraph:
                        row_caps=self.row_caps if layer_guard is not None else ())
         return final_logits(r.weights, h, r.ops), policy.actions, policy.compute()
 
-    def run(self, inputs: torch.Tensor, budgets: torch.Tensor):
-        """inputs: long [n, 3 + width] (token, position, slot, block table); budgets [n]."""
-        n = inputs.shape[0]
-        self.ints[:n].copy_(inputs)
-        self.ints[n:, 2] = -1               # rows past the batch (stale from a larger step) pad
-        self.budget[:n].copy_(budgets)
-        self.budget[n:] = 0.0
+    def run(self, meta: torch.Tensor, tables: torch.Tensor, budgets: torch.Tensor, n: int):
+        """meta: long [3, rows] (token, position, slot), tables: long [rows, width], budgets
+        [rows], padding rows included (host tensors: one copy each); n real rows."""
+        self.meta.copy_(meta)
+        self.tables.copy_(tables)
+        self.budget.copy_(budgets)
         if self.graph is None:
             outputs = self._forward(self.layer_guard)
         else:
             self.graph.replay()
             outputs = self.outputs
         logits, actions, compute = outputs
-        return logits[:n].clone(), actions[:n].clone(), compute[:n].clone()
+        return logits[:n], actions[:n], compute[:n]
 
 
 class DecodeGraphs:
@@ -141,22 +140,31 @@ class DecodeGraphs:
                 and bucket_for(len(chunks), self.max_rows) is not None)
 
     def run(self, chunks):
-        """(logits [n, vocab], actions [n, L], compute [n]) of a qualifying decode step."""
+        """(logits [n, vocab], actions [n, L], compute [n]) of a qualifying decode step: views
+        of the graph's outputs, valid until the next step."""
         manager = self.runner.block_manager
-        rows = []
+        n = len(chunks)
+        bucket = bucket_for(n, self.max_rows)
+        pad = bucket - n
+        meta, tables = [[], [], []], []
         for seq, _ in chunks:
             p = seq.num_computed
             table = manager.tables[seq.seq_id]
-            rows.append([seq.token_ids[p], p, manager.slot(seq.seq_id, p)] + table
-                        + [0] * (self.width - len(table)))
-        inputs = torch.tensor(rows, dtype=torch.long)
-        budgets = torch.tensor([seq.budget for seq, _ in chunks], dtype=torch.float32)
+            for field, value in zip(meta, (seq.token_ids[p], p, manager.slot(seq.seq_id, p))):
+                field.append(value)
+            tables.append(table + [0] * (self.width - len(table)))
+        for field, value in zip(meta, (0, 0, -1)):         # padding rows: write nothing
+            field += [value] * pad
+        tables += [[0] * self.width] * pad
+        budgets = [seq.budget for seq, _ in chunks] + [0.0] * pad
         controller = chunks[0][0].controller
-        key = (bucket_for(len(chunks), self.max_rows), id(controller))
+        key = (bucket, id(controller))
         if key not in self.graphs:
             if len(self.graphs) >= MAX_GRAPHS:
                 self.graphs.pop(next(iter(self.graphs)))
             caps = compaction_caps(key[0]) if self.compacted else ()
             self.graphs[key] = _StepGraph(self.runner, key[0], controller, self.width, self.capture,
                                           self.layer_guard, caps)
-        return self.graphs[key].run(inputs, budgets)
+        return self.graphs[key].run(torch.tensor(meta, dtype=torch.long),
+                                    torch.tensor(tables, dtype=torch.long),
+                                    torch.tensor(budgets, dtype=torch.float32), n)

@@ -1,6 +1,7 @@
 """The serving loop: requests in, `step()` = schedule -> run -> sample, finished sequences out."""
 import math
 import time
+from dataclasses import replace
 
 import torch
 
@@ -124,7 +125,8 @@ class LLMEngine:
 
         Allocates their KV blocks first, all or nothing (the scheduler has usually done so
         already), then records every token's actions and compute and advances the sequences.
-        Returns the runner's StepOutput (logits for `logits_rows`).
+        Returns the runner's StepOutput (logits for `logits_rows`), its actions and compute
+        copied to the host.
         """
         manager = self.block_manager
         needed = sum(manager.blocks_needed(s.seq_id, s.num_computed + n) for s, n in chunks)
@@ -140,7 +142,7 @@ class LLMEngine:
             seq.record(seq.num_computed, actions[start:start + n], compute[start:start + n])
             seq.num_computed += n
             start += n
-        return out
+        return replace(out, actions=actions, compute=compute)
 
     def _append_token(self, seq, token):
         """Appends a sampled token (None: the sequence may generate no more); returns a finish

@@ -12,6 +12,8 @@ from .profiler import lm_head_confidence
 
 @dataclass
 class StepOutput:
+    """A step's results. From a CUDA-graph step they are views of the graph's buffers, valid
+    until the next step: copy what you keep."""
     logits: torch.Tensor      # float32 [rows, vocab] for the requested rows
     actions: torch.Tensor     # int8 [N, L]
     compute: torch.Tensor     # float32 [N]
@@ -95,8 +97,10 @@ class ModelRunner:
         if self.graphs is not None and fixed_actions is None and hidden_states is None \
                 and self.graphs.supports(chunks):
             logits, actions, compute = self.graphs.run(chunks)
-            rows = torch.as_tensor(logits_rows, dtype=torch.long, device=self.device)
-            return StepOutput(logits=logits.index_select(0, rows), actions=actions, compute=compute)
+            if list(logits_rows) != list(range(len(chunks))):
+                rows = torch.as_tensor(logits_rows, dtype=torch.long, device=self.device)
+                logits = logits.index_select(0, rows)
+            return StepOutput(logits=logits, actions=actions, compute=compute)
         step = self.build_batch(chunks)
         policy = self.policy_for(chunks, step.num_tokens, fixed_actions)
         h = run_layers(self.weights, self.cache, step, policy, self.ops, hidden_states, self.compact)

@@ -54,7 +54,7 @@ def test_static_buffer_steps_match_the_plain_steps(arch, controller, budget):
     assert {key[0] for key in graphs.graphs} == {8, 4, 2, 1}
     # Bucket 4 last ran 3 rows after 4: its 4th row must be padding now (it wrote K/V before).
     four = next(g for key, g in graphs.graphs.items() if key[0] == 4)
-    assert four.ints[3, 2].item() == -1
+    assert four.meta[2, 3].item() == -1
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids
         assert torch.equal(x.actions, y.actions)
