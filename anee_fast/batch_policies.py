@@ -25,6 +25,10 @@ class ConsensusController(Controller):
     def graph_safe(self):
         return self.inner.graph_safe
 
+    @property
+    def reads_h_prev(self):
+        return getattr(self.inner, "reads_h_prev", True)
+
     def check_model(self, num_layers, hidden_size):
         self.inner.check_model(num_layers, hidden_size)
 

@@ -52,6 +52,9 @@ class Controller:
     # True when propose() may be captured in a CUDA graph and replayed on new inputs: device
     # tensors only, no host reads, no state carried from one step to the next (cuda_graphs.py).
     graph_safe = False
+    # False when propose() never reads ctx.h_prev: where the residual is updated in place (a
+    # graph's conditional layers) the layer loop then keeps no copy of it.
+    reads_h_prev = True
 
     def propose(self, ctx: LayerContext) -> torch.Tensor:
         raise NotImplementedError
@@ -69,6 +72,7 @@ class BudgetController(Controller):
     """ANEE v0.0.1: run every layer until the budget runs out (or falls under a threshold)."""
     name = "budget"
     graph_safe = True
+    reads_h_prev = False
 
     def __init__(self, exit_threshold: float = 0.0):
         self.exit_threshold = exit_threshold
@@ -159,6 +163,7 @@ class StaticController(Controller):
     """The same per-layer action list for every token (e.g. a fixed skip set)."""
     name = "static"
     graph_safe = True
+    reads_h_prev = False
 
     def __init__(self, layer_actions):
         codes = [int(a) for a in layer_actions]

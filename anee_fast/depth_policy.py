@@ -77,6 +77,11 @@ class DepthPolicy:
                                     layer, self.commitment[layer], self.skip_cost, self.stop_code,
                                     forced)
 
+    @property
+    def reads_h_prev(self) -> bool:
+        """Whether decide() needs the residual entering the previous layer (its controller's)."""
+        return self.fixed_process is None and getattr(self.controller, "reads_h_prev", True)
+
     def compute(self) -> torch.Tensor:
         """Compute spent per token, as a fraction of a full forward."""
         return self.spent / self.L

@@ -56,7 +56,8 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
 
     `layer_guard(pred, body)` (masked variant only) runs body() only where the device bool
     pred holds, as a CUDA graph's conditional node does (cuda_graphs.run_only_if); each layer's
-    block then runs under it (see _guarded_block, which also explains `row_caps`).
+    block then runs under it and updates h in place (see _guarded_block, which also explains
+    `row_caps`), so h_prev is a copy, made only for a policy that reads it.
     """
     spec = weights.spec
     rms = spec.norm == "rmsnorm"
@@ -67,6 +68,9 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
         raise ValueError("layer_guard wraps the masked variant's blocks: pass compact=False")
     if row_caps and layer_guard is None:
         raise ValueError("row_caps choose among guarded blocks: give a layer_guard too")
+    if layer_guard is not None and hidden_states is not None:
+        raise ValueError("hidden_states records unguarded layer loops: h is updated in place "
+                         "under a layer_guard")
     h = embed(weights, step)
     h_prev = h
     # Masked: every row's query comes out of skip_kv, into one buffer reused by every layer.
@@ -81,15 +85,18 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
         ops.skip_kv(h, *weights.skip_kv_weights(l, with_q=q is not None), step.positions, inv_freq,
                     weights.rope_scale, cache.k[l:l + 1], cache.v[l:l + 1], step.slot_mapping,
                     None, spec.norm_eps, rms, q)
-        h_prev = h
+        if layer_guard is None:
+            h_prev = h
+        else:                             # the guarded block updates h in place
+            h_prev = h.clone() if policy.reads_h_prev else None
         if compact:
             rows = process.nonzero().squeeze(1)
             if rows.numel():
                 out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope=rope)
                 h = h.index_copy(0, rows, out)
         elif layer_guard is not None:
-            h = _guarded_block(weights, layer, cache, l, step, h, q, process, ops, layer_guard,
-                               row_caps)
+            _guarded_block(weights, layer, cache, l, step, h, q, process, ops, layer_guard,
+                           row_caps)
         else:
             out = _block(weights, layer, cache, l, step, h, None, ops, q=q)
             h = torch.where(process[:, None], out, h)
@@ -102,25 +109,23 @@ def _guarded_block(weights, layer, cache, l, step, h, q, process, ops, guard, ro
     the layer. With row_caps (ascending, each below the step's N rows): the rows are ordered
     PROCESS first, and of the bodies for capacities row_caps + (N,), only the one whose range
     holds the PROCESS count runs the block, on that many leading rows (a device-side row count
-    with fixed-capacity launches). Results land in a copy of h made before, so where no body
-    runs h is unchanged."""
-    h_next = h.clone()
+    with fixed-capacity launches). A body updates h in place (its PROCESS rows), so where no
+    body runs h is unchanged without a copy."""
     if not row_caps:
         def every_row():
             out = _block(weights, layer, cache, l, step, h, None, ops, q=q)
-            h_next.copy_(torch.where(process[:, None], out, h))
+            torch.where(process[:, None], out, h, out=h)
         guard(process.any(), every_row)
-        return h_next
+        return
     order = torch.argsort((~process).to(torch.int8), stable=True)     # PROCESS rows first
     count = process.sum()
     low = 0
     for cap in (*row_caps, h.shape[0]):
         def leading_rows(rows=order[:cap]):
             out = _block(weights, layer, cache, l, step, h[rows], rows, ops, q=q[rows])
-            h_next[rows] = torch.where(process[rows][:, None], out, h[rows])
+            h[rows] = torch.where(process[rows][:, None], out, h[rows])
         guard((count > low) & (count <= cap), leading_rows)
         low = cap
-    return h_next
 
 
 def _block(weights, layer, cache, l, step, h, rows, ops, q=None, rope=None):

@@ -63,6 +63,7 @@ class OnlineHead(nn.Module):
 class HaltingController(Controller):
     """Proposes EXIT at iteration boundaries (PROCESS elsewhere) for a weight-tied model."""
     graph_safe = True      # the early plan lives within one step: made at its first iteration
+    reads_h_prev = False
 
     def __init__(self, kind: str, head: nn.Module, prelude: int, block: int, iterations: int,
                  num_layers: int, hidden_size: int, compute_penalty: float):

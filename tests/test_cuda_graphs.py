@@ -7,8 +7,8 @@ sequence's K/V) and the per-row budgets. The `cuda` tests replay real CUDA graph
 import pytest
 import torch
 
-from anee_fast import LLM, SamplingParams
-from anee_fast.controllers import StaticController
+from anee_fast import LLM, PROCESS, SKIP, SamplingParams
+from anee_fast.controllers import HeuristicController, StaticController
 from anee_fast.cuda_graphs import BUCKETS, DecodeGraphs, bucket_for, compaction_caps
 from conftest import build_model, random_ids
 
@@ -93,9 +93,14 @@ class HostGuard:
         self.calls += 1
 
 
-def test_guarded_blocks_skip_layers_no_row_processes():
-    """A block runs only when some row processes the layer; tokens, actions and compute are the
-    plain steps'."""
+@pytest.mark.parametrize("controller", ["budget", "skip_after_run"], ids=str)
+def test_guarded_blocks_skip_layers_no_row_processes(controller):
+    """A block runs only when some row processes the layer (and updates the residual in place);
+    tokens, actions and compute are the plain steps'. The heuristic reads the residual entering
+    the previous layer, so the loop keeps a copy of it for that controller: set to SKIP every
+    layer after one that ran, it would never skip if that copy were the updated residual."""
+    if controller == "skip_after_run":
+        controller = HeuristicController(skip_saturation=-1.0, exit_saturation=2.0)
     model = build_model("llama_gqa", num_layers=4)
     plain = LLM(model, backend="reference", device="cpu", block_size=4)
     guarded = LLM(model, backend="reference", device="cpu", block_size=4)
@@ -103,12 +108,15 @@ def test_guarded_blocks_skip_layers_no_row_processes():
     runner = guarded.engine.runner
     runner.graphs = DecodeGraphs(runner, max_rows=64, width=8, capture=False, layer_guard=guard)
     budgets = [0.4, 1.0, 0.2, 0.4, 0.8]
-    a = generate_shrinking(plain, model, "budget", budgets)
-    b = generate_shrinking(guarded, model, "budget", budgets)
+    a = generate_shrinking(plain, model, controller, budgets)
+    b = generate_shrinking(guarded, model, controller, budgets)
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids
         assert torch.equal(x.actions, y.actions)
         torch.testing.assert_close(x.compute, y.compute)
+    assert any((y.actions != PROCESS).any() for y in b)
+    if isinstance(controller, HeuristicController):
+        assert any((y.actions == SKIP).any() for y in b)
     assert guard.calls % 4 == 0 and 0 < guard.ran[0] < guard.calls    # some layers skipped
 
 
