@@ -147,18 +147,12 @@ def _block(weights, layer, cache, l, step, h, rows, ops, q=None, rope=None):
                                step.block_size, spec.attn_scale, layer.sliding_window or 0)
     h_attn, x = ops.add_norm(ops.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias), h,
                              layer.mlp_norm_weight, layer.mlp_norm_bias, spec.norm_eps, rms)
-    return h_attn + _mlp(x, layer, spec.activation, ops)
+    # The MLP: gated SiLU (Llama family) or GELU-tanh (GPT-2), then back into the residual.
+    hidden = ops.linear(x, layer.up_weight, layer.up_bias, _ACTIVATION[spec.activation])
+    return ops.linear(hidden, layer.down_weight, layer.down_bias, residual=h_attn)
 
 
-def _mlp(x, layer, activation: str, ops):
-    """The block's MLP: gated SiLU (Llama family) or GELU-tanh (GPT-2)."""
-    up = ops.linear(x, layer.up_weight, layer.up_bias)
-    if activation == "silu":
-        gate, up = up.chunk(2, dim=-1)
-        hidden = F.silu(gate) * up
-    else:
-        hidden = F.gelu(up, approximate="tanh")
-    return ops.linear(hidden, layer.down_weight, layer.down_bias)
+_ACTIVATION = {"silu": "silu_gated", "gelu_tanh": "gelu_tanh"}   # ModelSpec's -> linear's
 
 
 def final_logits(weights, h, ops=reference_ops):

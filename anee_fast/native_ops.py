@@ -28,9 +28,10 @@ def add_norm(x, residual, weight, bias, eps: float, rms: bool):
     return _ops.add_norm(x, residual, weight, bias, float(eps), bool(rms))
 
 
-def linear(x, weight, bias=None):
-    """x @ weight^T + bias; on the CPU an own GEMV for the few rows of a decode step."""
-    return _ops.linear(x, weight, bias)
+def linear(x, weight, bias=None, activation: str = "none", residual=None):
+    """activation(x @ weight^T + bias) (+ residual); own GEMVs for the few rows of a decode step
+    (on CUDA with the epilogue fused)."""
+    return _ops.linear(x, weight, bias, activation, residual)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
@@ -75,8 +76,9 @@ def _add_norm_fake(x, residual, weight, bias, eps, rms):
 
 
 @torch.library.register_fake("anee_fast::linear")
-def _linear_fake(x, weight, bias):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+def _linear_fake(x, weight, bias, activation="none", residual=None):
+    out = weight.shape[0] // 2 if activation == "silu_gated" else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], out))
 
 
 @torch.library.register_fake("anee_fast::write_kv")

@@ -4,7 +4,7 @@ The ops a backend provides (same names and signatures in `kernels/` and `csrc/`)
 
 - `norm(x, weight, bias, eps, rms) -> out`
 - `add_norm(x, residual, weight, bias, eps, rms) -> (sum, normed)`
-- `linear(x, weight, bias) -> out`
+- `linear(x, weight, bias, activation="none", residual=None) -> out`
 - `write_kv(k, v, k_cache, v_cache, slot_mapping) -> ()`
 - `skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
            k_cache, v_cache, slot_mapping, first_layer, eps, rms, q_out=None) -> ()`
@@ -43,9 +43,24 @@ def add_norm(x, residual, weight, bias, eps: float, rms: bool):
     return s, norm(s, weight, bias, eps, rms)
 
 
-def linear(x, weight, bias=None):
-    """x @ weight^T + bias: every projection of the block and the LM head."""
-    return F.linear(x, weight, bias)
+ACTIVATIONS = ("none", "gelu_tanh", "silu_gated")
+
+
+def linear(x, weight, bias=None, activation: str = "none", residual=None):
+    """activation(x @ weight^T + bias) (+ residual): every projection of the block and the LM
+    head, with the MLP's activation and its residual add as epilogues (one launch where a
+    backend fuses them). activation: "none", "gelu_tanh" (GPT-2), or "silu_gated" (Llama: the
+    weight's rows are gate | up, the result silu(gate) * up, half as wide). Each step rounds to
+    x's dtype, as separate ops would."""
+    y = F.linear(x, weight, bias)
+    if activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif activation == "silu_gated":
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    elif activation != "none":
+        raise ValueError(f"linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return y if residual is None else residual + y
 
 
 def apply_rope(x, positions, inv_freq, scale: float = 1.0):

@@ -6,9 +6,11 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace anee_fast {
 
@@ -33,13 +35,29 @@ inline int64_t check_add_norm_args(const at::Tensor& x, const at::Tensor& residu
   return check_norm_args(x, weight, bias);
 }
 
+// linear's epilogue after x @ weight^T + bias (see reference_ops.linear).
+enum class Activation { kNone, kGeluTanh, kSiluGated };
+
+inline Activation parse_activation(c10::string_view name) {
+  if (name == "none") return Activation::kNone;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  if (name == "silu_gated") return Activation::kSiluGated;
+  TORCH_CHECK(false, "linear: activation must be none, gelu_tanh or silu_gated, got ", name);
+  return Activation::kNone;
+}
+
 struct LinearSizes {
-  int64_t M, K, N;  // rows of x (all leading dims), in features, out features
+  int64_t M, K, N;  // rows of x (all leading dims), in features, out features (of the product)
+  int64_t N_out;    // out features after the activation (N / 2 when gated)
+  Activation act;
 };
 
-// linear: x [..., K] @ weight [N, K]^T + bias [N], all of one dtype.
+// linear: x [..., K] @ weight [N, K]^T + bias [N], activation, + residual [..., N_out]; all of
+// one dtype.
 inline LinearSizes check_linear_args(const at::Tensor& x, const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias) {
+                                     const std::optional<at::Tensor>& bias,
+                                     c10::string_view activation,
+                                     const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() >= 1, "linear: x must have at least one dimension");
   TORCH_CHECK(weight.dim() == 2, "linear: weight must be [out_features, in_features]");
   const int64_t K = x.size(-1), N = weight.size(0);
@@ -50,9 +68,20 @@ inline LinearSizes check_linear_args(const at::Tensor& x, const at::Tensor& weig
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() &&
               (!bias.has_value() || bias->scalar_type() == x.scalar_type()),
               "linear: x, weight and bias must have the same dtype");
+  const Activation act = parse_activation(activation);
+  TORCH_CHECK(act != Activation::kSiluGated || N % 2 == 0,
+              "linear: silu_gated needs an even number of weight rows (gate | up), got ", N);
+  const int64_t N_out = act == Activation::kSiluGated ? N / 2 : N;
+  if (residual.has_value()) {
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N_out;
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape) && residual->scalar_type() == x.scalar_type(),
+                "linear: residual must be ", at::IntArrayRef(shape), " in x's dtype, got ",
+                residual->sizes(), " ", residual->scalar_type());
+  }
   int64_t M = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);
-  return {M, K, N};
+  return {M, K, N, N_out, act};
 }
 
 struct WriteKvSizes {

@@ -14,7 +14,8 @@ SCHEMAS = {
     "norm": "anee_fast::norm(Tensor x, Tensor weight, Tensor? bias, float eps, bool rms) -> Tensor",
     "add_norm": "anee_fast::add_norm(Tensor x, Tensor residual, Tensor weight, Tensor? bias, "
                 "float eps, bool rms) -> (Tensor, Tensor)",
-    "linear": "anee_fast::linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+    "linear": "anee_fast::linear(Tensor x, Tensor weight, Tensor? bias, str activation=\"none\", "
+              "Tensor? residual=None) -> Tensor",
     "write_kv": "anee_fast::write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
                 "Tensor slot_mapping) -> ()",
     "skip_kv": "anee_fast::skip_kv(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor kv_weight, "
@@ -216,6 +217,13 @@ def test_opcheck_linear(native):
             torch.randn(11, generator=g) if bias else None))
     torch.library.opcheck(torch.ops.anee_fast.linear, (
         torch.randn(2, 3, 16, generator=g), torch.randn(9, 16, generator=g), None))
+    for rows in (2, 17):                                        # the epilogues: GEMV and at::linear
+        torch.library.opcheck(torch.ops.anee_fast.linear, (
+            torch.randn(rows, 16, generator=g), torch.randn(12, 16, generator=g), None, "silu_gated",
+            torch.randn(rows, 6, generator=g)))
+        torch.library.opcheck(torch.ops.anee_fast.linear, (
+            torch.randn(rows, 16, generator=g), torch.randn(12, 16, generator=g),
+            torch.randn(12, generator=g), "gelu_tanh"))
 
 
 def test_opcheck_write_kv(native):

@@ -123,6 +123,38 @@ def test_linear(target, rows, in_features, out_features, with_bias, weight_layou
                                                           target.exact(b)), **target.tol)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 83])       # native's CUDA kernel serves <= 8 rows
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh", "silu_gated"])
+@pytest.mark.parametrize("with_bias,with_residual", [(True, True), (False, True), (True, False)])
+def test_linear_epilogues(target, rows, activation, with_bias, with_residual):
+    """activation(x W^T + b) + residual, each step rounded to the dtype as separate ops do; the
+    weight a K|V-like view of a stack, widths odd (gated: 2 x 65 rows)."""
+    g = torch.Generator().manual_seed(rows * 7 + len(activation) + with_bias)
+    in_features, out_features = 83, 130
+    x = torch.randn(rows, in_features, generator=g)
+    stack = torch.randn(out_features + 4, in_features, generator=g) / in_features ** 0.5
+    w = stack[2:2 + out_features]
+    b = torch.randn(out_features, generator=g) if with_bias else None
+    width = out_features // 2 if activation == "silu_gated" else out_features
+    residual = torch.randn(rows, width, generator=g) if with_residual else None
+    got = target.ops.linear(target.to(x), target.to(stack)[2:2 + out_features], target.to(b),
+                            activation, target.to(residual))
+    assert got.dtype == target.dtype and got.shape == (rows, width)
+    # The reference on the target's dtype (its roundings between the steps), compared in float32.
+    expect = ref.linear(target.to(x), target.to(w), target.to(b), activation, target.to(residual))
+    torch.testing.assert_close(got.float(), expect.float(), **target.tol)
+
+
+def test_linear_rejects_bad_epilogues(target):
+    x, w = target.to(torch.randn(3, 8)), target.to(torch.randn(5, 8))
+    with pytest.raises((RuntimeError, ValueError), match="activation must be"):
+        target.ops.linear(x, w, None, "relu")
+    with pytest.raises((RuntimeError, ValueError)):                  # 5 rows cannot be gate | up
+        target.ops.linear(x, w, None, "silu_gated")
+    with pytest.raises((RuntimeError, ValueError)):                  # residual [3, 4] for [3, 5]
+        target.ops.linear(x, w, None, "none", target.to(torch.randn(3, 4)))
+
+
 def test_native_linear_rejects_bad_shapes_and_dtypes():
     ops = ops_for("native")
     x, w = torch.randn(3, 8), torch.randn(5, 8)

@@ -1,4 +1,6 @@
-// CPU implementation of anee_fast::linear: y = x @ weight^T + bias (see reference_ops.linear).
+// CPU implementation of anee_fast::linear: activation(x @ weight^T + bias) (+ residual), see
+// reference_ops.linear. The epilogue runs as ATen ops (linear_epilogue.h): on the CPU a launch
+// costs little, the product is what counts.
 //
 // Why an own kernel: a decode step multiplies a few rows by every weight matrix, so it is a
 // GEMV that streams the weights once from DRAM. torch's CPU GEMM reached 9-16 GB/s on such
@@ -10,6 +12,7 @@
 #include <ATen/ops/linear_ops.h>
 #include <immintrin.h>
 
+#include "../linear_epilogue.h"
 #include "../op_checks.h"
 #include "../ops.h"
 #include "cpu_common.h"
@@ -66,12 +69,11 @@ bool has_avx2_fma() {
 
 }  // namespace
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() &&
-              (!bias.has_value() || bias->device().is_cpu()),
-              "linear: CPU implementation called with non-CPU tensors");
-  const LinearSizes sizes = check_linear_args(x, weight, bias);
+namespace {
+
+// x @ weight^T + bias.
+at::Tensor product(const at::Tensor& x, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias, const LinearSizes& sizes) {
   const int64_t M = sizes.M, K = sizes.K, N = sizes.N;
   if (M > kMaxRows || x.scalar_type() != at::kFloat || !has_avx2_fma() || K == 0)
     return at::_ops::linear::call(x, weight, bias);
@@ -93,6 +95,19 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   return out.view(shape);
+}
+
+}  // namespace
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, c10::string_view activation,
+                  const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() &&
+              (!bias.has_value() || bias->device().is_cpu()) &&
+              (!residual.has_value() || residual->device().is_cpu()),
+              "linear: CPU implementation called with non-CPU tensors");
+  const LinearSizes sizes = check_linear_args(x, weight, bias, activation, residual);
+  return linear_epilogue(product(x, weight, bias, sizes), sizes.act, residual);
 }
 
 }  // namespace anee_fast::cpu
