@@ -11,7 +11,9 @@ captured); on the CPU, time.perf_counter around each call. L2 stays warm between
 --cold-l2 rotates each op over copies of its inputs larger than the cache together.
 Shapes: GPT-2 small (hidden 768, 12 heads, MHA, LayerNorm + biases, no RoPE) and Llama-3.2-1B
 (hidden 2048, 32 heads, 8 KV heads, RMSNorm, RoPE); head_dim 64 in both; linear is the MLP's
-first projection (GPT-2's 3072 x 768 with bias, Llama's fused gate|up 16384 x 2048).
+first projection with its activation (GPT-2's 3072 x 768 with bias and GELU-tanh, Llama's fused
+gate|up 16384 x 2048 with gated SiLU), linear_down its second one with the residual add (the
+reference runs product and epilogue as separate ops).
 GB/s counts the bytes an ideal fused kernel must move (byte models below); "% peak" is against
 a large tensor copy measured in the same run. The Triton backend only runs on a CUDA device
 (on the CPU it would be Triton's interpreter, which is no speed backend).
@@ -39,6 +41,8 @@ EXIT_LAYERS = 6
 GRAPH_CALLS = 10     # calls per timed CUDA graph replay (at least)
 CPU_CACHE_BYTES = 64 << 20   # --cold-l2 on the CPU: rotate inputs over twice this
 TOL = {"norm": 1e-4, "add_norm": 1e-4, "linear": 1e-4, "write_kv": 0.0, "skip_kv": 1e-3, "paged_attention": 1e-4}
+ACTIVATION = {False: "gelu_tanh", True: "silu_gated"}    # by s["rms"]: GPT-2's, Llama's MLP
+VARIANT_OF = {"skip_kv_exit": "skip_kv", "linear_down": "linear"}   # --ops label -> op
 
 
 # ---- byte models: what an ideal (fused) kernel must read + write, in bytes ---------------------
@@ -53,9 +57,15 @@ def bytes_add_norm(n, s, es):
     return es * (4 * n * s["hidden"] + s["hidden"] * (2 if s["bias"] else 1))
 
 
-def bytes_linear(n, s, es):
-    # read x [n, hidden], the weight [up, hidden] (+ bias [up]); write out [n, up]
-    return es * (n * s["hidden"] + s["up"] * s["hidden"] + (s["up"] if s["bias"] else 0) + n * s["up"])
+def bytes_linear(n, s, es, down=False):
+    # up: read x [n, hidden], the weight [up, hidden] (+ bias [up]); write out [n, up] (half as
+    # wide when gated). down: read x [n, inter], the weight [hidden, inter] (+ bias), the
+    # residual [n, hidden]; write out [n, hidden]
+    inter = s["up"] // 2 if s["rms"] else s["up"]
+    if down:
+        return es * (n * inter + s["hidden"] * inter + (s["hidden"] if s["bias"] else 0)
+                     + 2 * n * s["hidden"])
+    return es * (n * s["hidden"] + s["up"] * s["hidden"] + (s["up"] if s["bias"] else 0) + n * inter)
 
 
 def bytes_write_kv(n, s, es):
@@ -81,7 +91,7 @@ def bytes_paged_attention(n, s, es, ctx):
 
 # ---- inputs: (args for the op, the outputs to compare, a function resetting state) -------------
 
-def make_case(op, s, n, ctx, nl, device, dtype, g):
+def make_case(op, s, n, ctx, nl, device, dtype, g, down=False):
     H, kvh, d = s["hidden"], s["kv_heads"], s["d"]
 
     def rnd(*shape, scale=1.0):
@@ -94,9 +104,15 @@ def make_case(op, s, n, ctx, nl, device, dtype, g):
         args = (rnd(n, H), rnd(n, H), 1 + rnd(H, scale=0.3), rnd(H, scale=0.3) if s["bias"] else None,
                 1e-5, s["rms"])
         return args, None, bytes_add_norm(n, s, dtype.itemsize)
-    if op == "linear":
-        args = (rnd(n, H), rnd(s["up"], H, scale=H ** -0.5), rnd(s["up"], scale=0.3) if s["bias"] else None)
+    if op == "linear" and not down:
+        args = (rnd(n, H), rnd(s["up"], H, scale=H ** -0.5), rnd(s["up"], scale=0.3) if s["bias"] else None,
+                ACTIVATION[s["rms"]])
         return args, None, bytes_linear(n, s, dtype.itemsize)
+    if op == "linear":
+        inter = s["up"] // 2 if s["rms"] else s["up"]
+        args = (rnd(n, inter), rnd(H, inter, scale=inter ** -0.5), rnd(H, scale=0.3) if s["bias"] else None,
+                "none", rnd(n, H))
+        return args, None, bytes_linear(n, s, dtype.itemsize, down=True)
     if op in ("write_kv", "skip_kv"):
         num_slots = max(2 * n, 64)
         slots = torch.randperm(num_slots, generator=g)[:n].to(device)
@@ -230,7 +246,8 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=512, help="paged_attention context length")
     p.add_argument("--exit-layers", type=int, default=EXIT_LAYERS, help="layers of the multi-layer skip_kv")
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--ops", default="norm,add_norm,linear,write_kv,skip_kv,skip_kv_exit,paged_attention")
+    p.add_argument("--ops", default="norm,add_norm,linear,linear_down,write_kv,skip_kv,skip_kv_exit,"
+                                    "paged_attention")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--budget", type=float, default=0.15, help="seconds of timing per measurement")
     p.add_argument("--cold-l2", action="store_true",
@@ -265,12 +282,13 @@ def main(argv=None):
     for shape in args.shapes.split(","):
         s = SHAPES[shape]
         for op_label in args.ops.split(","):
-            op = "skip_kv" if op_label.startswith("skip_kv") else op_label
+            op = VARIANT_OF.get(op_label, op_label)
             nl = args.exit_layers if op_label == "skip_kv_exit" else 1
             for n in rows:
                 if op == "paged_attention" and n > attn_max:
                     continue
-                op_args, mutated, nbytes = make_case(op, s, n, args.context, nl, device, dtype, g)
+                op_args, mutated, nbytes = make_case(op, s, n, args.context, nl, device, dtype, g,
+                                                     down=op_label == "linear_down")
                 label = f"{op_label} {shape} rows {n}"
                 for name in names:
                     check(op, name, getattr(ref, op), getattr(ops_for(name), op), op_args, mutated, label)
