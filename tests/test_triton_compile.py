@@ -27,6 +27,7 @@ FLOAT_ARGS = {"eps", "scale", "rope_scale", "commitment", "skip_cost"}
 def _variants():
     """(name, kernel, constexprs) of every kernel in the variants the launchers use."""
     from anee_fast.kernels.add_norm import _add_norm_kernel
+    from anee_fast.kernels.linear import _gemv_kernel
     from anee_fast.kernels.norm import _norm_kernel
     from anee_fast.kernels.paged_attention import _combine_splits_kernel, _paged_attention_kernel
     from anee_fast.kernels.policy_step import _policy_step_kernel
@@ -39,6 +40,14 @@ def _variants():
         out.append((f"add_norm_rms{int(rms)}", _add_norm_kernel,
                     dict(RMS=rms, HAS_BIAS=not rms, BLOCK_H=1024)))
     out.append(("write_kv", _write_kv_kernel, dict(BLOCK=256)))
+    # The MLP's projections of a decode step: GPT-2's up + GELU at one row, Llama's gate|up +
+    # SiLU at 8 rows, a down projection with the residual add.
+    out.append(("gemv_gelu", _gemv_kernel, dict(ACT=1, HAS_BIAS=True, HAS_RESIDUAL=False,
+                                                BLOCK_M=1, BLOCK_N=16, BLOCK_K=256)))
+    out.append(("gemv_silu_gated", _gemv_kernel, dict(ACT=2, HAS_BIAS=False, HAS_RESIDUAL=False,
+                                                      BLOCK_M=8, BLOCK_N=16, BLOCK_K=32)))
+    out.append(("gemv_residual", _gemv_kernel, dict(ACT=0, HAS_BIAS=True, HAS_RESIDUAL=True,
+                                                    BLOCK_M=2, BLOCK_N=16, BLOCK_K=128)))
     # Llama-like decode (RMS, RoPE, first_layer, head_dim 64, one row per program) and GPT-2-like
     # prefill (LayerNorm, biases, no RoPE, 8 rows per program, head_dim 80 padded to 2 x 64).
     out.append(("skip_kv_llama", _skip_kv_kernel,
@@ -103,7 +112,8 @@ def compile_all():
 
 def _case_keys():
     from itertools import product
-    names = ["norm_rms1", "norm_rms0", "add_norm_rms1", "add_norm_rms0", "write_kv", "skip_kv_llama", "skip_kv_gpt2", "paged_attention",
+    names = ["norm_rms1", "norm_rms0", "add_norm_rms1", "add_norm_rms0", "write_kv", "gemv_gelu",
+             "gemv_silu_gated", "gemv_residual", "skip_kv_llama", "skip_kv_gpt2", "paged_attention",
              "paged_attention_split", "combine_splits", "policy_step_forced0", "policy_step_forced1"]
     return [f"{n}-{d}-sm{cc}" for n, d, cc in product(names, DTYPES, ARCHS)]
 

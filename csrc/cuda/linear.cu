@@ -1,14 +1,15 @@
 // CUDA implementation of anee_fast::linear: activation(x @ weight^T + bias) (+ residual), see
 // reference_ops.linear.
 //
-// A decode step's projections are GEMVs: a few rows of x against a whole weight matrix, which
-// is read once from memory. Up to kGemvRows rows, gemv_kernel does the product and the
+// A decode step's MLP projections are GEMVs (a few rows of x against a whole weight matrix,
+// read once from memory) with an epilogue: the activation after the first, the residual add
+// after the second. Up to kGemvRows rows with an epilogue, gemv_kernel does the product and the
 // epilogue (bias, GELU-tanh or gated SiLU, residual add) in one launch, where cuBLAS + separate
-// epilogue ops take two or three, and a decode step on a GPU is bound by its launches. One warp
-// per output column (for gated SiLU: its gate and up rows), 16-byte loads of the weight row,
-// float32 accumulation; every step of the epilogue rounds to the tensors' dtype as separate ops
-// would. More rows (prefill, big batches) are GEMMs: at::linear (cuBLAS), then the epilogue as
-// ATen ops (linear_epilogue.h). python/bench_kernels.py --ops linear times both against torch.
+// epilogue ops take two, and a decode step on a GPU is bound by its launches. One warp per
+// output column (for gated SiLU: its gate and up rows), 16-byte loads of the weight row, float32
+// accumulation; every step of the epilogue rounds to the tensors' dtype as separate ops would.
+// Everything else (no epilogue, or more rows) is at::linear (cuBLAS), then the epilogue as ATen
+// ops (linear_epilogue.h). python/bench_kernels.py --ops linear,linear_down times both.
 #include <c10/core/DispatchKeySet.h>  // needed by linear_ops.h
 #include <ATen/ops/linear_ops.h>
 
@@ -131,7 +132,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
               (!residual.has_value() || residual->device() == x.device()),
               "linear: CUDA implementation called with tensors on other devices");
   const LinearSizes sizes = check_linear_args(x, weight, bias, activation, residual);
-  if (sizes.M > kGemvRows || sizes.M == 0 || sizes.K == 0 || sizes.N_out == 0)
+  const bool epilogue = sizes.act != Activation::kNone || residual.has_value();
+  if (!epilogue || sizes.M > kGemvRows || sizes.M == 0 || sizes.K == 0 || sizes.N_out == 0)
     return linear_epilogue(at::_ops::linear::call(x, weight, bias), sizes.act, residual);
 
   const c10::cuda::CUDAGuard guard(x.device());
