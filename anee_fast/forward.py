@@ -91,7 +91,9 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
             h_prev = h.clone() if policy.reads_h_prev else None
         if compact:
             rows = process.nonzero().squeeze(1)
-            if rows.numel():
+            if rows.numel() == h.shape[0]:       # every row: no gather, no scatter
+                h = _block(weights, layer, cache, l, step, h, None, ops, rope=rope)
+            elif rows.numel():
                 out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope=rope)
                 h = h.index_copy(0, rows, out)
         elif layer_guard is not None:

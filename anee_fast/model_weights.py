@@ -97,9 +97,11 @@ class ModelWeights:
     rope_scale: float = 1.0               # multiplies cos/sin (some RoPE variants)
     stacked: dict = field(default_factory=dict)  # STACKED_FIELDS name -> [B, ...] tensor or None
     layer_block: list = field(default_factory=list)  # virtual layer -> index into the stacks
+    skip_kv_slices: dict = field(default_factory=dict)  # with_q -> per layer, skip_kv_weights
 
     def stack_layers(self) -> None:
-        """Moves the STACKED_FIELDS of every distinct block into one [B, ...] tensor each."""
+        """Moves the STACKED_FIELDS of every distinct block into one [B, ...] tensor each, and
+        slices once what skip_kv reads per layer (see skip_kv_weights)."""
         blocks = list({id(layer): layer for layer in self.layers}.values())
         index = {id(block): b for b, block in enumerate(blocks)}
         self.layer_block = [index[id(layer)] for layer in self.layers]
@@ -111,19 +113,23 @@ class ModelWeights:
             self.stacked[name] = torch.stack(parts)
             for block, view in zip(blocks, self.stacked[name]):
                 setattr(block, name, view)
+        self.skip_kv_slices = {with_q: [self._skip_kv_slices(b, with_q) for b in self.layer_block]
+                               for with_q in (False, True)}
+
+    def _skip_kv_slices(self, b: int, with_q: bool):
+        rows = slice(None) if with_q else slice(0, 2 * self.spec.kv_size)
+        w, bias = self.stacked["kvq_weight"], self.stacked["kvq_bias"]
+        norm_b = self.stacked["attn_norm_bias"]
+        block = slice(b, b + 1)
+        return (self.stacked["attn_norm_weight"][block],
+                None if norm_b is None else norm_b[block],
+                w[block, rows], None if bias is None else bias[block, rows])
 
     def skip_kv_weights(self, layer: int, with_q: bool = False):
         """(norm weight, norm bias, K|V weight, K|V bias) of `layer` as the [1, ...] slices of the
         stacks that skip_kv reads (views: tied layers read their one stored block). with_q: the
         projection's Q rows too (K|V|Q), for skip_kv's q_out."""
-        rows = slice(None) if with_q else slice(0, 2 * self.spec.kv_size)
-        w, bias = self.stacked["kvq_weight"], self.stacked["kvq_bias"]
-        norm_b = self.stacked["attn_norm_bias"]
-        b = self.layer_block[layer]
-        block = slice(b, b + 1)
-        return (self.stacked["attn_norm_weight"][block],
-                None if norm_b is None else norm_b[block],
-                w[block, rows], None if bias is None else bias[block, rows])
+        return self.skip_kv_slices[with_q][layer]
 
     @property
     def device(self) -> torch.device:
