@@ -10,18 +10,20 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import reference_ops
 from .actions import EXIT, PROCESS, SKIP
-from .profiler import STATE_DIM, anee_state, cosine_saturation
+from .profiler import STATE_DIM, anee_state
 
 
 class LayerContext:
     """What a controller sees at one layer. `budget_left` ([N] compute still allowed, as a
     fraction of a full forward) may be given as a function: it is computed on first read, so a
-    controller that never reads it costs no op; `readout` likewise (an LM-head product)."""
+    controller that never reads it costs no op; `readout` likewise (an LM-head product). `ops`:
+    the backend's op set, for controllers with an op of their own."""
 
     def __init__(self, layer: int, num_layers: int, h: torch.Tensor, h_prev: torch.Tensor,
                  budget_left, readout: Callable = None, budget: torch.Tensor = None,
-                 skip_cost: float = 0.0, all_process: torch.Tensor = None):
+                 skip_cost: float = 0.0, all_process: torch.Tensor = None, ops=reference_ops):
         self.layer = layer
         self.num_layers = num_layers
         self.h = h                       # [N, hidden] residual entering the layer
@@ -31,6 +33,7 @@ class LayerContext:
         self.budget = budget             # [N] the token's whole budget (after the floor)
         self.skip_cost = skip_cost       # cost of a SKIP as a fraction of a PROCESS
         self._all_process = all_process
+        self.ops = ops
 
     @property
     def budget_left(self) -> torch.Tensor:
@@ -103,13 +106,12 @@ class HeuristicController(Controller):
         self.exit_threshold = exit_threshold
 
     def propose(self, ctx):
-        after_skip = (ctx.h == ctx.h_prev).all(dim=-1)        # also true at layer 0
-        cos = cosine_saturation(ctx.h, ctx.h_prev)
-        leave = (~after_skip & (cos >= self.exit_saturation)) | (ctx.budget_left < self.exit_threshold)
+        # One op (the backend's saturation_codes); h equals h_prev at layer 0 too.
+        codes = ctx.ops.saturation_codes(ctx.h, ctx.h_prev, ctx.budget_left, self.skip_saturation,
+                                         self.exit_saturation, self.exit_threshold)
         if self.confidence is not None:
-            leave |= ctx.readout()[1] >= self.confidence
-        skip = ~after_skip & (cos >= self.skip_saturation)
-        return torch.where(leave, EXIT, torch.where(skip, SKIP, PROCESS)).to(torch.int8)
+            codes = torch.where(ctx.readout()[1] >= self.confidence, EXIT, codes).to(torch.int8)
+        return codes
 
 
 class LearnedController(Controller):

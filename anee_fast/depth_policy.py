@@ -69,7 +69,8 @@ class DepthPolicy:
             ctx = LayerContext(layer=layer, num_layers=L, h=h, h_prev=h_prev,
                                budget_left=lambda: (self.limit - self.spent) / L,
                                readout=lambda: self.readout(h), budget=self.budget,
-                               skip_cost=self.skip_cost, all_process=self.no_proposal)
+                               skip_cost=self.skip_cost, all_process=self.no_proposal,
+                               ops=self.ops)
             proposed = self.controller.propose(ctx).to(torch.int8)
         # A PROCESS that breaks the budget, and any EXIT, stop the token for good: it then
         # takes stop_code. Records the action and its cost.

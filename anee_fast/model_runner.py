@@ -73,14 +73,15 @@ class ModelRunner:
         if fixed_actions is not None:
             return DepthPolicy(num_tokens, L, self.skip_cost, self.device,
                                fixed_actions=fixed_actions.to(self.device))
-        budget = torch.cat([torch.full((n,), seq.budget) for seq, n in chunks]).to(self.device)
-        owners = torch.cat([torch.full((n,), i) for i, (_, n) in enumerate(chunks)]).to(self.device)
+        budget = torch.tensor([seq.budget for seq, n in chunks for _ in range(n)],
+                              dtype=torch.float32).to(self.device)
         by_controller = {}
         for i, (seq, _) in enumerate(chunks):
             by_controller.setdefault(id(seq.controller), (seq.controller, []))[1].append(i)
         if len(by_controller) == 1:
             controller = chunks[0][0].controller
         else:
+            owners = torch.tensor([i for i, (_, n) in enumerate(chunks) for _ in range(n)]).to(self.device)
             controller = MixedController([
                 (c, torch.isin(owners, torch.tensor(idx, device=self.device)))
                 for c, idx in by_controller.values()])

@@ -15,7 +15,8 @@ import torch
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.anee_fast.*)
 
 _ops = torch.ops.anee_fast
-OPS = ("norm", "add_norm", "linear", "write_kv", "skip_kv", "paged_attention", "policy_step")
+OPS = ("norm", "add_norm", "linear", "write_kv", "skip_kv", "paged_attention", "policy_step",
+       "saturation_codes")
 
 
 def norm(x, weight, bias, eps: float, rms: bool):
@@ -63,6 +64,13 @@ def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitme
                             float(skip_cost), int(stop_code), bool(forced))
 
 
+def saturation_codes(h, h_prev, budget_left, skip_saturation: float, exit_saturation: float,
+                     exit_threshold: float):
+    """The saturation heuristic's proposals for every token (see reference_ops)."""
+    return _ops.saturation_codes(h, h_prev, budget_left, float(skip_saturation),
+                                 float(exit_saturation), float(exit_threshold))
+
+
 # Fake (meta) implementations: shapes and dtypes only, for FakeTensor tracing / torch.compile.
 
 @torch.library.register_fake("anee_fast::norm")
@@ -102,6 +110,11 @@ def _paged_attention_fake(q, k_cache, v_cache, block_tables, seq_idx, positions,
 def _policy_step_fake(proposed, spent, stopped, allowed, actions, layer, commitment, skip_cost,
                       stop_code, forced):
     return stopped.new_empty(stopped.shape)
+
+
+@torch.library.register_fake("anee_fast::saturation_codes")
+def _saturation_codes_fake(h, h_prev, budget_left, skip_saturation, exit_saturation, exit_threshold):
+    return h.new_empty(h.shape[:1], dtype=torch.int8)
 
 
 def supports(device_type: str) -> bool:

@@ -12,6 +12,8 @@ The ops a backend provides (same names and signatures in `kernels/` and `csrc/`)
                    sliding_window) -> out`
 - `policy_step(proposed, spent, stopped, allowed, actions, layer, commitment, skip_cost,
                stop_code, forced) -> process`
+- `saturation_codes(h, h_prev, budget_left, skip_saturation, exit_saturation, exit_threshold)
+   -> codes`
 
 Cache layout: per layer [num_slots + 1, kv_heads, head_dim], slot = block * block_size + offset;
 the spare last slot belongs to no sequence and is never written. Slot -1 in a slot mapping
@@ -23,7 +25,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .actions import EXIT, PROCESS
+from .actions import EXIT, PROCESS, SKIP
+from .profiler import cosine_saturation
 
 
 def norm(x, weight, bias, eps: float, rms: bool):
@@ -177,3 +180,20 @@ def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitme
     process = action == PROCESS
     spent += torch.where(process, 1.0, skip_cost)
     return process
+
+
+def saturation_codes(h, h_prev, budget_left, skip_saturation: float, exit_saturation: float,
+                     exit_threshold: float):
+    """The saturation heuristic's proposals (controllers.HeuristicController) for every token,
+    as one op: about twenty tiny tensor ops per layer otherwise, each a kernel launch on a GPU.
+
+    h, h_prev [N, hidden]: the residual entering this layer and the previous one; budget_left
+    [N] float32. A row whose h equals h_prev (the previous layer skipped, or layer 0) PROCESSes;
+    else cos = cosine(h, h_prev) in float32 gives EXIT at >= exit_saturation, SKIP at >=
+    skip_saturation. budget_left < exit_threshold gives EXIT whatever the rest. Returns int8 [N].
+    """
+    after_skip = (h == h_prev).all(dim=-1)
+    cos = cosine_saturation(h, h_prev)
+    leave = (~after_skip & (cos >= exit_saturation)) | (budget_left < exit_threshold)
+    skip = ~after_skip & (cos >= skip_saturation)
+    return torch.where(leave, EXIT, torch.where(skip, SKIP, PROCESS)).to(torch.int8)

@@ -212,4 +212,16 @@ inline int64_t check_policy_step_args(const at::Tensor& proposed, const at::Tens
   return N;
 }
 
+// saturation_codes: h and h_prev [N, hidden] of one dtype, budget_left float32 [N]. Returns N.
+inline int64_t check_saturation_codes_args(const at::Tensor& h, const at::Tensor& h_prev,
+                                           const at::Tensor& budget_left) {
+  TORCH_CHECK(h.dim() == 2 && h.sizes() == h_prev.sizes() && h.scalar_type() == h_prev.scalar_type(),
+              "saturation_codes: h and h_prev must be [N, hidden] of one shape and dtype, got ",
+              h.sizes(), " ", h.scalar_type(), " and ", h_prev.sizes(), " ", h_prev.scalar_type());
+  TORCH_CHECK(budget_left.dim() == 1 && budget_left.size(0) == h.size(0) &&
+              budget_left.scalar_type() == at::kFloat,
+              "saturation_codes: budget_left must be float32 [N]");
+  return h.size(0);
+}
+
 }  // namespace anee_fast

@@ -41,7 +41,11 @@
                                                                                                   \
   at::Tensor policy_step(const at::Tensor& proposed, at::Tensor& spent, at::Tensor& stopped,      \
                          const at::Tensor& allowed, at::Tensor& actions, int64_t layer,           \
-                         double commitment, double skip_cost, int64_t stop_code, bool forced);
+                         double commitment, double skip_cost, int64_t stop_code, bool forced);   \
+                                                                                                  \
+  at::Tensor saturation_codes(const at::Tensor& h, const at::Tensor& h_prev,                      \
+                              const at::Tensor& budget_left, double skip_saturation,             \
+                              double exit_saturation, double exit_threshold);
 
 // CPU implementations (csrc/cpu/*.cpp).
 namespace anee_fast::cpu {

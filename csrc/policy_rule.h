@@ -1,8 +1,10 @@
-// The depth policy's budget rule for one token at one layer (reference_ops.policy_step), shared
-// by the CPU and CUDA kernels of anee_fast::policy_step so that both apply the same arithmetic
-// (float32, in the reference's order: a decision at a budget boundary must not differ).
+// Decision rules for one token at one layer, shared by the CPU and CUDA kernels so that both
+// apply the same arithmetic: the depth policy's budget rule (reference_ops.policy_step: float32,
+// in the reference's order, since a decision at a budget boundary must not differ) and the
+// saturation heuristic's proposal (reference_ops.saturation_codes).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -13,7 +15,7 @@
 
 namespace anee_fast {
 
-constexpr int8_t kProcess = 0, kExit = 2;   // anee_fast/actions.py
+constexpr int8_t kProcess = 0, kSkip = 1, kExit = 2;   // anee_fast/actions.py
 
 // Returns the action the token takes; updates its spent compute and its stopped flag.
 ANEE_FAST_HOST_DEVICE inline int8_t policy_rule(int8_t proposed, float* spent, bool* stopped,
@@ -27,6 +29,18 @@ ANEE_FAST_HOST_DEVICE inline int8_t policy_rule(int8_t proposed, float* spent, b
   }
   *spent += action == kProcess ? 1.f : skip_cost;
   return action;
+}
+
+// The heuristic's code from a row's sums: whether h and h_prev differ anywhere, sum h^2,
+// sum h_prev^2, sum h * h_prev (float32), and its budget_left. The cosine divides by the norms
+// clamped at 1e-8, like torch's cosine_similarity.
+ANEE_FAST_HOST_DEVICE inline int8_t saturation_rule(bool moved, float w11, float w22, float w12,
+                                                    float budget_left, float skip_saturation,
+                                                    float exit_saturation, float exit_threshold) {
+  const float n1 = fmaxf(sqrtf(w11), 1e-8f), n2 = fmaxf(sqrtf(w22), 1e-8f);
+  const float cos = w12 / (n1 * n2);
+  if ((moved && cos >= exit_saturation) || budget_left < exit_threshold) return kExit;
+  return moved && cos >= skip_saturation ? kSkip : kProcess;
 }
 
 }  // namespace anee_fast

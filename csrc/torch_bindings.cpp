@@ -30,6 +30,8 @@ TORCH_LIBRARY(anee_fast, m) {
   m.def("policy_step(Tensor proposed, Tensor(a!) spent, Tensor(b!) stopped, Tensor allowed, "
         "Tensor(c!) actions, int layer, float commitment, float skip_cost, int stop_code, "
         "bool forced) -> Tensor");
+  m.def("saturation_codes(Tensor h, Tensor h_prev, Tensor budget_left, float skip_saturation, "
+        "float exit_saturation, float exit_threshold) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
@@ -40,6 +42,7 @@ TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
   m.impl("skip_kv", &anee_fast::cpu::skip_kv);
   m.impl("paged_attention", &anee_fast::cpu::paged_attention);
   m.impl("policy_step", &anee_fast::cpu::policy_step);
+  m.impl("saturation_codes", &anee_fast::cpu::saturation_codes);
 }
 
 // CUDA kernels (csrc/cuda/*.cu), compiled in when setup.py finds a CUDA torch and nvcc (it then
@@ -53,6 +56,7 @@ TORCH_LIBRARY_IMPL(anee_fast, CUDA, m) {
   m.impl("skip_kv", &anee_fast::cuda::skip_kv);
   m.impl("paged_attention", &anee_fast::cuda::paged_attention);
   m.impl("policy_step", &anee_fast::cuda::policy_step);
+  m.impl("saturation_codes", &anee_fast::cuda::saturation_codes);
 }
 #endif
 

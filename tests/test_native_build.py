@@ -28,6 +28,8 @@ SCHEMAS = {
     "policy_step": "anee_fast::policy_step(Tensor proposed, Tensor(a!) spent, Tensor(b!) stopped, "
                    "Tensor allowed, Tensor(c!) actions, int layer, float commitment, "
                    "float skip_cost, int stop_code, bool forced) -> Tensor",
+    "saturation_codes": "anee_fast::saturation_codes(Tensor h, Tensor h_prev, Tensor budget_left, "
+                        "float skip_saturation, float exit_saturation, float exit_threshold) -> Tensor",
 }
 
 
@@ -224,6 +226,13 @@ def test_opcheck_linear(native):
         torch.library.opcheck(torch.ops.anee_fast.linear, (
             torch.randn(rows, 16, generator=g), torch.randn(12, 16, generator=g),
             torch.randn(12, generator=g), "gelu_tanh"))
+
+
+def test_opcheck_saturation_codes(native):
+    g = _gen(2)
+    h = torch.randn(5, 24, generator=g)
+    torch.library.opcheck(torch.ops.anee_fast.saturation_codes, (
+        h, h + 0.1 * torch.randn(5, 24, generator=g), torch.rand(5, generator=g), 0.98, 0.995, 0.1))
 
 
 def test_opcheck_write_kv(native):

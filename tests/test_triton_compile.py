@@ -18,16 +18,18 @@ ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16")
 INDEX_ARGS = {"pos_ptr", "slot_ptr", "first_ptr", "seq_ptr", "table_ptr"}   # int64 tensors
 FP32_ARGS = {"inv_freq_ptr", "m_ptr", "l_ptr", "acc_ptr",          # float32 whatever the model dtype
-             "spent_ptr", "allowed_ptr"}
-INT8_ARGS = {"proposed_ptr", "actions_ptr"}                        # action codes
+             "spent_ptr", "allowed_ptr", "left_ptr"}
+INT8_ARGS = {"proposed_ptr", "actions_ptr", "codes_ptr"}           # action codes
 BOOL_ARGS = {"stopped_ptr", "process_ptr"}
-FLOAT_ARGS = {"eps", "scale", "rope_scale", "commitment", "skip_cost"}
+FLOAT_ARGS = {"eps", "scale", "rope_scale", "commitment", "skip_cost", "skip_saturation",
+              "exit_saturation", "exit_threshold"}
 
 
 def _variants():
     """(name, kernel, constexprs) of every kernel in the variants the launchers use."""
     from anee_fast.kernels.add_norm import _add_norm_kernel
     from anee_fast.kernels.linear import _gemv_kernel
+    from anee_fast.kernels.saturation_codes import _saturation_codes_kernel
     from anee_fast.kernels.norm import _norm_kernel
     from anee_fast.kernels.paged_attention import _combine_splits_kernel, _paged_attention_kernel
     from anee_fast.kernels.policy_step import _policy_step_kernel
@@ -61,6 +63,7 @@ def _variants():
     out.append(("paged_attention_split", _paged_attention_kernel,
                 dict(SPLIT=True, BLOCK_N=16, BLOCK_D=128)))
     out.append(("combine_splits", _combine_splits_kernel, dict(BLOCK_S=16, BLOCK_D=128)))
+    out.append(("saturation_codes", _saturation_codes_kernel, dict(BLOCK_H=1024)))
     for forced in (False, True):
         out.append((f"policy_step_forced{int(forced)}", _policy_step_kernel,
                     dict(FORCED=forced, BLOCK=128)))
@@ -114,7 +117,8 @@ def _case_keys():
     from itertools import product
     names = ["norm_rms1", "norm_rms0", "add_norm_rms1", "add_norm_rms0", "write_kv", "gemv_gelu",
              "gemv_silu_gated", "gemv_residual", "skip_kv_llama", "skip_kv_gpt2", "paged_attention",
-             "paged_attention_split", "combine_splits", "policy_step_forced0", "policy_step_forced1"]
+             "paged_attention_split", "combine_splits", "policy_step_forced0", "policy_step_forced1",
+             "saturation_codes"]
     return [f"{n}-{d}-sm{cc}" for n, d, cc in product(names, DTYPES, ARCHS)]
 
 
