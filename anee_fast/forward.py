@@ -3,10 +3,11 @@
 Every layer, for every token: K/V come from norm(h_in) and go into the cache (`skip_kv`, the
 whole SKIP path in one op). PROCESS rows then take the block's output; the others keep h_in
 (h = where(process, block(h), h)). Where the block runs on every row (masked, on a GPU) the
-same skip_kv launch also gives every row's query, so the block starts at attention. A token that EXITed keeps its residual, so the same per-layer
-launch writes its remaining layers' K/V. (skip_kv could write them all in one launch after the
-loop, but the per-layer launches happen anyway for the other rows, and such a fill would read
-those layers' weights a second time.) One code path serves prefill, chunked prefill and decode:
+same skip_kv launch also gives every row's query, so the block starts at attention. A token
+that EXITed keeps its residual, so the same per-layer launch writes its remaining layers' K/V.
+(skip_kv could write them all in one launch after the loop, but the per-layer launches happen
+anyway for the other rows, and such a fill would read those layers' weights a second time.)
+One code path serves prefill, chunked prefill and decode:
 a step's K/V are written before attention reads the cache, so a query sees exactly positions
 0..p of its own sequence. `ops` is a backend's op set (see reference_ops for the contract).
 """
