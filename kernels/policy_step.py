@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-PROCESS = tl.constexpr(0)    # anee_fast/actions.py (kernels/ does not import the package)
+PROCESS = tl.constexpr(0)    # anee_fast/actions.py (a jitted kernel reads constexprs)
 EXIT = tl.constexpr(2)
 
 
