@@ -4,9 +4,9 @@ A decode step launches a few kernels per layer for a handful of rows; on a GPU t
 time, not the device, sets its speed. A graph records the whole step once (embedding, every
 layer with its on-device decisions, the LM head) and replays it with one launch.
 Inputs live in static buffers: a step copies its token ids, positions, slots, block tables and
-budgets in, whole buckets built on the host (rows past the batch are padding: slot -1, budget 0,
-so that they process only the forced layers and a conditional layer skips when no real row runs
-it), replays, and hands out views of the logits, actions and compute of its rows (valid until
+budget terms in, whole buckets built on the host (rows past the batch are padding: slot -1,
+budget 0, so that they process only the forced layers and a conditional layer skips when no real
+row runs it), replays, and hands out views of the logits, actions and compute of its rows (valid until
 the next step). Nothing in the captured step reads a device value on the
 host (the layer loop's rule), which is what makes it capturable.
 
@@ -23,7 +23,7 @@ and a torch whose CUDAGraph has `begin_capture_to_if_node`.
 """
 import torch
 
-from .depth_policy import DepthPolicy
+from .depth_policy import DepthPolicy, budget_terms
 from .forward import StepBatch, final_logits, run_layers
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -70,42 +70,46 @@ class _StepGraph:
         self.meta = torch.zeros((3, rows), dtype=torch.long, device=device)  # token, position, slot
         self.meta[2] = -1                                      # padding: writes nothing
         self.tables = torch.zeros((rows, width), dtype=torch.long, device=device)
-        self.budget = torch.zeros(rows, dtype=torch.float32, device=device)
+        self.budget_terms = torch.zeros((3, rows), dtype=torch.float32, device=device)
         self.seq_idx = torch.arange(rows, device=device)
-        self.runner, self.controller, self.layer_guard = runner, controller, layer_guard
-        self.row_caps = row_caps
+        self.runner, self.layer_guard, self.row_caps = runner, layer_guard, row_caps
+        # Built once, outside the capture: the policy's first layer starts its state each step.
+        self.policy = DepthPolicy(rows, runner.weights.spec.num_layers, runner.skip_cost, device,
+                                  budget_terms=self.budget_terms, controller=controller,
+                                  min_layers=runner.min_layers, always_last=runner.always_last,
+                                  readout=runner.readout, ops=runner.ops)
         self.graph = None
         if capture:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
-                self._forward(layer_guard=None)                # compiles kernels, warms allocators
+                self.forward(layer_guard=None)                 # compiles kernels, warms allocators
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph, stream=stream):
-                    self.outputs = self._forward(layer_guard)
+                    self.outputs = self.forward(layer_guard)
             torch.cuda.current_stream(device).wait_stream(stream)
 
-    def _forward(self, layer_guard):
+    def forward(self, layer_guard):
+        """The step a graph records, from the static buffers (logits, actions, compute)."""
         r = self.runner
         step = StepBatch(token_ids=self.meta[0], positions=self.meta[1], seq_idx=self.seq_idx,
                          slot_mapping=self.meta[2], block_tables=self.tables,
                          block_size=r.block_manager.block_size, decode=True)
-        policy = DepthPolicy(self.rows, r.weights.spec.num_layers, r.skip_cost, r.device,
-                             budget=self.budget, controller=self.controller, min_layers=r.min_layers,
-                             always_last=r.always_last, readout=r.readout, ops=r.ops)
+        policy = self.policy
         h = run_layers(r.weights, r.cache, step, policy, r.ops,
-                       compact=False if layer_guard is not None else None, layer_guard=layer_guard,
+                       compact=False if layer_guard is not None else r.compact, layer_guard=layer_guard,
                        row_caps=self.row_caps if layer_guard is not None else ())
         return final_logits(r.weights, h, r.ops), policy.actions, policy.compute()
 
-    def run(self, meta: torch.Tensor, tables: torch.Tensor, budgets: torch.Tensor, n: int):
-        """meta: long [3, rows] (token, position, slot), tables: long [rows, width], budgets
-        [rows], padding rows included (host tensors: one copy each); n real rows."""
+    def run(self, meta: torch.Tensor, tables: torch.Tensor, terms: torch.Tensor, n: int):
+        """meta: long [3, rows] (token, position, slot), tables: long [rows, width], terms:
+        budget_terms [3, rows], padding rows included (host tensors: one copy each); n real
+        rows."""
         self.meta.copy_(meta)
         self.tables.copy_(tables)
-        self.budget.copy_(budgets)
+        self.budget_terms.copy_(terms)
         if self.graph is None:
-            outputs = self._forward(self.layer_guard)
+            outputs = self.forward(self.layer_guard)
         else:
             self.graph.replay()
             outputs = self.outputs
@@ -165,6 +169,8 @@ class DecodeGraphs:
             caps = compaction_caps(key[0]) if self.compacted else ()
             self.graphs[key] = _StepGraph(self.runner, key[0], controller, self.width, self.capture,
                                           self.layer_guard, caps)
+        r = self.runner
+        terms = budget_terms(budgets, r.weights.spec.num_layers, r.skip_cost, r.min_layers,
+                             r.always_last)
         return self.graphs[key].run(torch.tensor(meta, dtype=torch.long),
-                                    torch.tensor(tables, dtype=torch.long),
-                                    torch.tensor(budgets, dtype=torch.float32), n)
+                                    torch.tensor(tables, dtype=torch.long), terms, n)

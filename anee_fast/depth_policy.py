@@ -23,14 +23,29 @@ def budget_floor(num_layers: int, skip_cost: float, min_layers: int = 0, always_
     return (forced + (num_layers - forced) * skip_cost) / num_layers
 
 
+def budget_terms(budgets, num_layers: int, skip_cost: float, min_layers: int = 0,
+                 always_last: int = 0) -> torch.Tensor:
+    """float32 [3, N] (host): each token's budget after the floor (what controllers see), its
+    limit in layers, and the limit with the rule's tolerance. Computed on the host once per step,
+    so that the step's graph holds no kernels for them."""
+    floor = budget_floor(num_layers, skip_cost, min_layers, always_last)
+    limit = torch.clamp(torch.as_tensor(budgets, dtype=torch.float32), min=floor) * num_layers
+    return torch.stack((limit / num_layers, limit, limit + _EPS))
+
+
 class DepthPolicy:
-    def __init__(self, num_tokens, num_layers, skip_cost, device, budget=None, controller=None,
-                 fixed_actions=None, min_layers=0, always_last=0, readout=None, ops=reference_ops):
+    """One step's depth decisions. `budget_terms`: budget_terms(...) of its tokens, on the
+    device. A policy's state is started by the first layer's decide(), so one policy can serve
+    step after step (a CUDA graph keeps one, built outside its capture)."""
+
+    def __init__(self, num_tokens, num_layers, skip_cost, device, budget_terms=None,
+                 controller=None, fixed_actions=None, min_layers=0, always_last=0, readout=None,
+                 ops=reference_ops):
         self.L = num_layers
         self.ops = ops             # the backend's op set: policy_step applies the rule
         self.skip_cost = float(skip_cost)
         self.actions = torch.empty((num_tokens, num_layers), dtype=torch.int8, device=device)
-        self.spent = torch.zeros(num_tokens, dtype=torch.float32, device=device)   # in layers
+        self.spent = torch.empty(num_tokens, dtype=torch.float32, device=device)   # in layers
         self.fixed_process = None
         if fixed_actions is not None:
             # Traces record the canonical form (every layer after an EXIT is EXIT), so their
@@ -42,15 +57,12 @@ class DepthPolicy:
         self.readout = readout     # h -> (entropy, max prob), offered to controllers lazily
         self.min_layers = min(min_layers, num_layers)
         self.always_last = min(always_last, num_layers - self.min_layers)
-        floor = budget_floor(num_layers, self.skip_cost, min_layers, always_last)
-        self.limit = torch.clamp(budget.float(), min=floor) * num_layers
-        self.budget = self.limit / num_layers          # what controllers see as ctx.budget
-        self.allowed = self.limit + _EPS
+        self.budget, self.limit, self.allowed = budget_terms   # budget: what controllers see
         # What running layer l commits a token to, in layers: l itself, every later layer as a
         # SKIP, and the forced last layers' difference to a SKIP (host floats).
         self.commitment = [1 + (num_layers - l - 1) * self.skip_cost
                            + self.always_last * (1 - self.skip_cost) for l in range(num_layers)]
-        self.stopped = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+        self.stopped = torch.empty(num_tokens, dtype=torch.bool, device=device)
         # PROCESS everywhere: the proposal of forced layers, and one a controller may return.
         self.no_proposal = torch.full((num_tokens,), PROCESS, dtype=torch.int8, device=device)
         # After an EXIT the remaining layers are SKIPs; with forced last layers, say SKIP.
@@ -60,14 +72,20 @@ class DepthPolicy:
         """[N] bool: which tokens run layer `layer`. Records the action and its cost."""
         if self.fixed_process is not None:
             process = self.fixed_process[:, layer]
-            self.spent += torch.where(process, 1.0, self.skip_cost)
+            cost = torch.where(process, 1.0, self.skip_cost)
+            if layer == 0:
+                self.spent.copy_(cost)
+            else:
+                self.spent += cost
             return process
         L = self.L
         forced = layer < self.min_layers or layer >= L - self.always_last
         proposed = self.no_proposal
         if not forced:
+            # Layer 0 nothing is spent yet (spent is only started by this layer's policy_step).
+            budget_left = (lambda: (self.limit - self.spent) / L) if layer else self.budget
             ctx = LayerContext(layer=layer, num_layers=L, h=h, h_prev=h_prev,
-                               budget_left=lambda: (self.limit - self.spent) / L,
+                               budget_left=budget_left,
                                readout=lambda: self.readout(h), budget=self.budget,
                                skip_cost=self.skip_cost, all_process=self.no_proposal,
                                ops=self.ops)

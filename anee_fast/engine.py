@@ -60,10 +60,23 @@ class LLMEngine:
                              "graphs capture conditional nodes (CUDAGraph.begin_capture_to_if_node, "
                              f"CUDA >= 12.4); torch {torch.__version__} has none")
         if on_gpu and cuda_graphs is not False:
-            longest = min(spec.max_positions, num_kv_blocks * block_size)
-            self.runner.graphs = DecodeGraphs(self.runner, max_num_seqs, -(-longest // block_size),
-                                              layer_guard=run_only_if if conditional_layers else None,
-                                              compacted=conditional_layers == "compacted")
+            self.use_decode_graphs(capture=True, conditional_layers=conditional_layers)
+
+    def use_decode_graphs(self, capture: bool, conditional_layers=False):
+        """Decode steps from static buffers (cuda_graphs.DecodeGraphs), replayed from CUDA graphs
+        when `capture`; without, they run eagerly from the same buffers: what a graph records,
+        on any device (for tests and profiles)."""
+        if capture and self.weights.device.type != "cuda":
+            raise ValueError(f"capturing CUDA graphs needs the model on a CUDA device, not "
+                             f"{self.weights.device}")
+        if conditional_layers and not capture:
+            raise ValueError("conditional layers are nodes of a captured graph: pass capture=True")
+        longest = min(self.weights.spec.max_positions,
+                      self.block_manager.num_blocks * self.block_manager.block_size)
+        self.runner.graphs = DecodeGraphs(
+            self.runner, self.scheduler.max_num_seqs, -(-longest // self.block_manager.block_size),
+            capture=capture, layer_guard=run_only_if if conditional_layers else None,
+            compacted=conditional_layers == "compacted")
 
     def new_sequence(self, prompt_ids, sampling: SamplingParams, budget, controller) -> Sequence:
         """Validates a request and makes its Sequence (not yet scheduled)."""

@@ -118,7 +118,8 @@ def _guarded_block(weights, layer, cache, l, step, h, q, process, ops, guard, ro
         def every_row():
             out = _block(weights, layer, cache, l, step, h, None, ops, q=q)
             torch.where(process[:, None], out, h, out=h)
-        guard(process.any(), every_row)
+        # One row: its PROCESS flag is the predicate (a view: no kernel of its own).
+        guard(process[0] if process.shape[0] == 1 else process.any(), every_row)
         return
     order = torch.argsort((~process).to(torch.int8), stable=True)     # PROCESS rows first
     count = process.sum()

@@ -5,7 +5,7 @@ import torch
 
 from .controllers import Controller
 from . import reference_ops
-from .depth_policy import DepthPolicy
+from .depth_policy import DepthPolicy, budget_terms
 from .forward import StepBatch, final_logits, run_layers
 from .profiler import lm_head_confidence
 
@@ -73,8 +73,8 @@ class ModelRunner:
         if fixed_actions is not None:
             return DepthPolicy(num_tokens, L, self.skip_cost, self.device,
                                fixed_actions=fixed_actions.to(self.device))
-        budget = torch.tensor([seq.budget for seq, n in chunks for _ in range(n)],
-                              dtype=torch.float32).to(self.device)
+        terms = budget_terms([seq.budget for seq, n in chunks for _ in range(n)], L,
+                             self.skip_cost, self.min_layers, self.always_last).to(self.device)
         by_controller = {}
         for i, (seq, _) in enumerate(chunks):
             by_controller.setdefault(id(seq.controller), (seq.controller, []))[1].append(i)
@@ -85,7 +85,7 @@ class ModelRunner:
             controller = MixedController([
                 (c, torch.isin(owners, torch.tensor(idx, device=self.device)))
                 for c, idx in by_controller.values()])
-        return DepthPolicy(num_tokens, L, self.skip_cost, self.device, budget=budget,
+        return DepthPolicy(num_tokens, L, self.skip_cost, self.device, budget_terms=terms,
                            controller=controller, min_layers=self.min_layers,
                            always_last=self.always_last, readout=self.readout, ops=self.ops)
 

@@ -168,8 +168,13 @@ def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitme
     A PROCESS that would leave spent + commitment > allowed breaks the budget; a token that
     proposes EXIT or breaks it is stopped for good and takes `stop_code`. Writes the action to
     actions[:, layer] (int8 [N, L]), adds its cost (1 or skip_cost) to spent (float32 [N]),
-    updates stopped (bool [N]) in place; returns the PROCESS mask [N] bool.
+    updates stopped (bool [N]) in place; returns the PROCESS mask [N] bool. Layer 0 starts a
+    step: spent and stopped are written, not read (as if zero and False), so a step's state
+    needs no zeroing launch of its own.
     """
+    if layer == 0:
+        spent.zero_()
+        stopped.zero_()
     if forced:
         action = torch.full_like(proposed, PROCESS)
     else:

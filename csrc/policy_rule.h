@@ -17,10 +17,15 @@ namespace anee_fast {
 
 constexpr int8_t kProcess = 0, kSkip = 1, kExit = 2;   // anee_fast/actions.py
 
-// Returns the action the token takes; updates its spent compute and its stopped flag.
+// Returns the action the token takes; updates its spent compute and its stopped flag. The first
+// layer starts them (zero, false) instead of reading them.
 ANEE_FAST_HOST_DEVICE inline int8_t policy_rule(int8_t proposed, float* spent, bool* stopped,
                                                 float allowed, float commitment, float skip_cost,
-                                                int8_t stop_code, bool forced) {
+                                                int8_t stop_code, bool forced, bool first) {
+  if (first) {
+    *spent = 0.f;
+    *stopped = false;
+  }
   int8_t action = kProcess;
   if (!forced) {
     const bool broke = proposed == kProcess && *spent + commitment > allowed;

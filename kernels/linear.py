@@ -73,6 +73,8 @@ def linear(x, weight, bias=None, activation: str = "none", residual=None):
     N, K = weight.shape
     if activation == "silu_gated" and N % 2:
         raise ValueError(f"linear: silu_gated needs an even number of weight rows, got {N}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"linear: bias must be [{N}], got {list(bias.shape)}")
     n_out = N // 2 if activation == "silu_gated" else N
     out_shape = (*x.shape[:-1], n_out)
     if residual is not None and (tuple(residual.shape) != out_shape or residual.dtype != x.dtype):

@@ -2,7 +2,8 @@
 
 The rule (reference_ops.policy_step) is a dozen tiny tensor ops per layer in PyTorch; on a GPU
 each is a kernel launch, and at small batch the decode step's time is its launches. One program
-per BLOCK tokens applies it in float32 in the reference's order.
+per BLOCK tokens applies it in float32 in the reference's order; layer 0 (FIRST) starts the
+tokens' state instead of reading it.
 """
 import torch
 import triton
@@ -12,18 +13,25 @@ PROCESS = tl.constexpr(0)    # anee_fast/actions.py (a jitted kernel reads const
 EXIT = tl.constexpr(2)
 
 
-@triton.jit
+# stop_code is SKIP (1) or EXIT (2); a launcher would make the 1 a constant, not an i32 to cast.
+@triton.jit(do_not_specialize=["stop_code"])
 def _policy_step_kernel(proposed_ptr, spent_ptr, stopped_ptr, allowed_ptr, actions_ptr,
                         process_ptr, N, action_stride, commitment, skip_cost, stop_code,
-                        FORCED: tl.constexpr, BLOCK: tl.constexpr):
+                        FIRST: tl.constexpr, FORCED: tl.constexpr, BLOCK: tl.constexpr):
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = n < N
-    spent = tl.load(spent_ptr + n, mask=m, other=0.0)
+    if FIRST:
+        spent = tl.zeros([BLOCK], dtype=tl.float32)
+        stopped = tl.zeros([BLOCK], dtype=tl.int1)
+    else:
+        spent = tl.load(spent_ptr + n, mask=m, other=0.0)
+        stopped = tl.load(stopped_ptr + n, mask=m, other=0) != 0
     if FORCED:
         action = tl.zeros([BLOCK], dtype=tl.int8)
+        if FIRST:
+            tl.store(stopped_ptr + n, stopped, mask=m)
     else:
         proposed = tl.load(proposed_ptr + n, mask=m, other=0)
-        stopped = tl.load(stopped_ptr + n, mask=m, other=0) != 0
         broke = (proposed == PROCESS) & (spent + commitment > tl.load(allowed_ptr + n, mask=m, other=0.0))
         stopped = stopped | (proposed == EXIT) | broke
         tl.store(stopped_ptr + n, stopped.to(tl.int1), mask=m)
@@ -47,5 +55,5 @@ def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitme
         _policy_step_kernel[(triton.cdiv(N, block),)](
             proposed.contiguous(), spent, stopped, allowed.contiguous(), actions[:, layer], process,
             N, actions.stride(0), float(commitment), float(skip_cost), int(stop_code),
-            FORCED=bool(forced), BLOCK=block)
+            FIRST=layer == 0, FORCED=bool(forced), BLOCK=block)
     return process

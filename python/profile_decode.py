@@ -9,7 +9,9 @@ The launch count is what a CUDA graph replays and what fusion would cut. On the 
 runs the layer loop's GPU variant (every block on every row) and the ops that are views (no
 kernel on a GPU) are counted apart, while dtype casts that copy (`aten::_to_copy`) count as
 kernels, also inside our own ops: with `--dtype bfloat16` the count stands for a GPU's
-launches. Writes JSON.
+launches. `--graph-step` profiles only what a CUDA graph of the decode step records (the
+static-buffer step run without capture), not the host's input building and sampling around it.
+Writes JSON.
 """
 import argparse
 import json
@@ -62,6 +64,9 @@ def main(argv=None):
     p.add_argument("--masked", action="store_true",
                    help="on the CPU: run every block on every row, as a GPU does (default: the "
                         "CPU's compacted variant)")
+    p.add_argument("--graph-step", action="store_true",
+                   help="profile only the step a CUDA graph records (cuda_graphs.DecodeGraphs, run "
+                        "without capture), repeated on the same inputs")
     p.add_argument("--out", default="out/profile_decode.json")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1:
@@ -79,6 +84,8 @@ def main(argv=None):
     engine = llm.engine
     if args.masked:
         engine.runner.compact = False
+    if args.graph_step:
+        engine.use_decode_graphs(capture=False)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, llm.spec.vocab_size, (args.batch, args.prompt_tokens), generator=g)
     params = SamplingParams(max_tokens=args.steps + 3, ignore_eos=True)
@@ -86,10 +93,14 @@ def main(argv=None):
         engine.add_request(prompt, params, args.budget, args.controller)
     engine.step()                                     # prefill
     engine.step()                                     # one decode step: warm-up (Triton compiles)
+    step = engine.step
+    if args.graph_step:                               # the decode step's static-buffer step
+        (graph_step,) = engine.runner.graphs.graphs.values()
+        step = lambda: graph_step.forward(graph_step.layer_guard)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
-            engine.step()
+            step()
         if gpu:
             torch.cuda.synchronize()
     while engine.has_unfinished():
@@ -114,7 +125,8 @@ def main(argv=None):
     what = "kernels" if gpu else "top-level ops"
     print(f"{args.model}, {device}, {str(dtype)[6:]}, backend {llm.backend}, batch {args.batch}, "
           f"budget {args.budget}, controller {args.controller}, {args.steps} decode steps, eager, "
-          f"{'masked' if args.masked or gpu else 'compacted'} blocks")
+          f"{'masked' if args.masked or gpu else 'compacted'} blocks"
+          f"{', the graph step only' if args.graph_step else ''}")
     print(f"{what} per step: {launches:.0f} ({launches / layers:.1f} per layer), "
           f"{'device' if gpu else 'host'} time in them {busy:.0f} us per step")
     if not gpu:
@@ -129,6 +141,7 @@ def main(argv=None):
         json.dump(dict(model=args.model, device=str(device), dtype=str(dtype)[6:], backend=llm.backend,
                        batch=args.batch, budget=args.budget, controller=args.controller,
                        steps=args.steps, layers=layers, masked=args.masked or gpu,
+                       graph_step=args.graph_step,
                        launches_per_step=launches,
                        kernel_ops_per_step=None if gpu else kernels,
                        busy_us_per_step=busy, by_name=rows), f, indent=1)

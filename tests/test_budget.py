@@ -14,7 +14,7 @@ from torch import nn
 
 from anee_fast import EXIT, LLM, PROCESS, SKIP, SamplingParams
 from anee_fast.controllers import BudgetController, Controller, HeuristicController, LayerContext
-from anee_fast.depth_policy import DepthPolicy
+from anee_fast.depth_policy import DepthPolicy, budget_terms
 from conftest import build_model, random_ids
 
 BUDGETS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
@@ -251,7 +251,8 @@ def test_budget_controller_at_threshold_0_needs_no_op(min_layers, always_last, s
     h = torch.randn(N, 4)
     results = []
     for controller in (BudgetController(), _ExplicitBudgetRule()):
-        policy = DepthPolicy(N, L, skip_cost, "cpu", budget=budget, controller=controller,
+        terms = budget_terms(budget, L, skip_cost, min_layers, always_last)
+        policy = DepthPolicy(N, L, skip_cost, "cpu", budget_terms=terms, controller=controller,
                              min_layers=min_layers, always_last=always_last)
         for layer in range(L):
             policy.decide(layer, h, h)
@@ -259,7 +260,8 @@ def test_budget_controller_at_threshold_0_needs_no_op(min_layers, always_last, s
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert (results[0][0] != PROCESS).any() and (results[0][0] == PROCESS).any()
 
-    preset = DepthPolicy(N, L, skip_cost, "cpu", budget=budget, controller=BudgetController())
+    preset = DepthPolicy(N, L, skip_cost, "cpu", budget_terms=budget_terms(budget, L, skip_cost),
+                         controller=BudgetController())
     ctx = LayerContext(layer=0, num_layers=L, h=h, h_prev=h, budget_left=lambda: 1 / 0,
                        all_process=preset.no_proposal)
     assert BudgetController().propose(ctx) is preset.no_proposal     # budget_left never read

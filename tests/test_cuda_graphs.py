@@ -6,6 +6,7 @@ sequence's K/V) and the per-row budgets. The `cuda` tests replay real CUDA graph
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from anee_fast import LLM, PROCESS, SKIP, SamplingParams
 from anee_fast.controllers import HeuristicController, StaticController
@@ -77,6 +78,18 @@ def test_steps_that_do_not_qualify_run_plain():
     assert not graphs.graphs
 
 
+class CountAny(TorchDispatchMode):
+    """Counts aten::any calls (the ops that make a multi-row predicate) while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket is torch.ops.aten.any
+        return func(*args, **(kwargs or {}))
+
+
 class HostGuard:
     """run_layers' layer_guard evaluated on the host: body() runs only where pred holds, as in
     a CUDA graph's conditional node. Counts, per position in a layer's guard calls, how often the
@@ -109,7 +122,8 @@ def test_guarded_blocks_skip_layers_no_row_processes(controller):
     runner.graphs = DecodeGraphs(runner, max_rows=64, width=8, capture=False, layer_guard=guard)
     budgets = [0.4, 1.0, 0.2, 0.4, 0.8]
     a = generate_shrinking(plain, model, controller, budgets)
-    b = generate_shrinking(guarded, model, controller, budgets)
+    with CountAny() as anys:
+        b = generate_shrinking(guarded, model, controller, budgets)
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids
         assert torch.equal(x.actions, y.actions)
@@ -118,6 +132,10 @@ def test_guarded_blocks_skip_layers_no_row_processes(controller):
     if isinstance(controller, HeuristicController):
         assert any((y.actions == SKIP).any() for y in b)
     assert guard.calls % 4 == 0 and 0 < guard.ran[0] < guard.calls    # some layers skipped
+    # Bucket 1's predicate is its row's PROCESS flag (a view), the others' an any() kernel. The
+    # longest sequence decodes alone for as many steps as it outlives the next longest.
+    longest, next_longest = sorted(y.num_generated for y in b)[-2:][::-1]
+    assert anys.count == guard.calls - 4 * (longest - next_longest) > 0
 
 
 def test_compacted_guarded_blocks_run_only_the_leading_rows():
@@ -163,7 +181,14 @@ def test_cuda_graphs_need_a_gpu():
     for value in ("on", 1):
         with pytest.raises(ValueError, match="conditional_layers must be"):
             LLM(model, device="cpu", conditional_layers=value)
-    assert LLM(model, device="cpu").engine.runner.graphs is None
+    llm = LLM(model, device="cpu")
+    assert llm.engine.runner.graphs is None
+    with pytest.raises(ValueError, match="capturing CUDA graphs needs the model on a CUDA device"):
+        llm.engine.use_decode_graphs(capture=True)
+    with pytest.raises(ValueError, match="conditional layers are nodes of a captured graph"):
+        llm.engine.use_decode_graphs(capture=False, conditional_layers=True)
+    llm.engine.use_decode_graphs(capture=False)       # the static-buffer step, without a graph
+    assert llm.engine.runner.graphs.width == -(-llm.spec.max_positions // 16)
 
 
 @pytest.mark.cuda

@@ -153,6 +153,8 @@ def test_linear_rejects_bad_epilogues(target):
         target.ops.linear(x, w, None, "silu_gated")
     with pytest.raises((RuntimeError, ValueError)):                  # residual [3, 4] for [3, 5]
         target.ops.linear(x, w, None, "none", target.to(torch.randn(3, 4)))
+    with pytest.raises((RuntimeError, ValueError), match=r"bias must be \[5\]"):   # not read past
+        target.ops.linear(x, w, target.to(torch.randn(4)), "gelu_tanh")
 
 
 def test_native_linear_rejects_bad_shapes_and_dtypes():
@@ -212,6 +214,22 @@ def skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, layers, rope, bias, 
 @pytest.mark.parametrize("layers,use_first_layer", [(1, False), (3, True)])
 @pytest.mark.parametrize("rope,bias,rms", [(True, False, True), (False, True, False)])
 def test_skip_kv(target, rows, hidden, heads, kv_heads, head_dim, layers, use_first_layer, rope, bias, rms):
+    check_skip_kv(target, rows, hidden, heads, kv_heads, head_dim, layers, use_first_layer, rope,
+                  bias, rms)
+
+
+# Triton's interpreter takes seconds a case at this width: native on the CPU, every backend on a GPU.
+@pytest.mark.parametrize("target", [t for t in TARGETS if t != ("triton", "cpu", torch.float32)],
+                         indirect=True, ids=lambda t: "-".join([t[0], t[1], str(t[2])[6:]]))
+@pytest.mark.parametrize("layers,use_first_layer", [(1, False), (3, True)])
+def test_skip_kv_row_wider_than_the_cuda_kernels_shared_memory(target, layers, use_first_layer):
+    """hidden 12300: the decode kernel's normalised row would not fit 48 KB of shared memory."""
+    check_skip_kv(target, 2, 12300, 1, 1, 64, layers, use_first_layer, True, True, False)
+
+
+def check_skip_kv(target, rows, hidden, heads, kv_heads, head_dim, layers, use_first_layer, rope,
+                  bias, rms):
+    """skip_kv into a poisoned layer slice of a bigger cache against the reference."""
     g = torch.Generator().manual_seed(rows * 31 + layers)
     args = skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, layers, rope, bias, g)
     slots = 61 + rows
@@ -401,6 +419,32 @@ def test_policy_step_equals_the_rule_exactly(target, rows, forced, stop_code):
     assert (state[4][:, [0, 1, 2, 4, 5]] == 7).all()
     if rows > 1:        # the inputs exercise both outcomes
         assert expect_process.any() and (forced or not expect_process.all())
+
+
+@pytest.mark.parametrize("rows", [1, 83, 1100])
+@pytest.mark.parametrize("forced", [False, True])
+@pytest.mark.parametrize("rule", ["target", "reference"])
+def test_policy_step_starts_the_state_at_layer_0(target, rows, forced, rule):
+    """At layer 0 spent and stopped are written, not read: NaN-poisoned spent and all-stopped
+    tokens give what a zero, not-stopped state gives."""
+    ops = target.ops if rule == "target" else ref
+    g = torch.Generator().manual_seed(rows + forced)
+    proposed = torch.randint(0, 3, (rows,), generator=g, dtype=torch.int8)
+    allowed = 2.0 + torch.rand(rows, generator=g) * 3     # some tokens can run layer 0, some not
+    commitment = 3.5
+    dev = target.device
+    poisoned = [t.to(dev) for t in (proposed, torch.full((rows,), float("nan")),
+                                    torch.ones(rows, dtype=torch.bool), allowed,
+                                    torch.full((rows, 4), 7, dtype=torch.int8))]
+    fresh = [t.to(dev) for t in (proposed, torch.zeros(rows), torch.zeros(rows, dtype=torch.bool),
+                                 allowed, torch.full((rows, 4), 7, dtype=torch.int8))]
+    got = ops.policy_step(*poisoned, 0, commitment, 0.25, 2, forced)
+    expect = ref.policy_step(*fresh, 0, commitment, 0.25, 2, forced)
+    assert torch.equal(got, expect)
+    for g_t, e_t in zip(poisoned[1:], fresh[1:]):        # spent, stopped, allowed, actions
+        assert torch.equal(g_t, e_t)
+    if rows > 1 and not forced:
+        assert expect.any() and not expect.all()
 
 
 # ---- end to end ----------------------------------------------------------------------------------

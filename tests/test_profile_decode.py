@@ -21,6 +21,22 @@ def test_masked_profile_counts_kernel_launching_ops(tmp_path, capsys):
     assert "would launch on a GPU" in capsys.readouterr().out
 
 
+def test_graph_step_profile_counts_only_the_captured_step(tmp_path):
+    """--graph-step profiles the static-buffer step a CUDA graph records: the layers and the LM
+    head, not the host's batch building or the sampling (argmax) around it."""
+    counts = {}
+    for graph_step in (False, True):
+        out = tmp_path / f"profile{graph_step}.json"
+        profile_decode.main(["--model", "gpt2-124m", "--steps", "1", "--prompt-tokens", "4",
+                             "--masked", "--out", str(out)] + ["--graph-step"] * graph_step)
+        result = json.loads(out.read_text())
+        assert result["graph_step"] is graph_step
+        counts[graph_step] = (result["kernel_ops_per_step"], {r["name"] for r in result["by_name"]})
+    (eager, eager_names), (graph, graph_names) = counts[False], counts[True]
+    assert "aten::argmax" in eager_names and "aten::argmax" not in graph_names
+    assert 12 * 8 <= graph < eager
+
+
 class _Event:
     def __init__(self, name, *children):
         self.name, self.cpu_children = name, list(children)

@@ -5,6 +5,8 @@
 was set before triton was imported (conftest does so on CPU machines: @triton.jit then builds
 interpreter functions), so the compiles run once in a child process with a clean environment
 (this file run as a script), which prints one JSON result per (kernel, variant, dtype, arch).
+A launcher also turns an int argument equal to 1 into a constant unless the kernel names it in
+do_not_specialize (the interpreter never does): the "-ints1" cases compile every kernel so.
 """
 import importlib.util
 import json
@@ -64,13 +66,15 @@ def _variants():
                 dict(SPLIT=True, BLOCK_N=16, BLOCK_D=128)))
     out.append(("combine_splits", _combine_splits_kernel, dict(BLOCK_S=16, BLOCK_D=128)))
     out.append(("saturation_codes", _saturation_codes_kernel, dict(BLOCK_H=1024)))
-    for forced in (False, True):
-        out.append((f"policy_step_forced{int(forced)}", _policy_step_kernel,
-                    dict(FORCED=forced, BLOCK=128)))
+    for first in (False, True):
+        for forced in (False, True):
+            out.append((f"policy_step_first{int(first)}_forced{int(forced)}", _policy_step_kernel,
+                        dict(FIRST=first, FORCED=forced, BLOCK=128)))
     return out
 
 
 def _signature(fn, constexprs, dtype):
+    """(signature, constexprs) of a launch with the kernel's int arguments as i32 values."""
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -89,7 +93,20 @@ def _signature(fn, constexprs, dtype):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
-    return sig
+    return sig, constexprs
+
+
+def _signature_ints_one(fn, constexprs, dtype):
+    """(signature, constexprs) of a launch where every int argument is 1: each becomes a constant
+    unless the kernel says do_not_specialize."""
+    sig, constexprs = _signature(fn, constexprs, dtype)
+    ones = {p.name: 1 for p in fn.params if sig[p.name] == "i32" and not p.do_not_specialize}
+    return {**sig, **dict.fromkeys(ones, "constexpr")}, {**constexprs, **ones}
+
+
+# (dtype, arch, signature maker, key suffix) of every compiled case
+CASES = [(d, cc, _signature, "") for d in DTYPES for cc in ARCHS] + [
+    ("bf16", 90, _signature_ints_one, "-ints1")]
 
 
 def compile_all():
@@ -99,17 +116,16 @@ def compile_all():
     from triton.compiler import ASTSource
     results = {}
     for name, fn, constexprs in _variants():
-        for dtype in DTYPES:
-            for cc in ARCHS:
-                key = f"{name}-{dtype}-sm{cc}"
-                try:
-                    src = ASTSource(fn=fn, signature=_signature(fn, constexprs, dtype),
-                                    constexprs=constexprs)
-                    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32))
-                    results[key] = {"ok": True, "asm": sorted(compiled.asm),
-                                    "cubin_bytes": len(compiled.asm.get("cubin", b""))}
-                except Exception as e:     # reported per case by the tests below
-                    results[key] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+        for dtype, cc, signature, suffix in CASES:
+            key = f"{name}-{dtype}-sm{cc}{suffix}"
+            try:
+                sig, consts = signature(fn, constexprs, dtype)
+                src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+                compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32))
+                results[key] = {"ok": True, "asm": sorted(compiled.asm),
+                                "cubin_bytes": len(compiled.asm.get("cubin", b""))}
+            except Exception as e:     # reported per case by the tests below
+                results[key] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
     return results
 
 
@@ -117,9 +133,10 @@ def _case_keys():
     from itertools import product
     names = ["norm_rms1", "norm_rms0", "add_norm_rms1", "add_norm_rms0", "write_kv", "gemv_gelu",
              "gemv_silu_gated", "gemv_residual", "skip_kv_llama", "skip_kv_gpt2", "paged_attention",
-             "paged_attention_split", "combine_splits", "policy_step_forced0", "policy_step_forced1",
+             "paged_attention_split", "combine_splits", "policy_step_first0_forced0",
+             "policy_step_first0_forced1", "policy_step_first1_forced0", "policy_step_first1_forced1",
              "saturation_codes"]
-    return [f"{n}-{d}-sm{cc}" for n, d, cc in product(names, DTYPES, ARCHS)]
+    return [f"{n}-{d}-sm{cc}{suffix}" for n, (d, cc, _, suffix) in product(names, CASES)]
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ at::Tensor policy_step(const at::Tensor& proposed, at::Tensor& spent, at::Tensor
   const int64_t act_stride = actions.stride(0);
   for (int64_t n = 0; n < N; ++n) {
     const int8_t a = policy_rule(prop[n], sp + n, st + n, allow[n], static_cast<float>(commitment),
-                                 static_cast<float>(skip_cost), static_cast<int8_t>(stop_code), forced);
+                                 static_cast<float>(skip_cost), static_cast<int8_t>(stop_code), forced,
+                                 layer == 0);
     act[n * act_stride] = a;
     out[n] = a == kProcess;
   }

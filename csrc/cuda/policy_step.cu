@@ -16,11 +16,11 @@ __global__ void policy_step_kernel(const int8_t* __restrict__ proposed, float* _
                                    bool* __restrict__ stopped, const float* __restrict__ allowed,
                                    int8_t* __restrict__ actions, int64_t action_stride,
                                    bool* __restrict__ process, int64_t N, float commitment,
-                                   float skip_cost, int8_t stop_code, bool forced) {
+                                   float skip_cost, int8_t stop_code, bool forced, bool first) {
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= N) return;
   const int8_t a = policy_rule(proposed[n], spent + n, stopped + n, allowed[n], commitment,
-                               skip_cost, stop_code, forced);
+                               skip_cost, stop_code, forced, first);
   actions[n * action_stride] = a;
   process[n] = a == kProcess;
 }
@@ -46,7 +46,7 @@ at::Tensor policy_step(const at::Tensor& proposed, at::Tensor& spent, at::Tensor
       proposed_c.data_ptr<int8_t>(), spent.data_ptr<float>(), stopped.data_ptr<bool>(),
       allowed_c.data_ptr<float>(), actions.data_ptr<int8_t>() + layer * actions.stride(1),
       actions.stride(0), process.data_ptr<bool>(), N, static_cast<float>(commitment),
-      static_cast<float>(skip_cost), static_cast<int8_t>(stop_code), forced);
+      static_cast<float>(skip_cost), static_cast<int8_t>(stop_code), forced, layer == 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return process;
 }

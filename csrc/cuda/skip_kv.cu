@@ -8,7 +8,8 @@
 // head); it normalises the row into shared memory, computes its columns (one warp per column,
 // float32 dot products), applies RoPE to K heads and writes the cache slot. Past kGemmRows rows
 // that kernel would read every weight once per row, so each layer runs as norm (the norm op's
-// kernel) -> K|V projection (cuBLAS through at::linear) -> rope_write_kernel.
+// kernel) -> K|V projection (cuBLAS through at::linear) -> rope_write_kernel; so does a row too
+// wide for the kernel's shared memory (hidden past about 12K).
 // The per-row metadata (slot, first layer, position) is read on the device, so a K/V block whose
 // row writes nothing for its layer simply returns: no host sync. kv_weight may be a strided view (a
 // slice of the stacked [L, 2kv+q, hidden] weights) and the caches slices of the whole cache:
@@ -24,12 +25,15 @@ namespace anee_fast::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kMaxSharedFloats = 48 * 1024 / sizeof(float);   // default dynamic shared limit
+constexpr int kPairs = 4;              // column pairs per block of skip_kv_kernel: 8 warps, 8 columns
+// The fused kernel keeps the normalised row in dynamic shared memory, next to its static ys and
+// scratch: together they must fit the default 48 KB per block (a larger hidden takes the GEMM path).
+constexpr size_t kStaticSharedBytes = (2 * kPairs + kWarp) * sizeof(float);
+constexpr size_t kMaxSharedBytes = 48 * 1024;
 // More rows than this: norm -> cuBLAS -> rope_write_kernel per layer. On an H100 (bf16, GPT-2
 // small) the fused kernel took 11.5 us at 1 row but 43.7 us at 16 (every block re-reads its
 // weights per row), the GEMM path 21.5 us at 64 rows (docs/gpu-results.md).
 constexpr int64_t kGemmRows = 2;
-constexpr int kPairs = 4;              // column pairs per block of skip_kv_kernel: 8 warps, 8 columns
 
 struct Params {
   int64_t hidden, kv_heads, q_heads, d, num_slots;
@@ -187,8 +191,6 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
   const int64_t kv_heads = sizes.kv_heads, q_heads = sizes.q_heads, d = sizes.d;
   const int64_t width = (2 * kv_heads + q_heads) * d;
   const bool rope = inv_freq.has_value();
-  TORCH_CHECK(hidden <= kMaxSharedFloats, "skip_kv: hidden = ", hidden,
-              " floats exceed the kernel's shared memory (at most ", kMaxSharedFloats, ")");
   TORCH_CHECK(N <= INT32_MAX && nl <= 65535 && 2 * kv_heads + q_heads <= 65535,
               "skip_kv: too many rows, layers or heads for one launch");
   if (N == 0 || nl == 0 || width == 0 || hidden == 0) return;
@@ -227,11 +229,12 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
   p.rms = rms;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (N > kGemmRows) {
+  const size_t shared_bytes = sizeof(float) * hidden;
+  if (N > kGemmRows || shared_bytes + kStaticSharedBytes > kMaxSharedBytes) {
+    const at::Tensor nw2 = nw.view({nl, hidden}), nb2 = nb.defined() ? nb.view({nl, hidden}) : nb;
     for (int64_t j = 0; j < nl; ++j) {
-      const at::Tensor x = norm(hc, norm_weight[j],
-                                norm_bias.has_value() ? std::optional<at::Tensor>((*norm_bias)[j])
-                                                      : std::nullopt, eps, rms);
+      const at::Tensor x = norm(hc, nw2[j], nb2.defined() ? std::optional<at::Tensor>(nb2[j])
+                                                          : std::nullopt, eps, rms);
       const at::Tensor kv = at::linear(x, w[j], b.defined() ? std::optional<at::Tensor>(b[j])
                                                              : std::nullopt);
       ANEE_FAST_DISPATCH_FLOATS(h.scalar_type(), "anee_fast_rope_write_cuda", [&] {
@@ -250,7 +253,6 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
   TORCH_CHECK((2 * kv_heads + q_heads) * chunks <= 65535, "skip_kv: too many heads for one launch");
   const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(nl),
                   static_cast<unsigned>((2 * kv_heads + q_heads) * chunks));
-  const size_t shared_bytes = sizeof(float) * hidden;
   ANEE_FAST_DISPATCH_FLOATS(h.scalar_type(), "anee_fast_skip_kv_cuda", [&] {
     skip_kv_kernel<scalar_t><<<grid, kThreads, shared_bytes, stream>>>(
         hc.data_ptr<scalar_t>(), nw.data_ptr<float>(), nb.defined() ? nb.data_ptr<float>() : nullptr,
