@@ -7,7 +7,8 @@ ideal speedup next to every measured one. Prints a table and writes JSON and a P
 Models: `gpt2-124m` and `llama-1b` build random-init models of those shapes (no download);
 `smollm2` is the embedded SmolLM2-135M-Instruct; anything else is passed to `LLM(...)`.
 Decode ms/step = (run with N new tokens - run with 1) / (N - 1): the prefill is timed apart.
-"vs full" is our speedup over our own full depth (budget 1.0) in the same run; "ideal" is the
+"vs full" is our speedup over our own full depth (budget 1.0, first --conditional-layers variant)
+in the same run; "ideal" is the
 speedup the roofline model (python/roofline.py) gives for the actions the run actually took;
 "of ideal" = vs full / ideal.
 The ANEE 0.4 library needs transformers <= 4.51.3: `make anee-env` builds .venv-anee, and
@@ -78,15 +79,20 @@ def anee_library_rows(model, args, budgets):
             return {r["budget"]: r for r in json.load(f)}
 
 
+CONDITIONAL = {"off": False, "on": True, "compacted": "compacted"}
+
+
 def bench_model(name, args, device, dtype, peaks, budgets):
+    """Rows of one model: per batch, transformers once, then every conditional-layers variant at
+    every budget ("vs full" against the first variant's full depth, so variants compare)."""
     from anee_fast import LLM, SamplingParams
     model = build(name, device, dtype)
     graphs = None if device.type == "cpu" else args.cuda_graphs == "on"
-    conditional = {"off": False, "on": True, "compacted": "compacted"}[args.conditional_layers]
-    llm = LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0, cuda_graphs=graphs,
-              conditional_layers=conditional)
-    spec, es = llm.spec, dtype.itemsize
-    new = args.new_tokens
+    llms = {v: LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0,
+                   cuda_graphs=graphs, conditional_layers=CONDITIONAL[v])
+            for v in args.conditional_layers}
+    spec = next(iter(llms.values())).spec
+    es, new = dtype.itemsize, args.new_tokens
     anee = None
     if name == "gpt2-124m" and device.type == "cpu" and dtype == torch.float32:
         anee = anee_library_rows(model, args, budgets)
@@ -100,49 +106,52 @@ def bench_model(name, args, device, dtype, peaks, budgets):
                 model.generate(prompts.to(device), attention_mask=torch.ones_like(prompts, device=device),
                                max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-        def ours(n, budget):
-            return llm.generate(prompts.tolist(), SamplingParams(max_tokens=n, ignore_eos=True),
-                                energy_budget=budget, controller=args.controller)
-
-        hf(2), ours(2, 1.0)                                               # warm-up
+        hf(2)                                                             # warm-up
         hf_prefill, hf_total = timed(lambda: hf(1), args.repeats), timed(lambda: hf(new), args.repeats)
         hf_decode = (hf_total - hf_prefill) / (new - 1)
         full_decode = None
-        for budget in budgets:
-            traces = [o.trace for o in ours(new, budget)]
-            compute = statistics.mean(float(t.compute[t.num_prompt_tokens:].mean()) for t in traces)
-            model_full_ms, ideal = ideal_speedup(spec, traces, peaks, es)
-            prefill = timed(lambda: ours(1, budget), args.repeats)
-            decode = (timed(lambda: ours(new, budget), args.repeats) - prefill) / (new - 1)
-            full_decode = decode if full_decode is None else full_decode
-            row = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                       backend=llm.backend, controller=args.controller, cuda_graphs=bool(graphs),
-                       conditional_layers=conditional,
-                       batch=batch, budget=budget,
-                       compute=compute, ms_per_step=decode * 1e3, tokens_per_s=batch / decode,
-                       hf_ms_per_step=hf_decode * 1e3, speedup_vs_hf=hf_decode / decode,
-                       speedup_vs_full=full_decode / decode, ideal_speedup=ideal,
-                       fraction_of_ideal=(full_decode / decode) / ideal,
-                       roofline_full_ms=model_full_ms, prefill_ms=prefill * 1e3,
-                       hf_prefill_ms=hf_prefill * 1e3)
-            if anee is not None and batch == 1:
-                r = anee if "error" in anee else anee[budget]
-                row["anee_ms_per_step"] = r.get("ms_per_step")
-                row["anee_note"] = r.get("error", f"controller {r.get('controller')}, "
-                                                  f"{r.get('layers_executed_last_step')} layers run")
-            rows.append(row)
-            print_row(row)
+        for variant, llm in llms.items():
+            def ours(n, budget):
+                return llm.generate(prompts.tolist(), SamplingParams(max_tokens=n, ignore_eos=True),
+                                    energy_budget=budget, controller=args.controller)
+
+            ours(2, 1.0)                                                  # warm-up, graph capture
+            for budget in budgets:
+                traces = [o.trace for o in ours(new, budget)]
+                compute = statistics.mean(float(t.compute[t.num_prompt_tokens:].mean()) for t in traces)
+                model_full_ms, ideal = ideal_speedup(spec, traces, peaks, es)
+                prefill = timed(lambda: ours(1, budget), args.repeats)
+                decode = (timed(lambda: ours(new, budget), args.repeats) - prefill) / (new - 1)
+                full_decode = decode if full_decode is None else full_decode
+                row = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                           backend=llm.backend, controller=args.controller, cuda_graphs=bool(graphs),
+                           conditional_layers=CONDITIONAL[variant],
+                           batch=batch, budget=budget,
+                           compute=compute, ms_per_step=decode * 1e3, tokens_per_s=batch / decode,
+                           hf_ms_per_step=hf_decode * 1e3, speedup_vs_hf=hf_decode / decode,
+                           speedup_vs_full=full_decode / decode, ideal_speedup=ideal,
+                           fraction_of_ideal=(full_decode / decode) / ideal,
+                           roofline_full_ms=model_full_ms, prefill_ms=prefill * 1e3,
+                           hf_prefill_ms=hf_prefill * 1e3)
+                if anee is not None and batch == 1:
+                    r = anee if "error" in anee else anee[budget]
+                    row["anee_ms_per_step"] = r.get("ms_per_step")
+                    row["anee_note"] = r.get("error", f"controller {r.get('controller')}, "
+                                                      f"{r.get('layers_executed_last_step')} layers run")
+                rows.append(row)
+                print_row(row)
     return rows
 
 
-HEADER = (f"{'model':<10} {'batch':>5} {'budget':>6} {'compute':>7} {'ms/step':>8} {'tok/s':>8} "
+HEADER = (f"{'model':<10} {'cond':<9} {'batch':>5} {'budget':>6} {'compute':>7} {'ms/step':>8} {'tok/s':>8} "
           f"{'HF ms':>8} {'vs HF':>6} {'vs full':>7} {'ideal':>6} {'of ideal':>8} {'roof ms':>7} "
           f"{'prefill':>8} {'HF pre':>8} {'ANEE ms':>8}")
 
 
 def print_row(r):
     anee = f"{r['anee_ms_per_step']:>8.2f}" if r.get("anee_ms_per_step") is not None else f"{'-':>8}"
-    print(f"{r['model']:<10} {r['batch']:>5} {r['budget']:>6.2f} {r['compute']:>7.3f} "
+    cond = {False: "off", True: "on", "compacted": "compacted"}[r["conditional_layers"]]
+    print(f"{r['model']:<10} {cond:<9} {r['batch']:>5} {r['budget']:>6.2f} {r['compute']:>7.3f} "
           f"{r['ms_per_step']:>8.2f} {r['tokens_per_s']:>8.1f} {r['hf_ms_per_step']:>8.2f} "
           f"{r['speedup_vs_hf']:>5.2f}x {r['speedup_vs_full']:>6.2f}x {r['ideal_speedup']:>5.2f}x "
           f"{r['fraction_of_ideal']:>7.0%} {r['roofline_full_ms']:>7.2f} {r['prefill_ms']:>8.1f} "
@@ -153,9 +162,9 @@ def plot(rows, path):
     from matplotlib.figure import Figure
     fig = Figure(figsize=(11, 4))
     left, right = fig.subplots(1, 2)
-    for key in sorted({(r["model"], r["batch"]) for r in rows}):
-        pts = [r for r in rows if (r["model"], r["batch"]) == key]
-        label = f"{key[0]}, batch {key[1]}"
+    for key in sorted({(r["model"], r["batch"], str(r["conditional_layers"])) for r in rows}):
+        pts = [r for r in rows if (r["model"], r["batch"], str(r["conditional_layers"])) == key]
+        label = f"{key[0]}, batch {key[1]}" + (f", conditional {key[2]}" if key[2] != "False" else "")
         left.plot([r["budget"] for r in pts], [r["speedup_vs_hf"] for r in pts], "o-", label=label)
         right.plot([r["ideal_speedup"] for r in pts], [r["speedup_vs_full"] for r in pts], "o",
                    label=label)
@@ -169,8 +178,6 @@ def plot(rows, path):
     for ax in (left, right):
         ax.legend(fontsize=7)
     graphs = ", CUDA graphs" if rows[0]["cuda_graphs"] else ""
-    graphs += {False: "", True: " with conditional layers",
-               "compacted": " with compacted conditional layers"}[rows[0]["conditional_layers"]]
     fig.suptitle(f"greedy decode, {rows[0]['device']}, {rows[0]['dtype']}, backend {rows[0]['backend']}{graphs}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -187,8 +194,9 @@ def main(argv=None):
     p.add_argument("--backend", default="auto")
     p.add_argument("--cuda-graphs", default="on", choices=("on", "off"),
                    help="on a GPU: replay decode steps from CUDA graphs (on) or launch eagerly (off)")
-    p.add_argument("--conditional-layers", default="off", choices=("off", "on", "compacted"),
-                   help="with CUDA graphs: each layer's block a conditional node that runs only "
+    p.add_argument("--conditional-layers", default="off",
+                   help="comma list of off, on, compacted, timed side by side (on and compacted "
+                        "need CUDA graphs): each layer's block a conditional node that runs only "
                         "when some row processes the layer; compacted: on the PROCESS rows only, "
                         "at a quarter, a half or all of the bucket's rows")
     p.add_argument("--repeats", type=int, default=3)
@@ -201,6 +209,11 @@ def main(argv=None):
     if args.new_tokens < 2:
         p.error("--new-tokens must be >= 2 (decode time is N new tokens minus 1)")
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.conditional_layers = args.conditional_layers.split(",")
+    unknown = [v for v in args.conditional_layers if v not in CONDITIONAL]
+    if unknown or len(set(args.conditional_layers)) != len(args.conditional_layers):
+        p.error(f"--conditional-layers: a comma list of distinct {', '.join(CONDITIONAL)}, got "
+                f"{','.join(args.conditional_layers)}")
     budgets = [1.0] + [b for b in (float(x) for x in args.budgets.split(",")) if b != 1.0]
 
     device = torch.device(args.device)
