@@ -23,7 +23,7 @@ and a torch whose CUDAGraph has `begin_capture_to_if_node`.
 """
 import torch
 
-from .depth_policy import DepthPolicy, budget_terms
+from .depth_policy import DepthPolicy
 from .forward import StepBatch, final_logits, run_layers
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -95,11 +95,10 @@ class _StepGraph:
         step = StepBatch(token_ids=self.meta[0], positions=self.meta[1], seq_idx=self.seq_idx,
                          slot_mapping=self.meta[2], block_tables=self.tables,
                          block_size=r.block_manager.block_size, decode=True)
-        policy = self.policy
-        h = run_layers(r.weights, r.cache, step, policy, r.ops,
+        h = run_layers(r.weights, r.cache, step, self.policy, r.ops,
                        compact=False if layer_guard is not None else r.compact, layer_guard=layer_guard,
                        row_caps=self.row_caps if layer_guard is not None else ())
-        return final_logits(r.weights, h, r.ops), policy.actions, policy.compute()
+        return final_logits(r.weights, h, r.ops), self.policy.actions, self.policy.compute()
 
     def run(self, meta: torch.Tensor, tables: torch.Tensor, terms: torch.Tensor, n: int):
         """meta: long [3, rows] (token, position, slot), tables: long [rows, width], terms:
@@ -169,8 +168,6 @@ class DecodeGraphs:
             caps = compaction_caps(key[0]) if self.compacted else ()
             self.graphs[key] = _StepGraph(self.runner, key[0], controller, self.width, self.capture,
                                           self.layer_guard, caps)
-        r = self.runner
-        terms = budget_terms(budgets, r.weights.spec.num_layers, r.skip_cost, r.min_layers,
-                             r.always_last)
         return self.graphs[key].run(torch.tensor(meta, dtype=torch.long),
-                                    torch.tensor(tables, dtype=torch.long), terms, n)
+                                    torch.tensor(tables, dtype=torch.long),
+                                    self.runner.budget_terms(budgets), n)

@@ -73,8 +73,7 @@ class ModelRunner:
         if fixed_actions is not None:
             return DepthPolicy(num_tokens, L, self.skip_cost, self.device,
                                fixed_actions=fixed_actions.to(self.device))
-        terms = budget_terms([seq.budget for seq, n in chunks for _ in range(n)], L,
-                             self.skip_cost, self.min_layers, self.always_last).to(self.device)
+        terms = self.budget_terms([seq.budget for seq, n in chunks for _ in range(n)]).to(self.device)
         by_controller = {}
         for i, (seq, _) in enumerate(chunks):
             by_controller.setdefault(id(seq.controller), (seq.controller, []))[1].append(i)
@@ -88,6 +87,11 @@ class ModelRunner:
         return DepthPolicy(num_tokens, L, self.skip_cost, self.device, budget_terms=terms,
                            controller=controller, min_layers=self.min_layers,
                            always_last=self.always_last, readout=self.readout, ops=self.ops)
+
+    def budget_terms(self, budgets) -> torch.Tensor:
+        """depth_policy.budget_terms of these per-token budgets under this model's constraints."""
+        return budget_terms(budgets, self.weights.spec.num_layers, self.skip_cost, self.min_layers,
+                            self.always_last)
 
     def readout(self, h):
         return lm_head_confidence(h, self.weights, self.ops.norm)
