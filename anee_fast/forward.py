@@ -1,9 +1,11 @@
 """The adaptive-depth forward over a ragged batch of tokens, reading and writing the paged cache.
 
 Every layer, for every token: K/V come from norm(h_in) and go into the cache (`skip_kv`, the
-whole SKIP path in one op). PROCESS rows then take the block's output; the others keep h_in
-(h = where(process, block(h), h)). Where the block runs on every row (masked, on a GPU) the
-same skip_kv launch also gives every row's query, so the block starts at attention. A token
+whole SKIP path in one op). PROCESS rows then take the block's output; the others keep h_in.
+Where the block runs on every row (masked, on a GPU) the same skip_kv launch also gives every
+row's query, so the block starts at attention, and the out and down projections take the
+PROCESS mask as linear's row_mask: a SKIP row adds nothing to its residual, with no `where`
+launch of its own. A token
 that EXITed keeps its residual, so the same per-layer launch writes its remaining layers' K/V.
 (skip_kv could write them all in one launch after the loop, but the per-layer launches happen
 anyway for the other rows, and such a fill would read those layers' weights a second time.)
@@ -51,7 +53,7 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
 
     `hidden_states`, when given, receives the residual entering each layer (for profiling and
     tests). The layer loop never reads a device value on the host: on a GPU the block runs on
-    every row and `where` keeps the PROCESS rows (masked). On the CPU, where "device" and host
+    every row and only the PROCESS rows' residuals change (masked). On the CPU, where "device" and host
     are the same memory, the block runs on the PROCESS rows only (compacted), so skipped work
     is really saved. `compact` forces one variant (None: by device).
 
@@ -101,8 +103,7 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
             _guarded_block(weights, layer, cache, l, step, h, q, process, ops, layer_guard,
                            row_caps)
         else:
-            out = _block(weights, layer, cache, l, step, h, None, ops, q=q)
-            h = torch.where(process[:, None], out, h)
+            h = _block(weights, layer, cache, l, step, h, None, ops, q=q, row_mask=process)
     return h
 
 
@@ -116,8 +117,7 @@ def _guarded_block(weights, layer, cache, l, step, h, q, process, ops, guard, ro
     body runs h is unchanged without a copy."""
     if not row_caps:
         def every_row():
-            out = _block(weights, layer, cache, l, step, h, None, ops, q=q)
-            torch.where(process[:, None], out, h, out=h)
+            h.copy_(_block(weights, layer, cache, l, step, h, None, ops, q=q, row_mask=process))
         # One row: its PROCESS flag is the predicate (a view: no kernel of its own).
         guard(process[0] if process.shape[0] == 1 else process.any(), every_row)
         return
@@ -126,17 +126,18 @@ def _guarded_block(weights, layer, cache, l, step, h, q, process, ops, guard, ro
     low = 0
     for cap in (*row_caps, h.shape[0]):
         def leading_rows(rows=order[:cap]):
-            out = _block(weights, layer, cache, l, step, h[rows], rows, ops, q=q[rows])
-            h[rows] = torch.where(process[rows][:, None], out, h[rows])
+            h[rows] = _block(weights, layer, cache, l, step, h[rows], rows, ops, q=q[rows],
+                             row_mask=process[rows])
         guard((count > low) & (count <= cap), leading_rows)
         low = cap
 
 
-def _block(weights, layer, cache, l, step, h, rows, ops, q=None, rope=None):
+def _block(weights, layer, cache, l, step, h, rows, ops, q=None, rope=None, row_mask=None):
     """Attention (over the cache this layer's K/V were just written to) + MLP for the rows
     `rows` of the step (all rows when None); h holds those rows' residuals. q: their queries
     when skip_kv gave them; else they are projected here (rope: the step's (cos, sin) tables,
-    or None without RoPE)."""
+    or None without RoPE). row_mask: the rows whose residual the block changes (all when None);
+    the others come back as they went in."""
     spec = weights.spec
     rms = spec.norm == "rmsnorm"
     positions = step.positions if rows is None else step.positions[rows]
@@ -149,11 +150,12 @@ def _block(weights, layer, cache, l, step, h, rows, ops, q=None, rope=None):
             q = rotate(q, *(rope if rows is None else (rope[0][rows], rope[1][rows])))
     attn = ops.paged_attention(q, cache.k[l], cache.v[l], step.block_tables, seq_idx, positions,
                                step.block_size, spec.attn_scale, layer.sliding_window or 0)
-    h_attn, x = ops.add_norm(ops.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias), h,
-                             layer.mlp_norm_weight, layer.mlp_norm_bias, spec.norm_eps, rms)
+    o = ops.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias, row_mask=row_mask)
+    h_attn, x = ops.add_norm(o, h, layer.mlp_norm_weight, layer.mlp_norm_bias, spec.norm_eps, rms)
     # The MLP: gated SiLU (Llama family) or GELU-tanh (GPT-2), then back into the residual.
     hidden = ops.linear(x, layer.up_weight, layer.up_bias, _ACTIVATION[spec.activation])
-    return ops.linear(hidden, layer.down_weight, layer.down_bias, residual=h_attn)
+    return ops.linear(hidden, layer.down_weight, layer.down_bias, residual=h_attn,
+                      row_mask=row_mask)
 
 
 _ACTIVATION = {"silu": "silu_gated", "gelu_tanh": "gelu_tanh"}   # ModelSpec's -> linear's

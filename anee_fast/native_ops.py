@@ -29,10 +29,10 @@ def add_norm(x, residual, weight, bias, eps: float, rms: bool):
     return _ops.add_norm(x, residual, weight, bias, float(eps), bool(rms))
 
 
-def linear(x, weight, bias=None, activation: str = "none", residual=None):
-    """activation(x @ weight^T + bias) (+ residual); own GEMVs for the few rows of a decode step
-    (on CUDA with the epilogue fused)."""
-    return _ops.linear(x, weight, bias, activation, residual)
+def linear(x, weight, bias=None, activation: str = "none", residual=None, row_mask=None):
+    """activation(x @ weight^T + bias), rows masked by row_mask, (+ residual); own GEMVs for the
+    few rows of a decode step (on CUDA with the epilogue fused)."""
+    return _ops.linear(x, weight, bias, activation, residual, row_mask)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
@@ -84,7 +84,7 @@ def _add_norm_fake(x, residual, weight, bias, eps, rms):
 
 
 @torch.library.register_fake("anee_fast::linear")
-def _linear_fake(x, weight, bias, activation="none", residual=None):
+def _linear_fake(x, weight, bias, activation="none", residual=None, row_mask=None):
     out = weight.shape[0] // 2 if activation == "silu_gated" else weight.shape[0]
     return x.new_empty((*x.shape[:-1], out))
 

@@ -4,7 +4,7 @@ The ops a backend provides (same names and signatures in `kernels/` and `csrc/`)
 
 - `norm(x, weight, bias, eps, rms) -> out`
 - `add_norm(x, residual, weight, bias, eps, rms) -> (sum, normed)`
-- `linear(x, weight, bias, activation="none", residual=None) -> out`
+- `linear(x, weight, bias, activation="none", residual=None, row_mask=None) -> out`
 - `write_kv(k, v, k_cache, v_cache, slot_mapping) -> ()`
 - `skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
            k_cache, v_cache, slot_mapping, first_layer, eps, rms, q_out=None) -> ()`
@@ -49,12 +49,17 @@ def add_norm(x, residual, weight, bias, eps: float, rms: bool):
 ACTIVATIONS = ("none", "gelu_tanh", "silu_gated")
 
 
-def linear(x, weight, bias=None, activation: str = "none", residual=None):
+def linear(x, weight, bias=None, activation: str = "none", residual=None, row_mask=None):
     """activation(x @ weight^T + bias) (+ residual): every projection of the block and the LM
     head, with the MLP's activation and its residual add as epilogues (one launch where a
     backend fuses them). activation: "none", "gelu_tanh" (GPT-2), or "silu_gated" (Llama: the
     weight's rows are gate | up, the result silu(gate) * up, half as wide). Each step rounds to
-    x's dtype, as separate ops would."""
+    x's dtype, as separate ops would.
+
+    row_mask (bool, x's leading shape): a row where it is False contributes zero, whatever its
+    x holds (NaN included), so it gets its residual back unchanged (or zeros). The masked layer
+    loop uses it to keep a SKIP row's residual without a `where` launch of its own."""
+    check_row_mask(row_mask, x)
     y = F.linear(x, weight, bias)
     if activation == "gelu_tanh":
         y = F.gelu(y, approximate="tanh")
@@ -63,7 +68,17 @@ def linear(x, weight, bias=None, activation: str = "none", residual=None):
         y = F.silu(gate) * up
     elif activation != "none":
         raise ValueError(f"linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if row_mask is not None:
+        y = torch.where(row_mask[..., None], y, 0)
     return y if residual is None else residual + y
+
+
+def check_row_mask(row_mask, x):
+    """linear's row_mask is None or a bool tensor of x's leading shape on x's device."""
+    if row_mask is not None and (row_mask.dtype != torch.bool or row_mask.shape != x.shape[:-1]
+                                 or row_mask.device != x.device):
+        raise ValueError(f"linear: row_mask must be bool {list(x.shape[:-1])} on {x.device}, got "
+                         f"{row_mask.dtype} {list(row_mask.shape)} on {row_mask.device}")
 
 
 def apply_rope(x, positions, inv_freq, scale: float = 1.0):

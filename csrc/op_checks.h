@@ -53,11 +53,12 @@ struct LinearSizes {
 };
 
 // linear: x [..., K] @ weight [N, K]^T + bias [N], activation, + residual [..., N_out]; all of
-// one dtype.
+// one dtype; row_mask bool [...], x's leading shape.
 inline LinearSizes check_linear_args(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias,
                                      c10::string_view activation,
-                                     const std::optional<at::Tensor>& residual) {
+                                     const std::optional<at::Tensor>& residual,
+                                     const std::optional<at::Tensor>& row_mask) {
   TORCH_CHECK(x.dim() >= 1, "linear: x must have at least one dimension");
   TORCH_CHECK(weight.dim() == 2, "linear: weight must be [out_features, in_features]");
   const int64_t K = x.size(-1), N = weight.size(0);
@@ -78,6 +79,12 @@ inline LinearSizes check_linear_args(const at::Tensor& x, const at::Tensor& weig
     TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape) && residual->scalar_type() == x.scalar_type(),
                 "linear: residual must be ", at::IntArrayRef(shape), " in x's dtype, got ",
                 residual->sizes(), " ", residual->scalar_type());
+  }
+  if (row_mask.has_value()) {
+    const at::IntArrayRef rows = x.sizes().slice(0, x.dim() - 1);
+    TORCH_CHECK(row_mask->scalar_type() == at::kBool && row_mask->sizes() == rows,
+                "linear: row_mask must be bool ", rows, ", got ", row_mask->scalar_type(), " ",
+                row_mask->sizes());
   }
   int64_t M = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);

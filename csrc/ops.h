@@ -21,7 +21,8 @@
                                                                                                   \
   at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,                                \
                     const std::optional<at::Tensor>& bias, c10::string_view activation,           \
-                    const std::optional<at::Tensor>& residual);                                   \
+                    const std::optional<at::Tensor>& residual,                                    \
+                    const std::optional<at::Tensor>& row_mask);                                   \
                                                                                                   \
   void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,                    \
                 at::Tensor& v_cache, const at::Tensor& slot_mapping);                             \

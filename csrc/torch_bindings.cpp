@@ -17,7 +17,7 @@ TORCH_LIBRARY(anee_fast, m) {
   m.def("add_norm(Tensor x, Tensor residual, Tensor weight, Tensor? bias, float eps, bool rms) "
         "-> (Tensor, Tensor)");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias, str activation=\"none\", "
-        "Tensor? residual=None) -> Tensor");
+        "Tensor? residual=None, Tensor? row_mask=None) -> Tensor");
   m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slot_mapping) -> ()");
   m.def("skip_kv(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor kv_weight, "

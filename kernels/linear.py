@@ -1,8 +1,10 @@
-"""linear: activation(x @ weight^T + bias) (+ residual), see reference_ops.linear.
+"""linear: activation(x @ weight^T + bias) (+ residual), rows masked by row_mask, see
+reference_ops.linear.
 
 A decode step's MLP projections are GEMVs (a few rows of x against a whole weight matrix) with
-an epilogue: the activation after the first, the residual add after the second. Up to
-_GEMV_ROWS rows with an epilogue, _gemv_kernel does product and epilogue in one launch, where
+an epilogue: the activation after the first, the residual add after the second, and (in the
+masked layer loop) the row mask after the out and down projections. Up to _GEMV_ROWS rows with an
+epilogue, _gemv_kernel does product and epilogue in one launch, where
 cuBLAS + the epilogue's ops take two; a decode step on a GPU is bound by its launches. Grid:
 output columns in tiles of BLOCK_N (for gated SiLU, each program also takes the matching up
 rows); a program walks the hidden dim in BLOCK_K chunks with a broadcast multiply-sum in fp32
@@ -13,17 +15,18 @@ import torch
 import triton
 import triton.language as tl
 
-from anee_fast.reference_ops import ACTIVATIONS
+from anee_fast.reference_ops import ACTIVATIONS, check_row_mask
 from anee_fast.reference_ops import linear as _unfused
 
 _GEMV_ROWS = 8
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, K, N_OUT,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, row_mask_ptr, out_ptr, M, K, N_OUT,
                  stride_xm, stride_wn, stride_rm, stride_om,
                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,   # ACT:
                  # the activation's index in ACTIVATIONS (0 none, 1 gelu_tanh, 2 silu_gated)
+                 HAS_ROW_MASK: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < N_OUT
@@ -56,6 +59,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, K, N_OUT,
         up = acc_up.to(dtype).to(tl.float32)
         gate = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32)
         y = (gate * up).to(dtype).to(tl.float32)
+    if HAS_ROW_MASK:     # a select, not a product: a masked row's NaN stays out
+        keep = tl.load(row_mask_ptr + rows, mask=rm, other=0) != 0
+        y = tl.where(keep[:, None], y, 0.0)
     mask = rm[:, None] & cm[None, :]
     if HAS_RESIDUAL:
         y += tl.load(r_ptr + rows[:, None] * stride_rm + cols[None, :], mask=mask,
@@ -63,13 +69,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, M, K, N_OUT,
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], y.to(dtype), mask=mask)
 
 
-def linear(x, weight, bias=None, activation: str = "none", residual=None):
+def linear(x, weight, bias=None, activation: str = "none", residual=None, row_mask=None):
     """See reference_ops.linear. x [..., K], weight [N, K] -> [..., N] (N / 2 when gated)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_row_mask(row_mask, x)
     rows = x.numel() // max(x.shape[-1], 1)
-    if (activation == "none" and residual is None) or rows > _GEMV_ROWS or rows == 0:
-        return _unfused(x, weight, bias, activation, residual)
+    epilogue = activation != "none" or residual is not None or row_mask is not None
+    if not epilogue or rows > _GEMV_ROWS or rows == 0:
+        return _unfused(x, weight, bias, activation, residual, row_mask)
     N, K = weight.shape
     if activation == "silu_gated" and N % 2:
         raise ValueError(f"linear: silu_gated needs an even number of weight rows, got {N}")
@@ -84,12 +92,14 @@ def linear(x, weight, bias=None, activation: str = "none", residual=None):
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     r2 = None if residual is None else residual.reshape(rows, n_out).contiguous()
+    m2 = None if row_mask is None else row_mask.reshape(rows).contiguous()
     out = torch.empty((rows, n_out), dtype=x.dtype, device=x.device)
     block_m = triton.next_power_of_2(rows)
     block_n = 16
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
-        x2, w, w if bias is None else bias, out if r2 is None else r2, out, rows, K, n_out,
-        x2.stride(0), w.stride(0), 0 if r2 is None else r2.stride(0), out.stride(0),
-        ACT=ACTIVATIONS.index(activation), HAS_BIAS=bias is not None, HAS_RESIDUAL=r2 is not None,
+        x2, w, w if bias is None else bias, out if r2 is None else r2, out if m2 is None else m2,
+        out, rows, K, n_out, x2.stride(0), w.stride(0), 0 if r2 is None else r2.stride(0),
+        out.stride(0), ACT=ACTIVATIONS.index(activation), HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=r2 is not None, HAS_ROW_MASK=m2 is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=max(32, 256 // block_m), num_warps=4)
     return out.view(out_shape)

@@ -12,8 +12,10 @@ captured); on the CPU, time.perf_counter around each call. L2 stays warm between
 Shapes: GPT-2 small (hidden 768, 12 heads, MHA, LayerNorm + biases, no RoPE) and Llama-3.2-1B
 (hidden 2048, 32 heads, 8 KV heads, RMSNorm, RoPE); head_dim 64 in both; linear is the MLP's
 first projection with its activation (GPT-2's 3072 x 768 with bias and GELU-tanh, Llama's fused
-gate|up 16384 x 2048 with gated SiLU), linear_down its second one with the residual add (the
-reference runs product and epilogue as separate ops).
+gate|up 16384 x 2048 with gated SiLU), linear_down its second one with the residual add,
+linear_down_masked the same with the masked layer loop's row mask, every other row off (the
+reference runs product and epilogue as separate ops; for the mask, the `where` the masked loop
+launched before the mask was an epilogue).
 GB/s counts the bytes an ideal fused kernel must move (byte models below); "% peak" is against
 a large tensor copy measured in the same run. The Triton backend only runs on a CUDA device
 (on the CPU it would be Triton's interpreter, which is no speed backend).
@@ -42,7 +44,8 @@ GRAPH_CALLS = 10     # calls per timed CUDA graph replay (at least)
 CPU_CACHE_BYTES = 64 << 20   # --cold-l2 on the CPU: rotate inputs over twice this
 TOL = {"norm": 1e-4, "add_norm": 1e-4, "linear": 1e-4, "write_kv": 0.0, "skip_kv": 1e-3, "paged_attention": 1e-4}
 ACTIVATION = {False: "gelu_tanh", True: "silu_gated"}    # by s["rms"]: GPT-2's, Llama's MLP
-VARIANT_OF = {"skip_kv_exit": "skip_kv", "linear_down": "linear"}   # --ops label -> op
+VARIANT_OF = {"skip_kv_exit": "skip_kv", "linear_down": "linear",
+              "linear_down_masked": "linear"}                       # --ops label -> op
 
 
 # ---- byte models: what an ideal (fused) kernel must read + write, in bytes ---------------------
@@ -91,7 +94,7 @@ def bytes_paged_attention(n, s, es, ctx):
 
 # ---- inputs: (args for the op, the outputs to compare, a function resetting state) -------------
 
-def make_case(op, s, n, ctx, nl, device, dtype, g, down=False):
+def make_case(op, s, n, ctx, nl, device, dtype, g, variant):
     H, kvh, d = s["hidden"], s["kv_heads"], s["d"]
 
     def rnd(*shape, scale=1.0):
@@ -104,7 +107,7 @@ def make_case(op, s, n, ctx, nl, device, dtype, g, down=False):
         args = (rnd(n, H), rnd(n, H), 1 + rnd(H, scale=0.3), rnd(H, scale=0.3) if s["bias"] else None,
                 1e-5, s["rms"])
         return args, None, bytes_add_norm(n, s, dtype.itemsize)
-    if op == "linear" and not down:
+    if op == "linear" and variant == "linear":
         args = (rnd(n, H), rnd(s["up"], H, scale=H ** -0.5), rnd(s["up"], scale=0.3) if s["bias"] else None,
                 ACTIVATION[s["rms"]])
         return args, None, bytes_linear(n, s, dtype.itemsize)
@@ -112,6 +115,8 @@ def make_case(op, s, n, ctx, nl, device, dtype, g, down=False):
         inter = s["up"] // 2 if s["rms"] else s["up"]
         args = (rnd(n, inter), rnd(H, inter, scale=inter ** -0.5), rnd(H, scale=0.3) if s["bias"] else None,
                 "none", rnd(n, H))
+        if variant == "linear_down_masked":
+            args += (torch.arange(n, device=device) % 2 == 0,)
         return args, None, bytes_linear(n, s, dtype.itemsize, down=True)
     if op in ("write_kv", "skip_kv"):
         num_slots = max(2 * n, 64)
@@ -246,8 +251,8 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=512, help="paged_attention context length")
     p.add_argument("--exit-layers", type=int, default=EXIT_LAYERS, help="layers of the multi-layer skip_kv")
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--ops", default="norm,add_norm,linear,linear_down,write_kv,skip_kv,skip_kv_exit,"
-                                    "paged_attention")
+    p.add_argument("--ops", default="norm,add_norm,linear,linear_down,linear_down_masked,write_kv,"
+                                    "skip_kv,skip_kv_exit,paged_attention")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--budget", type=float, default=0.15, help="seconds of timing per measurement")
     p.add_argument("--cold-l2", action="store_true",
@@ -274,7 +279,7 @@ def main(argv=None):
     print(f"{device}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; measured copy peak {peak:.1f} GB/s; "
           f"backends: reference, {', '.join(names)}")
-    header = (f"{'op':<16} {'shape':<11} {'rows':>5} {'backend':<9} {'time us':>10} {'MB':>8} "
+    header = (f"{'op':<18} {'shape':<11} {'rows':>5} {'backend':<9} {'time us':>10} {'MB':>8} "
               f"{'GB/s':>7} {'% peak':>7} {'vs ref':>7} {'timing':>6}")
     print(header)
     results = []
@@ -288,7 +293,7 @@ def main(argv=None):
                 if op == "paged_attention" and n > attn_max:
                     continue
                 op_args, mutated, nbytes = make_case(op, s, n, args.context, nl, device, dtype, g,
-                                                     down=op_label == "linear_down")
+                                                     variant=op_label)
                 label = f"{op_label} {shape} rows {n}"
                 for name in names:
                     check(op, name, getattr(ref, op), getattr(ops_for(name), op), op_args, mutated, label)
@@ -306,7 +311,7 @@ def main(argv=None):
                              speedup_vs_ref=t_ref / t, repeats=reps, timing=how,
                              input_copies=len(copies))
                     results.append(r)
-                    print(f"{op_label:<16} {shape:<11} {n:>5} {name:<9} {r['time_us']:>10.1f} "
+                    print(f"{op_label:<18} {shape:<11} {n:>5} {name:<9} {r['time_us']:>10.1f} "
                           f"{nbytes / 1e6:>8.2f} {gbs:>7.2f} {r['pct_peak']:>6.1f}% "
                           f"{r['speedup_vs_ref']:>6.2f}x {how:>6}", flush=True)
                 del op_args, copies

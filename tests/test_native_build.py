@@ -15,7 +15,7 @@ SCHEMAS = {
     "add_norm": "anee_fast::add_norm(Tensor x, Tensor residual, Tensor weight, Tensor? bias, "
                 "float eps, bool rms) -> (Tensor, Tensor)",
     "linear": "anee_fast::linear(Tensor x, Tensor weight, Tensor? bias, str activation=\"none\", "
-              "Tensor? residual=None) -> Tensor",
+              "Tensor? residual=None, Tensor? row_mask=None) -> Tensor",
     "write_kv": "anee_fast::write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
                 "Tensor slot_mapping) -> ()",
     "skip_kv": "anee_fast::skip_kv(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor kv_weight, "
@@ -226,6 +226,9 @@ def test_opcheck_linear(native):
         torch.library.opcheck(torch.ops.anee_fast.linear, (
             torch.randn(rows, 16, generator=g), torch.randn(12, 16, generator=g),
             torch.randn(12, generator=g), "gelu_tanh"))
+        torch.library.opcheck(torch.ops.anee_fast.linear, (           # the masked layer loop's
+            torch.randn(rows, 16, generator=g), torch.randn(12, 16, generator=g), None, "none",
+            torch.randn(rows, 12, generator=g), torch.rand(rows, generator=g) < 0.5))
 
 
 def test_opcheck_saturation_codes(native):

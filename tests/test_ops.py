@@ -145,6 +145,40 @@ def test_linear_epilogues(target, rows, activation, with_bias, with_residual):
     torch.testing.assert_close(got.float(), expect.float(), **target.tol)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 83])
+@pytest.mark.parametrize("activation,with_residual", [("none", False), ("gelu_tanh", True),
+                                                      ("silu_gated", True), ("none", True)])
+def test_linear_row_mask(target, rows, activation, with_residual):
+    """A masked-off row contributes exactly zero (its x NaN: a select, not a product), so it gets
+    its residual back bit for bit; the other rows are the unmasked op's."""
+    g = torch.Generator().manual_seed(rows * 11 + len(activation) + with_residual)
+    in_features, out_features = 83, 130
+    x = torch.randn(rows, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g) / in_features ** 0.5
+    b = torch.randn(out_features, generator=g)
+    width = out_features // 2 if activation == "silu_gated" else out_features
+    residual = torch.randn(rows, width, generator=g) if with_residual else None
+    keep = torch.rand(rows, generator=g) < 0.5
+    keep[0] = rows > 1                       # one row: masked off; more: the first one kept
+    poisoned = torch.where(keep[:, None], x, torch.nan)
+    args = (target.to(w), target.to(b), activation)
+    got = target.ops.linear(target.to(poisoned), *args, target.to(residual), target.to(keep))
+    assert got.dtype == target.dtype and got.shape == (rows, width)
+    off = target.to(~keep)
+    expect_off = torch.zeros_like(got[off]) if residual is None else target.to(residual)[off]
+    assert torch.equal(got[off], expect_off)
+    expect = ref.linear(target.to(x), target.to(w), target.to(b), activation, target.to(residual))
+    torch.testing.assert_close(got[target.to(keep)].float(), expect[target.to(keep)].float(),
+                               **target.tol)
+    # A mask of x's leading shape, [2, rows] for x [2, rows, in].
+    both = target.ops.linear(target.to(torch.stack([x, poisoned])), *args,
+                             None if residual is None else target.to(torch.stack([residual] * 2)),
+                             target.to(torch.stack([torch.ones_like(keep), keep])))
+    torch.testing.assert_close(both[0].float(), expect.float(), **target.tol)
+    assert torch.equal(both[1][off], expect_off)
+    torch.testing.assert_close(both[1].float(), got.float(), **target.tol)
+
+
 def test_linear_rejects_bad_epilogues(target):
     x, w = target.to(torch.randn(3, 8)), target.to(torch.randn(5, 8))
     with pytest.raises((RuntimeError, ValueError), match="activation must be"):
@@ -155,6 +189,10 @@ def test_linear_rejects_bad_epilogues(target):
         target.ops.linear(x, w, None, "none", target.to(torch.randn(3, 4)))
     with pytest.raises((RuntimeError, ValueError), match=r"bias must be \[5\]"):   # not read past
         target.ops.linear(x, w, target.to(torch.randn(4)), "gelu_tanh")
+    for bad_mask in (torch.ones(3, dtype=torch.uint8), torch.ones(4, dtype=torch.bool),
+                     torch.ones(3, 1, dtype=torch.bool)):
+        with pytest.raises((RuntimeError, ValueError), match="row_mask must be bool"):
+            target.ops.linear(x, w, None, "none", None, target.to(bad_mask))
 
 
 def test_native_linear_rejects_bad_shapes_and_dtypes():

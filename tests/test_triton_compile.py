@@ -22,7 +22,7 @@ INDEX_ARGS = {"pos_ptr", "slot_ptr", "first_ptr", "seq_ptr", "table_ptr"}   # in
 FP32_ARGS = {"inv_freq_ptr", "m_ptr", "l_ptr", "acc_ptr",          # float32 whatever the model dtype
              "spent_ptr", "allowed_ptr", "left_ptr"}
 INT8_ARGS = {"proposed_ptr", "actions_ptr", "codes_ptr"}           # action codes
-BOOL_ARGS = {"stopped_ptr", "process_ptr"}
+BOOL_ARGS = {"stopped_ptr", "process_ptr", "row_mask_ptr"}
 FLOAT_ARGS = {"eps", "scale", "rope_scale", "commitment", "skip_cost", "skip_saturation",
               "exit_saturation", "exit_threshold"}
 
@@ -45,13 +45,23 @@ def _variants():
                     dict(RMS=rms, HAS_BIAS=not rms, BLOCK_H=1024)))
     out.append(("write_kv", _write_kv_kernel, dict(BLOCK=256)))
     # The MLP's projections of a decode step: GPT-2's up + GELU at one row, Llama's gate|up +
-    # SiLU at 8 rows, a down projection with the residual add.
+    # SiLU at 8 rows, a down projection with the residual add; the masked layer loop's out
+    # projection (row mask only) and down projection (row mask and residual).
     out.append(("gemv_gelu", _gemv_kernel, dict(ACT=1, HAS_BIAS=True, HAS_RESIDUAL=False,
-                                                BLOCK_M=1, BLOCK_N=16, BLOCK_K=256)))
+                                                HAS_ROW_MASK=False, BLOCK_M=1, BLOCK_N=16,
+                                                BLOCK_K=256)))
     out.append(("gemv_silu_gated", _gemv_kernel, dict(ACT=2, HAS_BIAS=False, HAS_RESIDUAL=False,
-                                                      BLOCK_M=8, BLOCK_N=16, BLOCK_K=32)))
+                                                      HAS_ROW_MASK=False, BLOCK_M=8, BLOCK_N=16,
+                                                      BLOCK_K=32)))
     out.append(("gemv_residual", _gemv_kernel, dict(ACT=0, HAS_BIAS=True, HAS_RESIDUAL=True,
-                                                    BLOCK_M=2, BLOCK_N=16, BLOCK_K=128)))
+                                                    HAS_ROW_MASK=False, BLOCK_M=2, BLOCK_N=16,
+                                                    BLOCK_K=128)))
+    out.append(("gemv_row_mask", _gemv_kernel, dict(ACT=0, HAS_BIAS=True, HAS_RESIDUAL=False,
+                                                    HAS_ROW_MASK=True, BLOCK_M=1, BLOCK_N=16,
+                                                    BLOCK_K=256)))
+    out.append(("gemv_row_mask_residual", _gemv_kernel,
+                dict(ACT=0, HAS_BIAS=False, HAS_RESIDUAL=True, HAS_ROW_MASK=True, BLOCK_M=8,
+                     BLOCK_N=16, BLOCK_K=32)))
     # Llama-like decode (RMS, RoPE, first_layer, head_dim 64, one row per program) and GPT-2-like
     # prefill (LayerNorm, biases, no RoPE, 8 rows per program, head_dim 80 padded to 2 x 64).
     out.append(("skip_kv_llama", _skip_kv_kernel,
@@ -132,10 +142,10 @@ def compile_all():
 def _case_keys():
     from itertools import product
     names = ["norm_rms1", "norm_rms0", "add_norm_rms1", "add_norm_rms0", "write_kv", "gemv_gelu",
-             "gemv_silu_gated", "gemv_residual", "skip_kv_llama", "skip_kv_gpt2", "paged_attention",
-             "paged_attention_split", "combine_splits", "policy_step_first0_forced0",
-             "policy_step_first0_forced1", "policy_step_first1_forced0", "policy_step_first1_forced1",
-             "saturation_codes"]
+             "gemv_silu_gated", "gemv_residual", "gemv_row_mask", "gemv_row_mask_residual",
+             "skip_kv_llama", "skip_kv_gpt2", "paged_attention", "paged_attention_split",
+             "combine_splits", "policy_step_first0_forced0", "policy_step_first0_forced1",
+             "policy_step_first1_forced0", "policy_step_first1_forced1", "saturation_codes"]
     return [f"{n}-{d}-sm{cc}{suffix}" for n, (d, cc, _, suffix) in product(names, CASES)]
 
 

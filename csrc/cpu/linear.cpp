@@ -1,5 +1,5 @@
-// CPU implementation of anee_fast::linear: activation(x @ weight^T + bias) (+ residual), see
-// reference_ops.linear. The epilogue runs as ATen ops (linear_epilogue.h): on the CPU a launch
+// CPU implementation of anee_fast::linear: activation(x @ weight^T + bias), rows masked by
+// row_mask, (+ residual), see reference_ops.linear. The epilogue runs as ATen ops (linear_epilogue.h): on the CPU a launch
 // costs little, the product is what counts.
 //
 // Why an own kernel: a decode step multiplies a few rows by every weight matrix, so it is a
@@ -101,13 +101,15 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& weight,
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, c10::string_view activation,
-                  const std::optional<at::Tensor>& residual) {
+                  const std::optional<at::Tensor>& residual,
+                  const std::optional<at::Tensor>& row_mask) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() &&
               (!bias.has_value() || bias->device().is_cpu()) &&
-              (!residual.has_value() || residual->device().is_cpu()),
+              (!residual.has_value() || residual->device().is_cpu()) &&
+              (!row_mask.has_value() || row_mask->device().is_cpu()),
               "linear: CPU implementation called with non-CPU tensors");
-  const LinearSizes sizes = check_linear_args(x, weight, bias, activation, residual);
-  return linear_epilogue(product(x, weight, bias, sizes), sizes.act, residual);
+  const LinearSizes sizes = check_linear_args(x, weight, bias, activation, residual, row_mask);
+  return linear_epilogue(product(x, weight, bias, sizes), sizes.act, residual, row_mask);
 }
 
 }  // namespace anee_fast::cpu

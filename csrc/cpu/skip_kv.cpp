@@ -112,7 +112,7 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
       std::optional<at::Tensor> bias_j;
       if (kv_bias.has_value()) bias_j = kv_bias->select(0, j);
       const at::Tensor kvq =  // [M, width]: K | V (| Q)
-          linear(x, kv_weight.select(0, j), bias_j, "none", std::nullopt).contiguous();
+          linear(x, kv_weight.select(0, j), bias_j, "none", std::nullopt, std::nullopt).contiguous();
       const scalar_t* kvp = kvq.data_ptr<scalar_t>();
 
       // One head of d values, RoPE'd when the model uses it (rotate-half), to dst.

@@ -1,10 +1,11 @@
-// CUDA implementation of anee_fast::linear: activation(x @ weight^T + bias) (+ residual), see
-// reference_ops.linear.
+// CUDA implementation of anee_fast::linear: activation(x @ weight^T + bias), rows masked by
+// row_mask, (+ residual), see reference_ops.linear.
 //
 // A decode step's MLP projections are GEMVs (a few rows of x against a whole weight matrix,
 // read once from memory) with an epilogue: the activation after the first, the residual add
-// after the second. Up to kGemvRows rows with an epilogue, gemv_kernel does the product and the
-// epilogue (bias, GELU-tanh or gated SiLU, residual add) in one launch, where cuBLAS + separate
+// after the second, and (in the masked layer loop) the row mask after the out and down
+// projections. Up to kGemvRows rows with an epilogue, gemv_kernel does the product and the
+// epilogue (bias, GELU-tanh or gated SiLU, row mask, residual add) in one launch, where cuBLAS + separate
 // epilogue ops take two, and a decode step on a GPU is bound by its launches. One warp per
 // output column (for gated SiLU: its gate and up rows), 16-byte loads of the weight row, float32
 // accumulation; every step of the epilogue rounds to the tensors' dtype as separate ops would.
@@ -73,7 +74,8 @@ __device__ __forceinline__ void dot_rows(const scalar_t* __restrict__ x, const s
 template <typename scalar_t, int MB>
 __global__ void gemv_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
                             const scalar_t* __restrict__ bias, const scalar_t* __restrict__ residual,
-                            scalar_t* __restrict__ out, GemvParams p) {
+                            const bool* __restrict__ row_mask, scalar_t* __restrict__ out,
+                            GemvParams p) {
   const int lane = threadIdx.x % kWarp;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kGemvWarps + threadIdx.x / kWarp;
   if (col >= p.n_out) return;                       // the whole warp
@@ -94,6 +96,7 @@ __global__ void gemv_kernel(const scalar_t* __restrict__ x, const scalar_t* __re
     } else if (p.act == Activation::kGeluTanh) {
       v = static_cast<scalar_t>(gelu_tanh(static_cast<float>(v)));
     }
+    if (row_mask && !row_mask[m]) v = static_cast<scalar_t>(0.f);   // a select: NaN stays out
     if (residual) v = static_cast<scalar_t>(static_cast<float>(residual[m * p.ldr + col]) + static_cast<float>(v));
     out[m * p.ldo + col] = v;
   }
@@ -103,7 +106,8 @@ bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 =
 
 template <typename scalar_t>
 void launch_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                 const at::Tensor& residual, at::Tensor& out, GemvParams p) {
+                 const at::Tensor& residual, const at::Tensor& row_mask, at::Tensor& out,
+                 GemvParams p) {
   const int64_t es = sizeof(scalar_t);
   p.vector_loads = aligned16(x.data_ptr()) && aligned16(w.data_ptr()) && p.K % (16 / es) == 0 &&
                    (p.ldx * es) % 16 == 0 && (p.ldw * es) % 16 == 0;
@@ -111,9 +115,10 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bia
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* b = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
   const scalar_t* r = residual.defined() ? residual.data_ptr<scalar_t>() : nullptr;
+  const bool* mask = row_mask.defined() ? row_mask.data_ptr<bool>() : nullptr;
 #define ANEE_FAST_GEMV(MB)                                                                   \
   gemv_kernel<scalar_t, MB><<<grid, kGemvWarps * kWarp, 0, stream>>>(                        \
-      x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b, r, out.data_ptr<scalar_t>(), p)
+      x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), b, r, mask, out.data_ptr<scalar_t>(), p)
   if (p.M <= 1) ANEE_FAST_GEMV(1);
   else if (p.M <= 2) ANEE_FAST_GEMV(2);
   else if (p.M <= 4) ANEE_FAST_GEMV(4);
@@ -126,15 +131,17 @@ void launch_gemv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bia
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, c10::string_view activation,
-                  const std::optional<at::Tensor>& residual) {
+                  const std::optional<at::Tensor>& residual,
+                  const std::optional<at::Tensor>& row_mask) {
   TORCH_CHECK(x.is_cuda() && weight.device() == x.device() &&
               (!bias.has_value() || bias->device() == x.device()) &&
-              (!residual.has_value() || residual->device() == x.device()),
+              (!residual.has_value() || residual->device() == x.device()) &&
+              (!row_mask.has_value() || row_mask->device() == x.device()),
               "linear: CUDA implementation called with tensors on other devices");
-  const LinearSizes sizes = check_linear_args(x, weight, bias, activation, residual);
-  const bool epilogue = sizes.act != Activation::kNone || residual.has_value();
+  const LinearSizes sizes = check_linear_args(x, weight, bias, activation, residual, row_mask);
+  const bool epilogue = sizes.act != Activation::kNone || residual.has_value() || row_mask.has_value();
   if (!epilogue || sizes.M > kGemvRows || sizes.M == 0 || sizes.K == 0 || sizes.N_out == 0)
-    return linear_epilogue(at::_ops::linear::call(x, weight, bias), sizes.act, residual);
+    return linear_epilogue(at::_ops::linear::call(x, weight, bias), sizes.act, residual, row_mask);
 
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.reshape({sizes.M, sizes.K}).contiguous();
@@ -142,6 +149,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor r = residual.has_value() ? residual->reshape({sizes.M, sizes.N_out}).contiguous()
                                             : at::Tensor();
+  const at::Tensor mask = row_mask.has_value() ? row_mask->reshape({sizes.M}).contiguous() : at::Tensor();
   at::Tensor out = x.new_empty({sizes.M, sizes.N_out});
   GemvParams p{};
   p.M = sizes.M;
@@ -153,7 +161,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
   p.ldo = out.stride(0);
   p.act = sizes.act;
   ANEE_FAST_DISPATCH_FLOATS(x.scalar_type(), "anee_fast_linear_cuda", [&] {
-    launch_gemv<scalar_t>(xc, w, b, r, out, p);
+    launch_gemv<scalar_t>(xc, w, b, r, mask, out, p);
   });
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = sizes.N_out;
