@@ -3,13 +3,28 @@
 // Row n sees positions 0..positions[n] of sequence seq_idx[n] (only the last sliding_window when
 // > 0); GQA: query head h reads kv head h / (heads / kv_heads). float32 math throughout.
 //
-// One block per (row, query head). Each warp walks a strided share of the visible keys with its
-// own online softmax (running max, running sum, accumulator; each lane owns head_dim / 32
-// elements), then the block merges the warps' partial results. All metadata is read on the
-// device; a row with a negative position gets zeros, an out-of-range sequence, block or slot
-// trips a device-side assert (and is never read).
+// One block per (row, query head, split). A block walks its keys in tiles of one key per
+// thread: every thread loads its key's K row and takes the dot product with the query (so a
+// tile's K rows are all in flight at once, where a warp per key waits on one row after another),
+// the block updates the running max and sum of the online softmax, then the threads, each owning
+// a few dims of head_dim, add the tile's V rows weighted by their probabilities.
+//
+// Flash-decoding: when rows x heads are too few blocks to fill the GPU (decode at small batch),
+// each row's keys are cut into `splits` contiguous chunks, one block each. A block stores its
+// unnormalised (max, sum, output); the last of a (row, head)'s blocks to finish (an arrival
+// counter) merges them and writes the output, in the same launch. The split count comes from
+// shapes only (the table width), never from device values, so the launcher never syncs. All
+// metadata is read on the device; a row with a negative position gets zeros, an out-of-range
+// sequence, block or slot trips a device-side assert (and is never read).
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../op_checks.h"
 #include "../ops.h"
@@ -18,97 +33,206 @@
 namespace anee_fast::cuda {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * kWarp;
-constexpr int kPerLane = 8;                      // head_dim <= 32 * 8
-constexpr int64_t kMaxHeadDim = kWarp * kPerLane;
+constexpr int kThreads = 128;                    // keys per tile: one per thread
+constexpr int64_t kMaxHeadDim = 256;
+constexpr int kMaxDimsPerThread = 2;             // head_dim <= kMaxDimsPerThread * kThreads
+constexpr int64_t kTargetBlocks = 528;           // about 4 blocks per SM on an H100
+constexpr int64_t kMaxSplits = 16;
+constexpr int64_t kMinKeysPerSplit = kThreads;   // at the table's full width
 
 struct Params {
   int64_t heads, group, d, num_slots, num_seqs, max_blocks, block_size, sliding_window;
   int64_t k_slot, k_head, v_slot, v_head;        // cache strides (head_dim is contiguous)
   float scale;
+  bool vector_k;                                 // K rows read with 16-byte loads
+  int dim_threads, groups;                       // V: threads per group (own dims), groups of keys
+  int64_t splits;
+  float* partials;                               // splits > 1: [rows * heads, splits, 2 + d]
+  int* arrivals;                                 // splits > 1: [rows * heads], zero between launches
 };
 
-template <typename scalar_t>
-__global__ void paged_attention_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k_cache,
-                                       const scalar_t* __restrict__ v_cache,
-                                       const int64_t* __restrict__ block_tables,
-                                       const int64_t* __restrict__ seq_idx,
-                                       const int64_t* __restrict__ positions,
-                                       scalar_t* __restrict__ out, Params p) {
-  __shared__ float warp_max[kWarps], warp_sum_exp[kWarps];
-  extern __shared__ float warp_acc[];            // [kWarps, d]
-  const int64_t n = blockIdx.x, hq = blockIdx.y, g = hq / p.group;
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t d = p.d;
-  scalar_t* orow = out + (n * p.heads + hq) * d;
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
 
+// Max of v over the block, returned to every thread (like block_sum).
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  __syncthreads();
+  v = warp_max(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float m = -INFINITY;
+  for (int w = 0; w < kThreads / kWarp; ++w) m = fmaxf(m, scratch[w]);
+  return m;
+}
+
+// q_s . row over head_dim d (q_s in float32, already scaled).
+template <typename scalar_t>
+__device__ __forceinline__ float dot_key(const scalar_t* __restrict__ row, const float* q_s, int64_t d,
+                                         bool vector_loads) {
+  float acc = 0.f;
+  if (vector_loads) {
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    for (int64_t i = 0; i < d; i += kVec) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row + i);
+      const scalar_t* v = reinterpret_cast<const scalar_t*>(&raw);
+      for (int j = 0; j < kVec; ++j) acc += q_s[i + j] * static_cast<float>(v[j]);
+    }
+  } else {
+    for (int64_t i = 0; i < d; ++i) acc += q_s[i] * static_cast<float>(row[i]);
+  }
+  return acc;
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) paged_attention_kernel(
+    const scalar_t* __restrict__ q, const scalar_t* __restrict__ k_cache,
+    const scalar_t* __restrict__ v_cache, const int64_t* __restrict__ block_tables,
+    const int64_t* __restrict__ seq_idx, const int64_t* __restrict__ positions,
+    scalar_t* __restrict__ out, Params p) {
+  __shared__ float q_s[kMaxHeadDim], prob_s[kThreads], acc_s[kMaxHeadDim], scratch[kWarp];
+  __shared__ int64_t slot_s[kThreads];
+  __shared__ bool last_s;
+  const int64_t n = blockIdx.x, hq = blockIdx.y, split = blockIdx.z, g = hq / p.group;
+  const int tid = threadIdx.x;
+  const int64_t d = p.d;
+  const int64_t row_head = n * p.heads + hq;
+  scalar_t* orow = out + row_head * d;
+
+  // This block's keys: split `split` of the row's visible positions (none if it sees nothing).
   const int64_t pos = positions[n];
   const int64_t s = seq_idx[n];
   const bool seq_ok = s >= 0 && s < p.num_seqs && pos < p.max_blocks * p.block_size;
   CUDA_KERNEL_ASSERT(pos < 0 || seq_ok);
-  if (pos < 0 || !seq_ok) {                      // sees nothing: zeros
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) orow[i] = static_cast<scalar_t>(0.f);
+  int64_t begin = 0, end = 0;
+  if (pos >= 0 && seq_ok) {
+    const int64_t lo = p.sliding_window > 0 ? max(int64_t{0}, pos - p.sliding_window + 1) : 0;
+    const int64_t chunk = (pos - lo + p.splits) / p.splits;
+    begin = lo + split * chunk;
+    end = min(begin + chunk, pos + 1);
+  }
+  const int64_t* table = block_tables + (seq_ok ? s : 0) * p.max_blocks;
+  for (int64_t i = tid; i < d; i += kThreads) q_s[i] = static_cast<float>(q[row_head * d + i]) * p.scale;
+
+  const int dim_lane = tid % p.dim_threads, group = tid / p.dim_threads;
+  float acc[kMaxDimsPerThread] = {0.f, 0.f};
+  float m = -INFINITY, l = 0.f;                  // running max and sum: the same in every thread
+  for (int64_t t0 = begin; t0 < end; t0 += kThreads) {
+    __syncthreads();                             // q_s written; the last tile's prob_s, slot_s read
+    const int64_t t = t0 + tid;
+    float score = -INFINITY;
+    int64_t slot = -1;
+    if (t < end) {
+      const int64_t blk = table[t / p.block_size];
+      const int64_t candidate = blk * p.block_size + t % p.block_size;
+      const bool slot_ok = blk >= 0 && candidate < p.num_slots;
+      CUDA_KERNEL_ASSERT(slot_ok);
+      if (slot_ok) {
+        slot = candidate;
+        score = dot_key(k_cache + slot * p.k_slot + g * p.k_head, q_s, d, p.vector_k);
+      }
+    }
+    const float m_new = fmaxf(m, block_max(score, scratch));
+    const float weight = score == -INFINITY ? 0.f : expf(score - m_new);
+    const float correction = m == -INFINITY ? 0.f : expf(m - m_new);
+    l = l * correction + block_sum(weight, scratch);
+    m = m_new;
+    prob_s[tid] = weight;
+    slot_s[tid] = slot;
+    __syncthreads();
+    for (int e = 0; e < kMaxDimsPerThread; ++e) acc[e] *= correction;
+    if (group < p.groups) {
+      const int64_t tile = min(int64_t{kThreads}, end - t0);
+      for (int64_t k = group; k < tile; k += p.groups) {
+        const int64_t sk = slot_s[k];
+        if (sk < 0) continue;
+        const float w = prob_s[k];
+        const scalar_t* vrow = v_cache + sk * p.v_slot + g * p.v_head;
+        for (int e = 0; e < kMaxDimsPerThread; ++e) {
+          const int64_t i = dim_lane + e * p.dim_threads;
+          if (i < d) acc[e] += w * static_cast<float>(vrow[i]);
+        }
+      }
+    }
+  }
+
+  // The groups' sums: this block's unnormalised output, dim i at acc_s[i] after the loop below.
+  __syncthreads();
+  if (group < p.groups)
+    for (int e = 0; e < kMaxDimsPerThread; ++e) {
+      const int64_t i = dim_lane + e * p.dim_threads;
+      if (i < d) acc_s[group * d + i] = acc[e];
+    }
+  __syncthreads();
+  if (p.splits == 1) {
+    for (int64_t i = tid; i < d; i += kThreads) {
+      float o = 0.f;
+      for (int gr = 0; gr < p.groups; ++gr) o += acc_s[gr * d + i];
+      orow[i] = static_cast<scalar_t>(l > 0.f ? o / l : 0.f);
+    }
     return;
   }
-  const int64_t lo = p.sliding_window > 0 ? max(int64_t{0}, pos - p.sliding_window + 1) : 0;
-  const int64_t* table = block_tables + s * p.max_blocks;
 
-  float qv[kPerLane], acc[kPerLane];
-  const scalar_t* qrow = q + (n * p.heads + hq) * d;
-  for (int e = 0; e < kPerLane; ++e) {
-    const int64_t i = lane + e * kWarp;
-    qv[e] = i < d ? static_cast<float>(qrow[i]) : 0.f;
-    acc[e] = 0.f;
-  }
-  float m = -INFINITY, l = 0.f;
-  for (int64_t t = lo + warp; t <= pos; t += kWarps) {
-    const int64_t blk = table[t / p.block_size];
-    const int64_t slot = blk * p.block_size + t % p.block_size;
-    const bool slot_ok = blk >= 0 && slot < p.num_slots;
-    CUDA_KERNEL_ASSERT(slot_ok);
-    if (!slot_ok) continue;                      // the same for every lane of the warp
-    const scalar_t* krow = k_cache + slot * p.k_slot + g * p.k_head;
-    const scalar_t* vrow = v_cache + slot * p.v_slot + g * p.v_head;
-    float dot = 0.f;
-    for (int e = 0; e < kPerLane; ++e) {
-      const int64_t i = lane + e * kWarp;
-      if (i < d) dot += qv[e] * static_cast<float>(krow[i]);
-    }
-    const float score = warp_sum(dot) * p.scale;
-    const float m_new = fmaxf(m, score);
-    const float correction = expf(m - m_new);    // 0 for the first key (m = -inf)
-    const float weight = expf(score - m_new);
-    l = l * correction + weight;
-    for (int e = 0; e < kPerLane; ++e) {
-      const int64_t i = lane + e * kWarp;
-      if (i < d) acc[e] = acc[e] * correction + weight * static_cast<float>(vrow[i]);
-    }
-    m = m_new;
-  }
-
-  // Merge the warps (a warp that saw no key has m = -inf, l = 0, acc = 0).
-  if (lane == 0) {
-    warp_max[warp] = m;
-    warp_sum_exp[warp] = l;
-  }
-  for (int e = 0; e < kPerLane; ++e) {
-    const int64_t i = lane + e * kWarp;
-    if (i < d) warp_acc[warp * d + i] = acc[e];
-  }
-  __syncthreads();
-  float m_all = -INFINITY;
-  for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, warp_max[w]);
-  float l_all = 0.f;
-  for (int w = 0; w < kWarps; ++w)
-    if (warp_max[w] != -INFINITY) l_all += warp_sum_exp[w] * expf(warp_max[w] - m_all);
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+  // Split: store (max, sum, output); the (row, head)'s last block to arrive merges all splits.
+  const int64_t stride = 2 + d;
+  float* part = p.partials + (row_head * p.splits + split) * stride;
+  for (int64_t i = tid; i < d; i += kThreads) {
     float o = 0.f;
-    for (int w = 0; w < kWarps; ++w)
-      if (warp_max[w] != -INFINITY) o += warp_acc[w * d + i] * expf(warp_max[w] - m_all);
+    for (int gr = 0; gr < p.groups; ++gr) o += acc_s[gr * d + i];
+    part[2 + i] = o;
+  }
+  if (tid == 0) {
+    part[0] = m;
+    part[1] = l;
+  }
+  __threadfence();                               // the stores above are seen before the arrival
+  __syncthreads();
+  if (tid == 0) last_s = atomicAdd(p.arrivals + row_head, 1) == p.splits - 1;
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  const float* parts = p.partials + row_head * p.splits * stride;
+  float m_all = -INFINITY;
+  for (int64_t z = 0; z < p.splits; ++z) m_all = fmaxf(m_all, __ldcg(parts + z * stride));
+  float l_all = 0.f;
+  for (int64_t z = 0; z < p.splits; ++z) {
+    const float mz = __ldcg(parts + z * stride);
+    if (mz != -INFINITY) l_all += __ldcg(parts + z * stride + 1) * expf(mz - m_all);
+  }
+  for (int64_t i = tid; i < d; i += kThreads) {
+    float o = 0.f;
+    for (int64_t z = 0; z < p.splits; ++z) {
+      const float mz = __ldcg(parts + z * stride);
+      if (mz != -INFINITY) o += __ldcg(parts + z * stride + 2 + i) * expf(mz - m_all);
+    }
     orow[i] = static_cast<scalar_t>(l_all > 0.f ? o / l_all : 0.f);
   }
+  if (tid == 0) p.arrivals[row_head] = 0;       // ready for the next launch on this stream
 }
+
+// Splits per (row, head): enough blocks to fill the GPU, each split at least kMinKeysPerSplit of
+// the most keys a row can see (the table's width, or the sliding window).
+int64_t num_splits(int64_t rows_heads, int64_t max_keys) {
+  if (rows_heads * 2 > kTargetBlocks) return 1;
+  const int64_t by_keys = (max_keys + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
+  return std::max<int64_t>(1, std::min({kMaxSplits, kTargetBlocks / rows_heads, by_keys}));
+}
+
+// The arrival counters of split launches: one buffer per (device, stream), since launches on one
+// stream run in order and each merging block resets its own counter to zero. Made once and kept
+// (never freed: a CUDA graph that captured a launch holds its address).
+int* arrival_counters(const at::Tensor& like, cudaStream_t stream) {
+  static std::mutex mutex;
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& counters = (*buffers)[{like.get_device(), stream}];
+  if (!counters.defined()) counters = at::zeros({kTargetBlocks}, like.options().dtype(at::kInt));
+  return counters.data_ptr<int>();
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace
 
@@ -152,12 +276,24 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   p.v_slot = vc.stride(0);
   p.v_head = vc.stride(1);
   p.scale = static_cast<float>(scale);
+  const int64_t es = kc.element_size();
+  p.vector_k = aligned16(kc.data_ptr()) && (d * es) % 16 == 0 && (p.k_slot * es) % 16 == 0 &&
+               (p.k_head * es) % 16 == 0;
+  p.dim_threads = static_cast<int>(std::min<int64_t>(kThreads, (d + kWarp - 1) / kWarp * kWarp));
+  p.groups = kThreads / p.dim_threads;
+  const int64_t table_keys = p.max_blocks * block_size;
+  p.splits = num_splits(N * heads, sliding_window > 0 ? std::min(sliding_window, table_keys) : table_keys);
 
-  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(heads));
-  const size_t shared_bytes = sizeof(float) * kWarps * d;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor partials;
+  if (p.splits > 1) {
+    partials = at::empty({N * heads * p.splits * (2 + d)}, q.options().dtype(at::kFloat));
+    p.partials = partials.data_ptr<float>();
+    p.arrivals = arrival_counters(q, stream);
+  }
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(heads), static_cast<unsigned>(p.splits));
   ANEE_FAST_DISPATCH_FLOATS(q.scalar_type(), "anee_fast_paged_attention_cuda", [&] {
-    paged_attention_kernel<scalar_t><<<grid, kThreads, shared_bytes, stream>>>(
+    paged_attention_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
         tables.data_ptr<int64_t>(), seqs.data_ptr<int64_t>(), pos.data_ptr<int64_t>(),
         out.data_ptr<scalar_t>(), p);
