@@ -9,8 +9,10 @@ Prefill rows (many per sequence) and decode rows are the same thing to this kern
 
 Flash-decoding: when rows x heads is too few programs to fill a GPU (decode at small batch),
 each row's pages are cut into `splits` contiguous chunks; each chunk stores its unnormalised
-(max, sum, acc) and `_combine_splits_kernel` merges them. The split count comes from shapes
-only (never from device values), so the launcher never syncs with the device.
+(max, sum, acc), and the last program of a (row, head) to arrive (an atomic counter) merges them
+in the same launch: no second kernel. The counters are zero between launches (the merging
+program resets its own), one buffer per stream. The split count comes from shapes only (never
+from device values), so the launcher never syncs with the device.
 """
 import torch
 import triton
@@ -23,11 +25,12 @@ _MIN_PAGES_PER_SPLIT = 4
 
 @triton.jit
 def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seq_ptr, pos_ptr, out_ptr,
-                            m_ptr, l_ptr, acc_ptr,
+                            m_ptr, l_ptr, acc_ptr, arrivals_ptr,
                             D, GROUP, block_size, scale, sliding_window, NUM_SPLITS,
                             stride_qn, stride_qh, stride_qd, stride_ks, stride_kh, stride_kd,
                             stride_vs, stride_vh, stride_vd, stride_tb, stride_on, stride_oh,
-                            SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                            SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_S: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     split = tl.program_id(2)
@@ -68,35 +71,46 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seq_ptr,
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new
+    out_row = out_ptr + row * stride_on + head * stride_oh + d
     if SPLIT:
         # Partial results [rows, heads, splits(, D)]; an empty split leaves m=-inf, l=0, acc=0.
-        part = (row * tl.num_programs(1) + head) * NUM_SPLITS + split
+        row_head = row * tl.num_programs(1) + head
+        part = row_head * NUM_SPLITS + split
         tl.store(m_ptr + part, m_i)
         tl.store(l_ptr + part, l_i)
         tl.store(acc_ptr + part * BLOCK_D + d, acc)
+        tl.debug_barrier()               # every thread's stores before the arrival (release)
+        arrived = tl.atomic_add(arrivals_ptr + row_head, 1, sem="acq_rel")
+        if arrived == NUM_SPLITS - 1:
+            # The last split: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M = max_s
+            # m_s (split 0 is never empty, so M is finite). Loads from L2, past this SM's L1.
+            s = tl.arange(0, BLOCK_S)
+            sm = s < NUM_SPLITS
+            base = row_head * NUM_SPLITS
+            m = tl.load(m_ptr + base + s, mask=sm, other=float("-inf"), cache_modifier=".cg")
+            l = tl.load(l_ptr + base + s, mask=sm, other=0.0, cache_modifier=".cg")
+            parts = tl.load(acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :], mask=sm[:, None],
+                            other=0.0, cache_modifier=".cg")
+            w = tl.exp(m - tl.max(m, axis=0))
+            merged = tl.sum(w[:, None] * parts, axis=0) / tl.sum(w * l, axis=0)
+            tl.store(out_row, merged.to(out_ptr.dtype.element_ty), mask=dm)
+            tl.store(arrivals_ptr + row_head, 0)      # ready for the next launch on this stream
     else:
-        tl.store(out_ptr + row * stride_on + head * stride_oh + d,
-                 (acc / l_i).to(out_ptr.dtype.element_ty), mask=dm)
+        tl.store(out_row, (acc / l_i).to(out_ptr.dtype.element_ty), mask=dm)
 
 
-@triton.jit
-def _combine_splits_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, D, NUM_SPLITS, stride_on, stride_oh,
-                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M = max_s m_s (split 0 is never
-    empty, so M is finite)."""
-    row = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    base = (row * tl.num_programs(1) + head) * NUM_SPLITS
-    s = tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    sm = s < NUM_SPLITS
-    m = tl.load(m_ptr + base + s, mask=sm, other=float("-inf"))
-    l = tl.load(l_ptr + base + s, mask=sm, other=0.0)
-    acc = tl.load(acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :], mask=sm[:, None], other=0.0)
-    w = tl.exp(m - tl.max(m, axis=0))
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
-    tl.store(out_ptr + row * stride_on + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
-             mask=d < D)
+_ARRIVALS = {}      # (device, stream) -> int32 [_TARGET_PROGRAMS]: the split programs' counters
+
+
+def _arrival_counters(device):
+    """The arrival counters of split launches on the current stream: made once, zero between
+    launches (launches on one stream run in order), never freed (a CUDA graph holds the address).
+    A split launch has fewer than _TARGET_PROGRAMS rows x heads."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    if key not in _ARRIVALS:
+        _ARRIVALS[key] = torch.zeros(_TARGET_PROGRAMS, dtype=torch.int32, device=device)
+    return _ARRIVALS[key]
 
 
 def _num_splits(rows: int, heads: int, max_pages: int) -> int:
@@ -120,19 +134,16 @@ def _paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, bloc
         m = torch.empty((n, heads, num_splits), dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
         acc = torch.empty((n, heads, num_splits, block_d), dtype=torch.float32, device=q.device)
+        arrivals = _arrival_counters(q.device)
     else:
-        m = l = acc = out           # unused
+        m = l = acc = arrivals = out           # unused
     _paged_attention_kernel[(n, heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_idx, positions, out, m, l, acc,
+        q, k_cache, v_cache, block_tables, seq_idx, positions, out, m, l, acc, arrivals,
         d, heads // kv_heads, int(block_size), float(scale), int(sliding_window or 0), num_splits,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
         out.stride(0), out.stride(1),
         SPLIT=split, BLOCK_N=triton.next_power_of_2(int(block_size)), BLOCK_D=block_d,
-        num_warps=4)
-    if split:
-        _combine_splits_kernel[(n, heads)](m, l, acc, out, d, num_splits, out.stride(0),
-                                           out.stride(1), BLOCK_S=triton.next_power_of_2(num_splits),
-                                           BLOCK_D=block_d, num_warps=1)
+        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
     return out
 
 

@@ -22,6 +22,7 @@ INDEX_ARGS = {"pos_ptr", "slot_ptr", "first_ptr", "seq_ptr", "table_ptr"}   # in
 FP32_ARGS = {"inv_freq_ptr", "m_ptr", "l_ptr", "acc_ptr",          # float32 whatever the model dtype
              "spent_ptr", "allowed_ptr", "left_ptr"}
 INT8_ARGS = {"proposed_ptr", "actions_ptr", "codes_ptr"}           # action codes
+INT32_ARGS = {"arrivals_ptr"}                                      # counters
 BOOL_ARGS = {"stopped_ptr", "process_ptr", "row_mask_ptr"}
 FLOAT_ARGS = {"eps", "scale", "rope_scale", "commitment", "skip_cost", "skip_saturation",
               "exit_saturation", "exit_threshold"}
@@ -33,7 +34,7 @@ def _variants():
     from anee_fast.kernels.linear import _gemv_kernel
     from anee_fast.kernels.saturation_codes import _saturation_codes_kernel
     from anee_fast.kernels.norm import _norm_kernel
-    from anee_fast.kernels.paged_attention import _combine_splits_kernel, _paged_attention_kernel
+    from anee_fast.kernels.paged_attention import _paged_attention_kernel
     from anee_fast.kernels.policy_step import _policy_step_kernel
     from anee_fast.kernels.skip_kv import _skip_kv_kernel
     from anee_fast.kernels.write_kv import _write_kv_kernel
@@ -71,10 +72,9 @@ def _variants():
                 dict(RMS=False, HAS_NORM_BIAS=True, HAS_BIAS=True, ROPE=False, HAS_FIRST=False,
                      BLOCK_M=8, BLOCK_HALF=64, BLOCK_K=16)))
     out.append(("paged_attention", _paged_attention_kernel,
-                dict(SPLIT=False, BLOCK_N=16, BLOCK_D=128)))
-    out.append(("paged_attention_split", _paged_attention_kernel,
-                dict(SPLIT=True, BLOCK_N=16, BLOCK_D=128)))
-    out.append(("combine_splits", _combine_splits_kernel, dict(BLOCK_S=16, BLOCK_D=128)))
+                dict(SPLIT=False, BLOCK_N=16, BLOCK_D=128, BLOCK_S=1)))
+    out.append(("paged_attention_split", _paged_attention_kernel,      # merged by the last split
+                dict(SPLIT=True, BLOCK_N=16, BLOCK_D=128, BLOCK_S=16)))
     out.append(("saturation_codes", _saturation_codes_kernel, dict(BLOCK_H=1024)))
     for first in (False, True):
         for forced in (False, True):
@@ -95,6 +95,8 @@ def _signature(fn, constexprs, dtype):
             sig[name] = "*i64"
         elif name in INT8_ARGS:
             sig[name] = "*i8"
+        elif name in INT32_ARGS:
+            sig[name] = "*i32"
         elif name in BOOL_ARGS:
             sig[name] = "*i1"
         elif name.endswith("_ptr"):
@@ -144,7 +146,7 @@ def _case_keys():
     names = ["norm_rms1", "norm_rms0", "add_norm_rms1", "add_norm_rms0", "write_kv", "gemv_gelu",
              "gemv_silu_gated", "gemv_residual", "gemv_row_mask", "gemv_row_mask_residual",
              "skip_kv_llama", "skip_kv_gpt2", "paged_attention", "paged_attention_split",
-             "combine_splits", "policy_step_first0_forced0", "policy_step_first0_forced1",
+             "policy_step_first0_forced0", "policy_step_first0_forced1",
              "policy_step_first1_forced0", "policy_step_first1_forced1", "saturation_codes"]
     return [f"{n}-{d}-sm{cc}{suffix}" for n, (d, cc, _, suffix) in product(names, CASES)]
 
