@@ -103,12 +103,17 @@ _ARRIVALS = {}      # (device, stream) -> int32 [_TARGET_PROGRAMS]: the split pr
 
 
 def _arrival_counters(device):
-    """The arrival counters of split launches on the current stream: made once, zero between
-    launches (launches on one stream run in order), never freed (a CUDA graph holds the address).
-    A split launch has fewer than _TARGET_PROGRAMS rows x heads."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    """The arrival counters of split launches on the current stream, zero between launches
+    (launches on one stream run in order; a split launch has fewer than _TARGET_PROGRAMS rows x
+    heads). Made on the stream's first call outside a capture, split or not (so the warm-up
+    before a capture makes it), and never freed (a CUDA graph holds the address). Inside a
+    capture, a stream without one gets None: zeros made there would be set only by the graph's
+    own replays."""
+    cuda = device.type == "cuda"
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if cuda else 0)
     if key not in _ARRIVALS:
+        if cuda and torch.cuda.is_current_stream_capturing():
+            return None
         _ARRIVALS[key] = torch.zeros(_TARGET_PROGRAMS, dtype=torch.int32, device=device)
     return _ARRIVALS[key]
 
@@ -130,11 +135,13 @@ def _paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, bloc
         return out
     block_d = triton.next_power_of_2(d)
     split = num_splits > 1
+    arrivals = _arrival_counters(q.device)
     if split:
         m = torch.empty((n, heads, num_splits), dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
         acc = torch.empty((n, heads, num_splits, block_d), dtype=torch.float32, device=q.device)
-        arrivals = _arrival_counters(q.device)
+        if arrivals is None:           # a capture's first call on its stream: counters of its own
+            arrivals = torch.zeros(n * heads, dtype=torch.int32, device=q.device)
     else:
         m = l = acc = arrivals = out           # unused
     _paged_attention_kernel[(n, heads, num_splits)](

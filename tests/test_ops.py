@@ -123,51 +123,66 @@ def test_linear(target, rows, in_features, out_features, with_bias, weight_layou
                                                           target.exact(b)), **target.tol)
 
 
+def weight_view(target, layout, in_features, out_features, gen):
+    """A weight [out_features, in_features] as the model hands it to linear: rows 2.. of a taller
+    stack (a fused QKV's K|V rows), or the first columns of a wider one (row stride in + 8)."""
+    if layout == "rows of a stack":
+        stack = torch.randn(out_features + 4, in_features, generator=gen)
+        return target.to(stack / in_features ** 0.5)[2:2 + out_features]
+    stack = torch.randn(out_features, in_features + 8, generator=gen)
+    return target.to(stack / in_features ** 0.5)[:, :in_features]
+
+
+# K = 83 takes the GEMVs' scalar loads; K = 128 in a column slice (rows 16-byte aligned) their
+# 16-byte loads on CUDA.
+GEMV_WEIGHTS = [(83, "rows of a stack"), (128, "columns of a stack")]
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 83])       # native's CUDA kernel serves <= 8 rows
 @pytest.mark.parametrize("activation", ["none", "gelu_tanh", "silu_gated"])
 @pytest.mark.parametrize("with_bias,with_residual", [(True, True), (False, True), (True, False)])
-def test_linear_epilogues(target, rows, activation, with_bias, with_residual):
+@pytest.mark.parametrize("in_features,layout", GEMV_WEIGHTS)
+def test_linear_epilogues(target, rows, activation, with_bias, with_residual, in_features, layout):
     """activation(x W^T + b) + residual, each step rounded to the dtype as separate ops do; the
-    weight a K|V-like view of a stack, widths odd (gated: 2 x 65 rows)."""
-    g = torch.Generator().manual_seed(rows * 7 + len(activation) + with_bias)
-    in_features, out_features = 83, 130
+    weight a view of a stack, widths odd (gated: 2 x 65 rows)."""
+    g = torch.Generator().manual_seed(rows * 7 + len(activation) + with_bias + in_features)
+    out_features = 130
     x = torch.randn(rows, in_features, generator=g)
-    stack = torch.randn(out_features + 4, in_features, generator=g) / in_features ** 0.5
-    w = stack[2:2 + out_features]
+    w = weight_view(target, layout, in_features, out_features, g)
     b = torch.randn(out_features, generator=g) if with_bias else None
     width = out_features // 2 if activation == "silu_gated" else out_features
     residual = torch.randn(rows, width, generator=g) if with_residual else None
-    got = target.ops.linear(target.to(x), target.to(stack)[2:2 + out_features], target.to(b),
-                            activation, target.to(residual))
+    got = target.ops.linear(target.to(x), w, target.to(b), activation, target.to(residual))
     assert got.dtype == target.dtype and got.shape == (rows, width)
     # The reference on the target's dtype (its roundings between the steps), compared in float32.
-    expect = ref.linear(target.to(x), target.to(w), target.to(b), activation, target.to(residual))
+    expect = ref.linear(target.to(x), w.contiguous(), target.to(b), activation, target.to(residual))
     torch.testing.assert_close(got.float(), expect.float(), **target.tol)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 83])
 @pytest.mark.parametrize("activation,with_residual", [("none", False), ("gelu_tanh", True),
                                                       ("silu_gated", True), ("none", True)])
-def test_linear_row_mask(target, rows, activation, with_residual):
+@pytest.mark.parametrize("in_features,layout", GEMV_WEIGHTS)
+def test_linear_row_mask(target, rows, activation, with_residual, in_features, layout):
     """A masked-off row contributes exactly zero (its x NaN: a select, not a product), so it gets
     its residual back bit for bit; the other rows are the unmasked op's."""
-    g = torch.Generator().manual_seed(rows * 11 + len(activation) + with_residual)
-    in_features, out_features = 83, 130
+    g = torch.Generator().manual_seed(rows * 11 + len(activation) + with_residual + in_features)
+    out_features = 130
     x = torch.randn(rows, in_features, generator=g)
-    w = torch.randn(out_features, in_features, generator=g) / in_features ** 0.5
+    w = weight_view(target, layout, in_features, out_features, g)
     b = torch.randn(out_features, generator=g)
     width = out_features // 2 if activation == "silu_gated" else out_features
     residual = torch.randn(rows, width, generator=g) if with_residual else None
     keep = torch.rand(rows, generator=g) < 0.5
     keep[0] = rows > 1                       # one row: masked off; more: the first one kept
     poisoned = torch.where(keep[:, None], x, torch.nan)
-    args = (target.to(w), target.to(b), activation)
+    args = (w, target.to(b), activation)
     got = target.ops.linear(target.to(poisoned), *args, target.to(residual), target.to(keep))
     assert got.dtype == target.dtype and got.shape == (rows, width)
     off = target.to(~keep)
     expect_off = torch.zeros_like(got[off]) if residual is None else target.to(residual)[off]
     assert torch.equal(got[off], expect_off)
-    expect = ref.linear(target.to(x), target.to(w), target.to(b), activation, target.to(residual))
+    expect = ref.linear(target.to(x), w.contiguous(), target.to(b), activation, target.to(residual))
     torch.testing.assert_close(got[target.to(keep)].float(), expect[target.to(keep)].float(),
                                **target.tol)
     # A mask of x's leading shape, [2, rows] for x [2, rows, in].
@@ -382,15 +397,16 @@ def test_paged_attention(target, lengths, block_size, heads, kv_heads, head_dim,
     torch.testing.assert_close(got.float(), expect, **target.tol)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (4, 4, 80)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (4, 4, 80), (3, 1, 20), (2, 2, 256)])
 @pytest.mark.parametrize("window", [0, 200])
 def test_paged_attention_long_contexts(target, heads, kv_heads, head_dim, window):
-    """Decode rows of few sequences with long contexts (1, 300 and 1000 keys): the case where a
+    """Decode rows of few sequences with long contexts (1, 300 and 2100 keys): the case where a
     backend cuts each row's keys into splits and merges them (flash-decoding), the row of one key
-    leaving most of its splits empty. A second call on the same stream, with other queries, is
+    leaving most of its splits empty, the longest one's splits longer than a 128-key tile. Head
+    dims from 20 (not a multiple of 16 bytes) to 256. A second call on the same stream, with other queries, is
     right too (whatever a split launch keeps between calls is left as it found it)."""
     g = torch.Generator().manual_seed(head_dim + window)
-    block_size, lengths = 16, [1, 300, 1000]
+    block_size, lengths = 16, [1, 300, 2100]
     tables, num_blocks = paged_layout(lengths, block_size, g)
     slots = num_blocks * block_size
     k_cache = torch.randn(slots + 1, kv_heads, head_dim, generator=g)
@@ -406,6 +422,42 @@ def test_paged_attention_long_contexts(target, heads, kv_heads, head_dim, window
         expect = ref.paged_attention(target.exact(queries), target.exact(k_cache),
                                      target.exact(v_cache), *meta, block_size, scale, window)
         torch.testing.assert_close(got.float(), expect, **target.tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_paged_attention_splits_replay_from_a_cuda_graph(backend):
+    """Split launches captured in a CUDA graph merge right on every replay, and eager calls after
+    the replays still do. For Triton the capture's stream has no arrival counters (set aside for
+    the test), so the captured launch takes counters of its own and makes no stream buffer."""
+    target = Target(backend, "cuda", torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    block_size, lengths, heads, kv_heads, d = 16, [3, 900], 4, 2, 64
+    tables, num_blocks = paged_layout(lengths, block_size, g)
+    k_cache, v_cache = (target.to(torch.randn(num_blocks * block_size + 1, kv_heads, d, generator=g))
+                        for _ in range(2))
+    meta = [target.to(t) for t in (tables, torch.arange(2), torch.tensor(lengths) - 1)]
+    q = target.to(torch.randn(2, heads, d, generator=g))
+    rest = (*meta, block_size, d ** -0.5, 0)
+    target.ops.paged_attention(q, k_cache, v_cache, *rest)       # compiles (Triton) outside the capture
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    from anee_fast.kernels import paged_attention as triton_paged_attention
+    key = (str(q.device), stream.cuda_stream)
+    set_aside = triton_paged_attention._ARRIVALS.pop(key, None) if backend == "triton" else None
+    with torch.cuda.graph(graph, stream=stream):
+        out = target.ops.paged_attention(q, k_cache, v_cache, *rest)
+    if backend == "triton":
+        assert key not in triton_paged_attention._ARRIVALS
+        if set_aside is not None:
+            triton_paged_attention._ARRIVALS[key] = set_aside
+    for scale in (1.0, -2.0, 0.5):
+        fresh = target.to(scale * torch.randn(2, heads, d, generator=g))
+        q.copy_(fresh)
+        graph.replay()
+        expect = ref.paged_attention(fresh.float(), k_cache.float(), v_cache.float(), *rest)
+        torch.testing.assert_close(out.float(), expect, **target.tol)
+        eager = target.ops.paged_attention(fresh, k_cache, v_cache, *rest)
+        torch.testing.assert_close(eager.float(), expect, **target.tol)
 
 
 # ---- saturation_codes ----------------------------------------------------------------------------

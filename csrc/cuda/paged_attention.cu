@@ -19,6 +19,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 
 #include <algorithm>
 #include <cmath>
@@ -221,15 +222,20 @@ int64_t num_splits(int64_t rows_heads, int64_t max_keys) {
 }
 
 // The arrival counters of split launches: one buffer per (device, stream), since launches on one
-// stream run in order and each merging block resets its own counter to zero. Made once and kept
-// (never freed: a CUDA graph that captured a launch holds its address).
+// stream run in order and each merging block resets its own counter to zero. Made on the stream's
+// first call outside a capture, split or not (so the warm-up before a capture makes it), and kept
+// (never freed: a CUDA graph that captured a launch holds its address). Inside a capture, a stream
+// without one gets nullptr: zeros made there would be set only by the graph's own replays.
 int* arrival_counters(const at::Tensor& like, cudaStream_t stream) {
   static std::mutex mutex;
   static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
   const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& counters = (*buffers)[{like.get_device(), stream}];
-  if (!counters.defined()) counters = at::zeros({kTargetBlocks}, like.options().dtype(at::kInt));
-  return counters.data_ptr<int>();
+  const std::pair<int, cudaStream_t> key{like.get_device(), stream};
+  auto found = buffers->find(key);
+  if (found != buffers->end()) return found->second.data_ptr<int>();
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return nullptr;
+  return buffers->emplace(key, at::zeros({kTargetBlocks}, like.options().dtype(at::kInt)))
+      .first->second.data_ptr<int>();
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -285,11 +291,14 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   p.splits = num_splits(N * heads, sliding_window > 0 ? std::min(sliding_window, table_keys) : table_keys);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor partials;
+  int* stream_counters = arrival_counters(q, stream);
+  at::Tensor partials, launch_counters;
   if (p.splits > 1) {
     partials = at::empty({N * heads * p.splits * (2 + d)}, q.options().dtype(at::kFloat));
     p.partials = partials.data_ptr<float>();
-    p.arrivals = arrival_counters(q, stream);
+    if (stream_counters == nullptr)              // a capture's first call on its stream: its own
+      launch_counters = at::zeros({N * heads}, q.options().dtype(at::kInt));
+    p.arrivals = stream_counters ? stream_counters : launch_counters.data_ptr<int>();
   }
   const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(heads), static_cast<unsigned>(p.splits));
   ANEE_FAST_DISPATCH_FLOATS(q.scalar_type(), "anee_fast_paged_attention_cuda", [&] {
