@@ -150,7 +150,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block
 
     q [N, heads, d]; k_cache/v_cache [slots + 1, kv_heads, d]; block_tables [S, max_blocks];
     row n belongs to sequence seq_idx[n] and sees its positions 0..positions[n] (only the last
-    `sliding_window` of them when > 0). GQA: heads is a multiple of kv_heads.
+    `sliding_window` of them when > 0); a row with a negative position sees no key and gets
+    zeros. GQA: heads is a multiple of kv_heads.
     """
     heads, kv_heads = q.shape[1], k_cache.shape[1]
     key_pos = torch.arange(block_tables.shape[1] * block_size, device=q.device)
@@ -167,7 +168,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block
             mask &= key_pos[None, :] > q_pos - sliding_window
         o = F.scaled_dot_product_attention(q[rows, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask[:, None, None, :], scale=scale)
-        out[rows] = o[:, :, 0, :]
+        sees_a_key = mask.any(dim=1)[:, None, None]        # explicit: not every SDPA kernel zeros
+        out[rows] = torch.where(sees_a_key, o[:, :, 0, :], 0)
     return out
 
 

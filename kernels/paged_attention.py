@@ -43,9 +43,10 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seq_ptr,
     pos = tl.load(pos_ptr + row)
     first = tl.where(sliding_window > 0, tl.maximum(pos - sliding_window + 1, 0), 0)
     table = table_ptr + seq * stride_tb
-    # This program's pages: split `split` of the row's pages first_page..last_page.
+    # This program's pages: split `split` of the row's pages first_page..last_page (none for a
+    # row with a negative position: it sees no key and gets zeros, as in the reference).
     first_page = first // block_size
-    last_page = pos // block_size
+    last_page = tl.where(pos >= 0, pos // block_size, first_page - 1)
     per_split = (last_page - first_page + NUM_SPLITS) // NUM_SPLITS
     lo = first_page + split * per_split
     hi = tl.minimum(lo + per_split, last_page + 1)
@@ -83,7 +84,8 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seq_ptr,
         arrived = tl.atomic_add(arrivals_ptr + row_head, 1, sem="acq_rel")
         if arrived == NUM_SPLITS - 1:
             # The last split: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M = max_s
-            # m_s (split 0 is never empty, so M is finite). Loads from L2, past this SM's L1.
+            # m_s; empty splits weigh 0 (all of them for a row without keys: zeros). Loads from
+            # L2, past this SM's L1.
             s = tl.arange(0, BLOCK_S)
             sm = s < NUM_SPLITS
             base = row_head * NUM_SPLITS
@@ -91,12 +93,14 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, seq_ptr,
             l = tl.load(l_ptr + base + s, mask=sm, other=0.0, cache_modifier=".cg")
             parts = tl.load(acc_ptr + (base + s)[:, None] * BLOCK_D + d[None, :], mask=sm[:, None],
                             other=0.0, cache_modifier=".cg")
-            w = tl.exp(m - tl.max(m, axis=0))
-            merged = tl.sum(w[:, None] * parts, axis=0) / tl.sum(w * l, axis=0)
+            top = tl.max(m, axis=0)
+            w = tl.exp(m - tl.where(top > float("-inf"), top, 0.0))      # exp(-inf) = 0
+            denom = tl.sum(w * l, axis=0)
+            merged = tl.sum(w[:, None] * parts, axis=0) / tl.where(denom > 0, denom, 1.0)
             tl.store(out_row, merged.to(out_ptr.dtype.element_ty), mask=dm)
             tl.store(arrivals_ptr + row_head, 0)      # ready for the next launch on this stream
     else:
-        tl.store(out_row, (acc / l_i).to(out_ptr.dtype.element_ty), mask=dm)
+        tl.store(out_row, (acc / tl.where(l_i > 0, l_i, 1.0)).to(out_ptr.dtype.element_ty), mask=dm)
 
 
 _ARRIVALS = {}      # (device, stream) -> int32 [_TARGET_PROGRAMS]: the split programs' counters

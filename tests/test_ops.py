@@ -424,6 +424,24 @@ def test_paged_attention_long_contexts(target, heads, kv_heads, head_dim, window
         torch.testing.assert_close(got.float(), expect, **target.tol)
 
 
+@pytest.mark.parametrize("table_pages", [1, 64])        # 64: split launches where a backend splits
+def test_paged_attention_row_without_keys_gets_zeros(target, table_pages):
+    """A negative position sees no key: zeros, next to rows that see some (one of them a single
+    key, so most of its splits are empty too)."""
+    g = torch.Generator().manual_seed(table_pages)
+    block_size, heads, kv_heads, d = 16, 4, 2, 64
+    k_cache, v_cache = torch.randn(2, table_pages * block_size + 1, kv_heads, d, generator=g)
+    tables = torch.randperm(table_pages, generator=g)[None]
+    positions = torch.tensor([-1, 0, table_pages * block_size - 1, -5])
+    q = torch.randn(4, heads, d, generator=g)
+    rest = (target.to(tables), target.to(torch.zeros(4, dtype=torch.long)), target.to(positions),
+            block_size, d ** -0.5, 0)
+    got = target.ops.paged_attention(target.to(q), target.to(k_cache), target.to(v_cache), *rest)
+    assert torch.equal(got[positions < 0].float().cpu(), torch.zeros(2, heads, d))
+    expect = ref.paged_attention(target.exact(q), target.exact(k_cache), target.exact(v_cache), *rest)
+    torch.testing.assert_close(got.float(), expect, **target.tol)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["triton", "native"])
 def test_paged_attention_splits_replay_from_a_cuda_graph(backend):
