@@ -168,7 +168,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block
             mask &= key_pos[None, :] > q_pos - sliding_window
         o = F.scaled_dot_product_attention(q[rows, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask[:, None, None, :], scale=scale)
-        sees_a_key = mask.any(dim=1)[:, None, None]        # explicit: not every SDPA kernel zeros
+        sees_a_key = q_pos[:, :, None] >= 0     # its own key at least; explicit: not every SDPA kernel zeros
         out[rows] = torch.where(sees_a_key, o[:, :, 0, :], 0)
     return out
 
