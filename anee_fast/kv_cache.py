@@ -10,8 +10,3 @@ class KVCache:
         shape = (num_layers, num_blocks * block_size + 1, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    @property
-    def bytes_per_block(self) -> int:
-        per_slot = self.k[:, 0].numel() * self.k.element_size() * 2
-        return per_slot * self.block_size

@@ -57,7 +57,7 @@ def _label(token: str, width: int = 12) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def _mark_boundary(ax, trace, num_tokens, vertical=True):
+def _mark_boundary(ax, trace, num_tokens):
     """Dashed line between the prompt and the generated tokens (when both are present)."""
     n = int(getattr(trace, "num_prompt_tokens", 0) or 0)
     if 0 < n < num_tokens:
