@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from bench_results import BenchResults
 from roofline import ideal_speedup, measure_peaks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,21 +83,27 @@ def anee_library_rows(model, args, budgets):
 CONDITIONAL = {"off": False, "on": True, "compacted": "compacted"}
 
 
-def bench_model(name, args, device, dtype, peaks, budgets):
+def bench_model(name, args, device, dtype, peaks, budgets, results):
     """Rows of one model: per batch, transformers once, then every conditional-layers variant at
     every budget ("vs full" against the first variant's full depth, so variants compare)."""
     from anee_fast import LLM, SamplingParams
     model = build(name, device, dtype)
     graphs = None if device.type == "cpu" else args.cuda_graphs == "on"
-    llms = {v: LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0,
-                   cuda_graphs=graphs, conditional_layers=CONDITIONAL[v])
-            for v in args.conditional_layers}
+    llms = {}         # variant -> LLM, for the variants that could be built
+
+    def build_llm(variant):
+        llms[variant] = LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0,
+                            cuda_graphs=graphs, conditional_layers=CONDITIONAL[variant])
+
+    for v in args.conditional_layers:
+        results.attempt(dict(model=name, conditional_layers=CONDITIONAL[v]), lambda: build_llm(v))
+    if not llms:
+        return
     spec = next(iter(llms.values())).spec
-    es, new = dtype.itemsize, args.new_tokens
+    new = args.new_tokens
     anee = None
     if name == "gpt2-124m" and device.type == "cpu" and dtype == torch.float32:
         anee = anee_library_rows(model, args, budgets)
-    rows = []
     for batch in args.batches:
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(0, spec.vocab_size, (batch, args.prompt_tokens), generator=g)
@@ -109,8 +116,13 @@ def bench_model(name, args, device, dtype, peaks, budgets):
         hf(2)                                                             # warm-up
         hf_prefill, hf_total = timed(lambda: hf(1), args.repeats), timed(lambda: hf(new), args.repeats)
         hf_decode = (hf_total - hf_prefill) / (new - 1)
-        full_decode = None
-        for variant, llm in llms.items():
+        base = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
+                    controller=args.controller, cuda_graphs=bool(graphs), batch=batch,
+                    hf_ms_per_step=hf_decode * 1e3, hf_prefill_ms=hf_prefill * 1e3)
+        full = []             # the first variant's full-depth decode time, once measured
+
+        def variant_rows(llm, variant):
+            """One layer-loop variant's rows at every budget ("vs full" divides full[0])."""
             def ours(n, budget):
                 return llm.generate(prompts.tolist(), SamplingParams(max_tokens=n, ignore_eos=True),
                                     energy_budget=budget, controller=args.controller)
@@ -119,28 +131,27 @@ def bench_model(name, args, device, dtype, peaks, budgets):
             for budget in budgets:
                 traces = [o.trace for o in ours(new, budget)]
                 compute = statistics.mean(float(t.compute[t.num_prompt_tokens:].mean()) for t in traces)
-                model_full_ms, ideal = ideal_speedup(spec, traces, peaks, es)
+                model_full_ms, ideal = ideal_speedup(spec, traces, peaks, dtype.itemsize)
                 prefill = timed(lambda: ours(1, budget), args.repeats)
                 decode = (timed(lambda: ours(new, budget), args.repeats) - prefill) / (new - 1)
-                full_decode = decode if full_decode is None else full_decode
-                row = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                           backend=llm.backend, controller=args.controller, cuda_graphs=bool(graphs),
-                           conditional_layers=CONDITIONAL[variant],
-                           batch=batch, budget=budget,
-                           compute=compute, ms_per_step=decode * 1e3, tokens_per_s=batch / decode,
-                           hf_ms_per_step=hf_decode * 1e3, speedup_vs_hf=hf_decode / decode,
-                           speedup_vs_full=full_decode / decode, ideal_speedup=ideal,
-                           fraction_of_ideal=(full_decode / decode) / ideal,
-                           roofline_full_ms=model_full_ms, prefill_ms=prefill * 1e3,
-                           hf_prefill_ms=hf_prefill * 1e3)
+                if not full:
+                    full.append(decode)
+                row = dict(base, backend=llm.backend, conditional_layers=CONDITIONAL[variant],
+                           budget=budget, compute=compute, ms_per_step=decode * 1e3,
+                           tokens_per_s=batch / decode, speedup_vs_hf=hf_decode / decode,
+                           speedup_vs_full=full[0] / decode, ideal_speedup=ideal,
+                           fraction_of_ideal=(full[0] / decode) / ideal,
+                           roofline_full_ms=model_full_ms, prefill_ms=prefill * 1e3)
                 if anee is not None and batch == 1:
                     r = anee if "error" in anee else anee[budget]
                     row["anee_ms_per_step"] = r.get("ms_per_step")
                     row["anee_note"] = r.get("error", f"controller {r.get('controller')}, "
                                                       f"{r.get('layers_executed_last_step')} layers run")
-                rows.append(row)
-                print_row(row)
-    return rows
+                results.add(row)
+
+        for variant, llm in llms.items():
+            results.attempt(dict(model=name, conditional_layers=CONDITIONAL[variant], batch=batch),
+                            lambda: variant_rows(llm, variant))
 
 
 HEADER = (f"{'model':<10} {'cond':<9} {'batch':>5} {'budget':>6} {'compute':>7} {'ms/step':>8} {'tok/s':>8} "
@@ -223,14 +234,13 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads, {args.prompt_tokens} prompt + {args.new_tokens} new "
           f"tokens, controller {args.controller}; {peaks.describe()}")
     print(HEADER)
-    rows = []
+    results = BenchResults(args.out, print_row, peaks=vars(peaks))
     for name in args.models.split(","):
-        rows += bench_model(name, args, device, dtype, peaks, budgets)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(peaks=vars(peaks), rows=rows), f, indent=1)
-    plot(rows, args.out + ".png")
-    print(f"wrote {args.out}.json and {args.out}.png", file=sys.stderr)
+        bench_model(name, args, device, dtype, peaks, budgets, results)
+    if results.rows:
+        plot(results.rows, args.out + ".png")
+        print(f"wrote {args.out}.json and {args.out}.png", file=sys.stderr)
+    results.finish()
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ a large tensor copy measured in the same run. The Triton backend only runs on a 
 (on the CPU it would be Triton's interpreter, which is no speed backend).
 """
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -30,6 +28,7 @@ import time
 import torch
 
 from anee_fast.backends import backends, ops_for
+from bench_results import BenchResults
 from roofline import measure_peaks
 
 SHAPES = {
@@ -165,8 +164,8 @@ def check(op, name, ref_fn, fn, args, mutated, label):
     for e, o in pairs:
         err = (e.float() - o.float()).abs().max().item()
         if not err <= tol * max(1.0, e.float().abs().max().item()):
-            sys.exit(f"MISMATCH: {label}, backend {name}: max abs error {err:.3g} > {tol:g} "
-                     f"against the reference; not timing a wrong kernel")
+            raise AssertionError(f"MISMATCH: {label}, backend {name}: max abs error {err:.3g} > "
+                                 f"{tol:g} against the reference; not timing a wrong kernel")
 
 
 def sync(device):
@@ -241,6 +240,47 @@ def input_copies(op_args, nbytes, cache_bytes, cold: bool) -> list:
     return [op_args] + [tuple(clone(a) for a in op_args) for _ in range(count - 1)]
 
 
+def measure_case(results, case, s, nl, args, device, dtype, g, names, peak, cache_bytes):
+    """One (op, shape, rows) case: each backend checked against the reference, then the
+    reference and every backend that matched it timed (a mismatch is a failure, not a row)."""
+    op = VARIANT_OF.get(case["op"], case["op"])
+    built = []
+    if not results.attempt(case, lambda: built.append(
+            make_case(op, s, case["rows"], args.context, nl, device, dtype, g, variant=case["op"]))):
+        return
+    op_args, mutated, nbytes = built[0]
+    label = f"{case['op']} {case['shape']} rows {case['rows']}"
+    ref = ops_for("reference")
+    checked = [name for name in names if results.attempt(
+        dict(case, backend=name),
+        lambda name=name: check(op, name, getattr(ref, op), getattr(ops_for(name), op), op_args,
+                                mutated, label))]
+    copies = input_copies(op_args, nbytes, cache_bytes, args.cold_l2)
+    t_ref = []
+
+    def time_backend(name):
+        fn = getattr(ops_for(name), op)
+        t, reps, how = timed([lambda a=a: fn(*a) for a in copies], device, args.budget)
+        if name == "reference":
+            t_ref.append(t)
+        gbs = nbytes / t / 1e9
+        results.add(dict(case, backend=name, layers=nl,
+                         context=args.context if op == "paged_attention" else None,
+                         time_us=t * 1e6, bytes=nbytes, gb_s=gbs, pct_peak=100 * gbs / peak,
+                         speedup_vs_ref=t_ref[0] / t, repeats=reps, timing=how,
+                         input_copies=len(copies)))
+
+    if results.attempt(dict(case, backend="reference"), lambda: time_backend("reference")):
+        for name in checked:
+            results.attempt(dict(case, backend=name), lambda name=name: time_backend(name))
+
+
+def print_row(r):
+    print(f"{r['op']:<18} {r['shape']:<11} {r['rows']:>5} {r['backend']:<9} {r['time_us']:>10.1f} "
+          f"{r['bytes'] / 1e6:>8.2f} {r['gb_s']:>7.2f} {r['pct_peak']:>6.1f}% "
+          f"{r['speedup_vs_ref']:>6.2f}x {r['timing']:>6}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gpu = torch.cuda.is_available()
@@ -272,7 +312,6 @@ def main(argv=None):
     for b, ok in avail.items():
         if ok is not True:
             print(f"# backend {b} skipped: {ok}", file=sys.stderr)
-    ref = ops_for("reference")
     peak = measure_peaks(device, dtype).bandwidth / 1e9
     cache_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" \
         else CPU_CACHE_BYTES
@@ -282,7 +321,11 @@ def main(argv=None):
     header = (f"{'op':<18} {'shape':<11} {'rows':>5} {'backend':<9} {'time us':>10} {'MB':>8} "
               f"{'GB/s':>7} {'% peak':>7} {'vs ref':>7} {'timing':>6}")
     print(header)
-    results = []
+    meta = dict(device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
+                threads=torch.get_num_threads(), peak_copy_gb_s=peak, context=args.context,
+                cold_l2=args.cold_l2, cache_bytes=cache_bytes,
+                block_size=BLOCK, exit_layers=args.exit_layers)
+    results = BenchResults(args.out, print_row, meta=meta)
     g = torch.Generator().manual_seed(0)
     for shape in args.shapes.split(","):
         s = SHAPES[shape]
@@ -292,37 +335,9 @@ def main(argv=None):
             for n in rows:
                 if op == "paged_attention" and n > attn_max:
                     continue
-                op_args, mutated, nbytes = make_case(op, s, n, args.context, nl, device, dtype, g,
-                                                     variant=op_label)
-                label = f"{op_label} {shape} rows {n}"
-                for name in names:
-                    check(op, name, getattr(ref, op), getattr(ops_for(name), op), op_args, mutated, label)
-                t_ref = None
-                copies = input_copies(op_args, nbytes, cache_bytes, args.cold_l2)
-                for name in ["reference"] + names:
-                    fn = getattr(ops_for(name), op)
-                    calls = [lambda a=a: fn(*a) for a in copies]
-                    t, reps, how = timed(calls, device, args.budget)
-                    t_ref = t if name == "reference" else t_ref
-                    gbs = nbytes / t / 1e9
-                    r = dict(op=op_label, shape=shape, rows=n, backend=name, layers=nl,
-                             context=args.context if op == "paged_attention" else None,
-                             time_us=t * 1e6, bytes=nbytes, gb_s=gbs, pct_peak=100 * gbs / peak,
-                             speedup_vs_ref=t_ref / t, repeats=reps, timing=how,
-                             input_copies=len(copies))
-                    results.append(r)
-                    print(f"{op_label:<18} {shape:<11} {n:>5} {name:<9} {r['time_us']:>10.1f} "
-                          f"{nbytes / 1e6:>8.2f} {gbs:>7.2f} {r['pct_peak']:>6.1f}% "
-                          f"{r['speedup_vs_ref']:>6.2f}x {how:>6}", flush=True)
-                del op_args, copies
+                measure_case(results, dict(op=op_label, shape=shape, rows=n), s, nl, args,
+                             device, dtype, g, names, peak, cache_bytes)
 
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    meta = dict(device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
-                threads=torch.get_num_threads(), peak_copy_gb_s=peak, context=args.context,
-                cold_l2=args.cold_l2, cache_bytes=cache_bytes,
-                block_size=BLOCK, exit_layers=args.exit_layers)
-    with open(args.out + ".json", "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=1)
     from matplotlib.figure import Figure
     shapes = args.shapes.split(",")
     fig = Figure(figsize=(5.5 * len(shapes), 4))
@@ -330,7 +345,7 @@ def main(argv=None):
     for ax, shape in zip(axes, shapes):
         for op_label in args.ops.split(","):
             for name in names:
-                pts = [(r["rows"], r["speedup_vs_ref"]) for r in results
+                pts = [(r["rows"], r["speedup_vs_ref"]) for r in results.rows
                        if r["shape"] == shape and r["op"] == op_label and r["backend"] == name]
                 if pts:
                     ax.plot(*zip(*pts), "o-", label=f"{op_label} ({name})")
@@ -344,6 +359,7 @@ def main(argv=None):
     fig.tight_layout()
     fig.savefig(args.out + ".png", dpi=120)
     print(f"wrote {args.out}.json and {args.out}.png", file=sys.stderr)
+    results.finish()
 
 
 if __name__ == "__main__":
