@@ -32,6 +32,9 @@ class BlockManager:
 
     def allocate(self, seq_id, num_tokens: int) -> list:
         """Grows `seq_id`'s table to hold `num_tokens` tokens; all or nothing."""
+        table = self.tables.get(seq_id)
+        if table is not None and len(table) * self.block_size >= num_tokens:
+            return table                  # most calls: a decode step within the last block
         need = self.blocks_needed(seq_id, num_tokens)
         if need > self.num_free:
             raise OutOfKVBlocks(

@@ -70,6 +70,10 @@ class _StepGraph:
         self.meta = torch.zeros((3, rows), dtype=torch.long, device=device)  # token, position, slot
         self.meta[2] = -1                                      # padding: writes nothing
         self.tables = torch.zeros((rows, width), dtype=torch.long, device=device)
+        # The host's copy of the block tables, rewritten only where a row's table changed (a
+        # decode step adds a block to a sequence once every block_size tokens).
+        self.host_tables = torch.zeros((rows, width), dtype=torch.long)
+        self.host_table_lists = [[] for _ in range(rows)]   # what each row of it holds
         self.budget_terms = torch.zeros((3, rows), dtype=torch.float32, device=device)
         self.seq_idx = torch.arange(rows, device=device)
         self.runner, self.layer_guard, self.row_caps = runner, layer_guard, row_caps
@@ -100,12 +104,14 @@ class _StepGraph:
                        row_caps=self.row_caps if layer_guard is not None else ())
         return final_logits(r.weights, h, r.ops), self.policy.actions, self.policy.compute()
 
-    def run(self, meta: torch.Tensor, tables: torch.Tensor, terms: torch.Tensor, n: int):
-        """meta: long [3, rows] (token, position, slot), tables: long [rows, width], terms:
-        budget_terms [3, rows], padding rows included (host tensors: one copy each); n real
-        rows."""
+    def run(self, meta: torch.Tensor, tables: list, terms: torch.Tensor):
+        """meta: long [3, rows] (token, position, slot) and terms: budget_terms [3, rows],
+        padding rows included (host tensors: one copy each); tables: the block tables (lists)
+        of the real rows, as many as there are."""
+        n = len(tables)
+        self._write_host_tables(tables + [[]] * (self.rows - n))
         self.meta.copy_(meta)
-        self.tables.copy_(tables)
+        self.tables.copy_(self.host_tables)
         self.budget_terms.copy_(terms)
         if self.graph is None:
             outputs = self.forward(self.layer_guard)
@@ -114,6 +120,17 @@ class _StepGraph:
             outputs = self.outputs
         logits, actions, compute = outputs
         return logits[:n], actions[:n], compute[:n]
+
+
+    def _write_host_tables(self, tables: list):
+        """Rewrites the rows of host_tables whose table differs from what they hold (zero-padded
+        to the width; a padding row's table is empty)."""
+        for i, table in enumerate(tables):
+            if table != self.host_table_lists[i]:
+                row = self.host_tables[i]
+                row.zero_()
+                row[:len(table)] = torch.tensor(table, dtype=torch.long)
+                self.host_table_lists[i] = list(table)
 
 
 class DecodeGraphs:
@@ -152,13 +169,11 @@ class DecodeGraphs:
         meta, tables = [[], [], []], []
         for seq, _ in chunks:
             p = seq.num_computed
-            table = manager.tables[seq.seq_id]
+            tables.append(manager.tables[seq.seq_id])
             for field, value in zip(meta, (seq.token_ids[p], p, manager.slot(seq.seq_id, p))):
                 field.append(value)
-            tables.append(table + [0] * (self.width - len(table)))
         for field, value in zip(meta, (0, 0, -1)):         # padding rows: write nothing
             field += [value] * pad
-        tables += [[0] * self.width] * pad
         budgets = [seq.budget for seq, _ in chunks] + [0.0] * pad
         controller = chunks[0][0].controller
         key = (bucket, id(controller))
@@ -168,6 +183,5 @@ class DecodeGraphs:
             caps = compaction_caps(key[0]) if self.compacted else ()
             self.graphs[key] = _StepGraph(self.runner, key[0], controller, self.width, self.capture,
                                           self.layer_guard, caps)
-        return self.graphs[key].run(torch.tensor(meta, dtype=torch.long),
-                                    torch.tensor(tables, dtype=torch.long),
-                                    self.runner.budget_terms(budgets), n)
+        return self.graphs[key].run(torch.tensor(meta, dtype=torch.long), tables,
+                                    self.runner.budget_terms(budgets))

@@ -29,8 +29,12 @@ def budget_terms(budgets, num_layers: int, skip_cost: float, min_layers: int = 0
     limit in layers, and the limit with the rule's tolerance. Computed on the host once per step,
     so that the step's graph holds no kernels for them."""
     floor = budget_floor(num_layers, skip_cost, min_layers, always_last)
-    limit = torch.clamp(torch.as_tensor(budgets, dtype=torch.float32), min=floor) * num_layers
-    return torch.stack((limit / num_layers, limit, limit + _EPS))
+    # Python floats: for a step's few budgets cheaper than tensor ops, and the engine's host
+    # time per step is time that skipping layers cannot save.
+    values = torch.as_tensor(budgets, dtype=torch.float64).reshape(-1).tolist()
+    limit = [max(b, floor) * num_layers for b in values]
+    return torch.tensor([[x / num_layers for x in limit], limit, [x + _EPS for x in limit]],
+                        dtype=torch.float32)
 
 
 class DepthPolicy:

@@ -149,10 +149,12 @@ class LLMEngine:
         for seq, n in chunks:
             manager.allocate(seq.seq_id, seq.num_computed + n)
         out = self.runner.run(chunks, logits_rows, fixed_actions)
-        actions, compute = out.actions.cpu(), out.compute.cpu()   # once per step, after the layers
+        # Once per step, after the layers; copies even on the CPU, where the outputs of a graph
+        # step are its static buffers: the sequences keep these tensors (Sequence.record).
+        actions, compute = out.actions.to("cpu", copy=True), out.compute.to("cpu", copy=True)
         start = 0
         for seq, n in chunks:
-            seq.record(seq.num_computed, actions[start:start + n], compute[start:start + n])
+            seq.record(seq.num_computed, actions, compute, start, n)
             seq.num_computed += n
             start += n
         return replace(out, actions=actions, compute=compute)

@@ -33,8 +33,9 @@ class Sequence:
         self.finish_reason = None
         self.arrival_time = time.perf_counter()
         self.token_times = []                   # perf_counter() when each generated token came
-        self.actions = torch.zeros((max_len, num_layers), dtype=torch.int8)
-        self.compute = torch.zeros(max_len, dtype=torch.float32)
+        self._actions = torch.zeros((max_len, num_layers), dtype=torch.int8)
+        self._compute = torch.zeros(max_len, dtype=torch.float32)
+        self._unwritten = []                    # record()'s arguments, not yet in _actions
 
     def __len__(self):
         return len(self.token_ids)
@@ -51,14 +52,34 @@ class Sequence:
     def generated_ids(self) -> list:
         return self.token_ids[self.num_prompt_tokens:]
 
-    def record(self, start: int, actions, compute) -> None:
-        end = start + actions.shape[0]
-        if end > self.actions.shape[0]:   # a sequence fed beyond its planned length (ANEE forward)
-            grow = end - self.actions.shape[0]
-            self.actions = torch.cat([self.actions, self.actions.new_zeros(grow, self.actions.shape[1])])
-            self.compute = torch.cat([self.compute, self.compute.new_zeros(grow)])
-        self.actions[start:end] = actions
-        self.compute[start:end] = compute
+    def record(self, start: int, actions, compute, first_row: int, n: int) -> None:
+        """Tokens start..start+n ran as rows first_row.. of a step whose host actions [rows, L]
+        and compute [rows] these are. Kept as given and written when `actions` or `compute` is
+        read: a decode step then costs a sequence one append, not two tensor writes."""
+        self._unwritten.append((start, actions, compute, first_row, n))
+
+    @property
+    def actions(self) -> torch.Tensor:
+        """int8 [max_len, L]: the actions of each token run so far (later rows are zero)."""
+        self._write_records()
+        return self._actions
+
+    @property
+    def compute(self) -> torch.Tensor:
+        """float32 [max_len]: each token's compute, as a fraction of a full forward."""
+        self._write_records()
+        return self._compute
+
+    def _write_records(self) -> None:
+        for start, actions, compute, first_row, n in self._unwritten:
+            end = start + n
+            if end > self._actions.shape[0]:   # fed beyond its planned length (ANEE forward)
+                grow = end - self._actions.shape[0]
+                self._actions = torch.cat([self._actions, self._actions.new_zeros(grow, self._actions.shape[1])])
+                self._compute = torch.cat([self._compute, self._compute.new_zeros(grow)])
+            self._actions[start:end] = actions[first_row:first_row + n]
+            self._compute[start:end] = compute[first_row:first_row + n]
+        self._unwritten.clear()
 
     def stats(self) -> dict:
         """Per-request statistics: compute spent (fraction of a full forward) and layers run per

@@ -62,6 +62,64 @@ def test_static_buffer_steps_match_the_plain_steps(arch, controller, budget):
         torch.testing.assert_close(x.compute, y.compute)
 
 
+def test_static_buffer_steps_follow_tables_through_preemption():
+    """On a tiny KV pool the scheduler preempts: a recomputed sequence decodes again with other
+    blocks, and rows change sequences. The static step rewrites only the rows of its host block
+    tables whose table changed, so it must notice every change (not just a new length)."""
+    model = build_model("llama_gqa", num_layers=3)
+    prompts = [random_ids(model, n, seed=90 + n).tolist() for n in (3, 11, 6, 1, 8)]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (9, 4, 12, 7, 5)]
+    roomy = LLM(model, backend="reference", device="cpu", block_size=4)
+    tiny = LLM(model, backend="reference", device="cpu", block_size=4, num_kv_blocks=6)
+    graphs = with_static_steps(tiny, capture=False)
+    checked = check_tables_every_step(tiny, graphs)
+    preemptions = []
+    real_preempt = tiny.engine.scheduler._preempt
+    tiny.engine.scheduler._preempt = lambda seq: (preemptions.append(seq.seq_id), real_preempt(seq))
+    a = roomy.generate(prompts, params, energy_budget=0.6)
+    b = tiny.generate(prompts, params, energy_budget=0.6)
+    assert preemptions and checked
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        assert torch.equal(x.trace.actions, y.trace.actions)
+
+
+def check_tables_every_step(llm, graphs):
+    """Wraps graphs.run to check, after every static step, that each row's block table in the
+    step's buffer is its sequence's (zero-padded; padding rows all zero). Returns the count."""
+    checked = []
+    real_run = graphs.run
+
+    def run(chunks):
+        out = real_run(chunks)
+        manager = llm.engine.block_manager
+        step = graphs.graphs[(bucket_for(len(chunks), graphs.max_rows), id(chunks[0][0].controller))]
+        expected = torch.zeros_like(step.tables)
+        for i, (seq, _) in enumerate(chunks):
+            table = manager.tables[seq.seq_id]
+            expected[i, :len(table)] = torch.tensor(table)
+        assert torch.equal(step.tables, expected)
+        checked.append(len(chunks))
+        return out
+
+    graphs.run = run
+    return checked
+
+
+def test_static_buffer_steps_follow_rows_that_change_sequence():
+    """Four prompts of one length (tables of as many blocks) in bucket 4; the first finishes,
+    so within the same bucket each row then holds the next sequence, whose table has the
+    length of the one the row held: the step must still rewrite that row's table."""
+    model = build_model("gpt2", num_layers=3)
+    prompts = [random_ids(model, 6, seed=110 + i).tolist() for i in range(4)]
+    params = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (2, 7, 7, 7)]
+    static = LLM(model, backend="reference", device="cpu", block_size=4)
+    graphs = with_static_steps(static, capture=False)
+    checked = check_tables_every_step(static, graphs)
+    static.generate(prompts, params)
+    assert 4 in checked and 3 in checked and {key[0] for key in graphs.graphs} == {4}
+
+
 def test_steps_that_do_not_qualify_run_plain():
     model = build_model("gpt2", num_layers=3)
     llm = LLM(model, backend="reference", device="cpu", block_size=4)

@@ -17,7 +17,7 @@ def test_masked_profile_counts_kernel_launching_ops(tmp_path, capsys):
     names = {r["name"] for r in result["by_name"]}
     assert {"anee_fast::policy_step", "anee_fast::add_norm", "anee_fast::linear"} <= names
     # Views are left out of the kernel count, and every layer launches at least its block's ops.
-    assert 12 * 8 <= result["kernel_ops_per_step"] < result["launches_per_step"]
+    assert 12 * 7 <= result["kernel_ops_per_step"] < result["launches_per_step"]
     assert "would launch on a GPU" in capsys.readouterr().out
 
 
