@@ -166,15 +166,14 @@ class DecodeGraphs:
         n = len(chunks)
         bucket = bucket_for(n, self.max_rows)
         pad = bucket - n
-        meta, tables = [[], [], []], []
-        for seq, _ in chunks:
-            p = seq.num_computed
-            tables.append(manager.tables[seq.seq_id])
-            for field, value in zip(meta, (seq.token_ids[p], p, manager.slot(seq.seq_id, p))):
-                field.append(value)
-        for field, value in zip(meta, (0, 0, -1)):         # padding rows: write nothing
-            field += [value] * pad
-        budgets = [seq.budget for seq, _ in chunks] + [0.0] * pad
+        seqs = [seq for seq, _ in chunks]
+        tables = [manager.tables[seq.seq_id] for seq in seqs]
+        positions = [seq.num_computed for seq in seqs]
+        meta = [[seq.token_ids[p] for seq, p in zip(seqs, positions)] + [0] * pad,
+                positions + [0] * pad,
+                [manager.slot(seq.seq_id, p) for seq, p in zip(seqs, positions)]
+                + [-1] * pad]                                 # padding rows: write nothing
+        budgets = [seq.budget for seq in seqs] + [0.0] * pad
         controller = chunks[0][0].controller
         key = (bucket, id(controller))
         if key not in self.graphs:
