@@ -40,21 +40,37 @@ class SamplingParams:
 
 def sample_batch(logits: torch.Tensor, params: list, generators: list) -> list:
     """One token id per row of float32 logits [M, vocab]; a None in `params` means no token for
-    that row. Greedy rows share one argmax and one transfer to the host per step."""
-    greedy = logits.argmax(dim=-1).tolist()
-    return [None if p is None else greedy[i] if p.temperature == 0 else _sample_row(logits[i], p, g)
-            for i, (p, g) in enumerate(zip(params, generators))]
+    that row. Every row is drawn on the logits' device in one batch, with one transfer of the
+    tokens to the host per step: greedy rows take the argmax; sampled rows their temperature,
+    top-k and top-p, then a uniform from their own generator picks a token off the row's
+    cumulative distribution, so a seeded request samples the same tokens in any batch."""
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if p is not None and p.temperature > 0]
+    if sampled:
+        chosen = [params[i] for i in sampled]
+        uniforms = [float(torch.rand((), generator=generators[i])) for i in sampled]
+        tokens[sampled] = _sample_rows(logits[sampled], chosen, uniforms)
+    return [None if p is None else t for p, t in zip(params, tokens.tolist())]
 
 
-def _sample_row(logits: torch.Tensor, params: SamplingParams, generator) -> int:
-    """Temperature, top-k and top-p sampling from one row of logits [vocab], on the host."""
-    logits = logits.float().cpu() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < params.top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+def _sample_rows(logits: torch.Tensor, params: list, uniforms: list) -> torch.Tensor:
+    """Token ids [R] drawn from logits [R, vocab] under each row's SamplingParams, each with
+    its uniform in [0, 1) (inverse transform sampling)."""
+    device, vocab = logits.device, logits.shape[-1]
+    column = lambda values: torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+    x = logits.float() / column([p.temperature for p in params])
+    top_k = [min(p.top_k or vocab, vocab) for p in params]
+    if min(top_k) < vocab:                       # keep each row's k largest (ties included)
+        kth = x.topk(max(top_k), dim=-1).values
+        kth = kth.gather(1, torch.tensor(top_k, device=device)[:, None] - 1)
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    top_p = [p.top_p for p in params]
+    if min(top_p) < 1.0:                         # the smallest head of mass >= top_p
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = (sorted_p.cumsum(dim=-1) - sorted_p < column(top_p)) | (column(top_p) >= 1.0)
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_p * keep)
+    cdf = probs.cumsum(dim=-1)
+    target = column(uniforms) * cdf[:, -1:]
+    # The first token whose cdf passes the target: never one of probability 0.
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=vocab - 1).squeeze(1)
