@@ -32,16 +32,14 @@ class BlockManager:
 
     def allocate(self, seq_id, num_tokens: int) -> list:
         """Grows `seq_id`'s table to hold `num_tokens` tokens; all or nothing."""
-        table = self.tables.get(seq_id)
-        if table is not None and len(table) * self.block_size >= num_tokens:
-            return table                  # most calls: a decode step within the last block
         need = self.blocks_needed(seq_id, num_tokens)
         if need > self.num_free:
             raise OutOfKVBlocks(
                 f"sequence {seq_id} needs {need} more KV blocks for {num_tokens} tokens, "
                 f"{self.num_free} of {self.num_blocks} are free")
         table = self.tables.setdefault(seq_id, [])
-        table.extend(self.free_blocks.pop() for _ in range(need))
+        if need:                          # most calls need none: a decode step in the last block
+            table.extend(self.free_blocks.pop() for _ in range(need))
         return table
 
     def free(self, seq_id) -> None:

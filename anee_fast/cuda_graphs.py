@@ -121,7 +121,6 @@ class _StepGraph:
         logits, actions, compute = outputs
         return logits[:n], actions[:n], compute[:n]
 
-
     def _write_host_tables(self, tables: list):
         """Rewrites the rows of host_tables whose table differs from what they hold (zero-padded
         to the width; a padding row's table is empty)."""
