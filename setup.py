@@ -17,6 +17,7 @@ import sys
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SUBPACKAGES = ("ops", "model", "control", "engine", "serving", "training", "eval", "compat")
 BUILD_NATIVE = os.environ.get("ANEE_FAST_BUILD_NATIVE", "auto").lower()
 
 
@@ -94,7 +95,7 @@ setup(
     description="Adaptive-depth transformer decoding (PROCESS/SKIP/EXIT per token and layer) "
                 "on a paged KV cache",
     python_requires=">=3.10",
-    packages=["anee_fast", "anee_fast.kernels"],
+    packages=["anee_fast", *(f"anee_fast.{p}" for p in SUBPACKAGES), "anee_fast.kernels"],
     package_dir={"anee_fast.kernels": "kernels"},
     package_data={"anee_fast": ["data/controllers/*"]},    # the shipped trained controller
     ext_modules=ext_modules,

@@ -1,8 +1,8 @@
 """anee_fast: adaptive-depth transformer decoding on a paged KV cache."""
 from .actions import EXIT, PROCESS, SKIP
-from .backends import backends
+from .ops.backends import backends
 from .llm import LLM, RequestOutput
-from .sampling import SamplingParams
+from .engine.sampling import SamplingParams
 from .trace import Trace
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "Trace", "backends", "PROCESS", "SKIP", "EXIT",
@@ -12,6 +12,6 @@ __all__ = ["LLM", "SamplingParams", "RequestOutput", "Trace", "backends", "PROCE
 def __getattr__(name):
     # The ANEE drop-in imports transformers' generation pieces: load it only when asked for.
     if name in ("ANEEConfig", "ANEEWrapper"):
-        from . import anee_compat
+        from .compat import anee as anee_compat
         return getattr(anee_compat, name)
     raise AttributeError(name)

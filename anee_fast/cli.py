@@ -44,7 +44,7 @@ def _add_model_options(p, runtime: bool = True):
 def _checked_model(args):
     """The --model path (None: the embedded model), checked with --min-layers (and --device)
     before anything slow is loaded."""
-    from .model_loader import ModelLoadError, check_local_path, default_device
+    from .model.loader import ModelLoadError, check_local_path, default_device
     if args.min_layers < 0:
         raise _Error(f"--min-layers must be >= 0, got {args.min_layers}")
     if getattr(args, "device", None) is not None:
@@ -59,7 +59,7 @@ def _checked_model(args):
 
 
 def _checked_budget(value, flag="--budget") -> float:
-    from .engine import check_budget
+    from .engine.llm_engine import check_budget
     try:
         return check_budget(value)
     except ValueError as e:
@@ -67,7 +67,7 @@ def _checked_budget(value, flag="--budget") -> float:
 
 
 def _checked_controller(value):
-    from .controllers import make_controller
+    from .control.controllers import make_controller
     try:
         return make_controller(value)
     except (ValueError, OSError) as e:
@@ -117,8 +117,8 @@ def _add_generate(subparsers):
 
 def _cmd_generate(args) -> int:
     # Check everything cheap before loading a model (loading can take a while).
-    from .depth_policy import budget_floor
-    from .sampling import SamplingParams
+    from .control.depth_policy import budget_floor
+    from .engine.sampling import SamplingParams
     budget = _checked_budget(args.budget)
     if not args.prompt:
         raise _Error("the prompt is empty")
@@ -149,7 +149,7 @@ def _cmd_generate(args) -> int:
     all_ids = list(out.prompt_token_ids) + list(out.token_ids)
     written = []
     if args.heatmap or args.compute_plot or args.depth_plot:
-        from . import plots
+        from .eval import plots
         if args.heatmap:
             tokens = [tokenizer.decode([t]) for t in all_ids[:trace.actions.shape[0]]]
             written.append(("heatmap", plots.plot_heatmap(trace, args.heatmap, tokens=tokens)))
@@ -288,7 +288,7 @@ def _cmd_serve(args) -> int:
         raise _Error("--api-key is empty")
     model = _checked_model(args)
 
-    from .server import serve
+    from .serving.server import serve
     llm = _load_llm(args, model, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs)
     serve(llm, host=args.host, port=args.port, api_key=args.api_key,
           model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
@@ -331,7 +331,7 @@ def _add_eval(subparsers):
 
 
 def _cmd_eval(args) -> int:
-    from .corpus import corpus_text
+    from .eval.corpus import corpus_text
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError:
@@ -352,7 +352,7 @@ def _cmd_eval(args) -> int:
             raise _Error("--controllers is empty")
     model = _checked_model(args)
 
-    from .evaluation import run_eval
+    from .eval.evaluation import run_eval
     llm = _load_llm(args, model)
     run_eval(llm, budgets=budgets, text_path=args.text, controllers=controllers,
              windows=args.windows, seq_len=args.seq_len, json_path=args.json, plot_path=args.plot,
@@ -421,7 +421,7 @@ def _add_train_controller(subparsers):
 
 
 def _cmd_train_controller(args) -> int:
-    from .controller_training import TrainConfig, train_controller
+    from .training.controller_training import TrainConfig, train_controller
     given = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in _TRAIN_OPTIONS}
     config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
     try:
@@ -497,7 +497,7 @@ def _add_train_recurrent(subparsers):
 
 
 def _cmd_train_recurrent(args) -> int:
-    from .recurrent_training import RecurrentTrainConfig, train_recurrent
+    from .training.recurrent_training import RecurrentTrainConfig, train_recurrent
     given = {f.replace("-", "_"): getattr(args, f.replace("-", "_")) for f, _, _ in _RECURRENT_OPTIONS}
     try:
         config = RecurrentTrainConfig(**{k: v for k, v in given.items() if v is not None})
@@ -538,7 +538,7 @@ def _add_eval_recurrent(subparsers):
 
 
 def _cmd_eval_recurrent(args) -> int:
-    from .recurrent_eval import run_eval_recurrent
+    from .eval.recurrent_eval import run_eval_recurrent
     if args.max_ops < 1:
         raise _Error(f"--max-ops must be >= 1, got {args.max_ops}")
     if args.examples < 1:

@@ -4,10 +4,10 @@ from dataclasses import dataclass
 import torch
 
 from .actions import validate_actions
-from .backends import ops_for, select_backend
-from .engine import LLMEngine, check_budget
-from .model_loader import default_device, load_weights
-from .sampling import SamplingParams
+from .ops.backends import ops_for, select_backend
+from .engine.llm_engine import LLMEngine, check_budget
+from .model.loader import default_device, load_weights
+from .engine.sampling import SamplingParams
 from .trace import Trace
 
 

@@ -1,6 +1,6 @@
 // linear's epilogue (activation, row mask, residual add) as ATen ops, after a product computed by
 // at::linear: the CPU op always, the CUDA op past its fused decode kernel's rows. Same steps and
-// roundings as reference_ops.linear.
+// roundings as ops/reference.py:linear.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -35,7 +35,7 @@ inline int64_t check_add_norm_args(const at::Tensor& x, const at::Tensor& residu
   return check_norm_args(x, weight, bias);
 }
 
-// linear's epilogue after x @ weight^T + bias (see reference_ops.linear).
+// linear's epilogue after x @ weight^T + bias (see ops/reference.py:linear).
 enum class Activation { kNone, kGeluTanh, kSiluGated };
 
 inline Activation parse_activation(c10::string_view name) {

@@ -1,5 +1,5 @@
 // Declarations of the anee_fast op implementations. Schemas: torch_bindings.cpp; semantics:
-// anee_fast/reference_ops.py. Light on purpose (only the Tensor header): each csrc/cpu/*.cpp
+// anee_fast/ops/reference.py. Light on purpose (only the Tensor header): each csrc/cpu/*.cpp
 // and csrc/cuda/*.cu compiles without the dispatcher/registration headers, which only
 // torch_bindings.cpp includes.
 #pragma once

@@ -1,7 +1,7 @@
 // Decision rules for one token at one layer, shared by the CPU and CUDA kernels so that both
-// apply the same arithmetic: the depth policy's budget rule (reference_ops.policy_step: float32,
+// apply the same arithmetic: the depth policy's budget rule (ops/reference.py:policy_step: float32,
 // in the reference's order, since a decision at a budget boundary must not differ) and the
-// saturation heuristic's proposal (reference_ops.saturation_codes).
+// saturation heuristic's proposal (ops/reference.py:saturation_codes).
 #pragma once
 
 #include <cmath>

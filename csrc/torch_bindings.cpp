@@ -1,7 +1,7 @@
 // Schemas of the anee_fast ops (one name and one signature everywhere: see
-// anee_fast/reference_ops.py) and their registration per device: CPU kernels in csrc/cpu/, CUDA
+// anee_fast/ops/reference.py) and their registration per device: CPU kernels in csrc/cpu/, CUDA
 // kernels in csrc/cuda/ (one file per op, declared in ops.h). Fake (meta) implementations for
-// torch.compile live in anee_fast/native_ops.py. This is the only file that includes <torch/library.h>.
+// torch.compile live in anee_fast/ops/native.py. This is the only file that includes <torch/library.h>.
 //
 // Only <torch/library.h> and ATen headers: no pybind11 (torch/extension.h), which keeps the
 // build fast. Importing the Python module `anee_fast._C` just loads this library so that the
@@ -12,7 +12,7 @@
 #include "ops.h"
 
 TORCH_LIBRARY(anee_fast, m) {
-  m.set_python_module("anee_fast.native_ops");
+  m.set_python_module("anee_fast.ops.native");
   m.def("norm(Tensor x, Tensor weight, Tensor? bias, float eps, bool rms) -> Tensor");
   m.def("add_norm(Tensor x, Tensor residual, Tensor weight, Tensor? bias, float eps, bool rms) "
         "-> (Tensor, Tensor)");
@@ -46,7 +46,7 @@ TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
 }
 
 // CUDA kernels (csrc/cuda/*.cu), compiled in when setup.py finds a CUDA torch and nvcc (it then
-// defines ANEE_FAST_WITH_CUDA). native_ops.supports("cuda") asks the dispatcher for these.
+// defines ANEE_FAST_WITH_CUDA). ops/native.py supports("cuda") asks the dispatcher for these.
 #ifdef ANEE_FAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(anee_fast, CUDA, m) {
   m.impl("norm", &anee_fast::cuda::norm);

@@ -1,5 +1,5 @@
 """Triton kernels of anee_fast (installed as `anee_fast.kernels`): the op set of the "triton"
-backend, one file per op, each with the reference_ops signature.
+backend, one file per op, each with the signature of anee_fast/ops/reference.py.
 
 Set TRITON_INTERPRET=1 before importing to run them on the CPU (tests do, when there is no GPU).
 """

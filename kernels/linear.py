@@ -1,5 +1,5 @@
 """linear: activation(x @ weight^T + bias) (+ residual), rows masked by row_mask, see
-reference_ops.linear.
+ops/reference.py:linear.
 
 A decode step's MLP projections are GEMVs (a few rows of x against a whole weight matrix) with
 an epilogue: the activation after the first, the residual add after the second, and (in the
@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from anee_fast.reference_ops import ACTIVATIONS, check_row_mask
-from anee_fast.reference_ops import linear as _unfused
+from anee_fast.ops.reference import ACTIVATIONS, check_row_mask
+from anee_fast.ops.reference import linear as _unfused
 
 _GEMV_ROWS = 8
 
@@ -70,7 +70,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, r_ptr, row_mask_ptr, out_ptr, M, K, N_OUT,
 
 
 def linear(x, weight, bias=None, activation: str = "none", residual=None, row_mask=None):
-    """See reference_ops.linear. x [..., K], weight [N, K] -> [..., N] (N / 2 when gated)."""
+    """See ops/reference.py:linear. x [..., K], weight [N, K] -> [..., N] (N / 2 when gated)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
     check_row_mask(row_mask, x)

@@ -160,7 +160,7 @@ def _paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, bloc
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size: int,
                     scale: float, sliding_window: int = 0):
-    """See reference_ops.paged_attention. q [N, heads, d] -> out [N, heads, d] (q's dtype)."""
+    """See ops/reference.py:paged_attention. q [N, heads, d] -> out [N, heads, d] (q's dtype)."""
     splits = _num_splits(q.shape[0], q.shape[1], block_tables.shape[1])
     return _paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size,
                             scale, sliding_window, splits)

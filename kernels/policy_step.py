@@ -1,6 +1,6 @@
 """policy_step: one layer of the depth policy's budget rule for every token, one launch.
 
-The rule (reference_ops.policy_step) is a dozen tiny tensor ops per layer in PyTorch; on a GPU
+The rule (ops/reference.py:policy_step) is a dozen tiny tensor ops per layer in PyTorch; on a GPU
 each is a kernel launch, and at small batch the decode step's time is its launches. One program
 per BLOCK tokens applies it in float32 in the reference's order; layer 0 (FIRST) starts the
 tokens' state instead of reading it.
@@ -44,7 +44,7 @@ def _policy_step_kernel(proposed_ptr, spent_ptr, stopped_ptr, allowed_ptr, actio
 
 def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitment: float,
                 skip_cost: float, stop_code: int, forced: bool):
-    """See reference_ops.policy_step: updates spent, stopped and actions[:, layer] in place;
+    """See ops/reference.py:policy_step: updates spent, stopped and actions[:, layer] in place;
     returns the PROCESS mask."""
     N = proposed.shape[0]
     if not (spent.is_contiguous() and stopped.is_contiguous()):

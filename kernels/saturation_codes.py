@@ -1,6 +1,6 @@
 """saturation_codes: the saturation heuristic's proposals for every token, one launch.
 
-In PyTorch the heuristic (reference_ops.saturation_codes) is about twenty tiny tensor ops per
+In PyTorch the heuristic (ops/reference.py:saturation_codes) is about twenty tiny tensor ops per
 layer, each a kernel launch on a GPU. One program per row walks h and h_prev once in BLOCK_H
 chunks: whether they differ anywhere, and the float32 sums for their cosine (w12 / (|h| |h_prev|),
 norms clamped at 1e-8 like torch's cosine_similarity), then writes the row's code.
@@ -44,7 +44,7 @@ def _saturation_codes_kernel(h_ptr, prev_ptr, left_ptr, codes_ptr, H, stride_h, 
 
 def saturation_codes(h, h_prev, budget_left, skip_saturation: float, exit_saturation: float,
                      exit_threshold: float):
-    """See reference_ops.saturation_codes: int8 codes [N] for h, h_prev [N, hidden]."""
+    """See ops/reference.py:saturation_codes: int8 codes [N] for h, h_prev [N, hidden]."""
     if h.shape != h_prev.shape or h.dim() != 2 or budget_left.shape != h.shape[:1]:
         raise ValueError(f"saturation_codes: h {tuple(h.shape)} and h_prev {tuple(h_prev.shape)} "
                          f"must be one [N, hidden] shape, budget_left [N], got "

@@ -139,7 +139,7 @@ def _block_m(n: int) -> int:
 
 def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale: float,
             k_cache, v_cache, slot_mapping, first_layer, eps: float, rms: bool, q_out=None):
-    """See reference_ops.skip_kv. h [N, hidden]; weights [nl, ...]; caches [nl, slots+1, kvh, d];
+    """See ops/reference.py:skip_kv. h [N, hidden]; weights [nl, ...]; caches [nl, slots+1, kvh, d];
     q_out [N, heads, d] or None."""
     n, hidden = h.shape
     nl, _, kv_heads, d = k_cache.shape

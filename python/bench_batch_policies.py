@@ -4,7 +4,7 @@ batch 8 and 64: decode throughput and the quality cost (KL to the full model) of
     python python/bench_batch_policies.py --batches 8,64 --budgets 0.75,0.5 --controllers heuristic
 
 Model: the embedded SmolLM2-135M-Instruct (a real model, so KL means something). Prompts are
-held-out windows of the offline corpus (anee_fast.corpus). Throughput: greedy generation of
+held-out windows of the offline corpus (anee_fast.eval.corpus). Throughput: greedy generation of
 --new-tokens tokens for the whole batch; decode ms/step = (N tokens - 1 token) / (N - 1).
 Quality: every prompt + its full-depth greedy continuation is scored through the decode path
 (chunk_size=1, the batch's sequences in one step each) under the policy; KL(full || policy)
@@ -43,9 +43,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from anee_fast import LLM, SamplingParams
-    from anee_fast.batch_policies import ConsensusController
-    from anee_fast.corpus import corpus_text, split_windows, token_windows
-    from anee_fast.quality import token_metrics
+    from anee_fast.control.batch_policies import ConsensusController
+    from anee_fast.eval.corpus import corpus_text, split_windows, token_windows
+    from anee_fast.eval.quality import token_metrics
 
     llm = LLM(max_num_seqs=256, num_kv_blocks=2048)
     batches = [int(b) for b in args.batches.split(",")]

@@ -43,7 +43,7 @@ def build(name, device, dtype):
                                              num_key_value_heads=8, vocab_size=128256,
                                              tie_word_embeddings=True))
     else:
-        from anee_fast.model_loader import load_hf
+        from anee_fast.model.loader import load_hf
         model = load_hf(None if name == "smollm2" else name)[0]
     return model.to(device=device, dtype=dtype).eval()
 

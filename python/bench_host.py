@@ -43,7 +43,7 @@ def bench_batch(llm, batch, steps, device, temperature=0.0):
     sequences; the host part is each step's time less its model step's, so both come from the
     same steps."""
     from anee_fast import SamplingParams
-    from anee_fast.cuda_graphs import bucket_for
+    from anee_fast.engine.cuda_graphs import bucket_for
     engine = llm.engine
     g = torch.Generator().manual_seed(batch)
     prompts = torch.randint(1, llm.spec.vocab_size, (batch, PROMPT_TOKENS), generator=g).tolist()

@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from anee_fast.backends import backends, ops_for
+from anee_fast.ops.backends import backends, ops_for
 from bench_results import BenchResults
 from roofline import measure_peaks
 

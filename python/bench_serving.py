@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         if args.url is None:
             from anee_fast import LLM
-            from anee_fast.server import ServerThread
+            from anee_fast.serving.server import ServerThread
             llm = LLM(args.model, max_num_seqs=max(64, max(args.concurrency)))
             url = stack.enter_context(ServerThread(llm, api_key=args.api_key)).url
         else:

@@ -2,7 +2,7 @@
 
     python python/eval_quality.py --budgets 1,0.75,0.5,0.25 --json out/quality.json --plot out/quality.png
 
-Every option of `anee-fast eval` is accepted (see `--help`); the work is anee_fast.evaluation.run_eval.
+Every option of `anee-fast eval` is accepted (see `--help`); the work is anee_fast.eval.evaluation.run_eval.
 """
 import sys
 

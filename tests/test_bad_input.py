@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from anee_fast import LLM, SamplingParams
-from anee_fast.model_loader import ModelLoadError
-from anee_fast.weight_packing import UnsupportedModelError
+from anee_fast.model.loader import ModelLoadError
+from anee_fast.model.packing import UnsupportedModelError
 from conftest import MAX_POSITIONS, build_model, hf_logits, random_ids
 
 ARCH = "llama_gqa"

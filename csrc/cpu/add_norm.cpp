@@ -1,5 +1,5 @@
 // CPU implementation of anee_fast::add_norm: s = x + residual (stored in x's dtype), then
-// RMSNorm / LayerNorm of s in float32 (see reference_ops.add_norm). One pass writes s, the norm
+// RMSNorm / LayerNorm of s in float32 (see ops/reference.py:add_norm). One pass writes s, the norm
 // reads it back while the row is still in cache.
 
 #include "../op_checks.h"

@@ -1,5 +1,5 @@
 // CPU implementation of anee_fast::linear: activation(x @ weight^T + bias), rows masked by
-// row_mask, (+ residual), see reference_ops.linear. The epilogue runs as ATen ops (linear_epilogue.h): on the CPU a launch
+// row_mask, (+ residual), see ops/reference.py:linear. The epilogue runs as ATen ops (linear_epilogue.h): on the CPU a launch
 // costs little, the product is what counts.
 //
 // Why an own kernel: a decode step multiplies a few rows by every weight matrix, so it is a

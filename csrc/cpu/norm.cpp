@@ -1,5 +1,5 @@
 // CPU implementation of anee_fast::norm: RMSNorm (rms=true) or LayerNorm over the last dim,
-// computed in float32, returned in x's dtype (see reference_ops.norm).
+// computed in float32, returned in x's dtype (see ops/reference.py:norm).
 
 #include "../op_checks.h"
 #include "../ops.h"

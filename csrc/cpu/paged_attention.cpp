@@ -1,5 +1,5 @@
 // CPU implementation of anee_fast::paged_attention: causal attention of each query row over its
-// own sequence's cached K/V, read through the block table (see reference_ops.paged_attention).
+// own sequence's cached K/V, read through the block table (see ops/reference.py:paged_attention).
 // Row n sees positions 0..positions[n] of sequence seq_idx[n] (only the last sliding_window
 // when > 0); GQA: query head h reads kv head h / (heads / kv_heads). float32 math throughout.
 //

@@ -1,5 +1,5 @@
 // CPU implementation of anee_fast::policy_step: one layer of the depth policy's budget rule for
-// every token (csrc/policy_rule.h; see reference_ops.policy_step).
+// every token (csrc/policy_rule.h; see ops/reference.py:policy_step).
 
 #include "../op_checks.h"
 #include "../ops.h"

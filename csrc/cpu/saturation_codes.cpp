@@ -1,5 +1,5 @@
 // CPU implementation of anee_fast::saturation_codes: the saturation heuristic's proposal for
-// every token (csrc/policy_rule.h; see reference_ops.saturation_codes). One pass over each row
+// every token (csrc/policy_rule.h; see ops/reference.py:saturation_codes). One pass over each row
 // of h and h_prev: whether they differ, and the float32 sums of the cosine.
 
 #include <ATen/ops/empty.h>

@@ -1,5 +1,5 @@
 // CPU implementation of anee_fast::write_kv: copies K/V rows [N, kv_heads, d] into one layer's
-// cache slots (see reference_ops.write_kv). Rows with slot -1 write nothing at all (the reference
+// cache slots (see ops/reference.py:write_kv). Rows with slot -1 write nothing at all (the reference
 // sends them to the spare last slot; this op leaves every slot they do not own untouched).
 
 #include <cstring>

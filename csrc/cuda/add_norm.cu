@@ -1,5 +1,5 @@
 // CUDA implementation of anee_fast::add_norm: s = x + residual (stored in x's dtype), then
-// RMSNorm / LayerNorm of s in float32 (see reference_ops.add_norm). One block per row: the
+// RMSNorm / LayerNorm of s in float32 (see ops/reference.py:add_norm). One block per row: the
 // block writes s, synchronises, and normalises the s it wrote (the same values the unfused
 // add + norm would read).
 

@@ -1,5 +1,5 @@
 // CUDA implementation of anee_fast::linear: activation(x @ weight^T + bias), rows masked by
-// row_mask, (+ residual), see reference_ops.linear.
+// row_mask, (+ residual), see ops/reference.py:linear.
 //
 // A decode step's MLP projections are GEMVs (a few rows of x against a whole weight matrix,
 // read once from memory) with an epilogue: the activation after the first, the residual add

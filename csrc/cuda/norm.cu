@@ -1,5 +1,5 @@
 // CUDA implementation of anee_fast::norm: RMSNorm (rms=true) or LayerNorm over the last dim,
-// computed in float32, returned in x's dtype (see reference_ops.norm). One block per row.
+// computed in float32, returned in x's dtype (see ops/reference.py:norm). One block per row.
 
 #include "../op_checks.h"
 #include "../ops.h"

@@ -1,5 +1,5 @@
 // CUDA implementation of anee_fast::policy_step: one layer of the depth policy's budget rule for
-// every token (csrc/policy_rule.h; see reference_ops.policy_step), one thread per token. One
+// every token (csrc/policy_rule.h; see ops/reference.py:policy_step), one thread per token. One
 // launch where the unfused rule takes about a dozen.
 
 #include "../op_checks.h"

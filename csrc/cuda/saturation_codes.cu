@@ -1,5 +1,5 @@
 // CUDA implementation of anee_fast::saturation_codes: the saturation heuristic's proposal for
-// every token (csrc/policy_rule.h; see reference_ops.saturation_codes), one launch where
+// every token (csrc/policy_rule.h; see ops/reference.py:saturation_codes), one launch where
 // PyTorch takes about twenty. One block per row: each thread sums its share of the row (whether
 // h and h_prev differ, and the float32 sums of the cosine), the block reduces, thread 0 writes.
 

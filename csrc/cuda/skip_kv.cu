@@ -1,6 +1,6 @@
 // CUDA implementation of anee_fast::skip_kv, the SKIP path of `nl` consecutive layers that share
 // the residual h [N, hidden]: norm -> K|V projection -> RoPE on K -> cache write (see
-// reference_ops.skip_kv). Row n writes layers first_layer[n]..nl-1 at slot slot_mapping[n]; rows
+// ops/reference.py:skip_kv). Row n writes layers first_layer[n]..nl-1 at slot slot_mapping[n]; rows
 // with slot -1 write nothing at all. With q_out (one layer) kv_weight holds K | V | Q rows and
 // every row's query, RoPE'd like K, goes to q_out: a PROCESS row's whole QKV projection.
 //

@@ -1,5 +1,5 @@
 // CUDA implementation of anee_fast::write_kv: copies K/V rows [N, kv_heads, d] into one layer's
-// cache slots (see reference_ops.write_kv). One thread per (row, head, element); rows with slot
+// cache slots (see ops/reference.py:write_kv). One thread per (row, head, element); rows with slot
 // -1 write nothing. The slot mapping is read on the device: an out-of-range slot trips a
 // device-side assert (and is never written).
 

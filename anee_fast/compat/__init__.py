@@ -1,0 +1,1 @@
+"""Drop-ins for other libraries' interfaces (ANEE 0.4)."""

@@ -1,0 +1,313 @@
+"""The budget-conditioned trained controller: one small MLP serves every energy budget.
+
+Per token and layer it reads eight scalars of the residual and the budget (FEATURES), a learned
+projection of the RMS-normalised residual, and the layer index (an embedding, so it can learn which
+layers matter), and outputs the logit of PROCESS (else SKIP). A layer is always PROCESSed when the
+token can still pay for every remaining layer: at budget 1 nothing is skipped.
+
+On disk: `<stem>.safetensors` (weights) + `<stem>.json` (format, features, model shape, how it was
+trained); a directory holds `controller.safetensors` + `controller.json`.
+
+Optional static fallback (config key "static_fallback": {"order", "margin"}): the net's proposal
+is kept only where |logit| > margin; elsewhere the token follows the base static set of its budget
+(the first layers of `order` SKIPped, as many as the budget needs). The student then departs from
+the static set only where it is sure.
+
+Optional class plans (config key "class_plans": {"layer", "classes", "plans"}, the centroids in
+the weights file; see class_plans.py): with the fallback, a token whose budget leaves n layers to
+SKIP, n a key of "plans", falls back to its class's plan for n instead of the static set. The
+class is the nearest centroid to the normalised residual entering "layer", taken there once per
+step and kept for the later layers.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from ..actions import EXIT, PROCESS, SKIP
+from ..training.class_plans import nearest
+from .controllers import Controller
+from .features import cosine_saturation
+from ..model.weights_file import load_matching
+
+FORMAT = "anee_fast.budget_controller"
+VERSION = 1
+FEATURES = ("log_norm", "log_delta", "log_var", "cos_prev", "budget", "budget_left", "affordable",
+            "layers_left")
+SHIPPED_NAME = "smollm2-135m-instruct"
+_EPS = 1e-6
+
+
+def shipped_controller_path() -> Path:
+    """The controller trained for the embedded SmolLM2-135M-Instruct (used by "learned")."""
+    return Path(__file__).parent.parent / "data" / "controllers" / f"{SHIPPED_NAME}.json"
+
+
+def affordable_fraction(budget_left, layer: int, num_layers: int, skip_cost: float):
+    """[N]: the share of the layers from `layer` on that the token can still PROCESS (1 = all)."""
+    remaining = num_layers - layer
+    extra = budget_left * num_layers - remaining * skip_cost
+    return extra / (remaining * (1.0 - skip_cost))
+
+
+def skip_count(order, ctx) -> torch.Tensor:
+    """[N] long: how many of the decidable layers `order` each token's budget leaves unpaid."""
+    L, D = ctx.num_layers, len(order)
+    limit = ctx.budget.float() * L - (L - D) - D * ctx.skip_cost
+    processable = torch.floor(limit / (1.0 - ctx.skip_cost) + _EPS).clamp(0, D)
+    return (D - processable).long()
+
+
+def static_fallback_process(order, layer: int, counts):
+    """[N] bool: whether the static set that SKIPs `order`'s first counts[n] layers (skip_count)
+    PROCESSes `layer`. `order` lists the decidable layers; others always run."""
+    if layer not in order:
+        return torch.ones_like(counts, dtype=torch.bool)
+    return order.index(layer) >= counts
+
+
+def controller_features(ctx):
+    """(scalars [N, len(FEATURES)], normalised residual [N, hidden]) of a LayerContext."""
+    if ctx.budget is None:
+        raise ValueError("the trained controller needs LayerContext.budget (the token's whole "
+                         "budget); DepthPolicy fills it")
+    h, h_prev = ctx.h.float(), ctx.h_prev.float()
+    L = ctx.num_layers
+    scalars = torch.stack([
+        torch.log1p(h.norm(dim=-1)),
+        torch.log1p((h - h_prev).norm(dim=-1)),
+        torch.log1p(h.var(dim=-1)),
+        cosine_saturation(h, h_prev),
+        ctx.budget.float(),
+        ctx.budget_left.float(),
+        affordable_fraction(ctx.budget_left.float(), ctx.layer, L, ctx.skip_cost).clamp(-1.0, 2.0),
+        torch.full_like(ctx.budget_left, (L - ctx.layer) / L, dtype=torch.float32),
+    ], dim=-1)
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _EPS)
+    return scalars, normed
+
+
+class ControllerNet(nn.Module):
+    """logit(PROCESS) from (scalars, normalised residual, layer index)."""
+
+    def __init__(self, num_layers: int, hidden_size: int, width: int = 32, proj_dim: int = 8,
+                 classes: int = 0):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, proj_dim, bias=False)
+        self.layer_embed = nn.Embedding(num_layers, width)
+        self.inp = nn.Linear(len(FEATURES) + proj_dim, width)
+        self.hidden = nn.Linear(width, width)
+        self.out = nn.Linear(width, 1)
+        self.register_buffer("scalar_mean", torch.zeros(len(FEATURES)))
+        self.register_buffer("scalar_std", torch.ones(len(FEATURES)))
+        if classes:      # the class plans' centroids (config "class_plans")
+            self.register_buffer("class_centroids", torch.zeros(classes, hidden_size))
+
+    def set_normalisation(self, scalars):
+        """Standardises the scalar features with statistics of training data."""
+        self.scalar_mean.copy_(scalars.mean(0))
+        self.scalar_std.copy_(scalars.std(0).clamp_min(1e-3))
+
+    def forward(self, scalars, normed, layer):
+        x = (scalars - self.scalar_mean) / self.scalar_std
+        z = F.relu(self.inp(torch.cat([x, self.proj(normed)], dim=-1)) + self.layer_embed(layer))
+        return self.out(F.relu(self.hidden(z))).squeeze(-1)
+
+
+class BudgetConditionedController(Controller):
+    """Proposes PROCESS or SKIP per token; `sample=True` draws from the policy (for training).
+
+    `recorder`, when a list, receives (layer, scalars, normed, process, decided) per call as
+    tensors: the rollout runs under inference mode, so training recomputes log-probs from these.
+    `decided` is False where the budget rule, not the net, chose PROCESS. The static fallback
+    (module docstring) applies to greedy proposals only, never to sampled ones.
+    """
+    name = "learned"
+
+    def __init__(self, net: ControllerNet, config: dict, sample: bool = False, generator=None,
+                 exit_threshold: float = 0.0):
+        self.net = net.eval()
+        self.exit_threshold = exit_threshold
+        self.config = config
+        self.sample = sample
+        self.generator = generator
+        self.recorder = None
+        self._classes, self._last_layer, self._tables = None, None, {}
+
+    @classmethod
+    def new(cls, num_layers: int, hidden_size: int, model: str, width: int = 32, proj_dim: int = 8):
+        config = {"format": FORMAT, "version": VERSION, "features": list(FEATURES),
+                  "num_layers": num_layers, "hidden_size": hidden_size, "width": width,
+                  "proj_dim": proj_dim, "model": model}
+        return cls(ControllerNet(num_layers, hidden_size, width, proj_dim), config)
+
+    @property
+    def graph_safe(self):
+        return not self.sample and self.recorder is None
+
+    def check_model(self, num_layers: int, hidden_size: int):
+        c = self.config
+        if num_layers != c["num_layers"] or hidden_size != c["hidden_size"]:
+            raise ValueError(f"this controller was trained for {c['model']} ({c['num_layers']} layers, "
+                             f"hidden size {c['hidden_size']}); the model has {num_layers} layers "
+                             f"and hidden size {hidden_size}: train one for it "
+                             "(anee-fast train-controller)")
+
+    def propose(self, ctx):
+        self.check_model(ctx.num_layers, ctx.h.shape[-1])
+        scalars, normed = controller_features(ctx)
+        layer = torch.full((ctx.h.shape[0],), ctx.layer, dtype=torch.long, device=ctx.h.device)
+        net = self.net.to(ctx.h.device)
+        with torch.no_grad():
+            logit = net(scalars, normed, layer)
+        if self.sample:
+            u = torch.rand(logit.shape, generator=self.generator, device=logit.device)
+            process = u < torch.sigmoid(logit)
+        else:
+            process = logit > 0
+            fallback = self.config.get("static_fallback")
+            if fallback is not None:
+                counts = skip_count(fallback["order"], ctx)
+                base = static_fallback_process(fallback["order"], ctx.layer, counts)
+                if "class_plans" in self.config:
+                    base = self._class_plan_process(ctx, normed, counts, base)
+                process = torch.where(logit.abs() > fallback["margin"], process, base)
+        free = scalars[:, FEATURES.index("affordable")] >= 1.0 - _EPS
+        leave = ctx.budget_left < self.exit_threshold
+        process = (process | free) & ~leave
+        if self.recorder is not None:
+            self.recorder.append((ctx.layer, scalars, normed, process, ~free & ~leave))
+        return torch.where(leave, EXIT, torch.where(process, PROCESS, SKIP)).to(torch.int8)
+
+    def _class_plan_process(self, ctx, normed, counts, base):
+        """base, with tokens whose skip count (counts) has a class plan following their class's
+        plan."""
+        plans = self.config["class_plans"]
+        if self._last_layer is not None and ctx.layer <= self._last_layer:
+            self._classes = None                       # a new step began
+        self._last_layer = ctx.layer
+        if ctx.layer == plans["layer"]:
+            self._classes = nearest(normed, self.net.class_centroids)
+        if self._classes is None or self._classes.shape[0] != normed.shape[0]:
+            return base                                # the class layer was forced: no class
+        for n, skipped in self._plan_tables(ctx.h.device):
+            base = torch.where(counts == n, ~skipped[self._classes, ctx.layer], base)
+        return base
+
+    def _plan_tables(self, device):
+        """[(n, bool [classes, L] skipped)] per skip count n of the class plans."""
+        if device not in self._tables:
+            L, tables = self.config["num_layers"], []
+            for n, per_class in self.config["class_plans"]["plans"].items():
+                skipped = torch.zeros((len(per_class), L), dtype=torch.bool)
+                for c, layers in enumerate(per_class):
+                    skipped[c, layers] = True
+                tables.append((int(n), skipped.to(device)))
+            self._tables[device] = tables
+        return self._tables[device]
+
+    # ---- files ---------------------------------------------------------------------------------
+
+    def save(self, path, extra: dict = None) -> Path:
+        """Writes weights + JSON config; returns the JSON path. `extra` joins the JSON."""
+        json_path, weights_path = _file_pair(path, create=True)
+        config = dict(self.config, **(extra or {}))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, str(weights_path), metadata={"format": FORMAT, "version": str(VERSION)})
+        json_path.write_text(json.dumps(config, indent=2) + "\n")
+        self.config = config
+        return json_path
+
+    @classmethod
+    def load(cls, path, exit_threshold: float = 0.0):
+        """Loads a directory, a .json or a .safetensors path (its partner next to it).
+        exit_threshold: EXIT once the budget left falls below it (ANEE's config option)."""
+        json_path, weights_path = _file_pair(path, create=False)
+        for p in (json_path, weights_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"trained controller file not found: {p} (a trained "
+                                        "controller is a .json config plus a .safetensors file)")
+        try:
+            config = json.loads(json_path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{json_path} is not valid JSON: {e}") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            got = config.get("format") if isinstance(config, dict) else type(config).__name__
+            raise ValueError(f"{json_path} is not a trained controller config: format must be "
+                             f"{FORMAT!r}, got {got!r}")
+        if config.get("version") != VERSION:
+            raise ValueError(f"{json_path}: controller format version {config.get('version')!r} is "
+                             f"not supported (this anee_fast reads version {VERSION})")
+        if config.get("features") != list(FEATURES):
+            raise ValueError(f"{json_path}: features {config.get('features')!r} differ from this "
+                             f"anee_fast's {list(FEATURES)}")
+        for key in ("num_layers", "hidden_size", "width", "proj_dim"):
+            if not isinstance(config.get(key), int) or config[key] < 1:
+                raise ValueError(f"{json_path}: {key} must be a positive integer, got "
+                                 f"{config.get(key)!r}")
+        _check_fallback(config.get("static_fallback"), config["num_layers"], json_path)
+        _check_class_plans(config, json_path)
+        config.setdefault("model", "an unnamed model")
+        net = ControllerNet(config["num_layers"], config["hidden_size"], config["width"],
+                            config["proj_dim"], config.get("class_plans", {}).get("classes", 0))
+        load_matching(net, weights_path, "controller weights", f"the config {json_path.name}")
+        return cls(net, config, exit_threshold=exit_threshold)
+
+
+def _check_fallback(fallback, num_layers: int, json_path):
+    if fallback is None:
+        return
+    order = fallback.get("order") if isinstance(fallback, dict) else None
+    margin = fallback.get("margin") if isinstance(fallback, dict) else None
+    if (not isinstance(order, list) or not all(isinstance(x, int) and 0 <= x < num_layers for x in order)
+            or len(set(order)) != len(order)):
+        raise ValueError(f"{json_path}: static_fallback.order must list distinct layer indices in "
+                         f"[0, {num_layers}), got {order!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
+        raise ValueError(f"{json_path}: static_fallback.margin must be a number >= 0, got {margin!r}")
+
+
+def _check_class_plans(config, json_path):
+    plans = config.get("class_plans")
+    if plans is None:
+        return
+    fallback = config.get("static_fallback")
+    problem = None
+    if fallback is None:
+        problem = "class_plans need a static_fallback (they replace its base static set)"
+    elif not isinstance(plans, dict) or not isinstance(plans.get("classes"), int) or plans["classes"] < 1:
+        problem = f"class_plans.classes must be a positive integer, got {plans!r:.80}"
+    elif plans.get("layer") not in fallback["order"]:
+        problem = f"class_plans.layer must be one of static_fallback.order, got {plans.get('layer')!r}"
+    elif not isinstance(plans.get("plans"), dict):
+        problem = "class_plans.plans must map skip counts to per-class layer lists"
+    else:
+        order = set(fallback["order"])
+        for n, per_class in plans["plans"].items():
+            if (not str(n).isdigit() or not isinstance(per_class, list) or len(per_class) != plans["classes"]
+                    or not all(isinstance(p, list) and len(p) == int(n) and set(p) <= order
+                               for p in per_class)):
+                problem = (f"class_plans.plans[{n!r}] must hold {plans['classes']} lists of {n} "
+                           "layers of static_fallback.order")
+                break
+    if problem:
+        raise ValueError(f"{json_path}: {problem}")
+
+
+def _file_pair(path, create: bool):
+    """(json, safetensors) paths for a directory, a .json or a .safetensors path."""
+    path = Path(os.fspath(path))
+    if path.suffix in (".json", ".safetensors"):
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    elif not path.is_dir():
+        raise FileNotFoundError(f"trained controller not found: {path} (give a directory holding "
+                                "controller.json + controller.safetensors, or a .json/.safetensors path)")
+    return path / "controller.json", path / "controller.safetensors"

@@ -1,0 +1,1 @@
+"""Model weights (packed once, architecture-neutral), loading, the default model, and the adaptive-depth forward."""

@@ -1,0 +1,169 @@
+"""The adaptive-depth forward over a ragged batch of tokens, reading and writing the paged cache.
+
+Every layer, for every token: K/V come from norm(h_in) and go into the cache (`skip_kv`, the
+whole SKIP path in one op). PROCESS rows then take the block's output; the others keep h_in.
+Where the block runs on every row (masked, on a GPU) the same skip_kv launch also gives every
+row's query, so the block starts at attention, and the out and down projections take the
+PROCESS mask as linear's row_mask: a SKIP row adds nothing to its residual, with no `where`
+launch of its own. A token
+that EXITed keeps its residual, so the same per-layer launch writes its remaining layers' K/V.
+(skip_kv could write them all in one launch after the loop, but the per-layer launches happen
+anyway for the other rows, and such a fill would read those layers' weights a second time.)
+One code path serves prefill, chunked prefill and decode:
+a step's K/V are written before attention reads the cache, so a query sees exactly positions
+0..p of its own sequence. `ops` is a backend's op set (see reference_ops for the contract).
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import reference as reference_ops
+from ..ops.reference import rope_cos_sin, rotate
+
+
+@dataclass
+class StepBatch:
+    """One step's tokens, flattened; every field a kernel reads is a device tensor."""
+    token_ids: torch.Tensor        # [N] long
+    positions: torch.Tensor        # [N] long
+    seq_idx: torch.Tensor          # [N] long: the row of block_tables each token belongs to
+    slot_mapping: torch.Tensor     # [N] long, -1 = padding
+    block_tables: torch.Tensor     # [S, max_blocks] long
+    block_size: int
+    decode: bool = False           # one token per sequence: no token reads another's K/V
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.shape[0]
+
+
+def embed(weights, step: StepBatch):
+    h = F.embedding(step.token_ids, weights.embed)
+    if weights.pos_embed is not None:
+        h = h + F.embedding(step.positions, weights.pos_embed)
+    return h
+
+
+def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
+               hidden_states: Optional[list] = None, compact: Optional[bool] = None,
+               layer_guard=None, row_caps: tuple = ()):
+    """Runs every layer under `policy`; returns the final residual [N, hidden].
+
+    `hidden_states`, when given, receives the residual entering each layer (for profiling and
+    tests). The layer loop never reads a device value on the host: on a GPU the block runs on
+    every row and only the PROCESS rows' residuals change (masked). On the CPU, where "device" and host
+    are the same memory, the block runs on the PROCESS rows only (compacted), so skipped work
+    is really saved. `compact` forces one variant (None: by device).
+
+    `layer_guard(pred, body)` (masked variant only) runs body() only where the device bool
+    pred holds, as a CUDA graph's conditional node does (cuda_graphs.run_only_if); each layer's
+    block then runs under it and updates h in place (see _guarded_block, which also explains
+    `row_caps`), so h_prev is a copy, made only for a policy that reads it.
+    """
+    spec = weights.spec
+    rms = spec.norm == "rmsnorm"
+    inv_freq = weights.rope_inv_freq if spec.uses_rope else None
+    if compact is None:
+        compact = step.token_ids.device.type == "cpu"
+    if compact and layer_guard is not None:
+        raise ValueError("layer_guard wraps the masked variant's blocks: pass compact=False")
+    if row_caps and layer_guard is None:
+        raise ValueError("row_caps choose among guarded blocks: give a layer_guard too")
+    if layer_guard is not None and hidden_states is not None:
+        raise ValueError("hidden_states records unguarded layer loops: h is updated in place "
+                         "under a layer_guard")
+    h = embed(weights, step)
+    h_prev = h
+    # Masked: every row's query comes out of skip_kv, into one buffer reused by every layer.
+    # Compacted: the block projects its rows' queries, RoPE'd with the step's (cos, sin) tables.
+    q = None if compact else h.new_empty((h.shape[0], spec.num_heads, spec.head_dim))
+    rope = None if inv_freq is None or not compact else rope_cos_sin(step.positions, inv_freq,
+                                                                      weights.rope_scale)
+    for l, layer in enumerate(weights.layers):
+        if hidden_states is not None:
+            hidden_states.append(h)
+        process = policy.decide(l, h, h_prev)
+        ops.skip_kv(h, *weights.skip_kv_weights(l, with_q=q is not None), step.positions, inv_freq,
+                    weights.rope_scale, cache.k[l:l + 1], cache.v[l:l + 1], step.slot_mapping,
+                    None, spec.norm_eps, rms, q)
+        if layer_guard is None:
+            h_prev = h
+        else:                             # the guarded block updates h in place
+            h_prev = h.clone() if policy.reads_h_prev else None
+        if compact:
+            rows = process.nonzero().squeeze(1)
+            if rows.numel() == h.shape[0]:       # every row: no gather, no scatter
+                h = _block(weights, layer, cache, l, step, h, None, ops, rope=rope)
+            elif rows.numel():
+                out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope=rope)
+                h = h.index_copy(0, rows, out)
+        elif layer_guard is not None:
+            _guarded_block(weights, layer, cache, l, step, h, q, process, ops, layer_guard,
+                           row_caps)
+        else:
+            h = _block(weights, layer, cache, l, step, h, None, ops, q=q, row_mask=process)
+    return h
+
+
+def _guarded_block(weights, layer, cache, l, step, h, q, process, ops, guard, row_caps):
+    """The masked variant's block under guard(pred, body), which runs body() only where the
+    device bool pred holds. Without row_caps: one body on every row, run when some row processes
+    the layer. With row_caps (ascending, each below the step's N rows): the rows are ordered
+    PROCESS first, and of the bodies for capacities row_caps + (N,), only the one whose range
+    holds the PROCESS count runs the block, on that many leading rows (a device-side row count
+    with fixed-capacity launches). A body updates h in place (its PROCESS rows), so where no
+    body runs h is unchanged without a copy."""
+    if not row_caps:
+        def every_row():
+            h.copy_(_block(weights, layer, cache, l, step, h, None, ops, q=q, row_mask=process))
+        # One row: its PROCESS flag is the predicate (a view: no kernel of its own).
+        guard(process[0] if process.shape[0] == 1 else process.any(), every_row)
+        return
+    order = torch.argsort((~process).to(torch.int8), stable=True)     # PROCESS rows first
+    count = process.sum()
+    low = 0
+    for cap in (*row_caps, h.shape[0]):
+        def leading_rows(rows=order[:cap]):
+            h[rows] = _block(weights, layer, cache, l, step, h[rows], rows, ops, q=q[rows],
+                             row_mask=process[rows])
+        guard((count > low) & (count <= cap), leading_rows)
+        low = cap
+
+
+def _block(weights, layer, cache, l, step, h, rows, ops, q=None, rope=None, row_mask=None):
+    """Attention (over the cache this layer's K/V were just written to) + MLP for the rows
+    `rows` of the step (all rows when None); h holds those rows' residuals. q: their queries
+    when skip_kv gave them; else they are projected here (rope: the step's (cos, sin) tables,
+    or None without RoPE). row_mask: the rows whose residual the block changes (all when None);
+    the others come back as they went in."""
+    spec = weights.spec
+    rms = spec.norm == "rmsnorm"
+    positions = step.positions if rows is None else step.positions[rows]
+    seq_idx = step.seq_idx if rows is None else step.seq_idx[rows]
+    n = h.shape[0]
+    if q is None:
+        x = ops.norm(h, layer.attn_norm_weight, layer.attn_norm_bias, spec.norm_eps, rms)
+        q = ops.linear(x, layer.q_weight, layer.q_bias).view(n, spec.num_heads, spec.head_dim)
+        if rope is not None:
+            q = rotate(q, *(rope if rows is None else (rope[0][rows], rope[1][rows])))
+    attn = ops.paged_attention(q, cache.k[l], cache.v[l], step.block_tables, seq_idx, positions,
+                               step.block_size, spec.attn_scale, layer.sliding_window or 0)
+    o = ops.linear(attn.reshape(n, -1), layer.o_weight, layer.o_bias, row_mask=row_mask)
+    h_attn, x = ops.add_norm(o, h, layer.mlp_norm_weight, layer.mlp_norm_bias, spec.norm_eps, rms)
+    # The MLP: gated SiLU (Llama family) or GELU-tanh (GPT-2), then back into the residual.
+    hidden = ops.linear(x, layer.up_weight, layer.up_bias, _ACTIVATION[spec.activation])
+    return ops.linear(hidden, layer.down_weight, layer.down_bias, residual=h_attn,
+                      row_mask=row_mask)
+
+
+_ACTIVATION = {"silu": "silu_gated", "gelu_tanh": "gelu_tanh"}   # ModelSpec's -> linear's
+
+
+def final_logits(weights, h, ops=reference_ops):
+    """float32 logits of lm_head(final_norm(h))."""
+    spec = weights.spec
+    x = ops.norm(h, weights.final_norm_weight, weights.final_norm_bias, spec.norm_eps,
+                 spec.norm == "rmsnorm")
+    return ops.linear(x, weights.lm_head).float()

@@ -1,0 +1,221 @@
+"""Pure-PyTorch ops: the ground truth every Triton and C++/CUDA kernel is tested against.
+
+The ops a backend provides (same names and signatures in `kernels/` and `csrc/`):
+
+- `norm(x, weight, bias, eps, rms) -> out`
+- `add_norm(x, residual, weight, bias, eps, rms) -> (sum, normed)`
+- `linear(x, weight, bias, activation="none", residual=None, row_mask=None) -> out`
+- `write_kv(k, v, k_cache, v_cache, slot_mapping) -> ()`
+- `skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
+           k_cache, v_cache, slot_mapping, first_layer, eps, rms, q_out=None) -> ()`
+- `paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size, scale,
+                   sliding_window) -> out`
+- `policy_step(proposed, spent, stopped, allowed, actions, layer, commitment, skip_cost,
+               stop_code, forced) -> process`
+- `saturation_codes(h, h_prev, budget_left, skip_saturation, exit_saturation, exit_threshold)
+   -> codes`
+
+Cache layout: per layer [num_slots + 1, kv_heads, head_dim], slot = block * block_size + offset;
+the spare last slot belongs to no sequence and is never written. Slot -1 in a slot mapping
+means "write nothing".
+Everything a kernel needs is a device tensor or a plain number: no host-side ragged metadata.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..actions import EXIT, PROCESS, SKIP
+from ..control.features import cosine_saturation
+
+
+def norm(x, weight, bias, eps: float, rms: bool):
+    """RMSNorm (rms=True; bias None) or LayerNorm over the last dim, computed in float32."""
+    xf = x.float()
+    if rms:
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+        return (y if bias is None else y + bias.float()).to(x.dtype)
+    return F.layer_norm(xf, (x.shape[-1],), weight.float(),
+                        None if bias is None else bias.float(), eps).to(x.dtype)
+
+
+def add_norm(x, residual, weight, bias, eps: float, rms: bool):
+    """(s, norm(s)) with s = x + residual in x's dtype: a residual add and the norm that reads
+    its result, as one op (the block's attention output joining the residual stream)."""
+    s = x + residual
+    return s, norm(s, weight, bias, eps, rms)
+
+
+ACTIVATIONS = ("none", "gelu_tanh", "silu_gated")
+
+
+def linear(x, weight, bias=None, activation: str = "none", residual=None, row_mask=None):
+    """activation(x @ weight^T + bias) (+ residual): every projection of the block and the LM
+    head, with the MLP's activation and its residual add as epilogues (one launch where a
+    backend fuses them). activation: "none", "gelu_tanh" (GPT-2), or "silu_gated" (Llama: the
+    weight's rows are gate | up, the result silu(gate) * up, half as wide). Each step rounds to
+    x's dtype, as separate ops would.
+
+    row_mask (bool, x's leading shape): a row where it is False contributes zero, whatever its
+    x holds (NaN included), so it gets its residual back unchanged (or zeros). The masked layer
+    loop uses it to keep a SKIP row's residual without a `where` launch of its own."""
+    check_row_mask(row_mask, x)
+    y = F.linear(x, weight, bias)
+    if activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif activation == "silu_gated":
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    elif activation != "none":
+        raise ValueError(f"linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if row_mask is not None:
+        y = torch.where(row_mask[..., None], y, 0)
+    return y if residual is None else residual + y
+
+
+def check_row_mask(row_mask, x):
+    """linear's row_mask is None or a bool tensor of x's leading shape on x's device."""
+    if row_mask is not None and (row_mask.dtype != torch.bool or row_mask.shape != x.shape[:-1]
+                                 or row_mask.device != x.device):
+        raise ValueError(f"linear: row_mask must be bool {list(x.shape[:-1])} on {x.device}, got "
+                         f"{row_mask.dtype} {list(row_mask.shape)} on {row_mask.device}")
+
+
+def apply_rope(x, positions, inv_freq, scale: float = 1.0):
+    """Rotary embedding in the rotate-half layout (Llama): x [N, heads, head_dim]."""
+    return rotate(x, *rope_cos_sin(positions, inv_freq, scale))
+
+
+def rope_cos_sin(positions, inv_freq, scale: float = 1.0):
+    """(cos, sin), float32 [N, 1, head_dim], of the rows' positions: computed once per step
+    and shared by every layer's queries."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return (emb.cos() * scale)[:, None, :], (emb.sin() * scale)[:, None, :]
+
+
+def rotate(x, cos, sin):
+    """x [N, heads, head_dim] rotated by rope_cos_sin's tables, in x's dtype."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Copies K/V rows [N, kv_heads, d] into one layer's slots; slot -1 rows write nothing.
+
+    Without host-side filtering: padding rows target the spare last slot and carry that slot's
+    own content, so it stays as it was.
+    """
+    spare = k_cache.shape[0] - 1
+    valid = (slot_mapping >= 0)[:, None, None]
+    slots = torch.where(slot_mapping >= 0, slot_mapping, spare)
+    k_cache.index_copy_(0, slots, torch.where(valid, k, k_cache[spare]))
+    v_cache.index_copy_(0, slots, torch.where(valid, v, v_cache[spare]))
+
+
+def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: Optional[torch.Tensor],
+            rope_scale: float, k_cache, v_cache, slot_mapping, first_layer: Optional[torch.Tensor],
+            eps: float, rms: bool, q_out: Optional[torch.Tensor] = None):
+    """The SKIP path of `nl` consecutive layers that share the residual h [N, hidden]:
+    norm -> K|V projection -> RoPE on K (when inv_freq is given) -> cache write.
+
+    norm_weight/norm_bias [nl, hidden]; kv_weight [nl, 2*kv_size, hidden] with rows K | V;
+    kv_bias [nl, 2*kv_size]; k_cache/v_cache [nl, slots + 1, kv_heads, d]. Row n writes layers
+    first_layer[n].. nl-1 (all layers when first_layer is None) at slot slot_mapping[n].
+
+    With q_out [N, heads, d] (one layer, no first_layer), kv_weight/kv_bias hold the rows
+    K | V | Q, and every row's query (RoPE'd like K) lands in q_out: a PROCESS row's whole QKV
+    projection and cache write in one launch, sharing the norm.
+    """
+    nl, kv_heads, d = k_cache.shape[0], k_cache.shape[2], k_cache.shape[3]
+    for j in range(nl):
+        x = norm(h, norm_weight[j], None if norm_bias is None else norm_bias[j], eps, rms)
+        kvq = F.linear(x, kv_weight[j], None if kv_bias is None else kv_bias[j])
+        k = kvq[:, :kv_heads * d].reshape(-1, kv_heads, d)
+        v = kvq[:, kv_heads * d:2 * kv_heads * d].reshape(-1, kv_heads, d)
+        if inv_freq is not None:
+            k = apply_rope(k, positions, inv_freq, rope_scale)
+        slots = slot_mapping if first_layer is None else torch.where(first_layer <= j, slot_mapping, -1)
+        write_kv(k, v, k_cache[j], v_cache[j], slots)
+        if q_out is not None:
+            q = kvq[:, 2 * kv_heads * d:].reshape(q_out.shape)
+            q_out.copy_(q if inv_freq is None else apply_rope(q, positions, inv_freq, rope_scale))
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size: int,
+                    scale: float, sliding_window: int = 0):
+    """Causal attention of each query row over its own sequence's cached K/V.
+
+    q [N, heads, d]; k_cache/v_cache [slots + 1, kv_heads, d]; block_tables [S, max_blocks];
+    row n belongs to sequence seq_idx[n] and sees its positions 0..positions[n] (only the last
+    `sliding_window` of them when > 0); a row with a negative position sees no key and gets
+    zeros. GQA: heads is a multiple of kv_heads.
+    """
+    heads, kv_heads = q.shape[1], k_cache.shape[1]
+    key_pos = torch.arange(block_tables.shape[1] * block_size, device=q.device)
+    out = torch.empty_like(q)
+    for start in range(0, q.shape[0], _ROWS_PER_CHUNK):    # bounds the gathered K/V's memory
+        rows = slice(start, start + _ROWS_PER_CHUNK)
+        tables = block_tables[seq_idx[rows]]                                      # [n, max_blocks]
+        slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [n, ctx]
+        k = k_cache[slots].repeat_interleave(heads // kv_heads, dim=2)           # [n, ctx, heads, d]
+        v = v_cache[slots].repeat_interleave(heads // kv_heads, dim=2)
+        q_pos = positions[rows, None]
+        mask = key_pos[None, :] <= q_pos
+        if sliding_window > 0:
+            mask &= key_pos[None, :] > q_pos - sliding_window
+        o = F.scaled_dot_product_attention(q[rows, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask[:, None, None, :], scale=scale)
+        sees_a_key = q_pos[:, :, None] >= 0     # its own key at least; explicit: not every SDPA kernel zeros
+        out[rows] = torch.where(sees_a_key, o[:, :, 0, :], 0)
+    return out
+
+
+_ROWS_PER_CHUNK = 64
+
+
+def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitment: float,
+                skip_cost: float, stop_code: int, forced: bool):
+    """One layer of the depth policy's budget rule (depth_policy.py) for every token, as one op:
+    a dozen tiny tensor ops per layer otherwise, each a kernel launch on a GPU.
+
+    proposed [N] int8: the controller's codes (ignored when `forced`: every token PROCESSes).
+    A PROCESS that would leave spent + commitment > allowed breaks the budget; a token that
+    proposes EXIT or breaks it is stopped for good and takes `stop_code`. Writes the action to
+    actions[:, layer] (int8 [N, L]), adds its cost (1 or skip_cost) to spent (float32 [N]),
+    updates stopped (bool [N]) in place; returns the PROCESS mask [N] bool. Layer 0 starts a
+    step: spent and stopped are written, not read (as if zero and False), so a step's state
+    needs no zeroing launch of its own.
+    """
+    if layer == 0:
+        spent.zero_()
+        stopped.zero_()
+    if forced:
+        action = torch.full_like(proposed, PROCESS)
+    else:
+        broke = (proposed == PROCESS) & (spent + commitment > allowed)
+        stopped |= (proposed == EXIT) | broke
+        action = torch.where(stopped, stop_code, proposed).to(torch.int8)
+    actions[:, layer] = action
+    process = action == PROCESS
+    spent += torch.where(process, 1.0, skip_cost)
+    return process
+
+
+def saturation_codes(h, h_prev, budget_left, skip_saturation: float, exit_saturation: float,
+                     exit_threshold: float):
+    """The saturation heuristic's proposals (controllers.HeuristicController) for every token,
+    as one op: about twenty tiny tensor ops per layer otherwise, each a kernel launch on a GPU.
+
+    h, h_prev [N, hidden]: the residual entering this layer and the previous one; budget_left
+    [N] float32. A row whose h equals h_prev (the previous layer skipped, or layer 0) PROCESSes;
+    else cos = cosine(h, h_prev) in float32 gives EXIT at >= exit_saturation, SKIP at >=
+    skip_saturation. budget_left < exit_threshold gives EXIT whatever the rest. Returns int8 [N].
+    """
+    after_skip = (h == h_prev).all(dim=-1)
+    cos = cosine_saturation(h, h_prev)
+    leave = (~after_skip & (cos >= exit_saturation)) | (budget_left < exit_threshold)
+    skip = ~after_skip & (cos >= skip_saturation)
+    return torch.where(leave, EXIT, torch.where(skip, SKIP, PROCESS)).to(torch.int8)

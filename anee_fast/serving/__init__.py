@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server, its background engine thread and its metrics."""

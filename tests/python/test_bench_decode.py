@@ -1,0 +1,77 @@
+"""python/bench_decode.py runs end to end on a small case and writes its table, JSON and PNG
+(speed is not asserted here), and rejects a bad --conditional-layers list."""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python"))
+
+import bench_decode  # noqa: E402
+
+
+def test_bench_decode_writes_a_row_per_budget(tmp_path, capsys):
+    out = tmp_path / "bd"
+    bench_decode.main(["--models", "gpt2-124m", "--batches", "1", "--budgets", "1,0.5",
+                       "--new-tokens", "2", "--prompt-tokens", "4", "--repeats", "1",
+                       "--backend", "native", "--anee-python", str(tmp_path / "none"),
+                       "--out", str(out)])
+    rows = json.loads((tmp_path / "bd.json").read_text())["rows"]
+    assert [(r["budget"], r["conditional_layers"], r["batch"]) for r in rows] == [
+        (1.0, False, 1), (0.5, False, 1)]
+    assert rows[0]["speedup_vs_full"] == 1.0 and rows[1]["compute"] < 0.75
+    # One repeat of two tokens on a shared CPU: differences of times, finite but noisy.
+    assert all(math.isfinite(r["ms_per_step"]) and math.isfinite(r["hf_ms_per_step"]) for r in rows)
+    assert "make anee-env" in rows[0]["anee_note"]          # no ANEE environment: said so
+    assert (tmp_path / "bd.png").stat().st_size > 0
+    assert "gpt2-124m" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["on,sometimes", "off,off", ""])
+def test_bench_decode_rejects_bad_conditional_layers(value):
+    with pytest.raises(SystemExit):
+        bench_decode.main(["--conditional-layers", value])
+
+
+def test_bench_decode_keeps_the_other_variants_when_one_fails(tmp_path, capsys):
+    """conditional_layers=True needs CUDA graphs, so on the CPU the variant `on` fails to build:
+    its error is printed and recorded, `off` still gives its rows, and the run exits non-zero."""
+    out = tmp_path / "bd"
+    with pytest.raises(SystemExit) as exit_info:
+        bench_decode.main(["--models", "gpt2-124m", "--batches", "1", "--budgets", "1",
+                           "--new-tokens", "2", "--prompt-tokens", "4", "--repeats", "1",
+                           "--backend", "native", "--anee-python", str(tmp_path / "none"),
+                           "--conditional-layers", "on,off", "--device", "cpu", "--out", str(out)])
+    assert "1 failed" in str(exit_info.value) and "needs CUDA graphs" in str(exit_info.value)
+    result = json.loads((tmp_path / "bd.json").read_text())
+    assert [(r["conditional_layers"], r["budget"]) for r in result["rows"]] == [(False, 1.0)]
+    assert [(f["conditional_layers"], "needs CUDA graphs" in f["error"])
+            for f in result["failures"]] == [(True, True)]
+    assert (tmp_path / "bd.png").stat().st_size > 0
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_bench_decode_keeps_rows_measured_before_a_failure(tmp_path, monkeypatch):
+    """A variant failing at batch 1, budget 0.5 keeps its budget-1.0 row, and batch 2 still runs."""
+    calls = []
+    real = bench_decode.ideal_speedup
+
+    def fails_on_the_second_call(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real(*args)
+
+    monkeypatch.setattr(bench_decode, "ideal_speedup", fails_on_the_second_call)
+    out = tmp_path / "bd"
+    with pytest.raises(SystemExit, match="injected failure"):
+        bench_decode.main(["--models", "gpt2-124m", "--batches", "1,2", "--budgets", "1,0.5",
+                           "--new-tokens", "2", "--prompt-tokens", "4", "--repeats", "1",
+                           "--backend", "native", "--anee-python", str(tmp_path / "none"),
+                           "--device", "cpu", "--out", str(out)])
+    result = json.loads((tmp_path / "bd.json").read_text())
+    assert [(r["batch"], r["budget"]) for r in result["rows"]] == [(1, 1.0), (2, 1.0), (2, 0.5)]
+    assert [(f["batch"], f["error"]) for f in result["failures"]] == [
+        (1, "RuntimeError: injected failure")]

@@ -1,0 +1,54 @@
+"""python/bench_kernels.py runs, checks every backend against the reference before timing, and
+writes its table, JSON and PNG (one quick case per op label; speed is not asserted here)."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python"))
+
+import bench_kernels  # noqa: E402
+
+
+def test_bench_kernels_times_linear_with_its_epilogues(tmp_path, capsys):
+    out = tmp_path / "bk"
+    bench_kernels.main(["--device", "cpu", "--ops", "linear,linear_down,linear_down_masked,skip_kv",
+                        "--rows", "1,3", "--shapes", "gpt2-small,llama-1b", "--budget", "0.01",
+                        "--out", str(out)])
+    result = json.loads((tmp_path / "bk.json").read_text())["rows"]
+    labels = {(r["op"], r["shape"], r["rows"], r["backend"]) for r in result}
+    for op in ("linear", "linear_down", "linear_down_masked", "skip_kv"):
+        for shape in ("gpt2-small", "llama-1b"):
+            assert {(op, shape, 3, "reference"), (op, shape, 3, "native")} <= labels
+    assert all(r["time_us"] > 0 and r["bytes"] > 0 for r in result)
+    assert (tmp_path / "bk.png").stat().st_size > 0
+    assert "linear_down" in capsys.readouterr().out
+
+
+def test_bench_kernels_records_a_mismatch_and_times_the_rest(tmp_path, monkeypatch):
+    """A backend whose linear is wrong is not timed for linear: the mismatch is recorded and the
+    run exits non-zero, while its norm, and the reference's linear, are still timed."""
+    real_ops_for = bench_kernels.ops_for
+
+    class WrongLinear:
+        def __init__(self, ops):
+            self.ops = ops
+
+        def __getattr__(self, name):
+            return getattr(self.ops, name)
+
+        def linear(self, *args, **kwargs):
+            return self.ops.linear(*args, **kwargs) + 1
+
+    monkeypatch.setattr(bench_kernels, "ops_for", lambda name: WrongLinear(real_ops_for(name))
+                        if name == "native" else real_ops_for(name))
+    out = tmp_path / "bk"
+    with pytest.raises(SystemExit, match="MISMATCH: linear gpt2-small rows 3, backend native"):
+        bench_kernels.main(["--device", "cpu", "--ops", "linear,norm", "--rows", "3",
+                            "--shapes", "gpt2-small", "--budget", "0.01", "--out", str(out)])
+    result = json.loads((tmp_path / "bk.json").read_text())
+    assert {(r["op"], r["backend"]) for r in result["rows"]} == {
+        ("linear", "reference"), ("norm", "reference"), ("norm", "native")}
+    assert [(f["op"], f["backend"]) for f in result["failures"]] == [("linear", "native")]
+    assert (tmp_path / "bk.png").stat().st_size > 0

@@ -1,0 +1,354 @@
+"""The OpenAI-compatible server, live on loopback: the official `openai` client against the
+embedded SmolLM2 (greedy outputs equal `LLM.generate` offline), 32 concurrent streams with mixed
+budgets, every kind of bad request, clients that disconnect, the API key, /metrics as
+Prometheus text; on tiny random models, preemption over HTTP and an engine failure that fails
+only its own request.
+"""
+import asyncio
+import copy
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from anee_fast import LLM, SamplingParams
+from anee_fast.cli import main as cli_main
+from anee_fast.engine.llm_engine import LLMEngine
+from anee_fast.serving.server import ServerThread, _Detokenizer
+from conftest import build_model
+
+MAX_TOKENS = 10
+PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3, 4,",
+           "Once upon a time", "The best way to learn Python is"]
+
+
+@pytest.fixture(scope="module")
+def served():
+    """(llm being served, an offline LLM on the same weights with its own engine, server)."""
+    llm = LLM()
+    offline = copy.copy(llm)
+    offline.engine = LLMEngine(llm.weights, llm.engine.eos_token_id, ops=llm.engine.runner.ops)
+    with ServerThread(llm) as server:
+        yield llm, offline, server
+
+
+def _client(server, **kwargs):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, **kwargs)
+
+
+def _expected(offline, ids, budget, controller="budget", max_tokens=MAX_TOKENS):
+    return offline.generate(ids, SamplingParams(max_tokens=max_tokens), energy_budget=budget,
+                            controller=controller)[0]
+
+
+def _chat_ids(llm, content):
+    text = llm.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                             add_generation_prompt=True, tokenize=False)
+    return llm.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _metrics(server):
+    text = httpx.get(server.url + "/metrics").text
+    return {s.name: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if not s.labels}
+
+
+def _wait_until_idle(llm, seconds=20.0):
+    deadline = time.monotonic() + seconds
+    while llm.engine.has_unfinished() or llm.engine.block_manager.num_used:
+        assert time.monotonic() < deadline, "the engine did not go idle"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget, controller", [(1.0, "budget"), (0.5, "budget"),
+                                                (1.0, "heuristic")])
+def test_completions_equal_offline_generate(served, budget, controller):
+    llm, offline, server = served
+    client = _client(server)
+    prompt = PROMPTS[0]
+    ref = _expected(offline, llm.tokenizer.encode(prompt), budget, controller)
+    extra = {"energy_budget": budget, "controller": controller}
+    out = client.completions.create(model=llm.name, prompt=prompt, max_tokens=MAX_TOKENS,
+                                    temperature=0, extra_body=extra)
+    assert out.choices[0].text == ref.text and out.choices[0].finish_reason == ref.finish_reason
+    assert out.usage.completion_tokens == len(ref.token_ids)
+    assert out.anee["compute"] == pytest.approx(ref.trace.mean_compute)
+    assert out.anee["energy_budget"] == budget and out.anee["ttft_s"] > 0
+    chunks = list(client.completions.create(model=llm.name, prompt=prompt, max_tokens=MAX_TOKENS,
+                                            temperature=0, stream=True, extra_body=extra))
+    assert "".join(c.choices[0].text for c in chunks) == ref.text
+    assert sum(len(c.choices[0].token_ids) for c in chunks) == len(ref.token_ids) > 1
+    assert len(chunks) > 2                          # tokens arrive as they are produced
+    assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+    assert chunks[-1].anee["compute"] == pytest.approx(ref.trace.mean_compute)
+
+
+@pytest.mark.slow
+def test_chat_equals_offline_generate_streaming_or_not(served):
+    llm, offline, server = served
+    client = _client(server)
+    question = "What is the capital of France?"
+    ref = _expected(offline, _chat_ids(llm, question), 1.0)
+    messages = [{"role": "user", "content": question}]
+    out = client.chat.completions.create(model=llm.name, messages=messages, max_tokens=MAX_TOKENS,
+                                         temperature=0, extra_body={"energy_budget": 1.0})
+    assert out.choices[0].message.content == ref.text and out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == len(ref.prompt_token_ids)
+    stream = client.chat.completions.create(model=llm.name, messages=messages,
+                                            max_tokens=MAX_TOKENS, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    assert chunks[-1].usage.completion_tokens == len(ref.token_ids)
+    assert [m.id for m in client.models.list().data] == [llm.name]
+
+
+@pytest.mark.slow
+def test_32_concurrent_streams_with_mixed_budgets(served):
+    llm, offline, server = served
+    budgets = [1.0, 0.9, 0.75, 0.5]
+    requests = [(PROMPTS[i % len(PROMPTS)], budgets[i % len(budgets)]) for i in range(32)]
+    unique = sorted(set(requests))
+    outs = offline.generate([llm.tokenizer.encode(p) for p, _ in unique],
+                            SamplingParams(max_tokens=8), energy_budget=[b for _, b in unique])
+    refs = dict(zip(unique, outs))
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+    async def one(prompt, budget):
+        stream = await client.completions.create(model=llm.name, prompt=prompt, max_tokens=8,
+                                                 temperature=0, stream=True,
+                                                 extra_body={"energy_budget": budget})
+        text, last = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            last = chunk
+        return text, last
+
+    async def run_all():
+        try:
+            return await asyncio.gather(*(one(p, b) for p, b in requests))
+        finally:
+            await client.close()
+
+    results = asyncio.run(run_all())
+    for (prompt, budget), (text, last) in zip(requests, results):
+        ref = refs[(prompt, budget)]
+        assert text == ref.text and last.choices[0].finish_reason == ref.finish_reason
+        assert last.anee["compute"] == pytest.approx(ref.trace.mean_compute)
+    _wait_until_idle(llm)
+    assert llm.engine.block_manager.num_used == 0
+    assert _metrics(server)["anee_kv_blocks_in_use"] == 0
+
+
+@pytest.mark.slow
+def test_streamed_text_pieces_add_up_to_the_decoded_text(served):
+    tokenizer = served[0].tokenizer
+    ids = tokenizer.encode("Café au lait, naïve 東京 🚀 fin.  Two  spaces\nnew line")
+    detok = _Detokenizer(tokenizer)
+    pieces = [detok.push([t], final=i == len(ids) - 1) for i, t in enumerate(ids)]
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in p for p in pieces)
+    assert sum(1 for p in pieces if p) > 10              # text came piece by piece
+
+
+def _post(server, body, path="/v1/completions", **headers):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.url + path, content=content,
+                      headers={"content-type": "application/json", **headers}, timeout=30)
+
+
+def _bad_requests(name, max_positions):
+    ok = {"model": name, "prompt": "Hello", "max_tokens": 4}
+    return [
+        (b"{not json", 400),
+        (b"[1, 2]", 400),
+        ({**ok, "model": "gpt-4"}, 404),
+        ({**ok, "energy_budget": 1.5}, 400),
+        ({**ok, "energy_budget": -0.1}, 400),
+        ({**ok, "energy_budget": "half"}, 400),
+        ({**ok, "prompt": [1] * max_positions}, 400),
+        ({**ok, "prompt": [1] * (max_positions - 2), "max_tokens": 3}, 400),
+        ({**ok, "max_tokens": -1}, 400),
+        ({**ok, "max_tokens": 10 ** 9}, 400),
+        ({**ok, "controller": "no-such-controller"}, 400),
+        ({**ok, "controller": "/etc/passwd"}, 400),
+        ({**ok, "controller": "controller.json"}, 400),          # files only via serve --controller
+        ({**ok, "controller": [0, 1]}, 400),                     # not one action per layer
+        ({**ok, "controller": [7] * 30}, 400),                   # not an action code
+        ({**ok, "n": 2}, 400),
+        ({**ok, "stop": ["\n"]}, 400),
+        ({**ok, "unknown_field": 1}, 400),
+        ({**ok, "prompt": [10 ** 7]}, 400),
+        ({**ok, "prompt": ""}, 400),
+        ({"model": name, "prompt": "x" * (2 << 20)}, 413),
+    ]
+
+
+@pytest.mark.slow
+def test_bad_requests_get_openai_errors_and_change_nothing(served):
+    llm, _, server = served
+    _wait_until_idle(llm)
+    before = _metrics(server)
+    cases = _bad_requests(llm.name, llm.spec.max_positions)
+    for body, status in cases:
+        r = _post(server, body)
+        assert r.status_code == status, (str(body)[:200], r.text)
+        error = r.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error"
+    chat = {"model": llm.name, "messages": [{"role": "wizard", "content": "hi"}]}
+    assert _post(server, chat, "/v1/chat/completions").status_code == 400
+    assert _post(server, {**chat, "messages": []}, "/v1/chat/completions").status_code == 400
+    assert httpx.get(server.url + "/v1/nothing-here").json()["error"]["message"]
+    after = _metrics(server)
+    assert after["anee_kv_blocks_in_use"] == 0 and after["anee_queue_depth"] == 0
+    assert after["anee_generation_tokens_total"] == before["anee_generation_tokens_total"]
+    # The openai client sees the error as its exception, and the server keeps serving.
+    client = _client(server)
+    with pytest.raises(openai.BadRequestError, match="energy_budget"):
+        client.completions.create(model=llm.name, prompt="Hi", max_tokens=2,
+                                  extra_body={"energy_budget": 2})
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="Hi", max_tokens=2)
+    out = client.completions.create(model=llm.name, prompt="Hi", max_tokens=2, temperature=0)
+    assert out.usage.completion_tokens == 2
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_metrics_parse_as_prometheus_text(served):
+    llm, _, server = served
+    _client(server).completions.create(model=llm.name, prompt="Hi", max_tokens=3, temperature=0,
+                                       extra_body={"energy_budget": 0.5})
+    _wait_until_idle(llm)
+    r = httpx.get(server.url + "/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    for name in ("anee_requests", "anee_generation_tokens", "anee_compute_saved",
+                 "anee_queue_depth", "anee_kv_blocks_in_use", "anee_compute_saved_ratio"):
+        assert name in families, name
+    finished = {s.labels["finish_reason"]: s.value for s in families["anee_requests"].samples}
+    assert finished["length"] >= 1
+    values = _metrics(server)
+    assert values["anee_generation_tokens_total"] >= 3
+    assert 0 < values["anee_compute_saved_ratio"] < 1     # a budget-0.5 request saved compute
+    assert values["anee_kv_blocks_total"] == llm.engine.block_manager.num_blocks
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_mid_stream_frees_its_blocks(served):
+    llm, _, server = served
+    _wait_until_idle(llm)
+    aborted = _metrics_labelled(server, "anee_requests_total", "abort")
+    body = {"model": llm.name, "prompt": "Tell me a long story.", "max_tokens": 400,
+            "ignore_eos": True, "stream": True, "temperature": 0}
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", server.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())
+            assert llm.engine.block_manager.num_used > 0
+    _wait_until_idle(llm)
+    assert llm.engine.block_manager.num_used == 0
+    assert _metrics_labelled(server, "anee_requests_total", "abort") == aborted + 1
+
+
+@pytest.mark.slow
+def test_a_client_that_gives_up_on_a_plain_request_frees_its_blocks(served):
+    llm, _, server = served
+    _wait_until_idle(llm)
+    aborted = _metrics_labelled(server, "anee_requests_total", "abort")
+    body = {"model": llm.name, "prompt": "Tell me a long story.", "max_tokens": 400,
+            "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.5)
+    _wait_until_idle(llm)
+    assert llm.engine.block_manager.num_used == 0
+    assert _metrics_labelled(server, "anee_requests_total", "abort") == aborted + 1
+
+
+def _metrics_labelled(server, sample_name, finish_reason):
+    text = httpx.get(server.url + "/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == sample_name and s.labels.get("finish_reason") == finish_reason)
+
+
+def test_api_key_is_enforced_when_configured():
+    llm = LLM(build_model("llama_gqa", 2), min_layers=1)
+    with ServerThread(llm, api_key="s3cret", model_name="tiny") as server:
+        body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2}
+        assert _post(server, body).status_code == 401
+        assert _post(server, body, authorization="Bearer wrong").status_code == 401
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert httpx.get(server.url + "/health").status_code == 200
+        r = _post(server, body, authorization="Bearer s3cret")
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 2
+        # A model without a tokenizer takes token ids but no text and no chat.
+        text_prompt = {**body, "prompt": "text"}
+        assert _post(server, text_prompt, authorization="Bearer s3cret").status_code == 400
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+        assert _post(server, chat, "/v1/chat/completions",
+                     authorization="Bearer s3cret").status_code == 400
+
+
+def test_a_tiny_kv_pool_preempts_and_every_http_request_completes():
+    model = build_model("llama_gqa", 2)
+    prompts = [[3 + i, 5, 7 + i, 11, 13][: 2 + i % 4] for i in range(8)]
+    refs = [LLM(model, min_layers=1).generate(p, SamplingParams(max_tokens=12, ignore_eos=True))[0]
+            for p in prompts]
+    llm = LLM(model, min_layers=1, block_size=2, num_kv_blocks=20)
+    with ServerThread(llm, model_name="tiny") as server:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+        async def one(prompt):
+            out = await client.completions.create(model="tiny", prompt=prompt, max_tokens=12,
+                                                  temperature=0, extra_body={"ignore_eos": True})
+            return out.choices[0].token_ids
+
+        async def run_all():
+            try:
+                return await asyncio.gather(*(one(p) for p in prompts))
+            finally:
+                await client.close()
+
+        assert asyncio.run(run_all()) == [r.token_ids for r in refs]
+        values = _metrics(server)
+        assert values["anee_preemptions_total"] > 0 and values["anee_kv_blocks_in_use"] == 0
+
+
+def test_an_engine_failure_fails_only_its_request():
+    llm = LLM(build_model("llama_gqa", 2), min_layers=1)
+    run = llm.engine.runner.run
+    calls = []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected failure")
+        return run(*args, **kwargs)
+
+    llm.engine.runner.run = failing_once
+    body = {"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0}
+    with ServerThread(llm, model_name="tiny") as server:
+        r = _post(server, body)
+        assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "server_error"
+        r = _post(server, body)
+        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 3
+        assert httpx.get(server.url + "/health").status_code == 200
+        assert llm.engine.block_manager.num_used == 0
+        service = server.app.state.service
+        service.prompt_ids = lambda prompt: {}["a bug"]
+        r = _post(server, body)
+        assert r.status_code == 500 and "KeyError" in r.json()["error"]["message"]
+        del service.prompt_ids
+        assert _post(server, body).status_code == 200
+
+
+def test_serve_command_checks_its_arguments(capsys):
+    assert cli_main(["serve", "--budget", "1.5"]) == 1
+    assert "--budget" in capsys.readouterr().err
+    assert cli_main(["serve", "--controller", "nope"]) == 1
+    assert cli_main(["serve", "--port", "70000"]) == 1
