@@ -8,11 +8,18 @@ traceback instead.
 """
 import argparse
 import contextlib
-import json
+import dataclasses
 import math
 import os
 import sys
 import time
+import typing
+
+from .control.registry import CONTROLLER_NAMES
+from .eval.evaluation import DEFAULT_CONTROLLERS
+from .ops.backends import BACKENDS
+from .training.controller_training import TEACHERS, TrainConfig, train_controller
+from .training.recurrent_training import RecurrentTrainConfig, train_recurrent
 
 PROG = "anee-fast"
 EXIT_ERROR = 1
@@ -25,6 +32,17 @@ class _Error(ValueError):
 
 # ---- options and checks every subcommand shares ------------------------------------------------
 
+BACKEND_HELP = (f"execution backend: {' | '.join(BACKENDS)} | auto (default: $ANEE_FAST_BACKEND, "
+                "else the fastest available)")
+
+
+def _controller_help(what: str) -> str:
+    """What --controller accepts, from the registry's names (make_controller takes no action
+    list from a string)."""
+    return (f"{what}: {', '.join(CONTROLLER_NAMES)}, or a controller file path (trained: "
+            "directory/.json/.safetensors; ANEE 0.4: .pt) (default %(default)s)")
+
+
 def _add_model_options(p, runtime: bool = True):
     """--model and --min-layers; with runtime, also --backend, --device and --dtype."""
     p.add_argument("--model", default=None, metavar="PATH_OR_ID",
@@ -33,8 +51,7 @@ def _add_model_options(p, runtime: bool = True):
     p.add_argument("--min-layers", type=int, default=2,
                    help="first layers every token always processes (default 2)")
     if runtime:
-        p.add_argument("--backend", default="auto",
-                       help="reference | triton | native | auto (default)")
+        p.add_argument("--backend", default="auto", help=BACKEND_HELP)
         p.add_argument("--device", default=None,
                        help="torch device, e.g. cpu or cuda (default: cuda when available)")
         p.add_argument("--dtype", default=None, choices=DTYPES,
@@ -67,7 +84,8 @@ def _checked_budget(value, flag="--budget") -> float:
 
 
 def _checked_controller(value):
-    from .control.controllers import make_controller
+    from .control.registry import make_controller
+
     try:
         return make_controller(value)
     except (ValueError, OSError) as e:
@@ -96,9 +114,8 @@ def _add_generate(subparsers):
                    help="energy budget: fraction of a full forward one token may spend, in [0, 1] "
                         "(default 0.5)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--controller", default="budget", metavar="budget|heuristic|PATH",
-                   help="depth controller: 'budget', 'heuristic' or the path of a trained "
-                        "(ANEE 0.4 format) controller file (default budget)")
+    p.add_argument("--controller", default="budget", metavar="NAME|PATH",
+                   help=_controller_help("depth controller"))
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
@@ -117,8 +134,8 @@ def _add_generate(subparsers):
 
 def _cmd_generate(args) -> int:
     # Check everything cheap before loading a model (loading can take a while).
-    from .control.depth_policy import budget_floor
     from .engine.sampling import SamplingParams
+    from .eval.report import write_json
     budget = _checked_budget(args.budget)
     if not args.prompt:
         raise _Error("the prompt is empty")
@@ -139,8 +156,7 @@ def _cmd_generate(args) -> int:
 
     trace = out.trace
     L = llm.num_layers
-    runner = llm.engine.runner
-    floor = budget_floor(L, trace.skip_cost, runner.min_layers, runner.always_last)
+    floor = llm.depth.floor
     stats = _stats(trace, len(out.token_ids), seconds)
     print(out.text, flush=True)
     print()
@@ -171,7 +187,7 @@ def _cmd_generate(args) -> int:
                          "ignore_eos": params.ignore_eos},
             "summary": stats,
         }
-        written.append(("json", _write_json(args.json, record)))
+        written.append(("json", write_json(args.json, record)))
     for what, path in written:
         print(f"wrote {what}: {path}")
     return 0
@@ -238,16 +254,6 @@ def _summary(llm, args, out, s, budget, floor, chat) -> str:
     ])
 
 
-def _write_json(path, record) -> str:
-    path = os.fspath(path)
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
-    return path
-
-
 # ---- serve ---------------------------------------------------------------------------------------
 
 def _add_serve(subparsers):
@@ -267,8 +273,8 @@ def _add_serve(subparsers):
                    help="the model id clients must send (default: the model's name)")
     p.add_argument("--budget", type=float, default=1.0,
                    help="energy budget of requests that give none, in [0, 1] (default 1.0)")
-    p.add_argument("--controller", default="budget", metavar="budget|heuristic|PATH",
-                   help="controller of requests that name none (default budget)")
+    p.add_argument("--controller", default="budget", metavar="NAME|PATH",
+                   help=_controller_help("controller of requests that name none"))
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger ones get 413 (default 1 MiB)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: 8192 "
@@ -304,7 +310,7 @@ def _add_eval(subparsers):
         description="Score held-out text with each controller at each budget and report realised "
                     "compute, mean KL to the full model, top-1 agreement, perplexity and greedy "
                     "32-token continuation agreement, as a table, JSON and a PNG. The default text "
-                    "is Python's pydoc topics (offline); the last 20%% of its windows are held out.")
+                    "is Python's pydoc topics (offline); the last 20% of its windows are held out.")
     p.add_argument("--budgets", default="1,0.75,0.5,0.25",
                    help="comma-separated energy budgets in [0, 1] (default 1,0.75,0.5,0.25)")
     p.add_argument("--text", default=None, metavar="PATH",
@@ -313,10 +319,11 @@ def _add_eval(subparsers):
     p.add_argument("--plot", default=None, metavar="OUT.png",
                    help="write KL and top-1 agreement against realised compute")
     _add_model_options(p)
+    others = [name for name in CONTROLLER_NAMES if name not in DEFAULT_CONTROLLERS]
     p.add_argument("--controllers", default=None, metavar="LIST",
-                   help="comma-separated: budget, heuristic, random, static, router, "
-                        "anee-untrained, learned, a controller file, or NAME=PATH (default: the "
-                        "six baselines, plus 'learned' when a trained controller is installed)")
+                   help=f"comma-separated: {', '.join(DEFAULT_CONTROLLERS)} (the default, with "
+                        f"'learned' when a trained controller is installed), {', '.join(others)}, "
+                        "a controller file path, or NAME=PATH")
     p.add_argument("--windows", type=int, default=8, help="held-out windows scored (default 8)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
     p.add_argument("--search-windows", type=int, default=16,
@@ -361,47 +368,81 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-# ---- train-controller ------------------------------------------------------------------------------
+# ---- options made from a config dataclass (train-controller, train-recurrent) -----------------
 
-def _budget_list(text: str) -> tuple:
-    """argparse type: comma-separated budgets."""
+def _add_config_options(p, cls, helps: dict):
+    """One --field-name option per field of the dataclass `cls`, defaulting to the field's default,
+    so the defaults live in the dataclass only. `helps` maps each field to its help; a field that
+    defaults to None or () says there what that means, any other default is appended."""
+    types = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        shown = "" if f.default in (None, ()) else f" (default {f.default})"
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=_option_type(f.name, types[f.name]),
+                       default=f.default, help=helps[f.name] + shown)
+
+
+def _option_type(name: str, annotation):
+    """The argparse type of a field: its annotation, Optional[X] as X, a tuple as comma-separated
+    numbers (the one tuple field, class_budgets, holds budgets)."""
+    if typing.get_origin(annotation) is typing.Union:
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation is tuple:
+        return _number_list
+    if annotation in (int, float, str):
+        return annotation
+    raise TypeError(f"no command-line option type for field {name}: {annotation!r}")
+
+
+def _number_list(text: str) -> tuple:
+    """argparse type: comma-separated numbers."""
     try:
         return tuple(float(b) for b in text.split(",") if b.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-_TRAIN_OPTIONS = (   # (flag, type, help); unset ones keep TrainConfig's defaults
-    ("text", str, "plain-text corpus file (default: Python's offline pydoc topics)"),
-    ("seq-len", int, "tokens per window (default 64)"),
-    ("heldout-fraction", float, "last share of the windows held out, never trained on (default 0.2)"),
-    ("trace-windows", int, "training windows the oracle measures (default 8)"),
-    ("trace-budgets", int, "budgets per window in the traces, stratified in [0, 1] (default 6)"),
-    ("order-windows", int, "windows of the greedy ablation giving the oracle's base order (default 4)"),
-    ("order-stop-budget", float, "budget down to which the greedy ablation runs (default 0.2)"),
-    ("max-swaps", int, "oracle: per-token swaps against the base static set (default 1)"),
-    ("margin", float, "oracle: sensitivity ratio a swap needs (default 2)"),
-    ("fallback-margin", float, "saved controller follows the oracle's base static set unless "
-                               "|logit| > this (default: never)"),
-    ("teacher", str, "warm-start labels: oracle or heuristic (default oracle)"),
-    ("warm-epochs", int, "supervised warm-start epochs (default 6)"),
-    ("warm-lr", float, "warm-start learning rate (default 3e-3)"),
-    ("rl-windows", int, "training windows the REINFORCE rollouts draw from (default 16)"),
-    ("rl-steps", int, "REINFORCE steps (default 20)"),
-    ("rl-batch", int, "windows per REINFORCE step (default 4)"),
-    ("rl-lr", float, "REINFORCE learning rate (default 1e-3)"),
-    ("savings-weight", float, "reward per unit of compute saved (default 0.05)"),
-    ("overspend-penalty", float, "reward penalty per unit of compute over the budget (default 10)"),
-    ("class-budgets", _budget_list,
-     "budgets, comma-separated, with per-token-class plans as the fallback's base (needs "
-     "--fallback-margin; default: none)"),
-    ("classes", int, "class plans: k-means classes (default 16)"),
-    ("class-candidates", int, "class plans: swaps tried per class and budget (default 3)"),
-    ("class-windows", int, "class plans: training windows measured (default 32)"),
-    ("eval-windows", int, "held-out windows for the final check, 0 = none (default 8)"),
-    ("checkpoint-every", int, "REINFORCE steps between checkpoints (default 5)"),
-    ("seed", int, "seed of every random draw (default 0)"),
-)
+def _config(cls, args):
+    """The `cls` of the options `_add_config_options` made; validate() reports a bad value as a
+    ValueError, which main prints as one line."""
+    config = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    config.validate()
+    return config
+
+
+# ---- train-controller ------------------------------------------------------------------------------
+
+TRAIN_HELP = {   # TrainConfig's fields
+    "text": "plain-text corpus file (default: Python's offline pydoc topics)",
+    "seq_len": "tokens per window",
+    "heldout_fraction": "last share of the windows held out, never trained on",
+    "trace_windows": "training windows the oracle measures",
+    "trace_budgets": "budgets per window in the traces, stratified in [0, 1]",
+    "order_windows": "windows of the greedy ablation giving the oracle's base order",
+    "order_stop_budget": "budget down to which the greedy ablation runs",
+    "max_swaps": "oracle: per-token swaps against the base static set",
+    "margin": "oracle: sensitivity ratio a swap needs",
+    "fallback_margin": "saved controller follows the oracle's base static set unless |logit| > "
+                       "this (default: never)",
+    "teacher": f"warm-start labels: {' | '.join(TEACHERS)}",
+    "warm_epochs": "supervised warm-start epochs",
+    "warm_lr": "warm-start learning rate",
+    "rl_windows": "training windows the REINFORCE rollouts draw from",
+    "rl_steps": "REINFORCE steps",
+    "rl_batch": "windows per REINFORCE step",
+    "rl_lr": "REINFORCE learning rate",
+    "savings_weight": "reward per unit of compute saved",
+    "overspend_penalty": "reward penalty per unit of compute over the budget",
+    "class_budgets": "budgets, comma-separated, with per-token-class plans as the fallback's base "
+                     "(needs --fallback-margin; default: none)",
+    "classes": "class plans: k-means classes",
+    "class_candidates": "class plans: swaps tried per class and budget",
+    "class_windows": "class plans: training windows measured",
+    "eval_windows": "held-out windows for the final check, 0 = none",
+    "checkpoint_every": "REINFORCE steps between checkpoints",
+    "width": "controller network: hidden width",
+    "proj_dim": "controller network: width of its projection of the hidden state",
+    "seed": "seed of every random draw",
+}
 
 
 def _add_train_controller(subparsers):
@@ -415,19 +456,12 @@ def _add_train_controller(subparsers):
     p.add_argument("--resume", action="store_true", help="continue the run found in OUT_DIR")
     _add_model_options(p, runtime=False)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    for flag, kind, text in _TRAIN_OPTIONS:
-        p.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    _add_config_options(p, TrainConfig, TRAIN_HELP)
     p.set_defaults(func=_cmd_train_controller)
 
 
 def _cmd_train_controller(args) -> int:
-    from .training.controller_training import TrainConfig, train_controller
-    given = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, _, _ in _TRAIN_OPTIONS}
-    config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
-    try:
-        config.validate()
-    except ValueError as e:
-        raise _Error(str(e)) from None
+    config = _config(TrainConfig, args)
     model = _checked_model(args)
     if args.threads is not None:
         import torch
@@ -446,36 +480,36 @@ def _cmd_train_controller(args) -> int:
 
 # ---- train-recurrent and eval-recurrent (weight-tied models, halting) ---------------------------
 
-_RECURRENT_OPTIONS = (   # (flag, type, help); unset ones keep RecurrentTrainConfig's defaults
-    ("modulus", int, "the task's modulus (default 5)"),
-    ("train-max-ops", int, "operations per training chain: 1..this (default 4)"),
-    ("full-depth-share", float, "share of the training chains whose tokens all run every "
-                                "iteration; the others run random depths (default 0.5)"),
-    ("hidden-size", int, "model width (default 256)"),
-    ("num-heads", int, "attention heads (default 8)"),
-    ("num-kv-heads", int, "K/V heads (default 4)"),
-    ("intermediate-size", int, "MLP width (default 768)"),
-    ("prelude", int, "layers before the recurrent block (default 1)"),
-    ("block", int, "layers in the recurrent block (default 1)"),
-    ("iterations", int, "times the block runs at full depth (default 8)"),
-    ("coda", int, "layers after the recurrent block (default 1)"),
-    ("steps", int, "model training steps (default 1500)"),
-    ("batch", int, "chains per step (default 64)"),
-    ("lr", float, "model learning rate (default 2e-3)"),
-    ("weight-decay", float, "AdamW weight decay (default 0.01)"),
-    ("halting-examples", int, "fresh chains the halting heads learn from (default 2048)"),
-    ("halting-steps", int, "optimisation steps per halting head (default 500)"),
-    ("halting-lr", float, "halting heads' learning rate (default 3e-3)"),
-    ("halting-width", int, "hidden width of the halting heads (default 64)"),
-    ("compute-penalty", float, "nats of cross-entropy a full depth of compute is worth (default 0.2)"),
-    ("policy-steps", int, "on-policy fine-tuning steps after the first head fit, then the heads "
-                          "are fitted again; 0 leaves the stage out (default 300)"),
-    ("policy-lr", float, "on-policy fine-tuning learning rate (default 3e-4)"),
-    ("policy-share", float, "share of the fine-tuning chains whose tokens run the depths the "
-                            "halting heads pick (default 0.5)"),
-    ("checkpoint-every", int, "steps between checkpoints (default 250)"),
-    ("seed", int, "seed of every random draw (default 0)"),
-)
+RECURRENT_HELP = {   # RecurrentTrainConfig's fields
+    "modulus": "the task's modulus",
+    "train_max_ops": "operations per training chain: 1..this",
+    "full_depth_share": "share of the training chains whose tokens all run every iteration; the "
+                        "others run random depths",
+    "hidden_size": "model width",
+    "num_heads": "attention heads",
+    "num_kv_heads": "K/V heads",
+    "intermediate_size": "MLP width",
+    "prelude": "layers before the recurrent block",
+    "block": "layers in the recurrent block",
+    "iterations": "times the block runs at full depth",
+    "coda": "layers after the recurrent block",
+    "steps": "model training steps",
+    "batch": "chains per step",
+    "lr": "model learning rate",
+    "weight_decay": "AdamW weight decay",
+    "halting_examples": "fresh chains the halting heads learn from",
+    "halting_steps": "optimisation steps per halting head",
+    "halting_lr": "halting heads' learning rate",
+    "halting_width": "hidden width of the halting heads",
+    "compute_penalty": "nats of cross-entropy a full depth of compute is worth",
+    "policy_steps": "on-policy fine-tuning steps after the first head fit, then the heads are "
+                    "fitted again; 0 leaves the stage out",
+    "policy_lr": "on-policy fine-tuning learning rate",
+    "policy_share": "share of the fine-tuning chains whose tokens run the depths the halting "
+                    "heads pick",
+    "checkpoint_every": "steps between checkpoints",
+    "seed": "seed of every random draw",
+}
 
 
 def _add_train_recurrent(subparsers):
@@ -491,19 +525,12 @@ def _add_train_recurrent(subparsers):
     p.add_argument("out_dir", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run found in OUT_DIR")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    for flag, kind, text in _RECURRENT_OPTIONS:
-        p.add_argument(f"--{flag}", type=kind, default=None, help=text)
+    _add_config_options(p, RecurrentTrainConfig, RECURRENT_HELP)
     p.set_defaults(func=_cmd_train_recurrent)
 
 
 def _cmd_train_recurrent(args) -> int:
-    from .training.recurrent_training import RecurrentTrainConfig, train_recurrent
-    given = {f.replace("-", "_"): getattr(args, f.replace("-", "_")) for f, _, _ in _RECURRENT_OPTIONS}
-    try:
-        config = RecurrentTrainConfig(**{k: v for k, v in given.items() if v is not None})
-        config.validate()
-    except ValueError as e:
-        raise _Error(str(e)) from None
+    config = _config(RecurrentTrainConfig, args)
     if args.threads is not None:
         if args.threads < 1:
             raise _Error(f"--threads must be >= 1, got {args.threads}")
@@ -529,7 +556,7 @@ def _add_eval_recurrent(subparsers):
     p.add_argument("model_dir", help="a directory written by train-recurrent")
     p.add_argument("--max-ops", type=int, default=10, help="largest number of operators (default 10)")
     p.add_argument("--examples", type=int, default=64, help="chains per L (default 64)")
-    p.add_argument("--backend", default="auto", help="reference | triton | native | auto (default)")
+    p.add_argument("--backend", default="auto", help=BACKEND_HELP)
     p.add_argument("--json", default=None, metavar="PATH", help="write the records and summary here")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot here")
     p.add_argument("--seed", type=int, default=0, help="seed of the chains (default 0)")

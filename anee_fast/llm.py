@@ -5,6 +5,7 @@ import torch
 
 from .actions import validate_actions
 from .ops.backends import ops_for, select_backend
+from .engine.config import EngineConfig
 from .engine.llm_engine import LLMEngine, check_budget
 from .model.loader import default_device, load_weights
 from .engine.sampling import SamplingParams
@@ -28,15 +29,22 @@ class LLM:
         self.backend = select_backend(backend, default_device(device).type)
         self.weights, loaded_tokenizer, self.name = load_weights(model, device, dtype)
         self.tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-        eos = getattr(self.tokenizer, "eos_token_id", None)
-        self.engine = LLMEngine(self.weights, eos, block_size, num_kv_blocks, max_num_seqs,
-                                max_num_batched_tokens, min_layers, always_last,
-                                ops=ops_for(self.backend), cuda_graphs=cuda_graphs,
-                                conditional_layers=conditional_layers)
+        config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
+                              max_num_seqs=max_num_seqs,
+                              max_num_batched_tokens=max_num_batched_tokens,
+                              min_layers=min_layers, always_last=always_last,
+                              cuda_graphs=cuda_graphs, conditional_layers=conditional_layers)
+        self.engine = LLMEngine(self.weights, ops_for(self.backend), config,
+                                eos_token_id=getattr(self.tokenizer, "eos_token_id", None))
 
     @property
     def spec(self):
         return self.weights.spec
+
+    @property
+    def depth(self):
+        """DepthAccounting: layers, SKIP cost, forced layers and the budget floor."""
+        return self.engine.depth
 
     @property
     def num_layers(self) -> int:
@@ -49,7 +57,8 @@ class LLM:
         """float32 logits [T, vocab] of every position; a list of sequences is one ragged batch.
 
         actions: int8 [T, L] (a list of them for a batch) or None to let `controller` decide.
-        chunk_size: None = one prefill; k = k tokens per step through the paged decode path.
+        chunk_size: None = as many tokens per step as the scheduler allows (max_num_batched_tokens);
+        k = at most k tokens of a sequence per step, through the paged decode path.
         """
         batched = isinstance(token_ids, (list, tuple)) and len(token_ids) > 0 and \
             isinstance(token_ids[0], (list, tuple, torch.Tensor))
@@ -62,34 +71,13 @@ class LLM:
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
         check_budget(energy_budget)
-        engine, L = self.engine, self.num_layers
-        seqs = [engine.new_sequence(_ids(s), SamplingParams(max_tokens=0), energy_budget, controller)
-                for s in sequences]
-        fixed = None
-        if actions is not None:
-            fixed = [validate_actions(a, len(s), L) for a, s in zip(actions, seqs)]
-        needed = sum(engine.block_manager.blocks_needed(s.seq_id, len(s)) for s in seqs)
-        if needed > engine.block_manager.num_free:
-            raise ValueError(f"scoring needs {needed} KV blocks, {engine.block_manager.num_free} are "
-                             "free: score fewer or shorter sequences, or raise num_kv_blocks")
-        logits = [torch.empty((len(s), self.spec.vocab_size), dtype=torch.float32) for s in seqs]
-        try:
-            while any(s.num_uncomputed for s in seqs):
-                chunks = [(s, min(chunk_size or len(s), s.num_uncomputed)) for s in seqs
-                          if s.num_uncomputed]
-                firsts = [s.num_computed for s, _ in chunks]
-                step_fixed = None
-                if fixed is not None:
-                    step_fixed = torch.cat([fixed[seqs.index(s)][first:first + n]
-                                            for (s, n), first in zip(chunks, firsts)])
-                out = engine.run_chunks(chunks, range(sum(n for _, n in chunks)), step_fixed)
-                step_logits, start = out.logits.cpu(), 0
-                for (s, n), first in zip(chunks, firsts):
-                    logits[seqs.index(s)][first:first + n] = step_logits[start:start + n]
-                    start += n
-        finally:
-            for s in seqs:
-                engine.block_manager.free(s.seq_id)
+        seqs = [self.engine.new_sequence(_ids(s), SamplingParams(max_tokens=0), energy_budget,
+                                         controller) for s in sequences]
+        for i, seq in enumerate(seqs):
+            seq.chunk_size = chunk_size
+            if actions is not None:
+                seq.fixed_actions = validate_actions(actions[i], len(seq), self.num_layers)
+        logits = [x.cpu() for x in self.engine.compute(seqs)]
         traces = [s.trace() for s in seqs]
         if not batched:
             return (logits[0], traces[0]) if return_trace else logits[0]

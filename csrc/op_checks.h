@@ -91,81 +91,54 @@ inline LinearSizes check_linear_args(const at::Tensor& x, const at::Tensor& weig
   return {M, K, N, N_out, act};
 }
 
-struct WriteKvSizes {
-  int64_t N, kv_heads, d, num_slots;
-};
-
-// write_kv: k/v [N, kv_heads, d] into caches [num_slots, kv_heads, d], all of one dtype.
-inline WriteKvSizes check_write_kv_args(const at::Tensor& k, const at::Tensor& v,
-                                        const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                        const at::Tensor& slot_mapping) {
-  TORCH_CHECK(k_cache.dim() == 3 && v_cache.dim() == 3,
-              "write_kv: caches must be [slots, kv_heads, head_dim]");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "write_kv: k_cache and v_cache shapes differ");
-  TORCH_CHECK(k.dim() == 3 && v.dim() == 3, "write_kv: k and v must be [N, kv_heads, head_dim]");
-  TORCH_CHECK(k.sizes().slice(1) == k_cache.sizes().slice(1) &&
-              v.sizes().slice(1) == v_cache.sizes().slice(1),
-              "write_kv: k/v rows do not match the cache's [kv_heads, head_dim]");
-  TORCH_CHECK(k.size(0) == slot_mapping.numel() && v.size(0) == slot_mapping.numel(),
-              "write_kv: k, v and slot_mapping must have the same number of rows");
-  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type() &&
-              k.scalar_type() == v.scalar_type(),
-              "write_kv: k, v and the caches must have the same dtype");
-  return {k.size(0), k_cache.size(1), k_cache.size(2), k_cache.size(0)};
-}
-
 struct SkipKvSizes {
-  int64_t N, hidden, nl, num_slots, kv_heads, d, q_heads;   // q_heads: 0 without q_out
+  int64_t N, hidden, num_slots, kv_heads, d, q_heads;   // q_heads: 0 without q_out
 };
 
-// skip_kv: h [N, hidden], caches [nl, num_slots, kv_heads, d], per-layer weights and biases
-// stacked along a leading [nl] dim; the caches, kv_weight and kv_bias in h's dtype. With q_out
-// [N, q_heads, d] (one layer, no first_layer) kv_weight and kv_bias also hold the Q rows.
+// skip_kv: h [N, hidden]; one layer's [1, ...] slices of the stacks: caches [1, num_slots,
+// kv_heads, d], weights and biases [1, ...]; the caches, kv_weight and kv_bias in h's dtype.
+// With q_out [N, q_heads, d] kv_weight and kv_bias also hold the Q rows.
 inline SkipKvSizes check_skip_kv_args(
     const at::Tensor& h, const at::Tensor& norm_weight, const std::optional<at::Tensor>& norm_bias,
     const at::Tensor& kv_weight, const std::optional<at::Tensor>& kv_bias,
     const at::Tensor& positions, const std::optional<at::Tensor>& inv_freq,
     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
-    const std::optional<at::Tensor>& first_layer, const std::optional<at::Tensor>& q_out) {
+    const std::optional<at::Tensor>& q_out) {
   TORCH_CHECK(h.dim() == 2, "skip_kv: h must be [N, hidden]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
-              "skip_kv: k_cache and v_cache must both be [layers, slots, kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.sizes() == v_cache.sizes(),
+              "skip_kv: one layer per call: k_cache and v_cache must both be [1, slots, kv_heads, "
+              "head_dim], got ", k_cache.sizes(), " and ", v_cache.sizes());
   TORCH_CHECK(k_cache.scalar_type() == h.scalar_type() && v_cache.scalar_type() == h.scalar_type() &&
               kv_weight.scalar_type() == h.scalar_type(),
               "skip_kv: the caches and kv_weight must have h's dtype ", h.scalar_type());
   const int64_t N = h.size(0), hidden = h.size(1);
-  const int64_t nl = k_cache.size(0), num_slots = k_cache.size(1);
+  const int64_t num_slots = k_cache.size(1);
   const int64_t kv_heads = k_cache.size(2), d = k_cache.size(3), kv_size = kv_heads * d;
   int64_t q_heads = 0;
   if (q_out.has_value()) {
     TORCH_CHECK(q_out->dim() == 3 && q_out->size(0) == h.size(0) && q_out->size(2) == d &&
                 q_out->scalar_type() == h.scalar_type(),
                 "skip_kv: q_out must be [N, heads, head_dim] in h's dtype");
-    TORCH_CHECK(nl == 1 && !first_layer.has_value(),
-                "skip_kv: q_out needs one layer and no first_layer");
     q_heads = q_out->size(1);
   }
   const int64_t rows = 2 * kv_size + q_heads * d;   // K | V (| Q) rows of kv_weight
-  TORCH_CHECK(norm_weight.numel() == nl * hidden, "skip_kv: norm_weight must be [layers, hidden]");
-  TORCH_CHECK(!norm_bias.has_value() || norm_bias->numel() == nl * hidden,
-              "skip_kv: norm_bias must be [layers, hidden]");
-  TORCH_CHECK(kv_weight.dim() == 3 && kv_weight.size(0) == nl && kv_weight.size(1) == rows &&
+  TORCH_CHECK(norm_weight.numel() == hidden, "skip_kv: norm_weight must be [1, hidden]");
+  TORCH_CHECK(!norm_bias.has_value() || norm_bias->numel() == hidden,
+              "skip_kv: norm_bias must be [1, hidden]");
+  TORCH_CHECK(kv_weight.dim() == 3 && kv_weight.size(0) == 1 && kv_weight.size(1) == rows &&
                   kv_weight.size(2) == hidden,
-              "skip_kv: kv_weight must be [layers, 2*kv_size", q_out.has_value() ? " + q_size" : "",
+              "skip_kv: kv_weight must be [1, 2*kv_size", q_out.has_value() ? " + q_size" : "",
               ", hidden]");
-  TORCH_CHECK(!kv_bias.has_value() || (kv_bias->dim() == 2 && kv_bias->size(0) == nl &&
+  TORCH_CHECK(!kv_bias.has_value() || (kv_bias->dim() == 2 && kv_bias->size(0) == 1 &&
                                        kv_bias->size(1) == rows),
-              "skip_kv: kv_bias must be [layers, 2*kv_size", q_out.has_value() ? " + q_size" : "",
-              "]");
+              "skip_kv: kv_bias must be [1, 2*kv_size", q_out.has_value() ? " + q_size" : "", "]");
   TORCH_CHECK(!kv_bias.has_value() || kv_bias->scalar_type() == h.scalar_type(),
               "skip_kv: kv_bias must have h's dtype ", h.scalar_type());
   TORCH_CHECK(slot_mapping.numel() == N && positions.numel() == N,
               "skip_kv: slot_mapping and positions must have one entry per row of h");
-  TORCH_CHECK(!first_layer.has_value() || first_layer->numel() == N,
-              "skip_kv: first_layer must have one entry per row of h");
   TORCH_CHECK(!inv_freq.has_value() || (d % 2 == 0 && inv_freq->numel() == d / 2),
               "skip_kv: inv_freq must have head_dim / 2 entries");
-  return {N, hidden, nl, num_slots, kv_heads, d, q_heads};
+  return {N, hidden, num_slots, kv_heads, d, q_heads};
 }
 
 struct PagedAttentionSizes {

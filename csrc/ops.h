@@ -24,16 +24,12 @@
                     const std::optional<at::Tensor>& residual,                                    \
                     const std::optional<at::Tensor>& row_mask);                                   \
                                                                                                   \
-  void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,                    \
-                at::Tensor& v_cache, const at::Tensor& slot_mapping);                             \
-                                                                                                  \
   void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,                                \
                const std::optional<at::Tensor>& norm_bias, const at::Tensor& kv_weight,           \
                const std::optional<at::Tensor>& kv_bias, const at::Tensor& positions,             \
                const std::optional<at::Tensor>& inv_freq, double rope_scale,                      \
                at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,          \
-               const std::optional<at::Tensor>& first_layer, double eps, bool rms,                \
-               const std::optional<at::Tensor>& q_out);                                           \
+               double eps, bool rms, const std::optional<at::Tensor>& q_out);                     \
                                                                                                   \
   at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,                      \
                              const at::Tensor& v_cache, const at::Tensor& block_tables,           \

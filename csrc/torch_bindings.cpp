@@ -18,12 +18,10 @@ TORCH_LIBRARY(anee_fast, m) {
         "-> (Tensor, Tensor)");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias, str activation=\"none\", "
         "Tensor? residual=None, Tensor? row_mask=None) -> Tensor");
-  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor slot_mapping) -> ()");
   m.def("skip_kv(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor kv_weight, "
         "Tensor? kv_bias, Tensor positions, Tensor? inv_freq, float rope_scale, "
-        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor? first_layer, "
-        "float eps, bool rms, Tensor(c!)? q_out=None) -> ()");
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, float eps, bool rms, "
+        "Tensor(c!)? q_out=None) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor seq_idx, Tensor positions, int block_size, float scale, int sliding_window) "
         "-> Tensor");
@@ -38,7 +36,6 @@ TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
   m.impl("norm", &anee_fast::cpu::norm);
   m.impl("add_norm", &anee_fast::cpu::add_norm);
   m.impl("linear", &anee_fast::cpu::linear);
-  m.impl("write_kv", &anee_fast::cpu::write_kv);
   m.impl("skip_kv", &anee_fast::cpu::skip_kv);
   m.impl("paged_attention", &anee_fast::cpu::paged_attention);
   m.impl("policy_step", &anee_fast::cpu::policy_step);
@@ -52,7 +49,6 @@ TORCH_LIBRARY_IMPL(anee_fast, CUDA, m) {
   m.impl("norm", &anee_fast::cuda::norm);
   m.impl("add_norm", &anee_fast::cuda::add_norm);
   m.impl("linear", &anee_fast::cuda::linear);
-  m.impl("write_kv", &anee_fast::cuda::write_kv);
   m.impl("skip_kv", &anee_fast::cuda::skip_kv);
   m.impl("paged_attention", &anee_fast::cuda::paged_attention);
   m.impl("policy_step", &anee_fast::cuda::policy_step);

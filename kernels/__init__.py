@@ -10,7 +10,5 @@ from .paged_attention import paged_attention
 from .policy_step import policy_step
 from .saturation_codes import saturation_codes
 from .skip_kv import skip_kv
-from .write_kv import write_kv
 
-__all__ = ["norm", "add_norm", "linear", "write_kv", "skip_kv", "paged_attention", "policy_step",
-           "saturation_codes"]
+__all__ = ["norm", "add_norm", "linear", "skip_kv", "paged_attention", "policy_step", "saturation_codes"]

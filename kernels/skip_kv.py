@@ -1,11 +1,11 @@
-"""skip_kv: the SKIP path of nl consecutive layers in one launch.
+"""skip_kv: one layer's SKIP path in one launch.
 
-For every row n and layer j >= first_layer[n] (with slot_mapping[n] >= 0):
-    x = norm_j(h[n]);  k|v = W_j x + b_j;  k = rope(k);  cache_j[slot] = k, v.
-With q_out (one layer), W also holds the Q rows and every row's rope(q) goes to q_out.
-Grid: (row tiles of BLOCK_M, layers, (2 * kv_heads + q_heads) * column chunks): a program produces
-BLOCK_HALF columns of each half of one K, V or Q head for BLOCK_M rows of one layer, so each weight
-tile it loads serves BLOCK_M rows, and a single decode row still spreads over enough programs
+For every row n with slot_mapping[n] >= 0:
+    x = norm(h[n]);  k|v = W x + b;  k = rope(k);  cache[slot] = k, v.
+With q_out, W also holds the Q rows and every row's rope(q) goes to q_out.
+Grid: (row tiles of BLOCK_M, (2 * kv_heads + q_heads) * column chunks): a program produces
+BLOCK_HALF columns of each half of one K, V or Q head for BLOCK_M rows, so each weight tile it
+loads serves BLOCK_M rows, and a single decode row still spreads over enough programs
 to keep the GPU's memory system busy (GPT-2 small: 24 heads x 8 chunks). It recomputes its rows'
 norm statistics (h is tiny next to the weights), then runs the GEMM over the hidden dim in
 BLOCK_K chunks, normalising x on the fly (norm fused into the prologue). One row: a broadcast
@@ -13,14 +13,16 @@ multiply-sum on CUDA cores; more rows: tiles of 16 to 64 rows through tl.dot (te
 float32 with IEEE precision, no TF32). Measured on an H100 (docs/gpu-results.md).
 The head is computed as two halves, so rotate-half RoPE needs no register shuffles:
     k1' = k1 cos - k2 sin,   k2' = k2 cos + k1 sin   (cos/sin of the half's frequencies).
-A K/V program none of whose rows is active (slot -1, or a layer before the row's first_layer)
-loads and stores nothing; inactive rows of a partly active tile store nothing. Q programs
-serve every row.
-Every tensor is addressed through its strides: the weights and caches are slices of bigger ones.
+A K/V program none of whose rows has a slot (slot -1) loads and stores nothing; rows without
+one in a partly active tile store nothing. Q programs serve every row.
+Every tensor is addressed through its strides: the weights and caches are [1, ...] slices of
+the stacks, addressed from their first (only) layer.
 """
 import torch
 import triton
 import triton.language as tl
+
+from anee_fast.ops.reference import check_skip_kv_layer
 
 from .norm import row_stats
 
@@ -34,29 +36,23 @@ def _store_halves(dst, stride_d, r, half, a, b, mask_a, mask_b):
 
 @triton.jit
 def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
-                    k_cache_ptr, v_cache_ptr, slot_ptr, first_ptr, q_ptr,
+                    k_cache_ptr, v_cache_ptr, slot_ptr, q_ptr,
                     N, H, D, KV_HEADS, rope_scale, eps,
-                    stride_hn, stride_nwl, stride_nbl, stride_wl, stride_wr, stride_wk,
-                    stride_bl, stride_kcl, stride_kcs, stride_kch, stride_kcd,
-                    stride_vcl, stride_vcs, stride_vch, stride_vcd, stride_qn, stride_qh, stride_qd,
+                    stride_hn, stride_wr, stride_wk, stride_kcs, stride_kch, stride_kcd,
+                    stride_vcs, stride_vch, stride_vcd, stride_qn, stride_qh, stride_qd,
                     RMS: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    ROPE: tl.constexpr, HAS_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_HALF: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-                    IS_FP32: tl.constexpr):
-    layer = tl.program_id(1)
+                    ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                    BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, IS_FP32: tl.constexpr):
     chunks = tl.cdiv(D - D // 2, BLOCK_HALF)
-    tile = tl.program_id(2) // chunks       # K heads, then V heads, then Q heads
-    chunk = tl.program_id(2) % chunks       # which BLOCK_HALF columns of each half of the head
+    tile = tl.program_id(1) // chunks       # K heads, then V heads, then Q heads
+    chunk = tl.program_id(1) % chunks       # which BLOCK_HALF columns of each half of the head
     is_q = tile >= 2 * KV_HEADS
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rm = rows < N
     slot = tl.load(slot_ptr + rows, mask=rm, other=-1).to(tl.int64)
     active = rm & ((slot >= 0) | (rows * 0 + tile >= 2 * KV_HEADS))   # a block: Q rows all
-    if HAS_FIRST:
-        active = active & (tl.load(first_ptr + rows, mask=rm, other=0) <= layer)
     if tl.max(active.to(tl.int32), axis=0) > 0:
         h_rows = h_ptr + rows[:, None] * stride_hn
-        nw = nw_ptr + layer * stride_nwl
         cols = tl.arange(0, BLOCK_K)
         mean, rstd = row_stats(h_rows, active, H, eps, RMS, BLOCK_M, BLOCK_K)
 
@@ -67,24 +63,22 @@ def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
         wrows2 = tile * D + half + r
         m1 = r < half
         m2 = r < D - half
-        w_layer = w_ptr + layer * stride_wl
         acc1 = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
         for start in range(0, H, BLOCK_K):
             km = start + cols < H
             xm = active[:, None] & km[None, :]
             x = tl.load(h_rows + start + cols[None, :], mask=xm, other=0.0).to(tl.float32)
-            g = tl.load(nw + start + cols, mask=km, other=0.0).to(tl.float32)
+            g = tl.load(nw_ptr + start + cols, mask=km, other=0.0).to(tl.float32)
             y = (x - mean[:, None]) * rstd[:, None] * g[None, :]
             if HAS_NORM_BIAS:
-                y += tl.load(nb_ptr + layer * stride_nbl + start + cols, mask=km,
-                             other=0.0).to(tl.float32)[None, :]
+                y += tl.load(nb_ptr + start + cols, mask=km, other=0.0).to(tl.float32)[None, :]
             # The reference rounds norm's output to the model dtype before the projection.
             y = tl.where(xm, y.to(h_ptr.dtype.element_ty).to(tl.float32), 0.0)
             kk = (start + cols) * stride_wk
-            w1 = tl.load(w_layer + wrows1[:, None] * stride_wr + kk[None, :],
+            w1 = tl.load(w_ptr + wrows1[:, None] * stride_wr + kk[None, :],
                          mask=m1[:, None] & km[None, :], other=0.0)
-            w2 = tl.load(w_layer + wrows2[:, None] * stride_wr + kk[None, :],
+            w2 = tl.load(w_ptr + wrows2[:, None] * stride_wr + kk[None, :],
                          mask=m2[:, None] & km[None, :], other=0.0)
             if USE_DOT:     # many rows: tensor cores in the weights' dtype (float32: exact IEEE)
                 yd = y.to(w_ptr.dtype.element_ty)
@@ -98,10 +92,8 @@ def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
                 acc1 += tl.sum(y[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2)
                 acc2 += tl.sum(y[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)
         if HAS_BIAS:
-            acc1 += tl.load(b_ptr + layer * stride_bl + wrows1, mask=m1,
-                            other=0.0).to(tl.float32)[None, :]
-            acc2 += tl.load(b_ptr + layer * stride_bl + wrows2, mask=m2,
-                            other=0.0).to(tl.float32)[None, :]
+            acc1 += tl.load(b_ptr + wrows1, mask=m1, other=0.0).to(tl.float32)[None, :]
+            acc2 += tl.load(b_ptr + wrows2, mask=m2, other=0.0).to(tl.float32)[None, :]
         # The reference's projection output is in the model dtype: round like it does.
         acc1 = acc1.to(k_cache_ptr.dtype.element_ty).to(tl.float32)
         acc2 = acc2.to(k_cache_ptr.dtype.element_ty).to(tl.float32)
@@ -124,12 +116,11 @@ def _skip_kv_kernel(h_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, pos_ptr, inv_freq_ptr,
                 _store_halves(q_ptr + rows[:, None] * stride_qn + (tile - 2 * KV_HEADS) * stride_qh,
                               stride_qd, r, half, k1, k2, sm1, sm2)
             else:
-                _store_halves(k_cache_ptr + layer * stride_kcl + slot[:, None] * stride_kcs
-                              + tile * stride_kch, stride_kcd, r, half, k1, k2, sm1, sm2)
+                _store_halves(k_cache_ptr + slot[:, None] * stride_kcs + tile * stride_kch,
+                              stride_kcd, r, half, k1, k2, sm1, sm2)
         else:                               # a V head: straight to the V cache
-            _store_halves(v_cache_ptr + layer * stride_vcl + slot[:, None] * stride_vcs
-                          + (tile - KV_HEADS) * stride_vch, stride_vcd, r, half, acc1, acc2,
-                          sm1, sm2)
+            _store_halves(v_cache_ptr + slot[:, None] * stride_vcs + (tile - KV_HEADS) * stride_vch,
+                          stride_vcd, r, half, acc1, acc2, sm1, sm2)
 
 
 def _block_m(n: int) -> int:
@@ -139,19 +130,16 @@ def _block_m(n: int) -> int:
 
 def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale: float,
             k_cache, v_cache, slot_mapping, first_layer, eps: float, rms: bool, q_out=None):
-    """See ops/reference.py:skip_kv. h [N, hidden]; weights [nl, ...]; caches [nl, slots+1, kvh, d];
+    """See ops/reference.py:skip_kv. h [N, hidden]; weights [1, ...]; caches [1, slots+1, kvh, d];
     q_out [N, heads, d] or None."""
+    check_skip_kv_layer(k_cache, first_layer)
     n, hidden = h.shape
-    nl, _, kv_heads, d = k_cache.shape
-    q_heads = 0
-    if q_out is not None:
-        if nl != 1 or first_layer is not None:
-            raise ValueError("skip_kv: q_out needs one layer and no first_layer")
-        q_heads = q_out.shape[1]
+    _, _, kv_heads, d = k_cache.shape
+    q_heads = 0 if q_out is None else q_out.shape[1]
     if kv_weight.shape[1] != (2 * kv_heads + q_heads) * d:
         raise ValueError(f"skip_kv: kv_weight has {kv_weight.shape[1]} rows, expected "
                          f"{(2 * kv_heads + q_heads) * d} (K|V{'|Q' if q_heads else ''})")
-    if n == 0 or nl == 0:
+    if n == 0:
         return
     if h.stride(-1) != 1:
         h = h.contiguous()
@@ -173,18 +161,15 @@ def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, 
     block_half = min(whole, 4) if not use_dot else 16 if n <= 64 else max(whole, 16)
     block_k = 64 if use_dot else max(16, min(triton.next_power_of_2(hidden), 256))
     chunks = triton.cdiv(d - d // 2, block_half)
-    grid = (triton.cdiv(n, block_m), nl, (2 * kv_heads + q_heads) * chunks)
+    grid = (triton.cdiv(n, block_m), (2 * kv_heads + q_heads) * chunks)
     _skip_kv_kernel[grid](
         h, norm_weight, norm_weight if norm_bias is None else norm_bias,
         kv_weight, kv_weight if kv_bias is None else kv_bias,
         positions, h if inv_freq is None else inv_freq,
-        k_cache, v_cache, slot_mapping, slot_mapping if first_layer is None else first_layer,
-        k_cache if q_out is None else q_out,
+        k_cache, v_cache, slot_mapping, k_cache if q_out is None else q_out,
         n, hidden, d, kv_heads, float(rope_scale), float(eps),
-        h.stride(0), norm_weight.stride(0), 0 if norm_bias is None else norm_bias.stride(0),
-        *kv_weight.stride(), 0 if kv_bias is None else kv_bias.stride(0),
-        *k_cache.stride(), *v_cache.stride(), *((0, 0, 0) if q_out is None else q_out.stride()),
+        h.stride(0), *kv_weight.stride()[1:], *k_cache.stride()[1:], *v_cache.stride()[1:],
+        *((0, 0, 0) if q_out is None else q_out.stride()),
         RMS=bool(rms), HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=kv_bias is not None,
-        ROPE=rope, HAS_FIRST=first_layer is not None, BLOCK_M=block_m,
-        BLOCK_HALF=block_half, BLOCK_K=block_k, USE_DOT=use_dot, IS_FP32=kv_weight.dtype == torch.float32,
-        num_warps=4)
+        ROPE=rope, BLOCK_M=block_m, BLOCK_HALF=block_half, BLOCK_K=block_k, USE_DOT=use_dot,
+        IS_FP32=kv_weight.dtype == torch.float32, num_warps=4)

@@ -11,8 +11,6 @@ Quality: every prompt + its full-depth greedy continuation is scored through the
 and top-1 agreement are averaged over all positions. Prints a table, writes JSON and a PNG.
 """
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -46,6 +44,7 @@ def main(argv=None):
     from anee_fast.control.batch_policies import ConsensusController
     from anee_fast.eval.corpus import corpus_text, split_windows, token_windows
     from anee_fast.eval.quality import token_metrics
+    from anee_fast.eval.report import write_json
 
     llm = LLM(max_num_seqs=256, num_kv_blocks=2048)
     batches = [int(b) for b in args.batches.split(",")]
@@ -96,9 +95,7 @@ def main(argv=None):
                           f"{row['speedup_vs_full']:>6.2f}x {row['kl']:>7.3f} {row['top1']:>6.3f}",
                           flush=True)
 
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
+    write_json(args.out + ".json", rows)
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()

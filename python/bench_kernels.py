@@ -1,6 +1,6 @@
-"""Kernel microbenchmark: each op of the backend contract (norm, add_norm, linear, write_kv,
-skip_kv, paged_attention) on every usable backend against the unfused PyTorch equivalent (the reference
-op). Prints a table and writes JSON and a PNG.
+"""Kernel microbenchmark: each op of the backend contract (norm, add_norm, linear, skip_kv,
+paged_attention) on every usable backend against the unfused PyTorch equivalent (the reference op).
+Prints a table and writes JSON and a PNG.
 
     python python/bench_kernels.py --rows 1,16,256,2048 --context 512 --out out/bench_kernels
 
@@ -38,13 +38,11 @@ SHAPES = {
                      up=16384),
 }
 BLOCK = 16
-EXIT_LAYERS = 6
 GRAPH_CALLS = 10     # calls per timed CUDA graph replay (at least)
 CPU_CACHE_BYTES = 64 << 20   # --cold-l2 on the CPU: rotate inputs over twice this
-TOL = {"norm": 1e-4, "add_norm": 1e-4, "linear": 1e-4, "write_kv": 0.0, "skip_kv": 1e-3, "paged_attention": 1e-4}
+TOL = {"norm": 1e-4, "add_norm": 1e-4, "linear": 1e-4, "skip_kv": 1e-3, "paged_attention": 1e-4}
 ACTIVATION = {False: "gelu_tanh", True: "silu_gated"}    # by s["rms"]: GPT-2's, Llama's MLP
-VARIANT_OF = {"skip_kv_exit": "skip_kv", "linear_down": "linear",
-              "linear_down_masked": "linear"}                       # --ops label -> op
+VARIANT_OF = {"linear_down": "linear", "linear_down_masked": "linear"}   # --ops label -> op
 
 
 # ---- byte models: what an ideal (fused) kernel must read + write, in bytes ---------------------
@@ -70,18 +68,12 @@ def bytes_linear(n, s, es, down=False):
     return es * (n * s["hidden"] + s["up"] * s["hidden"] + (s["up"] if s["bias"] else 0) + n * inter)
 
 
-def bytes_write_kv(n, s, es):
-    # read k, v [n, kv_heads, d]; write the same into the cache; read slot_mapping (int64)
-    return 4 * n * s["kv_heads"] * s["d"] * es + 8 * n
-
-
-def bytes_skip_kv(n, s, es, nl):
-    # read h [n, hidden] once; per layer: norm weight (+ bias) [hidden], K|V weight
-    # [2 * kv, hidden] (+ bias [2 * kv]); write K and V [n, kv] per layer (first_layer = 0:
-    # every row writes every layer); read positions, slot_mapping (+ first_layer), int64
+def bytes_skip_kv(n, s, es):
+    # read h [n, hidden], norm weight (+ bias) [hidden], K|V weight [2 * kv, hidden] (+ bias
+    # [2 * kv]); write K and V [n, kv]; read positions and slot_mapping (int64)
     kv = s["kv_heads"] * s["d"]
-    per_layer = s["hidden"] * (2 if s["bias"] else 1) + 2 * kv * s["hidden"] + (2 * kv if s["bias"] else 0)
-    return es * (n * s["hidden"] + nl * per_layer + nl * n * 2 * kv) + 8 * n * (3 if nl > 1 else 2)
+    weights = s["hidden"] * (2 if s["bias"] else 1) + 2 * kv * s["hidden"] + (2 * kv if s["bias"] else 0)
+    return es * (n * s["hidden"] + weights + n * 2 * kv) + 8 * n * 2
 
 
 def bytes_paged_attention(n, s, es, ctx):
@@ -93,7 +85,7 @@ def bytes_paged_attention(n, s, es, ctx):
 
 # ---- inputs: (args for the op, the outputs to compare, a function resetting state) -------------
 
-def make_case(op, s, n, ctx, nl, device, dtype, g, variant):
+def make_case(op, s, n, ctx, device, dtype, g, variant):
     H, kvh, d = s["hidden"], s["kv_heads"], s["d"]
 
     def rnd(*shape, scale=1.0):
@@ -117,24 +109,19 @@ def make_case(op, s, n, ctx, nl, device, dtype, g, variant):
         if variant == "linear_down_masked":
             args += (torch.arange(n, device=device) % 2 == 0,)
         return args, None, bytes_linear(n, s, dtype.itemsize, down=True)
-    if op in ("write_kv", "skip_kv"):
+    if op == "skip_kv":            # one layer's [1, ...] slices, as the layer loop passes them
         num_slots = max(2 * n, 64)
         slots = torch.randperm(num_slots, generator=g)[:n].to(device)
-        shape = (num_slots + 1, kvh, d) if op == "write_kv" else (nl, num_slots + 1, kvh, d)
-        k_cache = torch.zeros(shape, device=device, dtype=dtype)
-        v_cache = torch.zeros(shape, device=device, dtype=dtype)
-        if op == "write_kv":
-            return (rnd(n, kvh, d), rnd(n, kvh, d), k_cache, v_cache, slots), (2, 3), \
-                bytes_write_kv(n, s, dtype.itemsize)
+        k_cache = torch.zeros((1, num_slots + 1, kvh, d), device=device, dtype=dtype)
+        v_cache = torch.zeros((1, num_slots + 1, kvh, d), device=device, dtype=dtype)
         kv = 2 * kvh * d
         inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))).to(device) \
             if s["rope"] else None
-        args = (rnd(n, H), 1 + rnd(nl, H, scale=0.3), rnd(nl, H, scale=0.3) if s["bias"] else None,
-                rnd(nl, kv, H, scale=H ** -0.5), rnd(nl, kv, scale=0.3) if s["bias"] else None,
+        args = (rnd(n, H), 1 + rnd(1, H, scale=0.3), rnd(1, H, scale=0.3) if s["bias"] else None,
+                rnd(1, kv, H, scale=H ** -0.5), rnd(1, kv, scale=0.3) if s["bias"] else None,
                 torch.randint(0, 4096, (n,), generator=g).to(device), inv_freq, 1.0,
-                k_cache, v_cache, slots,
-                torch.zeros(n, dtype=torch.long, device=device) if nl > 1 else None, 1e-5, s["rms"])
-        return args, (8, 9), bytes_skip_kv(n, s, dtype.itemsize, nl)
+                k_cache, v_cache, slots, None, 1e-5, s["rms"])
+        return args, (8, 9), bytes_skip_kv(n, s, dtype.itemsize)
     # paged_attention: n sequences of ctx tokens, one decode row each (at the last position),
     # blocks shuffled over the cache
     nb = (ctx + BLOCK - 1) // BLOCK
@@ -159,7 +146,7 @@ def check(op, name, ref_fn, fn, args, mutated, label):
     else:
         pairs = list(zip(expected, got)) if isinstance(expected, tuple) else [(expected, got)]
     tol, dtype = TOL[op], pairs[0][1].dtype
-    if tol and dtype != torch.float32:      # the reference rounds each step to bf16/fp16: 2 ulps
+    if dtype != torch.float32:      # the reference rounds each step to bf16/fp16: 2 ulps
         tol = max(tol, 2 * torch.finfo(dtype).eps)
     for e, o in pairs:
         err = (e.float() - o.float()).abs().max().item()
@@ -240,11 +227,11 @@ def input_copies(op_args, nbytes, cache_bytes, cold: bool) -> list:
     return [op_args] + [tuple(clone(a) for a in op_args) for _ in range(count - 1)]
 
 
-def measure_case(results, case, s, nl, args, device, dtype, g, names, peak, cache_bytes):
+def measure_case(results, case, s, args, device, dtype, g, names, peak, cache_bytes):
     """One (op, shape, rows) case: each backend checked against the reference, then the
     reference and every backend that matched it timed (a mismatch is a failure, not a row)."""
     op = VARIANT_OF.get(case["op"], case["op"])
-    op_args, mutated, nbytes = make_case(op, s, case["rows"], args.context, nl, device, dtype, g,
+    op_args, mutated, nbytes = make_case(op, s, case["rows"], args.context, device, dtype, g,
                                          variant=case["op"])
     label = f"{case['op']} {case['shape']} rows {case['rows']}"
     ref = ops_for("reference")
@@ -261,7 +248,7 @@ def measure_case(results, case, s, nl, args, device, dtype, g, names, peak, cach
         if name == "reference":
             t_ref.append(t)
         gbs = nbytes / t / 1e9
-        results.add(dict(case, backend=name, layers=nl,
+        results.add(dict(case, backend=name,
                          context=args.context if op == "paged_attention" else None,
                          time_us=t * 1e6, bytes=nbytes, gb_s=gbs, pct_peak=100 * gbs / peak,
                          speedup_vs_ref=t_ref[0] / t, repeats=reps, timing=how,
@@ -286,10 +273,9 @@ def main(argv=None):
     p.add_argument("--attn-max-rows", type=int, default=None,
                    help="paged_attention runs rows up to this many sequences (default CPU 256, GPU all)")
     p.add_argument("--context", type=int, default=512, help="paged_attention context length")
-    p.add_argument("--exit-layers", type=int, default=EXIT_LAYERS, help="layers of the multi-layer skip_kv")
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--ops", default="norm,add_norm,linear,linear_down,linear_down_masked,write_kv,"
-                                    "skip_kv,skip_kv_exit,paged_attention")
+    p.add_argument("--ops", default="norm,add_norm,linear,linear_down,linear_down_masked,skip_kv,"
+                                    "paged_attention")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--budget", type=float, default=0.15, help="seconds of timing per measurement")
     p.add_argument("--cold-l2", action="store_true",
@@ -297,6 +283,9 @@ def main(argv=None):
                         "128 MiB on the CPU) so that every call reads them from memory")
     p.add_argument("--out", default="out/bench_kernels")
     args = p.parse_args(argv)
+    unknown = [o for o in args.ops.split(",") if o not in TOL and o not in VARIANT_OF]
+    if unknown:     # e.g. write_kv or skip_kv_exit, both removed: not a silent paged_attention run
+        p.error(f"unknown --ops {', '.join(unknown)}: choose from {', '.join([*TOL, *VARIANT_OF])}")
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -321,18 +310,17 @@ def main(argv=None):
     meta = dict(device=str(device), dtype=str(dtype).removeprefix("torch."), torch=torch.__version__,
                 threads=torch.get_num_threads(), peak_copy_gb_s=peak, context=args.context,
                 cold_l2=args.cold_l2, cache_bytes=cache_bytes,
-                block_size=BLOCK, exit_layers=args.exit_layers)
+                block_size=BLOCK)
     results = BenchResults(args.out, print_row, meta=meta)
     g = torch.Generator().manual_seed(0)
     for shape in args.shapes.split(","):
         s = SHAPES[shape]
         for op_label in args.ops.split(","):
             op = VARIANT_OF.get(op_label, op_label)
-            nl = args.exit_layers if op_label == "skip_kv_exit" else 1
             for n in rows:
                 if op == "paged_attention" and n > attn_max:
                     continue
-                measure_case(results, dict(op=op_label, shape=shape, rows=n), s, nl, args,
+                measure_case(results, dict(op=op_label, shape=shape, rows=n), s, args,
                              device, dtype, g, names, peak, cache_bytes)
 
     from matplotlib.figure import Figure

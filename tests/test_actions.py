@@ -1,6 +1,6 @@
-"""Fixed action matrices: PROCESS / SKIP / EXIT semantics (BRIEF section 1).
+"""Fixed action matrices: PROCESS / SKIP / EXIT semantics.
 
-The reference next to the tests is BRIEF's formulation, built from the transformers model's own
+The reference next to the tests is the semantics' own formulation, built from the transformers model's own
 decoder layers: for each layer, h = where(process[:, l], block(h), h), with the block run on all
 tokens. A SKIP token's K/V inside that block come from norm(h_in) of its own residual, which is
 exactly what the engine must write into its paged cache.

@@ -130,8 +130,25 @@ def test_request_larger_than_the_kv_cache():
     small = LLM(build_model(ARCH, num_layers=L), block_size=4, num_kv_blocks=3)   # 12 slots
     with rejected(small, ValueError, "kv cache", "num_kv_blocks"):
         small.generate([1] * 10, SamplingParams(max_tokens=5))
-    with rejected(small, ValueError, "kv blocks"):
-        small.score([[1] * 8, [2] * 8])
+    with rejected(small, ValueError, "kv cache", "num_kv_blocks"):
+        small.score([1] * 13)
+
+
+def test_scoring_more_than_the_kv_cache_holds_at_once():
+    """Two 8-token sequences need 4 blocks of a 3-block cache: the scheduler runs them one after
+    the other, each scored as alone, and every block comes back."""
+    model = build_model(ARCH, num_layers=L)
+    small = LLM(model, block_size=4, num_kv_blocks=3)
+    steps = []
+    run = small.engine.runner.run
+    small.engine.runner.run = lambda chunks, *a, **k: steps.append(len(chunks)) or run(chunks, *a, **k)
+    a, b = random_ids(model, 8, seed=1), random_ids(model, 8, seed=2)
+    together = small.score([a, b])
+    assert steps == [1, 1]
+    roomy = LLM(model)
+    for got, ids in zip(together, (a, b)):
+        assert torch.allclose(got, roomy.score(ids), atol=1e-5)
+    assert small.engine.block_manager.num_used == 0
 
 
 # ---- sampling parameters --------------------------------------------------------------------------
@@ -214,8 +231,12 @@ def test_bad_engine_settings():
         LLM(model, backend="warp-drive")
     with pytest.raises(ValueError, match="block_size"):
         LLM(model, block_size=0)
-    with pytest.raises(ValueError, match="num_blocks"):
+    with pytest.raises(ValueError, match="num_kv_blocks"):
         LLM(model, num_kv_blocks=0)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        LLM(model, max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        LLM(model, max_num_batched_tokens=1.5)
     with pytest.raises(ValueError, match="min_layers"):
         LLM(model, min_layers=-1)
     with pytest.raises(ValueError, match="min_layers"):

@@ -1,5 +1,7 @@
 """`anee-fast generate` on a tiny random Llama with an offline-built tokenizer, in-process and as
-the installed console script; bad arguments end with one clear line on stderr."""
+the installed console script; bad arguments end with one clear line on stderr. The training
+commands' options come from their config dataclasses; help texts list what is accepted."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +13,11 @@ import pytest
 import torch
 
 from anee_fast import cli
+from anee_fast.control.registry import CONTROLLER_NAMES
+from anee_fast.eval.evaluation import DEFAULT_CONTROLLERS
+from anee_fast.ops.backends import BACKENDS
+from anee_fast.training.controller_training import TEACHERS, TrainConfig
+from anee_fast.training.recurrent_training import RecurrentTrainConfig
 
 PROMPT = "why is the sky blue"
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>"
@@ -232,3 +239,93 @@ def test_console_script_entry_point(model_dir, tmp_path):
     assert bad.returncode != 0 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [
         "anee-fast: error: --budget: energy_budget must be a number in [0, 1], got 1.5"]
+
+
+# ---- options made from the training dataclasses, and help texts --------------------------------
+
+CONFIGS = [("train-controller", TrainConfig, cli.TRAIN_HELP),
+           ("train-recurrent", RecurrentTrainConfig, cli.RECURRENT_HELP)]
+
+
+@pytest.mark.parametrize("command, cls, helps", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_every_config_field_is_an_option_defaulting_to_the_dataclass(command, cls, helps):
+    fields = dataclasses.fields(cls)
+    assert set(helps) == {f.name for f in fields}          # one help per field, none stale
+    args = cli.build_parser().parse_args([command, "out"])
+    for f in fields:
+        assert getattr(args, f.name) == f.default, f.name
+    assert cli._config(cls, args) == cls()
+
+
+def test_config_options_parse_to_the_field_types():
+    args = cli.build_parser().parse_args([
+        "train-controller", "out", "--text", "corpus.txt", "--seq-len", "8", "--margin", "3",
+        "--fallback-margin", "1.5", "--class-budgets", "0.75,0.5", "--proj-dim", "4"])
+    assert cli._config(TrainConfig, args) == TrainConfig(
+        text="corpus.txt", seq_len=8, margin=3.0, fallback_margin=1.5, class_budgets=(0.75, 0.5),
+        proj_dim=4)
+
+
+@pytest.mark.parametrize("command, flags, expected", [
+    ("train-controller", ["--seq-len", "0"], "seq_len must be an integer >= 1, got 0"),
+    ("train-controller", ["--class-budgets", "0.5"], "set fallback_margin too"),
+    ("train-controller", ["--teacher", "nobody"], "teacher must be one of oracle, heuristic"),
+    ("train-recurrent", ["--policy-share", "2"], "policy_share must be in [0, 1], got 2.0"),
+], ids=["seq-len", "class-budgets", "teacher", "policy-share"])
+def test_bad_training_values_exit_with_one_clear_line(capsys, tmp_path, command, flags, expected):
+    rc, out, err = run_cli(capsys, command, tmp_path / "out", *flags)
+    assert rc == 1 and out == ""
+    (line,) = err.strip().splitlines()
+    assert line.startswith("anee-fast: error: ") and expected in line
+    assert not (tmp_path / "out").exists()                 # rejected before any work
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train-controller", "out", "--seq-len", "many"], "argument --seq-len: invalid int value"),
+    (["train-controller", "out", "--class-budgets", "a,b"], "expected comma-separated numbers"),
+], ids=["int", "budget-list"])
+def test_unparsable_training_values_are_usage_errors(capsys, argv, expected):
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 2 and out == ""
+    assert expected in err.strip().splitlines()[-1]
+
+
+def _help(capsys, monkeypatch, command) -> str:
+    monkeypatch.setenv("COLUMNS", "1000")                  # one line per option: no wrapping
+    assert cli.main([command, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def _option_help(text, option) -> str:
+    """The option's entry in a --help text: its line and the indented lines below it."""
+    entry = text.split(f"\n  {option} ", 1)[1]
+    return entry.split("\n  -", 1)[0]
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "eval", "train-controller",
+                                     "train-recurrent", "eval-recurrent"])
+def test_help_shows_percent_signs_once(capsys, monkeypatch, command):
+    text = _help(capsys, monkeypatch, command)
+    assert "%%" not in text and "%(" not in text
+    if command == "eval":
+        assert "the last 20% of its windows" in text
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_controller_help_lists_every_registered_controller(capsys, monkeypatch, command):
+    entry = _option_help(_help(capsys, monkeypatch, command), "--controller")
+    for name in CONTROLLER_NAMES:
+        assert name in entry
+    assert "controller file path" in entry and "(default budget)" in entry
+
+
+def test_eval_and_backend_help_list_what_is_accepted(capsys, monkeypatch):
+    text = _help(capsys, monkeypatch, "eval")
+    controllers = _option_help(text, "--controllers")
+    for name in (*CONTROLLER_NAMES, *DEFAULT_CONTROLLERS):
+        assert name in controllers
+    backend = _option_help(text, "--backend")
+    for name in (*BACKENDS, "auto"):
+        assert name in backend
+    teacher = _option_help(_help(capsys, monkeypatch, "train-controller"), "--teacher")
+    assert all(name in teacher for name in TEACHERS) and "(default oracle)" in teacher

@@ -33,7 +33,10 @@ from typing import Any, Optional
 import torch
 
 from ..actions import PROCESS
-from ..control.controllers import TRAINED_SUFFIXES, HeuristicController, LearnedController
+from ..control.anee_mlp import ANEEMLPController
+from ..control.controllers import HeuristicController
+from ..control.registry import TRAINED_SUFFIXES
+
 from ..engine.llm_engine import check_budget
 from ..llm import LLM
 from ..control.features import STATE_DIM
@@ -164,7 +167,7 @@ class ANEEWrapper:
         self.llm = LLM(config.model_name, device=config.device, dtype=config.dtype,
                        block_size=config.block_size, num_kv_blocks=config.num_kv_blocks,
                        min_layers=config.min_layers)
-        if isinstance(self.controller, LearnedController):
+        if isinstance(self.controller, ANEEMLPController):
             self.controller.to(self.llm.weights.device)
         self.last_output = None   # RequestOutput of the last generate()
         self.last_trace = None    # its Trace: actions [tokens, L] and compute of every token
@@ -179,11 +182,11 @@ class ANEEWrapper:
             path = os.fspath(config.controller_path)
             if os.path.isdir(path) or path.endswith(TRAINED_SUFFIXES):
                 return BudgetConditionedController.load(path, exit_threshold=threshold)
-            return LearnedController.from_file(path, exit_threshold=threshold)
+            return ANEEMLPController.from_file(path, exit_threshold=threshold)
         # ANEE runs an untrained controller when given no weights; ours is the same every time.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return LearnedController(hidden_dim=config.controller_hidden_dim,
+            return ANEEMLPController(hidden_dim=config.controller_hidden_dim,
                                      state_dim=config.state_dim, exit_threshold=threshold)
 
     @property
@@ -192,7 +195,7 @@ class ANEEWrapper:
 
     @property
     def skip_cost(self) -> float:
-        return self.llm.engine.runner.skip_cost
+        return self.llm.depth.skip_cost
 
     def _budget(self, energy_budget) -> float:
         return check_budget(self.config.energy_budget if energy_budget is None else energy_budget)
@@ -231,7 +234,7 @@ class ANEEWrapper:
         """
         budget = self._budget(energy_budget)
         rows = _as_rows(input_ids)
-        B, T = len(rows), len(rows[0])
+        T = len(rows[0])
         engine = self.llm.engine
         if past_key_values is None:
             cache = ANEECache(engine, [engine.new_sequence(r, SamplingParams(max_tokens=0), budget,
@@ -241,23 +244,24 @@ class ANEEWrapper:
             self._check_cache(cache, rows)
             for seq, r in zip(cache.sequences, rows):
                 seq.token_ids.extend(r)
+        starts = [seq.num_computed for seq in cache.sequences]
         for seq in cache.sequences:
             seq.budget = budget
-        chunks = [(seq, T) for seq in cache.sequences]
         try:
-            out = engine.run_chunks(chunks, range(B * T))
+            logits = engine.compute(cache.sequences, keep_blocks=True)
         except BaseException:
-            for seq in cache.sequences:            # leave the cache as it was before this call
-                del seq.token_ids[seq.num_computed:]
+            for seq, start in zip(cache.sequences, starts):   # leave the cache as it was
+                del seq.token_ids[start:]
+                seq.num_computed = min(seq.num_computed, start)
             if past_key_values is None:
                 cache.close()
             raise
-        L = self.num_layers
+        actions = torch.stack([seq.actions[p:p + T] for seq, p in zip(cache.sequences, starts)])
+        compute = torch.stack([seq.compute[p:p + T] for seq, p in zip(cache.sequences, starts)])
         # clone(): plain tensors, not inference-mode ones, so callers may edit them in place
-        stats = _stats(out.actions.view(B, T, L).clone().cpu(), out.compute.view(B, T).clone().cpu(),
-                       budget, self.skip_cost)
+        stats = _stats(actions.clone(), compute.clone(), budget, self.skip_cost)
         self.last_stats = stats
-        logits = out.logits.view(B, T, -1).clone()
+        logits = torch.stack(logits).clone()
         return {"logits": logits, "past_key_values": cache, "stats": stats}
 
     __call__ = forward

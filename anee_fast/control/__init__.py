@@ -1,1 +1,2 @@
-"""Depth decisions: controllers propose an action per token and layer, the depth policy enforces the budget."""
+"""Depth decisions: controllers propose an action per token and layer, the depth policy enforces
+the budget."""

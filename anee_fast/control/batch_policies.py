@@ -1,5 +1,5 @@
 """Batch-aware depth decisions: a layer's weights are read if ANY row of the step processes it,
-so independent per-token decisions rarely skip a whole layer in a batch (BRIEF section 5).
+so independent per-token decisions rarely skip a whole layer in a batch.
 
 `ConsensusController` wraps a per-token controller and turns its proposals into one decision
 per layer for the whole step: PROCESS for every row when at least `quorum` of the rows that
@@ -9,8 +9,8 @@ each row's own budget afterwards, so no row overspends; rows that already exited
 import torch
 
 from ..actions import EXIT, PROCESS, SKIP
-from .controllers import Controller, make_controller
-
+from .base import Controller
+from .registry import make_controller
 
 class ConsensusController(Controller):
     name = "consensus"

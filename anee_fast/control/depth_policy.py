@@ -1,53 +1,82 @@
 """Turns controller proposals (or a fixed action matrix) into the actions a step executes.
 
-Budget rule (BRIEF section 2): PROCESS costs 1 layer, SKIP/EXIT-fill costs `skip_cost`. A token
+Budget rule: PROCESS costs 1 layer, SKIP/EXIT-fill costs `skip_cost`. A token
 may spend at most max(budget, floor) * L, where floor is the cost of its forced layers. Running
 layer l is allowed only if, after it, every remaining layer could still be paid for as a SKIP.
 Skipping a layer leaves that test unchanged, so a token that fails it once fails it for good:
 the policy then EXITs (or SKIPs up to the forced last layers).
 """
+from dataclasses import dataclass
+
 import torch
 
-from ..ops import reference as reference_ops
 from ..actions import EXIT, PROCESS, SKIP, canonical_actions, process_mask
-from .controllers import LayerContext
+from .base import LayerContext
 
 _EPS = 1e-6
 
 
-def budget_floor(num_layers: int, skip_cost: float, min_layers: int = 0, always_last: int = 0) -> float:
-    """The least a token can spend (fraction of a full forward): its forced layers processed,
-    every other layer a SKIP. The budget a token gets is max(energy_budget, this)."""
-    min_layers = min(min_layers, num_layers)
-    forced = min_layers + min(always_last, num_layers - min_layers)
-    return (forced + (num_layers - forced) * skip_cost) / num_layers
+@dataclass(frozen=True)
+class DepthAccounting:
+    """How a model's depth is paid for: its layers, what a SKIP costs (a fraction of a PROCESS,
+    from the weights' bytes), and the layers every token runs at the start (min_layers) and the
+    end (always_last). Tools read this instead of the engine's internals."""
+    num_layers: int
+    skip_cost: float
+    min_layers: int = 0
+    always_last: int = 0
 
+    def __post_init__(self):
+        if not 0 <= self.min_layers <= self.num_layers or not 0 <= self.always_last <= self.num_layers:
+            raise ValueError(f"min_layers and always_last must be in [0, {self.num_layers}], got "
+                             f"{self.min_layers} and {self.always_last}")
 
-def budget_terms(budgets, num_layers: int, skip_cost: float, min_layers: int = 0,
-                 always_last: int = 0) -> torch.Tensor:
-    """float32 [3, N] (host): each token's budget after the floor (what controllers see), its
-    limit in layers, and the limit with the rule's tolerance. Computed on the host once per step,
-    so that the step's graph holds no kernels for them."""
-    floor = budget_floor(num_layers, skip_cost, min_layers, always_last)
-    # Python floats: for a step's few budgets cheaper than tensor ops, and the engine's host
-    # time per step is time that skipping layers cannot save.
-    values = torch.as_tensor(budgets, dtype=torch.float64).reshape(-1).tolist()
-    limit = [max(b, floor) * num_layers for b in values]
-    return torch.tensor([[x / num_layers for x in limit], limit, [x + _EPS for x in limit]],
-                        dtype=torch.float32)
+    @property
+    def forced_last(self) -> int:
+        """The always-run last layers that do not overlap the first min_layers."""
+        return min(self.always_last, self.num_layers - self.min_layers)
+
+    @property
+    def decidable_layers(self) -> list:
+        """The layers a controller decides (neither of the forced ranges)."""
+        return list(range(self.min_layers, self.num_layers - self.forced_last))
+
+    @property
+    def floor(self) -> float:
+        """The least a token can spend (fraction of a full forward): its forced layers processed,
+        every other layer a SKIP. The budget a token gets is max(energy_budget, this)."""
+        forced = self.min_layers + self.forced_last
+        return (forced + (self.num_layers - forced) * self.skip_cost) / self.num_layers
+
+    def effective_budget(self, budget: float) -> float:
+        """What a token asking for `budget` may spend: max(budget, floor)."""
+        return max(budget, self.floor)
+
+    def budget_terms(self, budgets) -> torch.Tensor:
+        """float32 [3, N] (host): each token's budget after the floor (what controllers see), its
+        limit in layers, and the limit with the rule's tolerance. Computed on the host once per
+        step, so that the step's graph holds no kernels for them."""
+        L, floor = self.num_layers, self.floor
+        # Python floats: for a step's few budgets cheaper than tensor ops, and the engine's host
+        # time per step is time that skipping layers cannot save.
+        values = torch.as_tensor(budgets, dtype=torch.float64).reshape(-1).tolist()
+        limit = [max(b, floor) * L for b in values]
+        return torch.tensor([[x / L for x in limit], limit, [x + _EPS for x in limit]],
+                            dtype=torch.float32)
 
 
 class DepthPolicy:
-    """One step's depth decisions. `budget_terms`: budget_terms(...) of its tokens, on the
-    device. A policy's state is started by the first layer's decide(), so one policy can serve
-    step after step (a CUDA graph keeps one, built outside its capture)."""
+    """One step's depth decisions under `depth` (DepthAccounting). `budget_terms`:
+    depth.budget_terms(...) of its tokens, on the device. A policy's state is started by the first
+    layer's decide(), so one policy can serve step after step (a CUDA graph keeps one, built
+    outside its capture). `ops`: the backend's op set (policy_step applies the rule)."""
 
-    def __init__(self, num_tokens, num_layers, skip_cost, device, budget_terms=None,
-                 controller=None, fixed_actions=None, min_layers=0, always_last=0, readout=None,
-                 ops=reference_ops):
+    def __init__(self, num_tokens, depth: DepthAccounting, device, ops, budget_terms=None,
+                 controller=None, fixed_actions=None, readout=None):
+        num_layers = depth.num_layers
         self.L = num_layers
-        self.ops = ops             # the backend's op set: policy_step applies the rule
-        self.skip_cost = float(skip_cost)
+        self.ops = ops
+        self.skip_cost = float(depth.skip_cost)
         self.actions = torch.empty((num_tokens, num_layers), dtype=torch.int8, device=device)
         self.spent = torch.empty(num_tokens, dtype=torch.float32, device=device)   # in layers
         self.fixed_process = None
@@ -59,8 +88,8 @@ class DepthPolicy:
             return
         self.controller = controller
         self.readout = readout     # h -> (entropy, max prob), offered to controllers lazily
-        self.min_layers = min(min_layers, num_layers)
-        self.always_last = min(always_last, num_layers - self.min_layers)
+        self.min_layers = depth.min_layers
+        self.always_last = depth.forced_last
         self.budget, self.limit, self.allowed = budget_terms   # budget: what controllers see
         # What running layer l commits a token to, in layers: l itself, every later layer as a
         # SKIP, and the forced last layers' difference to a SKIP (host floats).

@@ -1,4 +1,4 @@
-"""Per-token halting for weight-tied models (the ANIRA seed): early allocation and online halting.
+"""Per-token halting for weight-tied models (as in ANIRA): early allocation and online halting.
 
 Both read the residual through a parameter-free RMS normalisation and a small MLP, and act on
 the engine's controller interface by proposing EXIT at an iteration boundary (the engine then
@@ -23,17 +23,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..actions import EXIT, PROCESS
-from .controllers import Controller
 from ..model.recurrent import load_config
 from ..model.weights_file import load_matching
+from .base import Controller
+from .trained import normalised
 
 KINDS = ("early", "online")
 HALTING_CONFIG = "halting.json"
-
-
-def normalised(h):
-    h = h.float()
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 class EarlyHead(nn.Module):

@@ -14,10 +14,10 @@ is kept only where |logit| > margin; elsewhere the token follows the base static
 the static set only where it is sure.
 
 Optional class plans (config key "class_plans": {"layer", "classes", "plans"}, the centroids in
-the weights file; see class_plans.py): with the fallback, a token whose budget leaves n layers to
-SKIP, n a key of "plans", falls back to its class's plan for n instead of the static set. The
-class is the nearest centroid to the normalised residual entering "layer", taken there once per
-step and kept for the later layers.
+the weights file; see training/class_plans.py): with the fallback, a token whose budget leaves n
+layers to SKIP, n a key of "plans", falls back to its class's plan for n instead of the static
+set. The class is the nearest centroid to the normalised residual entering "layer", taken there
+once per step and kept for the later layers.
 """
 import json
 import os
@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..actions import EXIT, PROCESS, SKIP
-from ..training.class_plans import nearest
-from .controllers import Controller
+from .base import Controller
+
 from .features import cosine_saturation
 from ..model.weights_file import load_matching
 
@@ -70,6 +70,17 @@ def static_fallback_process(order, layer: int, counts):
     return order.index(layer) >= counts
 
 
+def normalised(h: torch.Tensor) -> torch.Tensor:
+    """h in float32, RMS-normalised over its last dimension: h * rsqrt(mean(h^2) + eps)."""
+    h = h.float()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _EPS)
+
+
+def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """[N] long: the index of each row's nearest centroid (Euclidean)."""
+    return torch.cdist(x.float(), centroids.float().to(x.device)).argmin(dim=1)
+
+
 def controller_features(ctx):
     """(scalars [N, len(FEATURES)], normalised residual [N, hidden]) of a LayerContext."""
     if ctx.budget is None:
@@ -87,8 +98,7 @@ def controller_features(ctx):
         affordable_fraction(ctx.budget_left.float(), ctx.layer, L, ctx.skip_cost).clamp(-1.0, 2.0),
         torch.full_like(ctx.budget_left, (L - ctx.layer) / L, dtype=torch.float32),
     ], dim=-1)
-    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _EPS)
-    return scalars, normed
+    return scalars, normalised(h)
 
 
 class ControllerNet(nn.Module):

@@ -1,1 +1,2 @@
-"""The serving loop: scheduler, paged KV blocks, sequences, the model runner, CUDA graphs and sampling."""
+"""The serving loop: scheduler, paged KV blocks, sequences, the model runner, CUDA graphs and
+sampling."""

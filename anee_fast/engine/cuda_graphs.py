@@ -3,12 +3,13 @@
 A decode step launches a few kernels per layer for a handful of rows; on a GPU the host's launch
 time, not the device, sets its speed. A graph records the whole step once (embedding, every
 layer with its on-device decisions, the LM head) and replays it with one launch.
+
 Inputs live in static buffers: a step copies its token ids, positions, slots, block tables and
-budget terms in, whole buckets built on the host (rows past the batch are padding: slot -1,
-budget 0, so that they process only the forced layers and a conditional layer skips when no real
-row runs it), replays, and hands out views of the logits, actions and compute of its rows (valid until
-the next step). Nothing in the captured step reads a device value on the
-host (the layer loop's rule), which is what makes it capturable.
+budget terms in (ModelRunner.prepare builds them on the host, whole buckets: rows past the batch
+are padding, slot -1 and budget 0, so that they process only the forced layers and a conditional
+layer skips when no real row runs it), replays, and hands out views of the logits, actions and
+compute of its rows, valid until the next step. Nothing in the captured step reads a device
+value on the host (the layer loop's rule), which is what makes it capturable.
 
 `DecodeGraphs(..., capture=False)` runs the same static-buffer step without a graph: the CPU
 tests check the padding and bucketing that way, the GPU tests the captured replays.
@@ -18,13 +19,11 @@ graph node whose predicate is "some row processes this layer", computed on the d
 that every row skips then costs its decision and K/V kernels only, not the block's own. With
 "compacted", buckets of 16 rows and more also get bodies for a quarter and a half of their rows
 (those of at least 8; PROCESS rows first): the one body whose range holds the step's PROCESS
-count runs. That needs CUDA >= 12.4
-and a torch whose CUDAGraph has `begin_capture_to_if_node`.
+count runs. That needs CUDA >= 12.4 and a torch whose CUDAGraph has `begin_capture_to_if_node`.
 """
 import torch
 
-from ..control.depth_policy import DepthPolicy
-from ..model.forward import StepBatch, final_logits, run_layers
+from ..model.forward import StepBatch
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 MAX_GRAPHS = 32      # (bucket, controller) pairs kept; the oldest is dropped past this
@@ -78,10 +77,7 @@ class _StepGraph:
         self.seq_idx = torch.arange(rows, device=device)
         self.runner, self.layer_guard, self.row_caps = runner, layer_guard, row_caps
         # Built once, outside the capture: the policy's first layer starts its state each step.
-        self.policy = DepthPolicy(rows, runner.weights.spec.num_layers, runner.skip_cost, device,
-                                  budget_terms=self.budget_terms, controller=controller,
-                                  min_layers=runner.min_layers, always_last=runner.always_last,
-                                  readout=runner.readout, ops=runner.ops)
+        self.policy = runner.new_policy(rows, controller, budget_terms=self.budget_terms)
         self.graph = None
         if capture:
             stream = torch.cuda.Stream(device)
@@ -99,10 +95,12 @@ class _StepGraph:
         step = StepBatch(token_ids=self.meta[0], positions=self.meta[1], seq_idx=self.seq_idx,
                          slot_mapping=self.meta[2], block_tables=self.tables,
                          block_size=r.block_manager.block_size, decode=True)
-        h = run_layers(r.weights, r.cache, step, self.policy, r.ops,
-                       compact=False if layer_guard is not None else r.compact, layer_guard=layer_guard,
-                       row_caps=self.row_caps if layer_guard is not None else ())
-        return final_logits(r.weights, h, r.ops), self.policy.actions, self.policy.compute()
+        if layer_guard is None:
+            h = r.forward(step, self.policy)
+        else:
+            h = r.forward(step, self.policy, compact=False, layer_guard=layer_guard,
+                          row_caps=self.row_caps)
+        return r.logits(h), self.policy.actions, self.policy.compute()
 
     def run(self, meta: torch.Tensor, tables: list, terms: torch.Tensor):
         """meta: long [3, rows] (token, position, slot) and terms: budget_terms [3, rows],
@@ -161,18 +159,13 @@ class DecodeGraphs:
     def run(self, chunks):
         """(logits [n, vocab], actions [n, L], compute [n]) of a qualifying decode step: views
         of the graph's outputs, valid until the next step."""
-        manager = self.runner.block_manager
         n = len(chunks)
         bucket = bucket_for(n, self.max_rows)
         pad = bucket - n
-        seqs = [seq for seq, _ in chunks]
-        tables = [manager.tables[seq.seq_id] for seq in seqs]
-        positions = [seq.num_computed for seq in seqs]
-        meta = [[seq.token_ids[p] for seq, p in zip(seqs, positions)] + [0] * pad,
-                positions + [0] * pad,
-                [manager.slot(seq.seq_id, p) for seq, p in zip(seqs, positions)]
-                + [-1] * pad]                                 # padding rows: write nothing
-        budgets = [seq.budget for seq in seqs] + [0.0] * pad
+        inputs = self.runner.prepare(chunks)
+        meta = [inputs.token_ids + [0] * pad, inputs.positions + [0] * pad,
+                inputs.slots + [-1] * pad]                    # padding rows: write nothing
+        budgets = inputs.budgets + [0.0] * pad
         controller = chunks[0][0].controller
         key = (bucket, id(controller))
         if key not in self.graphs:
@@ -181,5 +174,5 @@ class DecodeGraphs:
             caps = compaction_caps(key[0]) if self.compacted else ()
             self.graphs[key] = _StepGraph(self.runner, key[0], controller, self.width, self.capture,
                                           self.layer_guard, caps)
-        return self.graphs[key].run(torch.tensor(meta, dtype=torch.long), tables,
-                                    self.runner.budget_terms(budgets))
+        return self.graphs[key].run(torch.tensor(meta, dtype=torch.long), inputs.tables,
+                                    self.runner.depth.budget_terms(budgets))

@@ -1,19 +1,19 @@
 """The serving loop: requests in, `step()` = schedule -> run -> sample, finished sequences out."""
 import math
 import time
-from dataclasses import replace
 
 import torch
 
-from ..ops import reference as reference_ops
-from .block_manager import BlockManager, OutOfKVBlocks
-from ..control.controllers import make_controller
-from .cuda_graphs import DecodeGraphs, conditional_nodes_supported, run_only_if
+from ..control.depth_policy import DepthAccounting
+from ..control.registry import make_controller
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .cuda_graphs import conditional_nodes_supported
 from .kv_cache import KVCache
 from .model_runner import ModelRunner
 from .sampling import SamplingParams, sample_batch
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 
 
 def check_budget(budget) -> float:
@@ -24,59 +24,40 @@ def check_budget(budget) -> float:
 
 
 class LLMEngine:
-    def __init__(self, weights, eos_token_id=None, block_size: int = 16, num_kv_blocks=None,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, min_layers: int = 2,
-                 always_last: int = 0, ops=reference_ops, cuda_graphs=None,
-                 conditional_layers=False):
+    """Owns the cache, the scheduler and the model runner of one model. `ops`: the backend's op
+    set; `config`: EngineConfig."""
+
+    def __init__(self, weights, ops, config: EngineConfig = EngineConfig(), eos_token_id=None):
         spec = weights.spec
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
-        if num_kv_blocks is None:
-            num_kv_blocks = -(-8192 // block_size)
-        if not 0 <= min_layers <= spec.num_layers or not 0 <= always_last <= spec.num_layers:
-            raise ValueError(f"min_layers and always_last must be in [0, {spec.num_layers}]")
         self.weights = weights
+        self.config = config
         self.eos_token_id = eos_token_id
-        self.block_manager = BlockManager(num_kv_blocks, block_size)
-        self.cache = KVCache(spec.num_layers, num_kv_blocks, block_size, spec.num_kv_heads,
+        self.depth = DepthAccounting(spec.num_layers, weights.skip_cost(), config.min_layers,
+                                     config.always_last)
+        self.block_manager = BlockManager(config.kv_blocks, config.block_size)
+        self.cache = KVCache(spec.num_layers, config.kv_blocks, config.block_size, spec.num_kv_heads,
                              spec.head_dim, weights.dtype, weights.device)
-        self.runner = ModelRunner(weights, self.cache, self.block_manager, min_layers, always_last,
-                                  ops)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be None (on where the model is on a GPU), True or "
-                             f"False, got {cuda_graphs!r}")
+        self.runner = ModelRunner(weights, self.cache, self.block_manager, self.depth, ops)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
         on_gpu = weights.device.type == "cuda"
-        if cuda_graphs and not on_gpu:
+        if config.cuda_graphs and not on_gpu:
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, not {weights.device}")
-        if not (isinstance(conditional_layers, bool) or conditional_layers == "compacted"):
-            raise ValueError(f"conditional_layers must be False, True or 'compacted', got "
-                             f"{conditional_layers!r}")
-        if conditional_layers and (not on_gpu or cuda_graphs is False):
-            raise ValueError(f"conditional_layers={conditional_layers!r} needs CUDA graphs: the "
-                             "model on a CUDA device and cuda_graphs not False")
-        if conditional_layers and not conditional_nodes_supported():
-            raise ValueError(f"conditional_layers={conditional_layers!r} needs a torch whose CUDA "
-                             "graphs capture conditional nodes (CUDAGraph.begin_capture_to_if_node, "
-                             f"CUDA >= 12.4); torch {torch.__version__} has none")
-        if on_gpu and cuda_graphs is not False:
-            self.use_decode_graphs(capture=True, conditional_layers=conditional_layers)
+        if config.conditional_layers and (not on_gpu or config.cuda_graphs is False):
+            raise ValueError(f"conditional_layers={config.conditional_layers!r} needs CUDA graphs: "
+                             "the model on a CUDA device and cuda_graphs not False")
+        if config.conditional_layers and not conditional_nodes_supported():
+            raise ValueError(f"conditional_layers={config.conditional_layers!r} needs a torch whose "
+                             "CUDA graphs capture conditional nodes "
+                             "(CUDAGraph.begin_capture_to_if_node, CUDA >= 12.4); torch "
+                             f"{torch.__version__} has none")
+        if on_gpu and config.cuda_graphs is not False:
+            self.use_decode_graphs(capture=True, conditional_layers=config.conditional_layers)
 
     def use_decode_graphs(self, capture: bool, conditional_layers=False):
-        """Decode steps from static buffers (cuda_graphs.DecodeGraphs), replayed from CUDA graphs
-        when `capture`; without, they run eagerly from the same buffers: what a graph records,
-        on any device (for tests and profiles)."""
-        if capture and self.weights.device.type != "cuda":
-            raise ValueError(f"capturing CUDA graphs needs the model on a CUDA device, not "
-                             f"{self.weights.device}")
-        if conditional_layers and not capture:
-            raise ValueError("conditional layers are nodes of a captured graph: pass capture=True")
-        longest = min(self.weights.spec.max_positions,
-                      self.block_manager.num_blocks * self.block_manager.block_size)
-        self.runner.graphs = DecodeGraphs(
-            self.runner, self.scheduler.max_num_seqs, -(-longest // self.block_manager.block_size),
-            capture=capture, layer_guard=run_only_if if conditional_layers else None,
-            compacted=conditional_layers == "compacted")
+        """Decode steps from the runner's static buffers, replayed from CUDA graphs when
+        `capture` (ModelRunner.use_decode_graphs), for batches up to max_num_seqs."""
+        self.runner.use_decode_graphs(self.config.max_num_seqs, capture, conditional_layers)
 
     def new_sequence(self, prompt_ids, sampling: SamplingParams, budget, controller) -> Sequence:
         """Validates a request and makes its Sequence (not yet scheduled)."""
@@ -99,7 +80,7 @@ class LLMEngine:
                              f"{self.block_manager.block_size}): raise num_kv_blocks")
         controller = make_controller(controller)
         controller.check_model(spec.num_layers, spec.hidden_size)
-        return Sequence(ids, sampling, budget, controller, spec.num_layers, self.runner.skip_cost,
+        return Sequence(ids, sampling, budget, controller, spec.num_layers, self.depth.skip_cost,
                         max_len)
 
     def add_request(self, prompt_ids, sampling: SamplingParams, budget=1.0, controller="budget"):
@@ -112,17 +93,14 @@ class LLMEngine:
 
     def step(self) -> list:
         """Runs one batch; returns the sequences that finished in it."""
-        chunks = self.scheduler.schedule()
-        if not chunks:
-            raise RuntimeError("no sequence can be scheduled: the KV cache is too small for any "
-                               "waiting request")
+        chunks = self._schedule()
         rows, completing, start = [], [], 0
         for seq, n in chunks:
             start += n
             if seq.num_computed + n == len(seq):
                 rows.append(start - 1)
                 completing.append(seq)
-        out = self.run_chunks(chunks, rows)
+        out = self._run(chunks, rows)
         wanted = [s.sampling if s.num_generated < s.sampling.max_tokens else None for s in completing]
         tokens = sample_batch(out.logits, wanted, [s.generator for s in completing])
         finished = []
@@ -133,21 +111,62 @@ class LLMEngine:
                 finished.append(seq)
         return finished
 
-    def run_chunks(self, chunks, logits_rows, fixed_actions=None):
-        """Computes [(sequence, n)]: each sequence's next n uncached tokens, in one step.
+    def compute(self, seqs, keep_blocks: bool = False) -> list:
+        """Computes every uncached token of `seqs`, sequences that sample nothing (scoring; the
+        ANEE drop-in's forward over its cache), through the scheduler like any request; returns
+        each sequence's float32 logits [its uncached tokens, vocab] on the model's device.
 
-        Allocates their KV blocks first, all or nothing (the scheduler has usually done so
-        already), then records every token's actions and compute and advances the sequences.
-        Returns the runner's StepOutput (logits for `logits_rows`), its actions and compute
-        copied to the host.
+        keep_blocks: the sequences keep their KV blocks afterwards, so a later call can extend
+        them (the caller frees them); else they are freed. On an error every sequence is
+        dropped from the scheduler (its blocks kept or freed the same way).
         """
-        manager = self.block_manager
-        needed = sum(manager.blocks_needed(s.seq_id, s.num_computed + n) for s, n in chunks)
-        if needed > manager.num_free:
-            raise OutOfKVBlocks(f"this step needs {needed} more KV blocks, {manager.num_free} of "
-                                f"{manager.num_blocks} are free: raise num_kv_blocks")
-        for seq, n in chunks:
-            manager.allocate(seq.seq_id, seq.num_computed + n)
+        if self.has_unfinished():
+            raise RuntimeError("compute() needs an idle engine: requests are still in flight")
+        firsts = [seq.num_computed for seq in seqs]
+        vocab, device = self.weights.spec.vocab_size, self.weights.device
+        logits = [torch.empty((len(seq) - first, vocab), dtype=torch.float32, device=device)
+                  for seq, first in zip(seqs, firsts)]
+        index = {id(seq): i for i, seq in enumerate(seqs)}
+        for seq in seqs:
+            self.scheduler.add(seq)
+        try:
+            while self.has_unfinished():
+                chunks = self._schedule()
+                positions = [seq.num_computed for seq, _ in chunks]
+                out = self._run(chunks, range(sum(n for _, n in chunks)))
+                step_logits, row = out.logits.float(), 0
+                for (seq, n), p in zip(chunks, positions):
+                    i = index[id(seq)]
+                    # A preempted sequence recomputes tokens of an earlier call: not returned.
+                    lo = max(p, firsts[i])
+                    logits[i][lo - firsts[i]:p + n - firsts[i]] = step_logits[row + lo - p:row + n]
+                    row += n
+                    if seq.num_uncomputed == 0:
+                        self.scheduler.finish(seq, "length", free_blocks=not keep_blocks)
+        except BaseException:
+            for seq in seqs:
+                self.scheduler.remove(seq, "abort", free_blocks=not keep_blocks)
+            raise
+        return logits
+
+    def _schedule(self) -> list:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            raise RuntimeError("no sequence can be scheduled: the KV cache is too small for any "
+                               "waiting request")
+        return chunks
+
+    def _run(self, chunks, logits_rows):
+        """Computes [(sequence, n)] (blocks allocated by the scheduler) in one step; records every
+        token's actions and compute and advances the sequences. Returns the runner's StepOutput
+        (logits for `logits_rows`)."""
+        fixed = [seq.fixed_actions is not None for seq, _ in chunks]
+        fixed_actions = None
+        if any(fixed):
+            if not all(fixed):
+                raise RuntimeError("a step mixes sequences with fixed actions and controlled ones")
+            fixed_actions = torch.cat([seq.fixed_actions[seq.num_computed:seq.num_computed + n]
+                                       for seq, n in chunks])
         out = self.runner.run(chunks, logits_rows, fixed_actions)
         # Once per step, after the layers; copies even on the CPU, where the outputs of a graph
         # step are its static buffers: the sequences keep these tensors (Sequence.record).
@@ -157,7 +176,7 @@ class LLMEngine:
             seq.record(seq.num_computed, actions, compute, start, n)
             seq.num_computed += n
             start += n
-        return replace(out, actions=actions, compute=compute)
+        return out
 
     def _append_token(self, seq, token):
         """Appends a sampled token (None: the sequence may generate no more); returns a finish
@@ -177,9 +196,4 @@ class LLMEngine:
         return None
 
     def abort(self, seq) -> None:
-        if seq in self.scheduler.running:
-            self.scheduler.finish(seq, "abort")
-        elif seq in self.scheduler.waiting:
-            self.scheduler.waiting.remove(seq)
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = "abort"
+        self.scheduler.remove(seq, "abort")

@@ -1,13 +1,14 @@
-"""Builds a step's batch from scheduled chunks and runs the adaptive forward on it."""
+"""Turns scheduled chunks into a step's inputs and runs the adaptive forward on them: eagerly, or
+replayed from the runner's CUDA graphs (cuda_graphs.py) where a decode step qualifies."""
 from dataclasses import dataclass
 
 import torch
 
-from ..control.controllers import Controller
-from ..ops import reference as reference_ops
-from ..control.depth_policy import DepthPolicy, budget_terms
-from ..model.forward import StepBatch, final_logits, run_layers
+from ..control.base import Controller
+from ..control.depth_policy import DepthPolicy
 from ..control.features import lm_head_confidence
+from ..model.forward import StepBatch, final_logits, run_layers
+from .cuda_graphs import DecodeGraphs, run_only_if
 
 
 @dataclass
@@ -17,6 +18,16 @@ class StepOutput:
     logits: torch.Tensor      # float32 [rows, vocab] for the requested rows
     actions: torch.Tensor     # int8 [N, L]
     compute: torch.Tensor     # float32 [N]
+
+
+@dataclass
+class StepInputs:
+    """A step's inputs on the host, one entry per token (tables and budgets: per sequence)."""
+    token_ids: list
+    positions: list
+    slots: list
+    tables: list              # each sequence's block table (a list of block ids)
+    budgets: list             # each sequence's energy budget
 
 
 class MixedController(Controller):
@@ -34,46 +45,71 @@ class MixedController(Controller):
 
 
 class ModelRunner:
-    def __init__(self, weights, cache, block_manager, min_layers: int = 0, always_last: int = 0,
-                 ops=reference_ops):
+    """Runs steps of one model on its paged cache. `depth`: DepthAccounting; `ops`: the backend's
+    op set. `graphs` (DecodeGraphs or None) replays decode steps; `compact` forces the layer
+    loop's row compaction on or off (None: by device)."""
+
+    def __init__(self, weights, cache, block_manager, depth, ops):
         self.weights = weights
-        self.ops = ops
-        self.compact = None          # row compaction in the layer loop; None = by device
         self.cache = cache
         self.block_manager = block_manager
-        self.skip_cost = weights.skip_cost()
-        self.min_layers = min_layers
-        self.always_last = always_last
-        self.graphs = None           # DecodeGraphs: decode steps replayed from CUDA graphs
+        self.depth = depth
+        self.ops = ops
+        self.compact = None
+        self.graphs = None
 
     @property
     def device(self):
         return self.weights.device
 
-    def build_batch(self, chunks) -> StepBatch:
-        """chunks: [(sequence, n)]: its next n uncached tokens. Their blocks are allocated."""
-        token_ids, positions, seq_idx, slots, tables = [], [], [], [], []
-        for s, (seq, n) in enumerate(chunks):
+    def use_decode_graphs(self, max_rows: int, capture: bool, conditional_layers=False):
+        """Decode steps of up to max_rows sequences from static buffers, replayed from CUDA
+        graphs when `capture`; without, they run eagerly from the same buffers: what a graph
+        records, on any device (for tests and profiles)."""
+        if capture and self.device.type != "cuda":
+            raise ValueError(f"capturing CUDA graphs needs the model on a CUDA device, not "
+                             f"{self.device}")
+        if conditional_layers and not capture:
+            raise ValueError("conditional layers are nodes of a captured graph: pass capture=True")
+        manager = self.block_manager
+        longest = min(self.weights.spec.max_positions, manager.num_blocks * manager.block_size)
+        self.graphs = DecodeGraphs(self, max_rows, -(-longest // manager.block_size), capture=capture,
+                                   layer_guard=run_only_if if conditional_layers else None,
+                                   compacted=conditional_layers == "compacted")
+
+    def prepare(self, chunks) -> StepInputs:
+        """chunks: [(sequence, n)]: its next n uncached tokens, whose blocks are allocated."""
+        inputs = StepInputs([], [], [], [], [])
+        for seq, n in chunks:
             first = seq.num_computed
-            token_ids += seq.token_ids[first:first + n]
-            positions += range(first, first + n)
-            seq_idx += [s] * n
-            slots += [self.block_manager.slot(seq.seq_id, p) for p in range(first, first + n)]
-            tables.append(self.block_manager.tables[seq.seq_id])
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+            inputs.token_ids += seq.token_ids[first:first + n]
+            inputs.positions += range(first, first + n)
+            inputs.slots += [self.block_manager.slot(seq.seq_id, p) for p in range(first, first + n)]
+            inputs.tables.append(self.block_manager.tables[seq.seq_id])
+            inputs.budgets.append(seq.budget)
+        return inputs
+
+    def build_batch(self, chunks) -> StepBatch:
+        """The eager step's device tensors."""
+        inputs = self.prepare(chunks)
+        width = max(len(t) for t in inputs.tables)
+        padded = [t + [0] * (width - len(t)) for t in inputs.tables]
+        seq_idx = [s for s, (_, n) in enumerate(chunks) for _ in range(n)]
         as_long = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)
-        return StepBatch(token_ids=as_long(token_ids), positions=as_long(positions),
-                         seq_idx=as_long(seq_idx), slot_mapping=as_long(slots),
+        return StepBatch(token_ids=as_long(inputs.token_ids), positions=as_long(inputs.positions),
+                         seq_idx=as_long(seq_idx), slot_mapping=as_long(inputs.slots),
                          block_tables=as_long(padded), block_size=self.block_manager.block_size,
                          decode=all(n == 1 for _, n in chunks))
 
+    def new_policy(self, num_tokens, controller=None, budget_terms=None, fixed_actions=None):
+        """A DepthPolicy of this model for num_tokens rows."""
+        return DepthPolicy(num_tokens, self.depth, self.device, self.ops, budget_terms=budget_terms,
+                           controller=controller, fixed_actions=fixed_actions, readout=self.readout)
+
     def policy_for(self, chunks, num_tokens, fixed_actions=None) -> DepthPolicy:
-        L = self.weights.spec.num_layers
         if fixed_actions is not None:
-            return DepthPolicy(num_tokens, L, self.skip_cost, self.device,
-                               fixed_actions=fixed_actions.to(self.device))
-        terms = self.budget_terms([seq.budget for seq, n in chunks for _ in range(n)]).to(self.device)
+            return self.new_policy(num_tokens, fixed_actions=fixed_actions.to(self.device))
+        terms = self.depth.budget_terms([seq.budget for seq, n in chunks for _ in range(n)])
         by_controller = {}
         for i, (seq, _) in enumerate(chunks):
             by_controller.setdefault(id(seq.controller), (seq.controller, []))[1].append(i)
@@ -84,17 +120,19 @@ class ModelRunner:
             controller = MixedController([
                 (c, torch.isin(owners, torch.tensor(idx, device=self.device)))
                 for c, idx in by_controller.values()])
-        return DepthPolicy(num_tokens, L, self.skip_cost, self.device, budget_terms=terms,
-                           controller=controller, min_layers=self.min_layers,
-                           always_last=self.always_last, readout=self.readout, ops=self.ops)
-
-    def budget_terms(self, budgets) -> torch.Tensor:
-        """depth_policy.budget_terms of these per-token budgets under this model's constraints."""
-        return budget_terms(budgets, self.weights.spec.num_layers, self.skip_cost, self.min_layers,
-                            self.always_last)
+        return self.new_policy(num_tokens, controller, terms.to(self.device))
 
     def readout(self, h):
         return lm_head_confidence(h, self.weights, self.ops.norm)
+
+    def forward(self, step: StepBatch, policy, hidden_states=None, compact=None, layer_guard=None,
+                row_caps: tuple = ()):
+        """The final residual [N, hidden] of every row of `step` (see run_layers)."""
+        return run_layers(self.weights, self.cache, step, policy, self.ops, hidden_states,
+                          self.compact if compact is None else compact, layer_guard, row_caps)
+
+    def logits(self, h):
+        return final_logits(self.weights, h, self.ops)
 
     @torch.inference_mode()
     def run(self, chunks, logits_rows, fixed_actions=None, hidden_states=None) -> StepOutput:
@@ -108,7 +146,7 @@ class ModelRunner:
             return StepOutput(logits=logits, actions=actions, compute=compute)
         step = self.build_batch(chunks)
         policy = self.policy_for(chunks, step.num_tokens, fixed_actions)
-        h = run_layers(self.weights, self.cache, step, policy, self.ops, hidden_states, self.compact)
+        h = self.forward(step, policy, hidden_states)
         rows = torch.as_tensor(logits_rows, dtype=torch.long, device=self.device)
-        logits = final_logits(self.weights, h.index_select(0, rows), self.ops)
-        return StepOutput(logits=logits, actions=policy.actions, compute=policy.compute())
+        return StepOutput(logits=self.logits(h.index_select(0, rows)), actions=policy.actions,
+                          compute=policy.compute())

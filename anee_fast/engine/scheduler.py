@@ -33,7 +33,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:   # preempted earlier in this loop
                 continue
-            n = min(seq.num_uncomputed, budget)
+            n = min(seq.num_uncomputed, budget, seq.chunk_size or budget)
             while not self.block_manager.can_allocate(seq.seq_id, seq.num_computed + n):
                 self._preempt(self.running[-1])
                 if seq.status is not SequenceStatus.RUNNING:
@@ -44,7 +44,7 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
+            n = min(seq.num_uncomputed, budget, seq.chunk_size or budget)
             if not self.block_manager.can_allocate(seq.seq_id, seq.num_computed + n):
                 break
             self.waiting.popleft()
@@ -63,8 +63,21 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def finish(self, seq, reason: str) -> None:
+    def finish(self, seq, reason: str, free_blocks: bool = True) -> None:
+        """Ends a running sequence; free_blocks=False leaves its KV blocks to its owner."""
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.running.remove(seq)
-        self.block_manager.free(seq.seq_id)
+        if free_blocks:
+            self.block_manager.free(seq.seq_id)
+
+    def remove(self, seq, reason: str, free_blocks: bool = True) -> None:
+        """Ends a sequence wherever it is (running or waiting); nothing if it is in neither."""
+        if seq in self.running:
+            self.finish(seq, reason, free_blocks)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+            if free_blocks:
+                self.block_manager.free(seq.seq_id)

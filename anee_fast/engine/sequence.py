@@ -29,6 +29,8 @@ class Sequence:
         self.skip_cost = skip_cost
         self.max_len = max_len                  # prompt + the most tokens it may generate
         self.num_computed = 0                   # tokens whose K/V are in the cache
+        self.chunk_size = None                  # most tokens per step (None: the scheduler's limit)
+        self.fixed_actions = None               # int8 [tokens, L]: run these, no controller
         self.status = SequenceStatus.WAITING
         self.finish_reason = None
         self.arrival_time = time.perf_counter()

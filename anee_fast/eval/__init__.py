@@ -1,1 +1,2 @@
-"""Quality of adaptive depth against full depth: metrics, corpora, baselines, evaluations and plots."""
+"""Quality of adaptive depth against full depth: metrics, corpora, baselines, evaluations and
+plots."""

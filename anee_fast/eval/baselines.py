@@ -2,8 +2,8 @@
 import torch
 
 from ..actions import PROCESS, SKIP
-from ..control.controllers import Controller, LearnedController
-
+from ..control.anee_mlp import ANEEMLPController
+from ..control.base import Controller
 
 class RandomSkipController(Controller):
     """SKIPs each (token, layer) independently with probability skip_prob, from a seeded generator.
@@ -45,8 +45,8 @@ def random_skip_prob(budget: float, num_layers: int, skip_cost: float, min_layer
     return float(min(1.0, max(0.0, (1.0 - per_free_layer) / (1.0 - skip_cost))))
 
 
-def untrained_learned_controller(seed: int = 0) -> LearnedController:
+def untrained_learned_controller(seed: int = 0) -> ANEEMLPController:
     """An ANEE 0.4 MLP controller with a seeded random init (torch's global RNG is left alone)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LearnedController()
+        return ANEEMLPController()

@@ -1,12 +1,12 @@
-"""AIS-style category routing: embed the prompt, find its category, hard-skip that category's
-least important layers.
+"""Category routing: embed the prompt, find its category, hard-skip that category's least
+important layers.
 
 Design (our controllers see one layer's per-token hidden states, not the whole prompt, so the
 routing is per sequence and done before the run):
 - the prompt embedding is the mean residual entering layer min_layers (i.e. after the forced
   first layers, 2 by default) over the window's first `prefix_len` tokens, L2-normalised;
-- categories are k-means clusters (cosine, seeded k-means++) of the training windows' embeddings;
-  the index is the k centroids and routing picks the nearest one (AIS: a FAISS k-NN lookup);
+- categories are k-means clusters (seeded k-means++) of the training windows' embeddings; the
+  index is the k centroids and routing picks the nearest one;
 - a category's per-layer importance is the mean KL to the full model when that layer alone is
   skipped, on that category's training windows;
 - for a budget, the category's skip set is its n least important layers, n the fewest that make
@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from ..actions import EXIT, PROCESS
-from ..control.controllers import Controller
+from ..control.base import Controller
+from ..control.trained import nearest
+
 from .quality import full_logits
-from .static_search import (mean_kls, effective_budget, load_cached, save_cached, skip_set_compute,
-                            skippable_layers, windows_key)
+from .static_search import mean_kls, load_cached, save_cached, skip_set_compute, windows_key
 
 
 class _EmbeddingProbe(Controller):
@@ -39,7 +40,7 @@ class _EmbeddingProbe(Controller):
 
 def prompt_embeddings(llm, windows, prefix_len: int = 32) -> torch.Tensor:
     """[N, hidden] L2-normalised mean residual after the forced first layers over each prefix."""
-    layer = llm.engine.runner.min_layers
+    layer = llm.depth.min_layers
     if layer < 1 or layer >= llm.num_layers:
         raise ValueError(f"category routing embeds after the forced first layers: min_layers must be "
                          f"in 1..{llm.num_layers - 1}, got {layer}")
@@ -53,26 +54,31 @@ def prompt_embeddings(llm, windows, prefix_len: int = 32) -> torch.Tensor:
     return F.normalize(torch.stack(rows), dim=-1)
 
 
-def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 30) -> tuple:
-    """(centroids [k, D] normalised, labels [N]) by spherical k-means with k-means++ seeding."""
+def kmeans(points: torch.Tensor, k: int, seed: int = 0, iterations: int = 50) -> torch.Tensor:
+    """[k, D] float32 centroids of the rows of `points`: Lloyd's algorithm (Euclidean) from a
+    k-means++ start (each next seed drawn with probability proportional to its squared distance
+    from the seeds so far), stopping early once an iteration moves no centroid. A row's class is
+    nearest(row, centroids)."""
     n = points.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ValueError(f"k must be an integer in 1..{n} (the number of points), got {k!r}")
+    x = points.float()
     g = torch.Generator().manual_seed(seed)
-    centroids = [points[torch.randint(n, (1,), generator=g).item()]]
-    for _ in range(1, k):
-        distance = (1 - points @ torch.stack(centroids).T).min(1).values.clamp_min(0)
-        weights = distance if distance.sum() > 0 else torch.ones(n)
-        centroids.append(points[torch.multinomial(weights, 1, generator=g).item()])
-    centroids = torch.stack(centroids)
+    centroids = x[torch.randint(n, (1,), generator=g)].clone()
+    for _ in range(k - 1):
+        d2 = torch.cdist(x, centroids).min(dim=1).values.pow(2)
+        centroids = torch.cat([centroids, x[torch.multinomial(d2 + 1e-12, 1, generator=g)]])
     for _ in range(iterations):
-        labels = (points @ centroids.T).argmax(1)
-        updated = torch.stack([F.normalize(points[labels == c].mean(0), dim=0) if (labels == c).any()
-                               else centroids[c] for c in range(k)])
-        if torch.allclose(updated, centroids):
+        assign = nearest(x, centroids)
+        updated = centroids.clone()
+        for c in range(k):
+            members = assign == c
+            if members.any():
+                updated[c] = x[members].mean(0)
+        if torch.equal(updated, centroids):
             break
         centroids = updated
-    return centroids, (points @ centroids.T).argmax(1)
+    return centroids
 
 
 class CategoryRouter:
@@ -94,8 +100,9 @@ class CategoryRouter:
         if cached is not None:
             return cls(torch.tensor(cached["centroids"]), cached["importance"], cached["layers"], prefix_len)
         embeddings = prompt_embeddings(llm, windows, prefix_len)
-        centroids, labels = kmeans(embeddings, k, seed=seed)
-        layers = skippable_layers(llm)
+        centroids = kmeans(embeddings, k, seed=seed)
+        labels = nearest(embeddings, centroids)
+        layers = llm.depth.decidable_layers
         importance = []
         for category in range(k):
             members = [windows[i] for i in torch.nonzero(labels == category)[:, 0].tolist()]
@@ -112,13 +119,13 @@ class CategoryRouter:
 
     def route(self, llm, windows) -> list:
         """The nearest category of each window's prefix."""
-        return (prompt_embeddings(llm, windows, self.prefix_len) @ self.centroids.T).argmax(1).tolist()
+        return nearest(prompt_embeddings(llm, windows, self.prefix_len), self.centroids).tolist()
 
     def skip_set(self, llm, category: int, budget: float) -> list:
         """The category's fewest least-important layers whose skipping fits the budget."""
         order = [layer for _, layer in sorted(zip(self.importance[category], self.layers))]
-        limit = effective_budget(llm, budget) + 1e-9
-        skip_cost, L = llm.engine.runner.skip_cost, llm.num_layers
+        limit = llm.depth.effective_budget(budget) + 1e-9
+        skip_cost, L = llm.depth.skip_cost, llm.num_layers
         for n in range(len(order) + 1):
             if skip_set_compute(order[:n], L, skip_cost) <= limit:
                 return sorted(order[:n])

@@ -1,4 +1,5 @@
-"""Held-out text for quality evaluation: a plain-text file or, offline, Python's own docs.
+"""Text for quality evaluation and controller training: a plain-text file or, offline, Python's
+own docs, cut into token windows, split into training and held-out windows, and sampled.
 
 The default corpus is `pydoc_data.topics` (the text of `help()` topics, English prose shipped
 with every CPython), so evaluation and controller training need no download.
@@ -46,3 +47,11 @@ def split_windows(windows, heldout_fraction: float = 0.2) -> tuple:
     num_heldout = min(len(windows) - 1, max(1, round(len(windows) * heldout_fraction)))
     cut = len(windows) - num_heldout
     return windows[:cut], windows[cut:]
+
+
+def evenly_spaced(items, count: int) -> list:
+    """count items spread evenly over the list (all of them when it is shorter)."""
+    items = list(items)
+    if count >= len(items):
+        return items
+    return [items[(i * len(items)) // count] for i in range(count)]

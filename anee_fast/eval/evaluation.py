@@ -1,4 +1,4 @@
-"""Quality against compute on held-out text, per controller and budget (issue 5).
+"""Quality against compute on held-out text, per controller and budget.
 
 Per (controller, budget) on the held-out windows: realised compute (mean and max per token),
 mean KL(full || controller) per token, top-1 agreement with the full model, perplexity of the
@@ -8,9 +8,7 @@ free-running on its own output), and the score is the fraction of the gen_tokens
 the two tokens are equal. `within_budget` says every token, scored or generated, spent at most
 max(budget, floor) (+1e-6), floor being the cost of the forced layers.
 """
-import json
 import math
-import os
 import sys
 import time
 
@@ -18,22 +16,17 @@ import torch
 
 from .baselines import RandomSkipController, random_skip_prob, untrained_learned_controller
 from .category_router import CategoryRouter
-from ..control.controllers import StaticController, make_controller
-from .corpus import corpus_text, split_windows, token_windows
+from ..control.controllers import StaticController
+from ..control.registry import make_controller
+
+from .corpus import corpus_text, evenly_spaced, split_windows, token_windows
 from .quality import full_logits, score_windows, token_metrics
+from .report import report
 from ..engine.sampling import SamplingParams
-from .static_search import best_static_sets, effective_budget, skip_set_actions
+from .static_search import best_static_sets, skip_set_actions
 
 DEFAULT_CONTROLLERS = ("budget", "heuristic", "random", "static", "router", "anee-untrained")
 DEFAULT_BUDGETS = (1.0, 0.75, 0.5, 0.25)
-
-
-def evenly_spaced(items, count: int) -> list:
-    """count items spread evenly over the list (all of them when it is shorter)."""
-    items = list(items)
-    if count >= len(items):
-        return items
-    return [items[(i * len(items)) // count] for i in range(count)]
 
 
 def _per_window(value, budget, count):
@@ -103,7 +96,7 @@ def evaluate(llm, controllers: dict, budgets, heldout_windows, *, prefix_len: in
             "top1": float(torch.cat([m["top1"] for m in metrics]).float().mean()),
             "ppl": math.exp(float(torch.cat([m["nll"] for m in metrics]).mean())),
             "greedy_agreement": sum(agreement) / len(agreement),
-            "within_budget": spent_max <= effective_budget(llm, budget) + 1e-6,
+            "within_budget": spent_max <= llm.depth.effective_budget(budget) + 1e-6,
             "windows": len(windows), "tokens": int(compute.numel()),
         })
     return records
@@ -115,12 +108,12 @@ def build_controllers(llm, names, budgets, train_windows, heldout_windows, *, se
     """The controllers dict for evaluate() from names: the built-in baselines, 'learned', a
     controller file path, or NAME=PATH for a controller file under a chosen name."""
     controllers = {}
-    L, runner = llm.num_layers, llm.engine.runner
+    L, depth = llm.num_layers, llm.depth
     search = [w[:search_len] for w in evenly_spaced(train_windows, search_windows)]
     for name in names:
         if name == "random":
             controllers[name] = lambda b: RandomSkipController(
-                random_skip_prob(b, L, runner.skip_cost, runner.min_layers), seed=seed)
+                random_skip_prob(b, L, depth.skip_cost, depth.min_layers), seed=seed)
         elif name == "static":
             sets = best_static_sets(llm, search, budgets, width=search_width, progress=progress)
             statics = {b: StaticController(skip_set_actions(s["skip"], L)) for b, s in sets.items()}
@@ -156,16 +149,6 @@ def default_controller_names(out=sys.stdout) -> list:
     return list(DEFAULT_CONTROLLERS) + ["learned"]
 
 
-def write_json(path, value):
-    """Writes value as indented JSON, making parent folders; returns the path."""
-    folder = os.path.dirname(os.fspath(path))
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(value, f, indent=1)
-    return path
-
-
 def format_table(records) -> str:
     head = f"{'controller':<16}{'budget':>7}{'compute':>9}{'max':>7}{'KL':>9}{'top-1':>8}{'ppl':>11}" \
            f"{'greedy':>8}  within"
@@ -192,12 +175,9 @@ def run_eval(llm, *, budgets=DEFAULT_BUDGETS, text_path=None, controllers=None, 
     names = list(controllers) if controllers else default_controller_names(out)
     built = build_controllers(llm, names, budgets, train, heldout, progress=progress, **build_options)
     records = evaluate(llm, built, budgets, heldout, progress=progress)
-    print(format_table(records), file=out)
-    print(f"{len(heldout)} held-out windows of {seq_len} tokens ({len(train)} training windows), "
-          f"{time.perf_counter() - started:.0f} s", file=out)
-    if json_path:
-        print(f"records: {write_json(json_path, records)}", file=out)
-    if plot_path:
-        from .plots import plot_quality_vs_compute
-        print(f"plot: {plot_quality_vs_compute(records, plot_path)}", file=out)
+    summary = (f"{len(heldout)} held-out windows of {seq_len} tokens ({len(train)} training "
+               f"windows), {time.perf_counter() - started:.0f} s")
+    from .plots import plot_quality_vs_compute
+    report(records, f"{format_table(records)}\n{summary}", json_path=json_path, plot_path=plot_path,
+           plot=plot_quality_vs_compute, out=out)
     return records

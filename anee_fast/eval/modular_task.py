@@ -1,4 +1,4 @@
-"""Chained modular arithmetic with a difficulty knob (the ANIRA seed's MANO, in spirit).
+"""Chained modular arithmetic with a difficulty knob.
 
 An example chains exactly `num_ops` binary operations (+, -, *) over digits mod `modulus`,
 evaluated left to right, then "=": `<bos> 3 + 4 * 2 - 1 =` is ((3 + 4) * 2 - 1) mod 5 = 3. Every
@@ -6,8 +6,8 @@ digit's target is the running value of the chain up to it and the "=" token's ta
 answer, the chain's value. The running value after k operations needs the one after k - 1, so
 the answer needs num_ops sequential steps: difficulty is known exactly and no label says it.
 
-(The seed's MANO writes expressions in prefix notation with only the answer supervised; at CPU
-scale that variant did not learn beyond 2 operators, see docs/recurrent.md.)
+(A variant that writes the expression in prefix notation and supervises only the answer did not
+learn beyond 2 operators at CPU scale, see docs/recurrent.md.)
 """
 from dataclasses import dataclass
 

@@ -1,5 +1,6 @@
 """Pictures of a Trace (which layers each token ran, what each token spent, how deep the model
-was) and of evaluation results (quality against compute, halting against difficulty).
+was), of evaluation results (quality against compute, halting against difficulty) and of training
+runs (their curves).
 
 Figures are drawn with matplotlib's object API on an Agg canvas, never through pyplot, so
 importing this module neither needs a display nor changes the backend of the caller's process.
@@ -180,7 +181,7 @@ def plot_depth_profile(trace, path, title=None, generated_only: bool = False):
 
 def plot_quality_vs_compute(records, path, title=None):
     """Quality against realised compute, one curve per controller: mean KL to the full model
-    (log scale) and top-1 agreement. `records` are evaluation records (anee_fast.evaluation)."""
+    (log scale) and top-1 agreement. `records` are evaluation records (eval/evaluation.py)."""
     curves = {}
     for r in records:
         curves.setdefault(r["controller"], []).append((r["compute"], r["kl"], r["top1"]))
@@ -211,7 +212,8 @@ def plot_recurrent(result, path):
     """Answer accuracy, mean answer iterations and mean iterations per token of the example
     against the number of operators L, one line per controller (halting, and fixed depth at 1, R/2
     and R iterations; the training range shaded), then in-range accuracy against both measures
-    of compute, next to fixed depth's. `result` is anee_fast.recurrent_eval.evaluate_recurrent's."""
+    of compute, next to fixed depth's. `result` is what evaluate_recurrent (eval/recurrent_eval.py)
+    returns."""
     R, records = result["iterations"], result["records"]
     shown = ["halting-early", "halting-online"] + [f"fixed-{k}" for k in sorted({1, max(1, R // 2), R})]
     fig = Figure(figsize=(11.0, 8.0))
@@ -247,5 +249,47 @@ def plot_recurrent(result, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("Halting against difficulty on chained modular arithmetic", fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_controller_training(log: dict, path):
+    """Warm-start loss per epoch and the REINFORCE greedy KL and advantage per step. `log` is what
+    train_controller (training/controller_training.py) returns."""
+    fig = Figure(figsize=(10.0, 3.5))
+    ax_warm, ax_rl = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    warm = log.get("warm_start") or []
+    ax_warm.plot([e["epoch"] for e in warm], [e["loss"] for e in warm], marker="o")
+    ax_warm.set(title="warm start (BCE vs teacher)", xlabel="epoch", ylabel="loss")
+    rl = log.get("reinforce") or []
+    if rl:
+        steps = [e["step"] for e in rl]
+        ax_rl.scatter(steps, [e["kl_greedy"] for e in rl], c=[e["budget"] for e in rl],
+                      cmap="viridis", s=14)
+        advantage = [e["reward_sampled"] - e["reward_greedy"] for e in rl]
+        ax_rl.plot(steps, advantage, color="gray", lw=0.8, label="sampled - greedy reward")
+        ax_rl.legend(fontsize=8)
+    ax_rl.set(title="REINFORCE (dots: greedy KL, colour = budget)", xlabel="step")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_recurrent_training(log: dict, path):
+    """Model loss and accuracy per step (then on-policy fine-tuning's), and the answer's mean
+    cross-entropy per exit. `log` is what train_recurrent (training/recurrent_training.py)
+    returns."""
+    fig = Figure(figsize=(10.0, 3.5))
+    ax_model, ax_exit = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    model_steps = log["config"]["steps"]
+    for key, offset, stage in (("model_log", 0, ""), ("policy_log", model_steps, " (on-policy)")):
+        entries = log.get(key, [])
+        steps = [offset + e["step"] for e in entries]
+        ax_model.plot(steps, [e["loss"] for e in entries], label="loss" + stage)
+        ax_model.plot(steps, [e["accuracy"] for e in entries], label="accuracy" + stage)
+    ax_model.set(title="recurrent model, then on-policy fine-tuning", xlabel="step")
+    ax_model.legend(fontsize=8)
+    ce = log["exit_ce_by_iteration"]
+    ax_exit.plot(range(1, len(ce) + 1), ce, marker="o")
+    ax_exit.set(title="answer cross-entropy by exit", xlabel="iterations", ylabel="nats")
     fig.tight_layout()
     return _save(fig, path)

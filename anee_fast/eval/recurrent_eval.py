@@ -1,4 +1,4 @@
-"""Complexity-controlled evaluation of halting on a weight-tied model (issue 7, ANIRA seed).
+"""Complexity-controlled evaluation of halting on a weight-tied model.
 
 For each number of operators L (including L beyond the training range) fresh examples are run
 through the engine with each controller: early allocation, online halting, and fixed depth k
@@ -20,10 +20,10 @@ import torch
 
 from ..model import recurrent as recurrent_model
 from ..actions import EXIT, PROCESS
-from .evaluation import write_json
 from ..control.halting import KINDS, load_controller
 from .modular_task import ModularTask
 from .quality import score_windows
+from .report import report
 
 
 class Outcome(NamedTuple):
@@ -189,11 +189,8 @@ def run_eval_recurrent(model_dir, *, max_ops: int = 10, examples: int = 64, back
     llm = LLM(model, backend=backend, min_layers=c.prelude, always_last=c.coda)
     result = evaluate_recurrent(llm, model_dir, task, range(1, max_ops + 1), trained["train_max_ops"],
                                 examples, seed, progress)
-    print(format_table(result), file=out)
-    print(f"{examples} examples per L, {time.perf_counter() - started:.0f} s", file=out)
-    if json_path:
-        print(f"records: {write_json(json_path, result)}", file=out)
-    if plot_path:
-        from .plots import plot_recurrent
-        print(f"plot: {plot_recurrent(result, plot_path)}", file=out)
+    summary = f"{examples} examples per L, {time.perf_counter() - started:.0f} s"
+    from .plots import plot_recurrent
+    report(result, f"{format_table(result)}\n{summary}", json_path=json_path, plot_path=plot_path,
+           plot=plot_recurrent, out=out)
     return result

@@ -1,4 +1,4 @@
-"""The best static skip set per budget, by greedy ablation on training windows (as AIS does).
+"""The best static skip set per budget, by greedy ablation on training windows.
 
 Starting from the full model, each step SKIPs the one more layer whose removal raises the mean
 KL to the full model the least, and records the set. The search stops once the set's compute is
@@ -18,7 +18,6 @@ import torch
 
 from ..actions import PROCESS, SKIP
 from ..model.default_model import cache_root
-from ..control.depth_policy import budget_floor
 from .quality import full_logits, score_windows, token_kl
 
 CACHE_VERSION = 1
@@ -37,25 +36,13 @@ def skip_set_actions(skip_set, num_layers: int) -> list:
     return [SKIP if layer in set(skip_set) else PROCESS for layer in range(num_layers)]
 
 
-def skippable_layers(llm) -> list:
-    """Layers a static set may skip: not among the forced first or last ones."""
-    runner, L = llm.engine.runner, llm.num_layers
-    return list(range(runner.min_layers, L - runner.always_last))
-
-
-def effective_budget(llm, budget: float) -> float:
-    """The budget the depth policy really applies: never under the cost of the forced layers."""
-    runner = llm.engine.runner
-    return max(budget, budget_floor(llm.num_layers, runner.skip_cost, runner.min_layers, runner.always_last))
-
-
 def windows_key(llm, windows, settings: dict) -> str:
     """A cache key from the model, its forced layers, the exact windows and the search settings."""
-    runner = llm.engine.runner
+    depth = llm.depth
     digest = hashlib.sha256()
     digest.update(json.dumps({"model": str(llm.name), "layers": llm.num_layers,
-                              "skip_cost": round(runner.skip_cost, 6), "min_layers": runner.min_layers,
-                              "always_last": runner.always_last, "version": CACHE_VERSION,
+                              "skip_cost": round(depth.skip_cost, 6), "min_layers": depth.min_layers,
+                              "always_last": depth.always_last, "version": CACHE_VERSION,
                               **settings}, sort_keys=True).encode())
     for window in windows:
         digest.update(torch.as_tensor(window, dtype=torch.int64).numpy().tobytes())
@@ -114,15 +101,15 @@ def greedy_path(llm, windows, stop_compute: float, width=8, progress: bool = Tru
         raise ValueError("the static-set search needs at least one training window")
     if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
         raise ValueError(f"width must be None or an integer >= 1, got {width!r}")
-    skip_cost, L = llm.engine.runner.skip_cost, llm.num_layers
+    skip_cost, L = llm.depth.skip_cost, llm.num_layers
     key = windows_key(llm, windows, {"width": width})
     cached = load_cached("static", key) if use_cache else None
     if cached is not None and (cached[-1]["compute"] <= stop_compute + 1e-9
-                               or len(cached[-1]["skip"]) == len(skippable_layers(llm))):
+                               or len(cached[-1]["skip"]) == len(llm.depth.decidable_layers)):
         return cached
     full = full_logits(llm, windows, progress=progress)
     path = [{"skip": [], "kl": 0.0, "compute": 1.0}]
-    remaining = skippable_layers(llm)
+    remaining = llm.depth.decidable_layers
     last_kl = {layer: 0.0 for layer in remaining}
     total = sum(1 for n in range(len(remaining) + 1)
                 if skip_set_compute(range(n), L, skip_cost) > stop_compute + 1e-9)
@@ -153,10 +140,10 @@ def best_static_sets(llm, windows, budgets, width=8, progress: bool = True, use_
     budgets = [float(b) for b in budgets]
     if not budgets or any(not 0.0 <= b <= 1.0 for b in budgets):
         raise ValueError(f"budgets must be a non-empty list of numbers in [0, 1], got {budgets}")
-    stop = min(effective_budget(llm, b) for b in budgets)
+    stop = min(llm.depth.effective_budget(b) for b in budgets)
     path = greedy_path(llm, windows, stop, width=width, progress=progress, use_cache=use_cache)
     chosen = {}
     for budget in budgets:
-        fitting = [step for step in path if step["compute"] <= effective_budget(llm, budget) + 1e-9]
+        fitting = [step for step in path if step["compute"] <= llm.depth.effective_budget(budget) + 1e-9]
         chosen[budget] = min(fitting, key=lambda step: (step["kl"], len(step["skip"])))
     return chosen

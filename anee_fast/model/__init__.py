@@ -1,1 +1,2 @@
-"""Model weights (packed once, architecture-neutral), loading, the default model, and the adaptive-depth forward."""
+"""Model weights (packed once, architecture-neutral), loading, the default model, and the
+adaptive-depth forward."""

@@ -5,13 +5,13 @@ whole SKIP path in one op). PROCESS rows then take the block's output; the other
 Where the block runs on every row (masked, on a GPU) the same skip_kv launch also gives every
 row's query, so the block starts at attention, and the out and down projections take the
 PROCESS mask as linear's row_mask: a SKIP row adds nothing to its residual, with no `where`
-launch of its own. A token
-that EXITed keeps its residual, so the same per-layer launch writes its remaining layers' K/V.
-(skip_kv could write them all in one launch after the loop, but the per-layer launches happen
-anyway for the other rows, and such a fill would read those layers' weights a second time.)
-One code path serves prefill, chunked prefill and decode:
-a step's K/V are written before attention reads the cache, so a query sees exactly positions
-0..p of its own sequence. `ops` is a backend's op set (see reference_ops for the contract).
+launch of its own. A token that EXITed keeps its residual, so the same per-layer launch writes
+its remaining layers' K/V. (Filling them all in one launch after the loop would read those
+layers' weights a second time, and the per-layer launches happen anyway for the other rows.)
+
+One code path serves prefill, chunked prefill and decode: a step's K/V are written before
+attention reads the cache, so a query sees exactly positions 0..p of its own sequence. `ops` is
+a backend's op set (ops/reference.py defines the contract).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -19,7 +19,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..ops import reference as reference_ops
 from ..ops.reference import rope_cos_sin, rotate
 
 
@@ -46,7 +45,7 @@ def embed(weights, step: StepBatch):
     return h
 
 
-def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
+def run_layers(weights, cache, step: StepBatch, policy, ops,
                hidden_states: Optional[list] = None, compact: Optional[bool] = None,
                layer_guard=None, row_caps: tuple = ()):
     """Runs every layer under `policy`; returns the final residual [N, hidden].
@@ -58,7 +57,7 @@ def run_layers(weights, cache, step: StepBatch, policy, ops=reference_ops,
     is really saved. `compact` forces one variant (None: by device).
 
     `layer_guard(pred, body)` (masked variant only) runs body() only where the device bool
-    pred holds, as a CUDA graph's conditional node does (cuda_graphs.run_only_if); each layer's
+    pred holds, as a CUDA graph's conditional node does (engine/cuda_graphs.py: run_only_if); each layer's
     block then runs under it and updates h in place (see _guarded_block, which also explains
     `row_caps`), so h_prev is a copy, made only for a policy that reads it.
     """
@@ -161,7 +160,7 @@ def _block(weights, layer, cache, l, step, h, rows, ops, q=None, rope=None, row_
 _ACTIVATION = {"silu": "silu_gated", "gelu_tanh": "gelu_tanh"}   # ModelSpec's -> linear's
 
 
-def final_logits(weights, h, ops=reference_ops):
+def final_logits(weights, h, ops):
     """float32 logits of lm_head(final_norm(h))."""
     spec = weights.spec
     x = ops.norm(h, weights.final_norm_weight, weights.final_norm_bias, spec.norm_eps,

@@ -2,13 +2,13 @@
 
 Virtual layer l of L = prelude + block * iterations + coda runs stored block `config.block_of(l)`:
 the prelude layers, then the recurrent block's B layers applied `iterations` times, then the coda
-(as in retrofitted-recurrence models and the ANIRA seed). Halting a token after r iterations is
+(as in retrofitted-recurrence models and ANIRA). Halting a token after r iterations is
 an EXIT; with `always_last = coda` the depth policy still runs the coda, and the skipped
 iterations still write their K/V, so later tokens see a complete cache.
 
 `forward(ids, process)` is the reference that loops the shared block: it runs each virtual layer
-on every token and keeps the block's output only where `process` says so (BRIEF's formulation),
-so a SKIPped token's K/V come from the norm of its own unchanged residual, as in the engine.
+on every token and keeps the block's output only where `process` says so
+(h = where(process, block(h), h)), so a SKIPped token's K/V come from the norm of its own unchanged residual, as in the engine.
 Parameters are stored in the engine's layout (K | V | Q rows in one matrix, gate | up in
 another), so `pack` hands the engine views of them, one set per stored block.
 """

@@ -1,1 +1,2 @@
-"""The op contract: the reference ops (pure PyTorch), the native extension's wrappers, and backend selection."""
+"""The op contract: the reference ops (pure PyTorch), the native extension's wrappers, and backend
+selection."""

@@ -13,10 +13,10 @@ from typing import Optional
 import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.anee_fast.*)
+from .reference import check_skip_kv_layer
 
 _ops = torch.ops.anee_fast
-OPS = ("norm", "add_norm", "linear", "write_kv", "skip_kv", "paged_attention", "policy_step",
-       "saturation_codes")
+OPS = ("norm", "add_norm", "linear", "skip_kv", "paged_attention", "policy_step", "saturation_codes")
 
 
 def norm(x, weight, bias, eps: float, rms: bool):
@@ -35,19 +35,15 @@ def linear(x, weight, bias=None, activation: str = "none", residual=None, row_ma
     return _ops.linear(x, weight, bias, activation, residual, row_mask)
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping):
-    """Copies K/V rows [N, kv_heads, d] into one layer's cache slots; slot -1 writes nothing."""
-    _ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
-
-
 def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: Optional[torch.Tensor],
             rope_scale: float, k_cache, v_cache, slot_mapping, first_layer: Optional[torch.Tensor],
             eps: float, rms: bool, q_out: Optional[torch.Tensor] = None):
-    """norm -> K|V(|Q) projection -> RoPE -> cache write (and q_out) for `nl` layers (see
-    reference_ops)."""
+    """norm -> K|V(|Q) projection -> RoPE -> cache write (and q_out) for one layer (see
+    reference_ops). first_layer must be None: the op's schema has no such argument."""
+    if first_layer is not None:
+        check_skip_kv_layer(k_cache, first_layer)
     _ops.skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq,
-                 float(rope_scale), k_cache, v_cache, slot_mapping, first_layer, float(eps),
-                 bool(rms), q_out)
+                 float(rope_scale), k_cache, v_cache, slot_mapping, float(eps), bool(rms), q_out)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size: int,
@@ -89,14 +85,9 @@ def _linear_fake(x, weight, bias, activation="none", residual=None, row_mask=Non
     return x.new_empty((*x.shape[:-1], out))
 
 
-@torch.library.register_fake("anee_fast::write_kv")
-def _write_kv_fake(k, v, k_cache, v_cache, slot_mapping):
-    return None
-
-
 @torch.library.register_fake("anee_fast::skip_kv")
 def _skip_kv_fake(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
-                  k_cache, v_cache, slot_mapping, first_layer, eps, rms, q_out=None):
+                  k_cache, v_cache, slot_mapping, eps, rms, q_out=None):
     return None
 
 

@@ -5,7 +5,6 @@ The ops a backend provides (same names and signatures in `kernels/` and `csrc/`)
 - `norm(x, weight, bias, eps, rms) -> out`
 - `add_norm(x, residual, weight, bias, eps, rms) -> (sum, normed)`
 - `linear(x, weight, bias, activation="none", residual=None, row_mask=None) -> out`
-- `write_kv(k, v, k_cache, v_cache, slot_mapping) -> ()`
 - `skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
            k_cache, v_cache, slot_mapping, first_layer, eps, rms, q_out=None) -> ()`
 - `paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size, scale,
@@ -26,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from ..actions import EXIT, PROCESS, SKIP
-from ..control.features import cosine_saturation
 
 
 def norm(x, weight, bias, eps: float, rms: bool):
@@ -102,46 +100,51 @@ def rotate(x, cos, sin):
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping):
-    """Copies K/V rows [N, kv_heads, d] into one layer's slots; slot -1 rows write nothing.
+def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: Optional[torch.Tensor],
+            rope_scale: float, k_cache, v_cache, slot_mapping, first_layer: Optional[torch.Tensor],
+            eps: float, rms: bool, q_out: Optional[torch.Tensor] = None):
+    """One layer's SKIP path for the rows h [N, hidden], as one op: norm -> K|V projection ->
+    RoPE on K (when inv_freq is given) -> write to the cache at slot_mapping (slot -1: nothing).
 
-    Without host-side filtering: padding rows target the spare last slot and carry that slot's
-    own content, so it stays as it was.
+    Every tensor is the layer's [1, ...] slice of the stacks: norm_weight/norm_bias [1, hidden];
+    kv_weight [1, 2*kv_size, hidden] with rows K | V; kv_bias [1, 2*kv_size]; k_cache/v_cache
+    [1, slots + 1, kv_heads, d]. first_layer must be None (see check_skip_kv_layer).
+
+    With q_out [N, heads, d], kv_weight/kv_bias hold the rows K | V | Q, and every row's query
+    (RoPE'd like K) lands in q_out: a PROCESS row's whole QKV projection and cache write in one
+    launch, sharing the norm.
     """
+    check_skip_kv_layer(k_cache, first_layer)
+    kv_heads, d = k_cache.shape[2], k_cache.shape[3]
+    x = norm(h, norm_weight[0], None if norm_bias is None else norm_bias[0], eps, rms)
+    kvq = F.linear(x, kv_weight[0], None if kv_bias is None else kv_bias[0])
+    k = kvq[:, :kv_heads * d].reshape(-1, kv_heads, d)
+    v = kvq[:, kv_heads * d:2 * kv_heads * d].reshape(-1, kv_heads, d)
+    if inv_freq is not None:
+        k = apply_rope(k, positions, inv_freq, rope_scale)
+    # Without host-side filtering: padding rows target the spare last slot and carry that slot's
+    # own content, so it stays as it was.
+    k_cache, v_cache = k_cache[0], v_cache[0]
     spare = k_cache.shape[0] - 1
     valid = (slot_mapping >= 0)[:, None, None]
     slots = torch.where(slot_mapping >= 0, slot_mapping, spare)
     k_cache.index_copy_(0, slots, torch.where(valid, k, k_cache[spare]))
     v_cache.index_copy_(0, slots, torch.where(valid, v, v_cache[spare]))
+    if q_out is not None:
+        q = kvq[:, 2 * kv_heads * d:].reshape(q_out.shape)
+        q_out.copy_(q if inv_freq is None else apply_rope(q, positions, inv_freq, rope_scale))
 
 
-def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: Optional[torch.Tensor],
-            rope_scale: float, k_cache, v_cache, slot_mapping, first_layer: Optional[torch.Tensor],
-            eps: float, rms: bool, q_out: Optional[torch.Tensor] = None):
-    """The SKIP path of `nl` consecutive layers that share the residual h [N, hidden]:
-    norm -> K|V projection -> RoPE on K (when inv_freq is given) -> cache write.
-
-    norm_weight/norm_bias [nl, hidden]; kv_weight [nl, 2*kv_size, hidden] with rows K | V;
-    kv_bias [nl, 2*kv_size]; k_cache/v_cache [nl, slots + 1, kv_heads, d]. Row n writes layers
-    first_layer[n].. nl-1 (all layers when first_layer is None) at slot slot_mapping[n].
-
-    With q_out [N, heads, d] (one layer, no first_layer), kv_weight/kv_bias hold the rows
-    K | V | Q, and every row's query (RoPE'd like K) lands in q_out: a PROCESS row's whole QKV
-    projection and cache write in one launch, sharing the norm.
-    """
-    nl, kv_heads, d = k_cache.shape[0], k_cache.shape[2], k_cache.shape[3]
-    for j in range(nl):
-        x = norm(h, norm_weight[j], None if norm_bias is None else norm_bias[j], eps, rms)
-        kvq = F.linear(x, kv_weight[j], None if kv_bias is None else kv_bias[j])
-        k = kvq[:, :kv_heads * d].reshape(-1, kv_heads, d)
-        v = kvq[:, kv_heads * d:2 * kv_heads * d].reshape(-1, kv_heads, d)
-        if inv_freq is not None:
-            k = apply_rope(k, positions, inv_freq, rope_scale)
-        slots = slot_mapping if first_layer is None else torch.where(first_layer <= j, slot_mapping, -1)
-        write_kv(k, v, k_cache[j], v_cache[j], slots)
-        if q_out is not None:
-            q = kvq[:, 2 * kv_heads * d:].reshape(q_out.shape)
-            q_out.copy_(q if inv_freq is None else apply_rope(q, positions, inv_freq, rope_scale))
+def check_skip_kv_layer(k_cache, first_layer):
+    """skip_kv writes one layer per call: the engine decides per token on the device, so it never
+    knows on the host how many layers in a row a token skips: a multi-layer call would need a
+    host sync (and on the CPU one 6-layer call was only 2-7% faster than 6 calls). first_layer,
+    the removed multi-layer mode's per-row start, stays a positional slot that must be None
+    while model/forward.py passes it."""
+    if first_layer is not None or k_cache.dim() != 4 or k_cache.shape[0] != 1:
+        raise ValueError(f"skip_kv: one layer per call: caches [1, slots, kv_heads, head_dim] "
+                         f"and first_layer None, got caches {list(k_cache.shape)} and first_layer "
+                         f"{'None' if first_layer is None else 'given'}")
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size: int,
@@ -215,7 +218,7 @@ def saturation_codes(h, h_prev, budget_left, skip_saturation: float, exit_satura
     skip_saturation. budget_left < exit_threshold gives EXIT whatever the rest. Returns int8 [N].
     """
     after_skip = (h == h_prev).all(dim=-1)
-    cos = cosine_saturation(h, h_prev)
+    cos = F.cosine_similarity(h.float(), h_prev.float(), dim=-1)
     leave = (~after_skip & (cos >= exit_saturation)) | (budget_left < exit_threshold)
     skip = ~after_skip & (cos >= skip_saturation)
     return torch.where(leave, EXIT, torch.where(skip, SKIP, PROCESS)).to(torch.int8)

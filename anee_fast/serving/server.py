@@ -29,7 +29,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .async_engine import AsyncEngine
-from ..control.controllers import make_controller
+from ..control.registry import make_controller
+
 from .openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from ..engine.sampling import SamplingParams
 from .metrics import CONTENT_TYPE, ServingMetrics

@@ -15,47 +15,17 @@ chosen by measurement on the training windows:
    every other class on its current plan; a swap is kept when the mean training KL falls.
 
 Single-layer deltas do not add up when a whole class swaps at once, which is why step 2
-measures jointly (docs/quality.md, "per-token classes").
+measures jointly (docs/quality.md, "Per-token-class plans in the shipped controller").
 """
 import torch
 from tqdm import tqdm
 
 from ..actions import PROCESS, SKIP
-from ..control.controllers import Controller
+from ..control.base import Controller
+
+from ..control.trained import nearest, normalised
+from ..eval.category_router import kmeans
 from ..eval.quality import score_windows, token_kl
-
-_EPS = 1e-6
-
-
-def normalised(h: torch.Tensor) -> torch.Tensor:
-    h = h.float()
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _EPS)
-
-
-def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """[N] long: the index of each row's nearest centroid (Euclidean)."""
-    return torch.cdist(x.float(), centroids.float().to(x.device)).argmin(dim=1)
-
-
-def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iterations: int = 50) -> torch.Tensor:
-    """[k, dim] centroids: Lloyd's algorithm from a k-means++ start (each next seed drawn with
-    probability proportional to its squared distance from the seeds so far)."""
-    if x.shape[0] < k:
-        raise ValueError(f"k-means needs at least k = {k} rows, got {x.shape[0]}")
-    x = x.float()
-    first = torch.randint(x.shape[0], (1,), generator=generator)
-    centroids = x[first].clone()
-    for _ in range(k - 1):
-        d2 = torch.cdist(x, centroids).min(dim=1).values.pow(2)
-        pick = torch.multinomial(d2 + 1e-12, 1, generator=generator)
-        centroids = torch.cat([centroids, x[pick]])
-    for _ in range(iterations):
-        assign = nearest(x, centroids)
-        for j in range(k):
-            members = assign == j
-            if members.any():
-                centroids[j] = x[members].mean(0)
-    return centroids
 
 
 class _Recorder(Controller):
@@ -90,9 +60,8 @@ def fit_class_plans(llm, windows, full, order: list, skip_counts: list, classes:
     L = llm.num_layers
     if layer not in order:
         raise ValueError(f"the class layer {layer} must be a decidable layer (in the order)")
-    g = torch.Generator().manual_seed(seed)
     x = layer_residuals(llm, windows, layer)
-    centroids = kmeans(x, classes, g)
+    centroids = kmeans(x, classes, seed=seed)
     assign = nearest(x, centroids)
     lengths = [len(w) for w in windows]
 

@@ -15,8 +15,10 @@ import math
 import torch
 
 from ..actions import PROCESS, SKIP
-from ..control.controllers import Controller, HeuristicController
-from ..control.depth_policy import budget_floor
+from ..control.base import Controller
+from ..control.controllers import HeuristicController
+
+from ..control.depth_policy import DepthAccounting
 from ..eval.quality import full_logits, score_windows, token_kl
 from ..control.trained import controller_features
 
@@ -32,11 +34,11 @@ def layer_sensitivity(llm, windows, full=None, progress: bool = True,
                       max_batch_tokens: int = 2048) -> list:
     """Per window a float32 [T, L]: each token's KL to the full model when that layer alone is
     SKIPped (0 for forced layers). One forward of every window per decidable layer."""
-    runner, L = llm.engine.runner, llm.num_layers
+    depth, L = llm.depth, llm.num_layers
     if full is None:
         full = full_logits(llm, windows, progress=progress)
     sens = [torch.zeros((len(w), L)) for w in windows]
-    layers = decidable_layers(L, runner.min_layers, runner.always_last)
+    layers = depth.decidable_layers
     # (layer, window) variants go through in batches of about max_batch_tokens (large batches
     # run much faster on the CPU); each batch's logits are reduced to KLs at once.
     variants = [(layer, i) for layer in layers for i in range(len(windows))]
@@ -65,7 +67,7 @@ def layer_sensitivity(llm, windows, full=None, progress: bool = True,
 def processable_layers(budget: float, num_layers: int, skip_cost: float, min_layers: int,
                        always_last: int) -> int:
     """How many decidable layers a token at `budget` can PROCESS (the rest paid as SKIP)."""
-    floor = budget_floor(num_layers, skip_cost, min_layers, always_last)
+    floor = DepthAccounting(num_layers, skip_cost, min_layers, always_last).floor
     limit = max(budget, floor) * num_layers
     forced = min(min_layers, num_layers) + min(always_last, num_layers - min(min_layers, num_layers))
     free = len(decidable_layers(num_layers, min_layers, always_last))
@@ -130,17 +132,18 @@ class _TeacherReplay(Controller):
 
 def skip_order(llm, windows, sensitivity, stop_budget: float = 0.25, width: int = 4,
                progress: bool = True) -> list:
-    """Decidable layers in the order to skip them: the greedy ablation path (static_search) on
-    `windows` down to `stop_budget`, then the rest by increasing mean single-layer sensitivity."""
-    from ..eval.static_search import effective_budget, greedy_path
-    path = greedy_path(llm, windows, effective_budget(llm, stop_budget), width=width,
+    """Decidable layers in the order to skip them: the greedy ablation path
+    (eval/static_search.py) on `windows` down to `stop_budget`, then the rest by increasing mean
+    single-layer sensitivity."""
+    from ..eval.static_search import greedy_path
+    path = greedy_path(llm, windows, llm.depth.effective_budget(stop_budget), width=width,
                        progress=progress, use_cache=False)
     order = []
     for step in path[1:]:
         order += [layer for layer in step["skip"] if layer not in order]
-    runner = llm.engine.runner
+    depth = llm.depth
     mean = torch.cat(sensitivity).mean(0)
-    rest = [layer for layer in decidable_layers(llm.num_layers, runner.min_layers, runner.always_last)
+    rest = [layer for layer in depth.decidable_layers
             if layer not in order]
     return order + sorted(rest, key=lambda layer: (float(mean[layer]), layer))
 
@@ -156,7 +159,7 @@ def collect_traces(llm, windows, budgets, order_windows: int = 4, order_stop_bud
     """
     if not windows:
         raise ValueError("trace collection needs at least one training window")
-    runner = llm.engine.runner
+    depth = llm.depth
     sens = layer_sensitivity(llm, windows, progress=progress, max_batch_tokens=max_batch_tokens)
     order = skip_order(llm, windows[:order_windows], sens, order_stop_budget, progress=progress)
     groups, current, tokens = [], [], 0
@@ -173,8 +176,8 @@ def collect_traces(llm, windows, budgets, order_windows: int = 4, order_stop_bud
               disable=not progress) as bar:
         for budget in budgets:
             for group in groups:
-                acts = [oracle_actions(sens[i], budget, runner.skip_cost, runner.min_layers,
-                                       runner.always_last, order, max_swaps, margin) for i in group]
+                acts = [oracle_actions(sens[i], budget, depth.skip_cost, depth.min_layers,
+                                       depth.always_last, order, max_swaps, margin) for i in group]
                 replay = _TeacherReplay(torch.cat(acts).to(llm.weights.device))
                 llm.score([windows[i] for i in group], energy_budget=float(budget), controller=replay)
                 for layer, scalars, normed, oracle, heuristic in replay.rows:

@@ -1,6 +1,7 @@
 """Training the budget-conditioned controller: traces -> supervised warm start -> REINFORCE.
 
-1. Traces (controller_traces): the oracle's labels and states on training windows only.
+1. Traces (training/controller_traces.py): the oracle's labels and states on training windows
+   only.
 2. Warm start: binary cross-entropy of the net's PROCESS logit against the teacher's label, at
    budgets sampled in [0, 1] (rows the budget rule decides alone are left out).
 3. REINFORCE: each step draws a budget b ~ U[0, 1] and a batch of training windows, runs the
@@ -12,31 +13,29 @@
 4. Selection: REINFORCE's net is kept only if its mean KL on a few training windows at the
    acceptance budgets (0.75, 0.5) is lower than the warm start's; short runs can make it worse.
 5. Optional static fallback (`fallback_margin`): the saved controller follows the oracle's base
-   static set wherever its |logit| is at most the margin (trained_controller). Training is the
+   static set wherever its |logit| is at most the margin (control/trained.py). Training is the
    same with or without it.
 6. Optional class plans (`class_budgets`, with the fallback): per-token-class swaps against the
-   base static set at those budgets, measured on training windows (class_plans.py); the saved
-   controller falls back to its token's class plan instead of the static set there.
+   base static set at those budgets, measured on training windows (training/class_plans.py); the
+   saved controller falls back to its token's class plan instead of the static set there.
 
 Every stage checkpoints into the output directory; `resume=True` continues from what is there.
-The per-step randomness is derived from (seed, step), so a resumed run draws what an unbroken
-one would.
+The per-step randomness is derived from (seed, step) (training/checkpoints.py), so a resumed run
+draws what an unbroken one would.
 """
 import json
 import time
-import zlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..actions import PROCESS, SKIP
+from .checkpoints import load_checkpoint, run_directory, save_checkpoint, seeded_generator
 from .class_plans import fit_class_plans
 from .controller_traces import collect_traces, processable_layers
-from ..eval.corpus import corpus_text, split_windows, token_windows
-from ..control.depth_policy import budget_floor
+from ..eval.corpus import corpus_text, evenly_spaced, split_windows, token_windows
 from ..eval.quality import full_logits, score_windows, token_metrics
 from ..control.trained import FEATURES, BudgetConditionedController
 
@@ -46,6 +45,7 @@ EVAL_BUDGETS = (1.0, 0.75, 0.5, 0.25)
 
 @dataclass
 class TrainConfig:
+    """Each field is an `anee-fast train-controller` option (its help: cli.TRAIN_HELP)."""
     text: Optional[str] = None        # plain-text corpus; None = the offline pydoc topics
     seq_len: int = 64                 # tokens per window
     heldout_fraction: float = 0.2     # last windows of the corpus, never trained on
@@ -108,20 +108,6 @@ class TrainConfig:
                              "fallback_margin too")
 
 
-def evenly_spaced(items, count: int) -> list:
-    items = list(items)
-    if count >= len(items):
-        return items
-    return [items[(i * len(items)) // count] for i in range(count)]
-
-
-def _generator(seed: int, *stream) -> torch.Generator:
-    """A generator seeded by (seed, stream...) the same way in every process."""
-    g = torch.Generator()
-    g.manual_seed(zlib.crc32(repr((seed,) + stream).encode()))
-    return g
-
-
 # ---- stage 2: supervised warm start ----------------------------------------------------------------
 
 def warm_start(controller, traces, teacher: str, epochs: int, lr: float, seed: int,
@@ -137,7 +123,7 @@ def warm_start(controller, traces, teacher: str, epochs: int, lr: float, seed: i
                          "small to leave a choice): use more trace budgets")
     net.set_normalisation(scalars)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    g = _generator(seed, "warm")
+    g = seeded_generator(seed, "warm")
     log = []
     net.train()
     from tqdm import tqdm
@@ -197,13 +183,11 @@ def _rollout(llm, windows, budget, controller):
 
 def reinforce_step(llm, controller, optimizer, full_logp, windows, step: int, config: TrainConfig):
     """One REINFORCE update; returns its log entry."""
-    g = _generator(config.seed, "rl", step)
+    g = seeded_generator(config.seed, "rl", step)
     budget = float(torch.rand((), generator=g))
     pick = torch.randperm(len(windows), generator=g)[:config.rl_batch].tolist()
     batch, batch_full = [windows[i] for i in pick], [full_logp[i] for i in pick]
-    runner = llm.engine.runner
-    budget_eff = max(budget, budget_floor(llm.num_layers, runner.skip_cost, runner.min_layers,
-                                          runner.always_last))
+    budget_eff = llm.depth.effective_budget(budget)
     sampler = BudgetConditionedController(controller.net, controller.config, sample=True, generator=g)
     sampler.recorder = []
     logits_s, traces_s = _rollout(llm, batch, budget, sampler)
@@ -232,7 +216,6 @@ def reinforce_step(llm, controller, optimizer, full_logp, windows, step: int, co
 def heldout_metrics(llm, controller, windows, budgets=EVAL_BUDGETS, progress: bool = True) -> list:
     """[{budget, kl, top1, compute, max_compute, within_budget}] of the controller on `windows`."""
     full = full_logits(llm, windows, progress=False)
-    runner = llm.engine.runner
     out = []
     from tqdm import tqdm
     for budget in tqdm(budgets, desc="held-out check", unit="budget", disable=not progress):
@@ -240,8 +223,7 @@ def heldout_metrics(llm, controller, windows, budgets=EVAL_BUDGETS, progress: bo
                                        progress=False)
         metrics = [token_metrics(f, q) for f, q in zip(full, logits)]
         compute = torch.cat([t.compute for t in traces])
-        limit = max(budget, budget_floor(llm.num_layers, runner.skip_cost, runner.min_layers,
-                                         runner.always_last))
+        limit = llm.depth.effective_budget(budget)
         out.append({"budget": budget, "kl": float(torch.cat([m["kl"] for m in metrics]).mean()),
                     "top1": float(torch.cat([m["top1"] for m in metrics]).float().mean()),
                     "compute": float(compute.mean()), "max_compute": float(compute.max()),
@@ -268,16 +250,6 @@ def select_net(llm, controller, warm_state, windows, progress: bool = True) -> d
 
 # ---- the whole recipe -------------------------------------------------------------------------------
 
-def _load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _save(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = False,
                      progress: bool = True, windows=None) -> dict:
     """Runs the recipe into `out_dir` (traces.pt, warm.pt, checkpoint.pt, controller.json +
@@ -287,11 +259,7 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
     """
     config = config or TrainConfig()
     config.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and any((out / name).exists() for name in ("traces.pt", "warm.pt", "checkpoint.pt")):
-        raise ValueError(f"{out} already holds a training run: pass resume=True (--resume) to "
-                         "continue it, or choose an empty directory")
+    out = run_directory(out_dir, resume, ("traces.pt", "warm.pt", "checkpoint.pt"))
     if windows is None:
         if llm.tokenizer is None:
             raise ValueError("controller training needs a model with a tokenizer (to cut the "
@@ -306,16 +274,16 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
     start = time.perf_counter()
     traces_path = out / "traces.pt"
     if traces_path.exists():
-        traces = _load(traces_path)
+        traces = load_checkpoint(traces_path)
     else:
-        g = _generator(config.seed, "budgets")
+        g = seeded_generator(config.seed, "budgets")
         K = config.trace_budgets
         budgets = [float((i + torch.rand((), generator=g)) / K) for i in range(K)]
         traces = collect_traces(llm, evenly_spaced(train, config.trace_windows), budgets,
                                 config.order_windows, config.order_stop_budget, config.max_swaps,
                                 config.margin, progress)
         traces["elapsed_s"] = time.perf_counter() - start
-        _save(traces, traces_path)
+        save_checkpoint(traces, traces_path)
     timings["traces"] = traces["elapsed_s"]
 
     # 1b. class plans (used by the saved controller's fallback)
@@ -324,12 +292,12 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
         start = time.perf_counter()
         plans_path = out / "class_plans.pt"
         if plans_path.exists():
-            plans = _load(plans_path)
+            plans = load_checkpoint(plans_path)
         else:
             plans = fit_plans(llm, evenly_spaced(train, config.class_windows), traces["order"], config,
                               progress)
             plans["elapsed_s"] = time.perf_counter() - start
-            _save(plans, plans_path)
+            save_checkpoint(plans, plans_path)
         timings["class_plans"] = plans["elapsed_s"]
         log["class_plans"] = plans["log"]
 
@@ -340,14 +308,14 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
                                                  config.width, config.proj_dim)
     warm_path = out / "warm.pt"
     if warm_path.exists():
-        warm = _load(warm_path)
+        warm = load_checkpoint(warm_path)
         controller.net.load_state_dict(warm["net"])
     else:
         warm_log = warm_start(controller, traces, config.teacher, config.warm_epochs, config.warm_lr,
                               config.seed, progress)
         warm = {"net": {k: v.clone() for k, v in controller.net.state_dict().items()}, "log": warm_log,
                 "elapsed_s": time.perf_counter() - start}
-        _save(warm, warm_path)
+        save_checkpoint(warm, warm_path)
     controller.net.eval()
     timings["warm_start"] = warm["elapsed_s"]
     log["warm_start"] = warm["log"]
@@ -358,7 +326,7 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
     ckpt_path = out / "checkpoint.pt"
     rl_log, first_step, previous = [], 0, 0.0
     if ckpt_path.exists():
-        ckpt = _load(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path)
         controller.net.load_state_dict(ckpt["net"])
         optimizer.load_state_dict(ckpt["optimizer"])
         rl_log, first_step, previous = ckpt["log"], ckpt["step"], ckpt["elapsed_s"]
@@ -374,9 +342,9 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
             rl_log.append(entry)
             bar.set_postfix(b=f"{entry['budget']:.2f}", kl=f"{entry['kl_greedy']:.3f}")
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.rl_steps:
-                _save({"net": controller.net.state_dict(), "optimizer": optimizer.state_dict(),
-                       "log": rl_log, "step": step + 1,
-                       "elapsed_s": previous + time.perf_counter() - start}, ckpt_path)
+                save_checkpoint({"net": controller.net.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "log": rl_log, "step": step + 1,
+                                 "elapsed_s": previous + time.perf_counter() - start}, ckpt_path)
         previous += time.perf_counter() - start
     timings["reinforce"] = previous
     log["reinforce"] = rl_log
@@ -405,44 +373,21 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
                                              "selection": log.get("selection"),
                                              "heldout": log.get("heldout")}})
     (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
-    plot_training(log, out / "training_curve.png")
+    from ..eval.plots import plot_controller_training
+    plot_controller_training(log, out / "training_curve.png")
     return log
 
 
 def fit_plans(llm, windows, order, config: TrainConfig, progress: bool = True) -> dict:
     """Class plans at config.class_budgets against the base static sets of `order`; the class
     is taken at the first decidable layer."""
-    runner = llm.engine.runner
+    depth = llm.depth
     order = [int(x) for x in order]
     counts = []
     for b in config.class_budgets:
-        k = processable_layers(b, llm.num_layers, runner.skip_cost, runner.min_layers, runner.always_last)
+        k = processable_layers(b, llm.num_layers, depth.skip_cost, depth.min_layers, depth.always_last)
         counts.append(len(order) - k)
     full = full_logits(llm, windows, progress=progress)
     return fit_class_plans(llm, windows, full, order, sorted(set(counts)), config.classes,
                            config.class_candidates, layer=min(order), seed=config.seed,
                            progress=progress)
-
-
-def plot_training(log: dict, path):
-    """Warm-start loss and the REINFORCE greedy reward/KL per step, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    warm = log.get("warm_start") or []
-    axes[0].plot([e["epoch"] for e in warm], [e["loss"] for e in warm], marker="o")
-    axes[0].set(title="warm start (BCE vs teacher)", xlabel="epoch", ylabel="loss")
-    rl = log.get("reinforce") or []
-    if rl:
-        steps = [e["step"] for e in rl]
-        axes[1].scatter(steps, [e["kl_greedy"] for e in rl], c=[e["budget"] for e in rl],
-                        cmap="viridis", s=14)
-        advantage = [e["reward_sampled"] - e["reward_greedy"] for e in rl]
-        axes[1].plot(steps, advantage, color="gray", lw=0.8, label="sampled - greedy reward")
-        axes[1].legend(fontsize=8)
-    axes[1].set(title="REINFORCE (dots: greedy KL, colour = budget)", xlabel="step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -22,17 +22,18 @@
    halting lost to fixed depth at equal compute (docs/recurrent.md).
 
 The run checkpoints into its directory and resumes (`resume=True`); per-step randomness comes
-from (seed, stage, step), so a resumed run draws what an unbroken one would.
+from (seed, stage, step) (training/checkpoints.py), so a resumed run draws what an unbroken one
+would.
 """
 import json
 import time
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import load_checkpoint, run_directory, save_checkpoint, seeded_generator
 from ..model import recurrent as recurrent_model
 from ..control.halting import KINDS, early_plan, new_head, save_heads
 from ..eval.modular_task import IGNORE, ModularTask
@@ -41,6 +42,7 @@ from ..model.recurrent import RecurrentConfig, RecurrentTransformer
 
 @dataclass
 class RecurrentTrainConfig:
+    """Each field is an `anee-fast train-recurrent` option (its help: cli.RECURRENT_HELP)."""
     modulus: int = 5
     train_max_ops: int = 4        # num_ops drawn uniformly in 1..train_max_ops
     full_depth_share: float = 0.5  # chains whose tokens all run R iterations
@@ -95,12 +97,6 @@ class RecurrentTrainConfig:
             num_kv_heads=self.num_kv_heads, intermediate_size=self.intermediate_size,
             prelude=self.prelude, block=self.block, iterations=self.iterations, coda=self.coda,
             max_positions=max(64, 2 * task.prompt_length(4 * self.train_max_ops)))
-
-
-def _generator(seed: int, *stream) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(zlib.crc32(repr((seed,) + stream).encode()))
-    return g
 
 
 def depth_mask(config: RecurrentConfig, iterations: torch.Tensor) -> torch.Tensor:
@@ -216,7 +212,7 @@ def fit_heads(model, task: ModularTask, config: RecurrentTrainConfig, fit_round:
     """Both heads on a fresh exit table of the (frozen) model: (heads, logs, table)."""
     model.eval()
     table = exit_table(model, task, config.train_max_ops, config.halting_examples,
-                       _generator(config.seed, "halting", fit_round))
+                       seeded_generator(config.seed, "halting", fit_round))
     heads, logs = {}, {}
     for kind in KINDS:
         heads[kind], logs[kind] = fit_halting_head(kind, table, config, progress)
@@ -254,12 +250,6 @@ def policy_batch(model, heads: dict, task: ModularTask, config: RecurrentTrainCo
 
 # ---- the whole recipe -------------------------------------------------------------------------
 
-def _save(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 def _optimise(model, config: RecurrentTrainConfig, stage: str, steps: int, lr: float, make_batch,
               ckpt_path: Path, answer_id: int, progress: bool, saved_with: dict = None):
     """`steps` AdamW steps of token_loss on make_batch(g) (warm-up, then cosine to zero) with
@@ -271,7 +261,7 @@ def _optimise(model, config: RecurrentTrainConfig, stage: str, steps: int, lr: f
         1 + torch.cos(torch.tensor(torch.pi * min(s, steps) / steps)).item()))
     log, first, elapsed = [], 0, 0.0
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
         if ckpt["config"] != asdict(config):
             raise ValueError(f"{ckpt_path} was made with other settings: {ckpt['config']}")
         model.load_state_dict(ckpt["model"])
@@ -285,7 +275,7 @@ def _optimise(model, config: RecurrentTrainConfig, stage: str, steps: int, lr: f
                disable=not progress)
     window = []
     for step in bar:
-        ids, targets, iterations = make_batch(_generator(config.seed, stage, step))
+        ids, targets, iterations = make_batch(seeded_generator(config.seed, stage, step))
         loss, accuracy = token_loss(model, ids, targets, iterations, answer_id)
         opt.zero_grad()
         loss.backward()
@@ -300,10 +290,11 @@ def _optimise(model, config: RecurrentTrainConfig, stage: str, steps: int, lr: f
             bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.2f}")
             window = []
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == steps:
-            _save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                   "schedule": schedule.state_dict(), "log": log, "step": step + 1,
-                   "config": asdict(config), "elapsed_s": elapsed + time.perf_counter() - start,
-                   **(saved_with or {})}, ckpt_path)
+            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "schedule": schedule.state_dict(), "log": log, "step": step + 1,
+                             "config": asdict(config),
+                             "elapsed_s": elapsed + time.perf_counter() - start,
+                             **(saved_with or {})}, ckpt_path)
     model.eval()
     return log, elapsed + time.perf_counter() - start
 
@@ -316,12 +307,8 @@ def train_recurrent(out_dir, config: RecurrentTrainConfig = None, resume: bool =
     the log."""
     config = config or RecurrentTrainConfig()
     config.validate()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_directory(out_dir, resume, ("checkpoint.pt",))
     ckpt_path, policy_path = out / "checkpoint.pt", out / "policy_checkpoint.pt"
-    if ckpt_path.exists() and not resume:
-        raise ValueError(f"{out} already holds a training run: pass resume=True (--resume) to "
-                         "continue it, or choose an empty directory")
     task = ModularTask(config.modulus)
     answer_id = task.token_id("=")
     torch.manual_seed(config.seed)
@@ -335,7 +322,7 @@ def train_recurrent(out_dir, config: RecurrentTrainConfig = None, resume: bool =
 
     start = time.perf_counter()
     if config.policy_steps and policy_path.exists():      # resuming: the policy is saved with it
-        saved = torch.load(policy_path, map_location="cpu", weights_only=False)
+        saved = load_checkpoint(policy_path)
         heads = {kind: new_head(kind, config.hidden_size, config.iterations, config.halting_width)
                  for kind in KINDS}
         for kind, head in heads.items():
@@ -361,27 +348,6 @@ def train_recurrent(out_dir, config: RecurrentTrainConfig = None, resume: bool =
             "timings_s": timings, **log,
             "exit_ce_by_iteration": table["ce"][table["answer"]].mean(0).tolist()}
     (out / "training_log.json").write_text(json.dumps(full, indent=2) + "\n")
-    plot_training(full, out / "training_curve.png")
+    from ..eval.plots import plot_recurrent_training
+    plot_recurrent_training(full, out / "training_curve.png")
     return full
-
-
-def plot_training(log: dict, path):
-    """Model loss/accuracy per step and the answer's mean cross-entropy per exit, as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    model_steps = log["config"]["steps"]
-    for key, offset, stage in (("model_log", 0, ""), ("policy_log", model_steps, " (on-policy)")):
-        steps = [offset + e["step"] for e in log.get(key, [])]
-        axes[0].plot(steps, [e["loss"] for e in log.get(key, [])], label="loss" + stage)
-        axes[0].plot(steps, [e["accuracy"] for e in log.get(key, [])], label="accuracy" + stage)
-    axes[0].set(title="recurrent model, then on-policy fine-tuning", xlabel="step")
-    axes[0].legend(fontsize=8)
-    ce = log["exit_ce_by_iteration"]
-    axes[1].plot(range(1, len(ce) + 1), ce, marker="o")
-    axes[1].set(title="answer cross-entropy by exit", xlabel="iterations", ylabel="nats")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

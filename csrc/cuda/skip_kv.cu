@@ -1,19 +1,19 @@
-// CUDA implementation of anee_fast::skip_kv, the SKIP path of `nl` consecutive layers that share
-// the residual h [N, hidden]: norm -> K|V projection -> RoPE on K -> cache write (see
-// ops/reference.py:skip_kv). Row n writes layers first_layer[n]..nl-1 at slot slot_mapping[n]; rows
-// with slot -1 write nothing at all. With q_out (one layer) kv_weight holds K | V | Q rows and
-// every row's query, RoPE'd like K, goes to q_out: a PROCESS row's whole QKV projection.
+// CUDA implementation of anee_fast::skip_kv, one layer's SKIP path for the rows h [N, hidden]:
+// norm -> K|V projection -> RoPE on K -> cache write at slot_mapping (see
+// ops/reference.py:skip_kv); rows with slot -1 write nothing at all. With q_out kv_weight holds
+// K | V | Q rows and every row's query, RoPE'd like K, goes to q_out: a PROCESS row's whole QKV
+// projection.
 //
-// Up to kGemmRows rows (decode), skip_kv_kernel: one block per (row, layer, chunk of a K, V or Q
-// head); it normalises the row into shared memory, computes its columns (one warp per column,
-// float32 dot products), applies RoPE to K heads and writes the cache slot. Past kGemmRows rows
-// that kernel would read every weight once per row, so each layer runs as norm (the norm op's
-// kernel) -> K|V projection (cuBLAS through at::linear) -> rope_write_kernel; so does a row too
-// wide for the kernel's shared memory (hidden past about 12K).
-// The per-row metadata (slot, first layer, position) is read on the device, so a K/V block whose
-// row writes nothing for its layer simply returns: no host sync. kv_weight may be a strided view (a
-// slice of the stacked [L, 2kv+q, hidden] weights) and the caches slices of the whole cache:
-// writes land in the given tensors.
+// Up to kGemmRows rows (decode), skip_kv_kernel: one block per (row, chunk of a K, V or Q head);
+// it normalises the row into shared memory, computes its columns (one warp per column, float32
+// dot products), applies RoPE to K heads and writes the cache slot. Past kGemmRows rows that
+// kernel would read every weight once per row, so the op runs as norm (the norm op's kernel) ->
+// K|V projection (cuBLAS through at::linear) -> rope_write_kernel; so does a row too wide for the
+// kernel's shared memory (hidden past about 12K).
+// The per-row metadata (slot, position) is read on the device, so a K/V block whose row has no
+// slot simply returns: no host sync. kv_weight may be a strided view (a [1, ...] slice of the
+// stacked [L, 2kv+q, hidden] weights) and the caches slices of the whole cache: writes land in
+// the given tensors.
 
 #include <ATen/ops/linear.h>
 
@@ -30,16 +30,15 @@ constexpr int kPairs = 4;              // column pairs per block of skip_kv_kern
 // scratch: together they must fit the default 48 KB per block (a larger hidden takes the GEMM path).
 constexpr size_t kStaticSharedBytes = (2 * kPairs + kWarp) * sizeof(float);
 constexpr size_t kMaxSharedBytes = 48 * 1024;
-// More rows than this: norm -> cuBLAS -> rope_write_kernel per layer. On an H100 (bf16, GPT-2
-// small) the fused kernel took 11.5 us at 1 row but 43.7 us at 16 (every block re-reads its
-// weights per row), the GEMM path 21.5 us at 64 rows (docs/gpu-results.md).
+// More rows than this: norm -> cuBLAS -> rope_write_kernel. On an H100 (bf16, GPT-2 small) the
+// fused kernel took 11.5 us at 1 row but 43.7 us at 16 (every block re-reads its weights per
+// row), the GEMM path 21.5 us at 64 rows (docs/gpu-results.md).
 constexpr int64_t kGemmRows = 2;
 
 struct Params {
   int64_t hidden, kv_heads, q_heads, d, num_slots;
-  int64_t w_layer, w_row;            // kv_weight strides (the hidden dim is contiguous)
-  int64_t b_layer;                   // kv_bias layer stride
-  int64_t k_s[4], v_s[4];            // cache strides: layer, slot, head, dim
+  int64_t w_row;                     // kv_weight row stride (the hidden dim is contiguous)
+  int64_t k_s[3], v_s[3];            // cache strides: slot, head, dim
   int64_t q_s[3];                    // q_out strides: row, head, dim
   float eps, rope_scale;
   bool rms;
@@ -48,11 +47,10 @@ struct Params {
 // Columns of a head are handled in pairs (i, i + half), half = ceil(d / 2): rotate-half RoPE
 // mixes exactly those two. Heads are numbered K heads, V heads, then Q heads (the rows of
 // kv_weight). write_pair stores one pair of projected values a, b (b exists when i + half < d)
-// of head head_z for row n at layer j, slot `slot` (K/V), rotating K and Q heads when inv_freq
-// is given.
+// of head head_z for row n, slot `slot` (K/V), rotating K and Q heads when inv_freq is given.
 template <typename scalar_t>
 __device__ __forceinline__ void write_pair(float a, float b, int64_t i, int64_t head_z, int64_t n,
-                                           int64_t j, int64_t slot, int64_t position,
+                                           int64_t slot, int64_t position,
                                            const float* inv_freq, scalar_t* k_cache,
                                            scalar_t* v_cache, scalar_t* q_out, const Params& p) {
   const int64_t half = (p.d + 1) / 2;
@@ -65,8 +63,8 @@ __device__ __forceinline__ void write_pair(float a, float b, int64_t i, int64_t 
     s_dim = p.q_s[2];
   } else {
     const int64_t* st = is_v ? p.v_s : p.k_s;
-    dst = (is_v ? v_cache : k_cache) + j * st[0] + slot * st[1] + (head_z % p.kv_heads) * st[2];
-    s_dim = st[3];
+    dst = (is_v ? v_cache : k_cache) + slot * st[0] + (head_z % p.kv_heads) * st[1];
+    s_dim = st[2];
   }
   if (!is_v && inv_freq != nullptr) {      // RoPE needs an even d: has_b holds
     const float angle = static_cast<float>(position) * inv_freq[i];
@@ -79,7 +77,7 @@ __device__ __forceinline__ void write_pair(float a, float b, int64_t i, int64_t 
   if (has_b) dst[(i + half) * s_dim] = static_cast<scalar_t>(b);
 }
 
-// Up to kGemmRows rows. Block (row n, layer j, z): z picks a K, V or Q head and a chunk of
+// Up to kGemmRows rows. Block (row n, y): y picks a K, V or Q head and a chunk of
 // kPairs column pairs of it (GPT-2 small, one row: 24 K/V heads x 8 chunks = 192 blocks, enough
 // to keep the memory system busy). The block normalises its row into shared memory, computes its
 // 2 * kPairs columns (one warp per column, float32 dot products) and writes them.
@@ -88,74 +86,67 @@ __global__ void skip_kv_kernel(const scalar_t* __restrict__ h, const float* __re
                                const float* __restrict__ norm_b, const scalar_t* __restrict__ kv_w,
                                const scalar_t* __restrict__ kv_b, const int64_t* __restrict__ positions,
                                const float* __restrict__ inv_freq, scalar_t* k_cache, scalar_t* v_cache,
-                               const int64_t* __restrict__ slots, const int64_t* __restrict__ first_layer,
-                               scalar_t* q_out, Params p) {
-  const int64_t n = blockIdx.x, j = blockIdx.y;
+                               const int64_t* __restrict__ slots, scalar_t* q_out, Params p) {
+  const int64_t n = blockIdx.x;
   const int64_t half = (p.d + 1) / 2, chunks = (half + kPairs - 1) / kPairs;
-  const int64_t head_z = blockIdx.z / chunks, p0 = (blockIdx.z % chunks) * kPairs;
+  const int64_t head_z = blockIdx.y / chunks, p0 = (blockIdx.y % chunks) * kPairs;
   const int64_t slot = slots[n];
   CUDA_KERNEL_ASSERT(slot >= -1 && slot < p.num_slots);
-  // Whole-block decisions, taken before any barrier. Q heads are written for every row.
-  if (head_z < 2 * p.kv_heads) {
-    if (slot < 0 || slot >= p.num_slots) return;
-    if (first_layer != nullptr && j < first_layer[n]) return;
-  }
+  // A whole-block decision, taken before any barrier. Q heads are written for every row.
+  if (head_z < 2 * p.kv_heads && (slot < 0 || slot >= p.num_slots)) return;
 
   extern __shared__ float shared[];
   float* xs = shared;                 // the normalised row [hidden]
   __shared__ float ys[2 * kPairs];    // columns p0 + k (k < kPairs) and p0 + k + half
   __shared__ float scratch[kWarp];
 
-  // Norm with layer j's weights, rounded to the tensors' dtype as the reference's norm returns.
+  // The norm, rounded to the tensors' dtype as the reference's norm returns.
   const scalar_t* hr = h + n * p.hidden;
   float mean, rstd;
   block_row_stats(hr, p.hidden, p.eps, p.rms, scratch, &mean, &rstd);
-  const float* wj = norm_w + j * p.hidden;
   for (int64_t i = threadIdx.x; i < p.hidden; i += blockDim.x) {
-    float x = (static_cast<float>(hr[i]) - mean) * rstd * wj[i];
-    if (norm_b != nullptr) x += norm_b[j * p.hidden + i];
+    float x = (static_cast<float>(hr[i]) - mean) * rstd * norm_w[i];
+    if (norm_b != nullptr) x += norm_b[i];
     xs[i] = static_cast<float>(static_cast<scalar_t>(x));
   }
   __syncthreads();
 
-  // Projection: head column c is row col0 + c of layer j's K|V(|Q) weight.
+  // Projection: head column c is row col0 + c of the K|V(|Q) weight.
   const int64_t col0 = head_z * p.d;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   for (int c = warp; c < 2 * kPairs; c += warps) {
     const int64_t col = c < kPairs ? p0 + c : p0 + (c - kPairs) + half;
     if ((c < kPairs && p0 + c >= half) || col >= p.d) continue;
-    const scalar_t* wrow = kv_w + j * p.w_layer + (col0 + col) * p.w_row;
+    const scalar_t* wrow = kv_w + (col0 + col) * p.w_row;
     float s = 0.f;
     for (int64_t i = lane; i < p.hidden; i += kWarp) s += xs[i] * static_cast<float>(wrow[i]);
     s = warp_sum(s);
     if (lane == 0) {
-      if (kv_b != nullptr) s += static_cast<float>(kv_b[j * p.b_layer + col0 + col]);
+      if (kv_b != nullptr) s += static_cast<float>(kv_b[col0 + col]);
       ys[c] = static_cast<float>(static_cast<scalar_t>(s));
     }
   }
   __syncthreads();
   const int64_t i = p0 + threadIdx.x;
   if (threadIdx.x < kPairs && i < half) {
-    write_pair(ys[threadIdx.x], ys[kPairs + threadIdx.x], i, head_z, n, j, slot, positions[n],
+    write_pair(ys[threadIdx.x], ys[kPairs + threadIdx.x], i, head_z, n, slot, positions[n],
                inv_freq, k_cache, v_cache, q_out, p);
   }
 }
 
-// Layer j's K/V(/Q) of many rows, already projected (kv [N, 2 * kv_size (+ q_size)], row stride
+// K/V(/Q) of many rows, already projected (kv [N, 2 * kv_size (+ q_size)], row stride
 // kv_stride): RoPE on K and Q heads, the cache write and q_out. One block per row, a thread per
 // column pair.
 template <typename scalar_t>
-__global__ void rope_write_kernel(const scalar_t* __restrict__ kv, int64_t kv_stride, int64_t j,
+__global__ void rope_write_kernel(const scalar_t* __restrict__ kv, int64_t kv_stride,
                                   const int64_t* __restrict__ positions,
                                   const float* __restrict__ inv_freq, scalar_t* k_cache,
                                   scalar_t* v_cache, const int64_t* __restrict__ slots,
-                                  const int64_t* __restrict__ first_layer, scalar_t* q_out,
-                                  Params p) {
+                                  scalar_t* q_out, Params p) {
   const int64_t n = blockIdx.x;
   const int64_t slot = slots[n];
   CUDA_KERNEL_ASSERT(slot >= -1 && slot < p.num_slots);
-  const bool writes_kv = slot >= 0 && slot < p.num_slots &&
-                         (first_layer == nullptr || j >= first_layer[n]);
+  const bool writes_kv = slot >= 0 && slot < p.num_slots;
   const int64_t half = (p.d + 1) / 2;
   const scalar_t* row = kv + n * kv_stride;
   // K heads, V heads, then Q heads; a row without a slot writes only its query.
@@ -166,7 +157,7 @@ __global__ void rope_write_kernel(const scalar_t* __restrict__ kv, int64_t kv_st
     const scalar_t* src = row + head_z * p.d;
     const float a = static_cast<float>(src[i]);
     const float b = i + half < p.d ? static_cast<float>(src[i + half]) : 0.f;
-    write_pair(a, b, i, head_z, n, j, slot, positions[n], inv_freq, k_cache, v_cache, q_out, p);
+    write_pair(a, b, i, head_z, n, slot, positions[n], inv_freq, k_cache, v_cache, q_out, p);
   }
 }
 
@@ -176,38 +167,35 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
              const std::optional<at::Tensor>& norm_bias, const at::Tensor& kv_weight,
              const std::optional<at::Tensor>& kv_bias, const at::Tensor& positions,
              const std::optional<at::Tensor>& inv_freq, double rope_scale, at::Tensor& k_cache,
-             at::Tensor& v_cache, const at::Tensor& slot_mapping,
-             const std::optional<at::Tensor>& first_layer, double eps, bool rms,
+             at::Tensor& v_cache, const at::Tensor& slot_mapping, double eps, bool rms,
              const std::optional<at::Tensor>& q_out) {
   TORCH_CHECK(h.is_cuda(), "skip_kv: CUDA implementation called with a ", h.device(), " tensor h");
   check_cuda(k_cache, h, "skip_kv", "k_cache");
   check_cuda(v_cache, h, "skip_kv", "v_cache");
   check_cuda(kv_weight, h, "skip_kv", "kv_weight");
   if (q_out.has_value()) check_cuda(*q_out, h, "skip_kv", "q_out");
-  const SkipKvSizes sizes =
-      check_skip_kv_args(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq,
-                         k_cache, v_cache, slot_mapping, first_layer, q_out);
-  const int64_t N = sizes.N, hidden = sizes.hidden, nl = sizes.nl;
+  const SkipKvSizes sizes = check_skip_kv_args(h, norm_weight, norm_bias, kv_weight, kv_bias,
+                                               positions, inv_freq, k_cache, v_cache,
+                                               slot_mapping, q_out);
+  const int64_t N = sizes.N, hidden = sizes.hidden;
   const int64_t kv_heads = sizes.kv_heads, q_heads = sizes.q_heads, d = sizes.d;
   const int64_t width = (2 * kv_heads + q_heads) * d;
   const bool rope = inv_freq.has_value();
-  TORCH_CHECK(N <= INT32_MAX && nl <= 65535 && 2 * kv_heads + q_heads <= 65535,
-              "skip_kv: too many rows, layers or heads for one launch");
-  if (N == 0 || nl == 0 || width == 0 || hidden == 0) return;
+  TORCH_CHECK(N <= INT32_MAX && 2 * kv_heads + q_heads <= 65535,
+              "skip_kv: too many rows or heads for one launch");
+  if (N == 0 || width == 0 || hidden == 0) return;
 
   const c10::cuda::CUDAGuard guard(h.device());
   const at::Tensor hc = h.contiguous();
-  const at::Tensor nw = float_tensor(norm_weight, h, "skip_kv", "norm_weight");
-  const at::Tensor nb = norm_bias.has_value() ? float_tensor(*norm_bias, h, "skip_kv", "norm_bias")
-                                              : at::Tensor();
-  const at::Tensor w = kv_weight.stride(2) == 1 ? kv_weight : kv_weight.contiguous();
-  const at::Tensor b = kv_bias.has_value() ? kv_bias->contiguous() : at::Tensor();
+  const at::Tensor nw = float_tensor(norm_weight, h, "skip_kv", "norm_weight").view({hidden});
+  const at::Tensor nb = norm_bias.has_value()
+                            ? float_tensor(*norm_bias, h, "skip_kv", "norm_bias").view({hidden})
+                            : at::Tensor();
+  const at::Tensor w = kv_weight.stride(2) == 1 ? kv_weight[0] : kv_weight[0].contiguous();
+  const at::Tensor b = kv_bias.has_value() ? (*kv_bias)[0].contiguous() : at::Tensor();
   if (b.defined()) check_cuda(b, h, "skip_kv", "kv_bias");
   const at::Tensor slots = index_tensor(slot_mapping, h, "skip_kv", "slot_mapping");
   const at::Tensor pos = index_tensor(positions, h, "skip_kv", "positions");
-  const at::Tensor first = first_layer.has_value()
-                               ? index_tensor(*first_layer, h, "skip_kv", "first_layer")
-                               : at::Tensor();
   const at::Tensor freq = rope ? float_tensor(*inv_freq, h, "skip_kv", "inv_freq") : at::Tensor();
 
   Params p{};
@@ -216,12 +204,10 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
   p.q_heads = q_heads;
   p.d = d;
   p.num_slots = sizes.num_slots;
-  p.w_layer = w.stride(0);
-  p.w_row = w.stride(1);
-  p.b_layer = b.defined() ? b.stride(0) : 0;
-  for (int i = 0; i < 4; ++i) {
-    p.k_s[i] = k_cache.stride(i);
-    p.v_s[i] = v_cache.stride(i);
+  p.w_row = w.stride(0);
+  for (int i = 0; i < 3; ++i) {
+    p.k_s[i] = k_cache.stride(i + 1);
+    p.v_s[i] = v_cache.stride(i + 1);
   }
   for (int i = 0; i < 3; ++i) p.q_s[i] = q_out.has_value() ? q_out->stride(i) : 0;
   p.eps = static_cast<float>(eps);
@@ -231,35 +217,28 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const size_t shared_bytes = sizeof(float) * hidden;
   if (N > kGemmRows || shared_bytes + kStaticSharedBytes > kMaxSharedBytes) {
-    const at::Tensor nw2 = nw.view({nl, hidden}), nb2 = nb.defined() ? nb.view({nl, hidden}) : nb;
-    for (int64_t j = 0; j < nl; ++j) {
-      const at::Tensor x = norm(hc, nw2[j], nb2.defined() ? std::optional<at::Tensor>(nb2[j])
-                                                          : std::nullopt, eps, rms);
-      const at::Tensor kv = at::linear(x, w[j], b.defined() ? std::optional<at::Tensor>(b[j])
-                                                             : std::nullopt);
-      ANEE_FAST_DISPATCH_FLOATS(h.scalar_type(), "anee_fast_rope_write_cuda", [&] {
-        rope_write_kernel<scalar_t><<<static_cast<unsigned>(N), 128, 0, stream>>>(
-            kv.data_ptr<scalar_t>(), kv.stride(0), j, pos.data_ptr<int64_t>(),
-            rope ? freq.data_ptr<float>() : nullptr, k_cache.data_ptr<scalar_t>(),
-            v_cache.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(),
-            first.defined() ? first.data_ptr<int64_t>() : nullptr,
-            q_out.has_value() ? q_out->data_ptr<scalar_t>() : nullptr, p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    }
+    const at::Tensor x = norm(hc, nw, nb.defined() ? std::optional<at::Tensor>(nb) : std::nullopt,
+                              eps, rms);
+    const at::Tensor kv = at::linear(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
+    ANEE_FAST_DISPATCH_FLOATS(h.scalar_type(), "anee_fast_rope_write_cuda", [&] {
+      rope_write_kernel<scalar_t><<<static_cast<unsigned>(N), 128, 0, stream>>>(
+          kv.data_ptr<scalar_t>(), kv.stride(0), pos.data_ptr<int64_t>(),
+          rope ? freq.data_ptr<float>() : nullptr, k_cache.data_ptr<scalar_t>(),
+          v_cache.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(),
+          q_out.has_value() ? q_out->data_ptr<scalar_t>() : nullptr, p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     return;
   }
   const int64_t chunks = ((d + 1) / 2 + kPairs - 1) / kPairs;
   TORCH_CHECK((2 * kv_heads + q_heads) * chunks <= 65535, "skip_kv: too many heads for one launch");
-  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(nl),
-                  static_cast<unsigned>((2 * kv_heads + q_heads) * chunks));
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>((2 * kv_heads + q_heads) * chunks));
   ANEE_FAST_DISPATCH_FLOATS(h.scalar_type(), "anee_fast_skip_kv_cuda", [&] {
     skip_kv_kernel<scalar_t><<<grid, kThreads, shared_bytes, stream>>>(
         hc.data_ptr<scalar_t>(), nw.data_ptr<float>(), nb.defined() ? nb.data_ptr<float>() : nullptr,
         w.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
         pos.data_ptr<int64_t>(), rope ? freq.data_ptr<float>() : nullptr,
         k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), slots.data_ptr<int64_t>(),
-        first.defined() ? first.data_ptr<int64_t>() : nullptr,
         q_out.has_value() ? q_out->data_ptr<scalar_t>() : nullptr, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

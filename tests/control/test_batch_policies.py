@@ -4,8 +4,8 @@ import torch
 
 from anee_fast import EXIT, LLM, PROCESS, SKIP
 from anee_fast.control.batch_policies import ConsensusController
-from anee_fast.control.controllers import Controller
-from anee_fast.control.depth_policy import budget_floor
+from anee_fast.control.base import Controller
+
 from conftest import build_model, random_ids
 
 NUM_LAYERS = 6
@@ -51,7 +51,7 @@ def test_every_running_row_takes_the_same_action(llm, period, quorum):
 @pytest.mark.parametrize("budget", [0.25, 0.5])
 def test_each_row_keeps_its_budget(llm, budget):
     actions, compute = _score(llm, ConsensusController("budget", 0.5), budget)
-    floor = budget_floor(NUM_LAYERS, llm.engine.runner.skip_cost, 1)
+    floor = llm.depth.floor
     assert (compute <= max(budget, floor) + 1e-6).all()
     exited = (actions == EXIT).cumsum(dim=1) > 0
     assert ((actions == EXIT) | ~exited).all()               # EXIT stays sticky

@@ -1,19 +1,26 @@
 """Controllers' proposals on hand-made layer contexts, next to what each rule says."""
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import build_model
 
 from anee_fast import EXIT, PROCESS, SKIP, LLM, SamplingParams
-from anee_fast.control.controllers import (BudgetController, HeuristicController, LayerContext,
-                                   LearnedController, StaticController, make_controller)
+from anee_fast.control.anee_mlp import ANEEMLPController
+from anee_fast.control.base import LayerContext
+from anee_fast.control.controllers import BudgetController, HeuristicController, StaticController
+from anee_fast.control.batch_policies import ConsensusController
+from anee_fast.control.registry import CONTROLLER_NAMES, make_controller
+from anee_fast.control.trained import BudgetConditionedController
+from anee_fast.ops import reference
 
 
 def context(h, h_prev, budget_left=1.0, layer=3, readout=None):
     n = h.shape[0]
     return LayerContext(layer=layer, num_layers=8, h=h, h_prev=h_prev,
-                        budget_left=torch.full((n,), budget_left), readout=readout)
+                        budget_left=torch.full((n,), budget_left), readout=readout,
+                        ops=reference)
 
 
 def rotated(h, cos):
@@ -54,7 +61,7 @@ def test_heuristic_confidence_reads_the_lm_head_only_when_asked():
 def test_budget_controller_exits_under_its_threshold():
     h = torch.randn(2, 8)
     ctx = LayerContext(layer=3, num_layers=8, h=h, h_prev=torch.randn(2, 8),
-                       budget_left=torch.tensor([0.05, 0.5]))
+                       budget_left=torch.tensor([0.05, 0.5]), ops=reference)
     assert BudgetController(exit_threshold=0.1).propose(ctx).tolist() == [EXIT, PROCESS]
     assert BudgetController().propose(ctx).tolist() == [PROCESS, PROCESS]
 
@@ -65,6 +72,23 @@ def test_static_controller_and_names():
     assert got.tolist() == [EXIT, EXIT]
     assert isinstance(make_controller("heuristic"), HeuristicController)
     assert isinstance(make_controller([0, 1]), StaticController)
+
+
+def test_every_controller_class_has_its_own_name(tmp_path):
+    """"learned" is the trained budget-conditioned controller; ANEE 0.4's MLP, loaded from its
+    file, is "anee-mlp": no two controller classes share a name."""
+    classes = [BudgetController, HeuristicController, StaticController, ANEEMLPController,
+               BudgetConditionedController, ConsensusController]
+    names = [c.name for c in classes]
+    assert len(set(names)) == len(names), names
+    assert isinstance(make_controller("learned"), BudgetConditionedController)
+    path = tmp_path / "anee.pt"
+    torch.save({f"net.{k}": v for k, v in ANEEMLPController().net.state_dict().items()}, path)
+    assert make_controller(str(path)).name == "anee-mlp"
+    for name in CONTROLLER_NAMES:
+        make_controller(name)
+    with pytest.raises(ValueError, match=", ".join(CONTROLLER_NAMES)):
+        make_controller("anee")
 
 
 def test_confidence_heuristic_runs_in_the_engine():
@@ -85,7 +109,7 @@ def test_requests_naming_a_controller_share_one_instance(tmp_path):
             for _ in range(3)]
     assert len({id(s.controller) for s in seqs}) == 1
     path = tmp_path / "anee.pt"
-    torch.save({f"net.{k}": v for k, v in LearnedController().net.state_dict().items()}, path)
+    torch.save({f"net.{k}": v for k, v in ANEEMLPController().net.state_dict().items()}, path)
     first = make_controller(str(path))
     assert make_controller(str(path)) is first
     os.utime(path, ns=(0, 1))                   # a changed file is read again

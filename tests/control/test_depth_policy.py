@@ -1,4 +1,4 @@
-"""Energy budget (BRIEF section 2): enforced per token for every controller, reported honestly.
+"""Energy budget: enforced per token for every controller, reported honestly.
 
 For budgets b in {0, .1, .25, .5, .75, 1} and every kind of controller:
 - no token spends more than max(b, floor), floor = cost of the forced layers with the rest SKIPs;
@@ -13,8 +13,11 @@ import torch
 from torch import nn
 
 from anee_fast import EXIT, LLM, PROCESS, SKIP, SamplingParams
-from anee_fast.control.controllers import BudgetController, Controller, HeuristicController, LayerContext
-from anee_fast.control.depth_policy import DepthPolicy, budget_terms
+from anee_fast.control.base import Controller, LayerContext
+from anee_fast.control.controllers import BudgetController, HeuristicController
+
+from anee_fast.control.depth_policy import DepthAccounting, DepthPolicy
+from anee_fast.ops import reference
 from conftest import build_model, random_ids
 
 BUDGETS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
@@ -251,17 +254,18 @@ def test_budget_controller_at_threshold_0_needs_no_op(min_layers, always_last, s
     h = torch.randn(N, 4)
     results = []
     for controller in (BudgetController(), _ExplicitBudgetRule()):
-        terms = budget_terms(budget, L, skip_cost, min_layers, always_last)
-        policy = DepthPolicy(N, L, skip_cost, "cpu", budget_terms=terms, controller=controller,
-                             min_layers=min_layers, always_last=always_last)
+        depth = DepthAccounting(L, skip_cost, min_layers, always_last)
+        policy = DepthPolicy(N, depth, "cpu", reference, budget_terms=depth.budget_terms(budget),
+                             controller=controller)
         for layer in range(L):
             policy.decide(layer, h, h)
         results.append((policy.actions, policy.spent))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert (results[0][0] != PROCESS).any() and (results[0][0] == PROCESS).any()
 
-    preset = DepthPolicy(N, L, skip_cost, "cpu", budget_terms=budget_terms(budget, L, skip_cost),
+    depth = DepthAccounting(L, skip_cost)
+    preset = DepthPolicy(N, depth, "cpu", reference, budget_terms=depth.budget_terms(budget),
                          controller=BudgetController())
     ctx = LayerContext(layer=0, num_layers=L, h=h, h_prev=h, budget_left=lambda: 1 / 0,
-                       all_process=preset.no_proposal)
+                       all_process=preset.no_proposal, ops=reference)
     assert BudgetController().propose(ctx) is preset.no_proposal     # budget_left never read

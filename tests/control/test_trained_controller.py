@@ -8,8 +8,13 @@ from conftest import build_model
 from anee_fast import LLM, PROCESS, SKIP
 from anee_fast.compat.anee import ANEEConfig, ANEEWrapper
 from anee_fast.training.controller_traces import processable_layers
-from anee_fast.control.controllers import LayerContext, LearnedController, StaticController, make_controller
-from anee_fast.control.depth_policy import budget_floor
+from anee_fast.control.anee_mlp import ANEEMLPController
+from anee_fast.control.base import LayerContext
+from anee_fast.control.controllers import StaticController
+from anee_fast.control.registry import make_controller
+from anee_fast.ops import reference
+
+from anee_fast.control.depth_policy import DepthAccounting
 from anee_fast.control.trained import (BudgetConditionedController, affordable_fraction,
                                           shipped_controller_path)
 
@@ -31,7 +36,7 @@ def context(n=12, layer=2, budget=0.6, budget_left=0.4, skip_cost=0.1, seed=1):
     h = torch.randn(n, HIDDEN, generator=g)
     return LayerContext(layer=layer, num_layers=L, h=h, h_prev=h + 0.3 * torch.randn(n, HIDDEN, generator=g),
                         budget_left=torch.full((n,), budget_left), budget=torch.full((n,), budget),
-                        skip_cost=skip_cost)
+                        skip_cost=skip_cost, ops=reference)
 
 
 def test_save_load_round_trip_by_directory_json_and_safetensors(tmp_path):
@@ -101,12 +106,12 @@ def test_bad_files_fail_with_clear_errors(tmp_path):
 
 def test_runs_in_the_engine_within_budget_and_names_the_model_on_a_shape_mismatch(tmp_path):
     llm = LLM(build_model("llama_gqa", num_layers=L), min_layers=1)
-    runner = llm.engine.runner
+    depth = llm.depth
     path = trained_like().save(tmp_path / "c")
     ids = list(range(3, 40))
     for budget in (1.0, 0.7, 0.4, 0.0):
         _, trace = llm.score(ids, energy_budget=budget, controller=str(path), return_trace=True)
-        limit = max(budget, budget_floor(L, runner.skip_cost, 1, 0))
+        limit = max(budget, DepthAccounting(L, depth.skip_cost, 1, 0).floor)
         assert float(trace.compute.max()) <= limit + 1e-6
         if budget == 1.0:
             assert (trace.actions == PROCESS).all()
@@ -117,13 +122,13 @@ def test_runs_in_the_engine_within_budget_and_names_the_model_on_a_shape_mismatc
 
 def test_the_static_fallback_follows_the_base_set_unless_the_net_is_sure(tmp_path):
     llm = LLM(build_model("llama_gqa", num_layers=L), min_layers=1)
-    runner = llm.engine.runner
+    depth = llm.depth
     order = [3, 1, 4, 2]                         # the decidable layers, the first to skip first
     ids = list(range(3, 40))
     plain = trained_like()
     differs = False
     for budget in (0.8, 0.5, 0.3):
-        k = processable_layers(budget, L, runner.skip_cost, 1, 0)
+        k = processable_layers(budget, L, depth.skip_cost, 1, 0)
         static = StaticController([SKIP if layer in order[:len(order) - k] else PROCESS
                                    for layer in range(L)])
         sure = trained_like()
@@ -150,11 +155,11 @@ def test_anee_config_loads_both_formats(tmp_path):
                                      controller_path=str(new_path), exit_budget_threshold=0.2))
     assert isinstance(wrapper.controller, BudgetConditionedController)
     assert wrapper.controller.exit_threshold == 0.2
-    old = LearnedController(hidden_dim=8)
+    old = ANEEMLPController(hidden_dim=8)
     torch.save({f"net.{k}": v for k, v in old.net.state_dict().items()}, tmp_path / "old.pt")
     wrapper = ANEEWrapper(ANEEConfig(model_name=model, controller_type="learned",
                                      controller_path=str(tmp_path / "old.pt")))
-    assert isinstance(wrapper.controller, LearnedController)
+    assert isinstance(wrapper.controller, ANEEMLPController)
 
 
 @pytest.mark.slow
@@ -164,11 +169,10 @@ def test_the_shipped_controller_loads_and_keeps_every_budget():
     llm = LLM()
     controller = make_controller("learned")
     assert isinstance(controller, BudgetConditionedController)
-    runner = llm.engine.runner
     ids = llm.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 4)
     for budget in (0.75, 0.5, 0.25):
         _, trace = llm.score(ids, energy_budget=budget, controller="learned", return_trace=True)
-        limit = max(budget, budget_floor(llm.num_layers, runner.skip_cost, runner.min_layers, 0))
+        limit = llm.depth.effective_budget(budget)
         assert float(trace.compute.max()) <= limit + 1e-6
         assert float(trace.compute.mean()) > limit - 0.1      # it spends its budget, not nothing
     tiny = LLM(build_model("llama_gqa", num_layers=3))

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from anee_fast import LLM, PROCESS, SKIP, SamplingParams
 from anee_fast.control.controllers import HeuristicController, StaticController
+
 from anee_fast.engine.cuda_graphs import BUCKETS, DecodeGraphs, bucket_for, compaction_caps
 from conftest import build_model, random_ids
 

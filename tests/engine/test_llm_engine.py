@@ -8,6 +8,7 @@ from torch import nn
 from anee_fast import LLM, PROCESS, SamplingParams
 from anee_fast.engine.block_manager import BlockManager, OutOfKVBlocks
 from anee_fast.control.controllers import HeuristicController
+
 from conftest import ARCHS, build_model, random_ids
 
 L = 3
@@ -313,3 +314,47 @@ def test_engine_step_loop_directly():
     assert engine.block_manager.num_used == 0
     with pytest.raises(RuntimeError, match="no sequence can be scheduled"):
         engine.step()
+
+
+# ---- one path for every request ----------------------------------------------------------------
+
+def test_only_the_scheduler_allocates_kv_blocks(monkeypatch):
+    """Scoring (whole, chunked, fixed actions), generation and the ANEE drop-in's forward over a
+    kept cache all get their blocks from the scheduler, and give every block back."""
+    import sys
+
+    from anee_fast.compat.anee import ANEEConfig, ANEEWrapper
+    callers = []
+    allocate = BlockManager.allocate
+
+    def spy(self, seq_id, num_tokens):
+        callers.append(sys._getframe(1).f_code.co_filename)
+        return allocate(self, seq_id, num_tokens)
+
+    monkeypatch.setattr(BlockManager, "allocate", spy)
+    model = build_model("llama_gqa", num_layers=L)
+    llm = LLM(model, min_layers=1, block_size=4)
+    prompts, params = _requests(model)
+    llm.score(prompts[1])
+    llm.score(prompts[:3], chunk_size=2)
+    llm.score(prompts[2], actions=torch.zeros((6, L), dtype=torch.int8))
+    llm.generate(prompts, params)
+    wrapper = ANEEWrapper(ANEEConfig(model_name=model, min_layers=1))
+    out = wrapper.forward(torch.tensor([prompts[0]]))
+    wrapper.forward(torch.tensor([[5, 6]]), past_key_values=out["past_key_values"])
+    assert out["past_key_values"].get_seq_length() == len(prompts[0]) + 2
+    out["past_key_values"].close()
+    assert callers and {c.rsplit("/", 1)[-1] for c in callers} == {"scheduler.py"}
+    assert llm.engine.block_manager.num_used == 0
+    assert wrapper.llm.engine.block_manager.num_used == 0
+
+
+def test_compute_needs_an_idle_engine():
+    model = build_model("llama_gqa", num_layers=L)
+    llm = LLM(model, min_layers=1)
+    llm.engine.add_request([3, 4, 5], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="idle"):
+        llm.score([3, 4, 5])
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    assert llm.score([3, 4, 5]).shape == (3, model.config.vocab_size)

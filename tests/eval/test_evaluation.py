@@ -12,10 +12,12 @@ from anee_fast.eval.baselines import (RandomSkipController, random_skip_prob,
                                             untrained_learned_controller)
 from anee_fast.eval.category_router import CategoryRouter, kmeans, prompt_embeddings
 from anee_fast.control.controllers import StaticController
+from anee_fast.control.trained import nearest
+
 from anee_fast.eval.evaluation import evaluate, format_table
 from anee_fast.eval.plots import plot_quality_vs_compute
 from anee_fast.eval.quality import full_logits, score_windows, token_kl
-from anee_fast.eval.static_search import (best_static_sets, effective_budget, greedy_path,
+from anee_fast.eval.static_search import (best_static_sets, greedy_path,
                                      skip_set_actions, skip_set_compute)
 
 LAYERS = 6
@@ -48,9 +50,9 @@ def test_random_controller_is_seeded_and_lands_near_its_budget():
     model = build_model("llama_gqa", num_layers=16)
     llm = LLM(model, backend="reference")
     windows = [random_ids(model, 48, seed=s).tolist() for s in range(4)]
-    runner = llm.engine.runner
+    depth = llm.depth
     budget = 0.6
-    p = random_skip_prob(budget, 16, runner.skip_cost, runner.min_layers)
+    p = random_skip_prob(budget, 16, depth.skip_cost, depth.min_layers)
 
     def run(seed):
         _, traces = score_windows(llm, windows, energy_budget=budget,
@@ -63,7 +65,7 @@ def test_random_controller_is_seeded_and_lands_near_its_budget():
     assert compute.max() <= budget + 1e-6
     # Tokens that draw more PROCESSes than the budget allows are cut, so the mean lands under it.
     assert budget - 0.1 < float(compute.mean()) <= budget
-    assert (actions[:, :runner.min_layers] == 0).all()
+    assert (actions[:, :depth.min_layers] == 0).all()
 
 
 def test_untrained_learned_controller_is_seeded_and_leaves_the_global_rng_alone():
@@ -93,8 +95,8 @@ def test_greedy_search_sets_fit_their_budgets(tiny):
     sets = best_static_sets(llm, windows[:2], budgets, width=None, progress=False)
     assert sets[1.0]["skip"] == [] and sets[1.0]["kl"] == 0.0
     for budget, chosen in sets.items():
-        assert chosen["compute"] <= effective_budget(llm, budget) + 1e-9
-        assert all(layer >= llm.engine.runner.min_layers for layer in chosen["skip"])
+        assert chosen["compute"] <= llm.depth.effective_budget(budget) + 1e-9
+        assert all(layer >= llm.depth.min_layers for layer in chosen["skip"])
     assert len(sets[0.3]["skip"]) > len(sets[0.8]["skip"]) > 0
     # The path's first step is the single layer whose skipping costs the least KL.
     path = greedy_path(llm, windows[:2], 0.3, width=None, progress=False)
@@ -122,17 +124,16 @@ def test_greedy_search_is_cached(tiny, monkeypatch):
         best_static_sets(llm, windows[1:2], [0.5], width=2, progress=False)
 
 
-def test_kmeans_separates_clear_clusters():
+def test_kmeans_finds_separated_clusters():
     g = torch.Generator().manual_seed(0)
-    def cluster(center):
-        noise = 0.05 * torch.randn(10, 3, generator=g)
-        return torch.nn.functional.normalize(torch.tensor(center) + noise, dim=-1)
-    a, b = cluster([1.0, 0, 0]), cluster([0, 1.0, 0])
-    _, labels = kmeans(torch.cat([a, b]), 2, seed=0)
-    assert len(set(labels[:10].tolist())) == 1 and len(set(labels[10:].tolist())) == 1
-    assert labels[0] != labels[10]
+    centres = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 6.0]])
+    x = torch.cat([c + 0.3 * torch.randn(40, 2, generator=g) for c in centres])
+    assign = nearest(x, kmeans(x, 3, seed=1))
+    for block in assign.split(40):                   # each true cluster is one found class
+        assert (block == block[0]).all()
+    assert len(set(assign.tolist())) == 3
     with pytest.raises(ValueError, match="k must be"):
-        kmeans(a, 11)
+        kmeans(x[:2], 3)
 
 
 def test_router_embeds_routes_and_sizes_its_sets(tiny):
@@ -149,7 +150,7 @@ def test_router_embeds_routes_and_sizes_its_sets(tiny):
         assert len(router.importance[category]) == LAYERS - 2
         loose, tight = router.skip_set(llm, category, 0.8), router.skip_set(llm, category, 0.4)
         assert set(loose) <= set(tight)
-        assert skip_set_compute(tight, LAYERS, llm.engine.runner.skip_cost) <= 0.4 + 1e-9
+        assert skip_set_compute(tight, LAYERS, llm.depth.skip_cost) <= 0.4 + 1e-9
         least = min(range(LAYERS - 2), key=lambda i: router.importance[category][i])
         assert router.layers[least] in loose
         assert router.skip_set(llm, category, 1.0) == []
@@ -175,7 +176,7 @@ def test_evaluate_records(tiny, tmp_path):
     for name in ("budget", "static", "mixed"):
         assert by[(name, 0.5)]["compute_max"] <= 0.5 + 1e-6
         assert by[(name, 0.5)]["kl"] > 1e-4
-    expected_static = skip_set_compute([2, 3, 4, 5], LAYERS, llm.engine.runner.skip_cost)
+    expected_static = skip_set_compute([2, 3, 4, 5], LAYERS, llm.depth.skip_cost)
     assert abs(by[("static", 0.5)]["compute"] - expected_static) < 1e-5
     # Half the windows run the skip set, half run every layer until the budget cuts them.
     halves = (expected_static + by[("budget", 0.5)]["compute"]) / 2

@@ -2,7 +2,7 @@
 
 The reference next to the tests is RecurrentTransformer.forward itself: a plain PyTorch loop that
 applies the shared block once per virtual layer on every token and keeps its output where the
-token PROCESSes (BRIEF's formulation). The engine runs the packed weights, in which the tied
+token PROCESSes (h = where(process, block(h), h)). The engine runs the packed weights, in which the tied
 virtual layers share one block's tensors.
 """
 import json
@@ -13,7 +13,7 @@ import torch
 
 from anee_fast import EXIT, LLM, PROCESS, SKIP, SamplingParams
 from anee_fast.ops.backends import backends
-from anee_fast.model.recurrent import RecurrentConfig, RecurrentTransformer, load, pack, save
+from anee_fast.model.recurrent import RecurrentConfig, RecurrentTransformer, load, save
 from conftest import random_actions
 from test_actions import reference_process_mask
 

@@ -16,12 +16,10 @@ SCHEMAS = {
                 "float eps, bool rms) -> (Tensor, Tensor)",
     "linear": "anee_fast::linear(Tensor x, Tensor weight, Tensor? bias, str activation=\"none\", "
               "Tensor? residual=None, Tensor? row_mask=None) -> Tensor",
-    "write_kv": "anee_fast::write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-                "Tensor slot_mapping) -> ()",
     "skip_kv": "anee_fast::skip_kv(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor kv_weight, "
                "Tensor? kv_bias, Tensor positions, Tensor? inv_freq, float rope_scale, "
-               "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor? first_layer, "
-               "float eps, bool rms, Tensor(c!)? q_out=None) -> ()",
+               "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, float eps, bool rms, "
+               "Tensor(c!)? q_out=None) -> ()",
     "paged_attention": "anee_fast::paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
                        "Tensor block_tables, Tensor seq_idx, Tensor positions, int block_size, "
                        "float scale, int sliding_window) -> Tensor",
@@ -67,7 +65,7 @@ def test_native_on_cuda_is_available_exactly_when_cuda_kernels_are_built(native)
 @pytest.mark.parametrize("name", list(SCHEMAS))
 def test_cuda_kernels_built_on_a_gpu_machine(native, name):
     # make setup on a machine with a GPU (CUDA torch, nvcc) must build csrc/cuda: the cuda tests
-    # of test_ops.py then run these kernels, never a CPU fallback.
+    # of the per-op test files then run these kernels, never a CPU fallback.
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"anee_fast::{name}", "CUDA")
 
 
@@ -91,33 +89,33 @@ def _slots(g, rows, num_slots):
     return s
 
 
-def _skip_kv_inputs(g, rows, hidden, kv_heads, d, nl, total_layers, q_size, num_slots, rope, rms,
-                    biases, first_layer, dtype=torch.float32):
-    """Weights and caches as the model runner passes them: strided slices of bigger tensors."""
+def _skip_kv_inputs(g, rows, hidden, kv_heads, d, total_layers, q_size, num_slots, rope, rms,
+                    biases, dtype=torch.float32):
+    """One layer's weights and caches as the model runner passes them: [1, ...] strided slices of
+    bigger tensors."""
     kv = 2 * kv_heads * d
-    lo = total_layers - nl - 1                       # a slice in the middle of the stack
+    lo = total_layers - 2                            # a slice in the middle of the stack
     h = torch.randn(rows, hidden, generator=g).to(dtype)
-    nw = (1 + 0.3 * torch.randn(total_layers, hidden, generator=g)).to(dtype)[lo:lo + nl]
-    nb = (0.3 * torch.randn(total_layers, hidden, generator=g)).to(dtype)[lo:lo + nl] if biases else None
+    nw = (1 + 0.3 * torch.randn(total_layers, hidden, generator=g)).to(dtype)[lo:lo + 1]
+    nb = (0.3 * torch.randn(total_layers, hidden, generator=g)).to(dtype)[lo:lo + 1] if biases else None
     w_all = (torch.randn(total_layers, kv + q_size, hidden, generator=g) / hidden ** 0.5).to(dtype)
-    kvw = w_all[lo:lo + nl, :kv]                     # strided: layer stride (kv + q) * hidden
+    kvw = w_all[lo:lo + 1, :kv]                      # strided: the K|V rows of K|V|Q
     b_all = (0.3 * torch.randn(total_layers, kv + q_size, generator=g)).to(dtype)
-    kvb = b_all[lo:lo + nl, :kv] if biases else None
+    kvb = b_all[lo:lo + 1, :kv] if biases else None
     positions = torch.randint(0, 300, (rows,), generator=g)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)) if rope else None
     k_all = torch.full((total_layers, num_slots, kv_heads, d), SENTINEL, dtype=dtype)
     v_all = torch.full((total_layers, num_slots, kv_heads, d), SENTINEL, dtype=dtype)
     slots = _slots(g, rows, num_slots)
-    fl = torch.randint(0, nl + 1, (rows,), generator=g) if first_layer else None
     return dict(h=h, norm_weight=nw, norm_bias=nb, kv_weight=kvw, kv_bias=kvb, positions=positions,
                 inv_freq=inv_freq, rope_scale=1.3 if rope else 1.0, k_all=k_all, v_all=v_all,
-                lo=lo, nl=nl, slot_mapping=slots, first_layer=fl, eps=1e-5, rms=rms)
+                lo=lo, slot_mapping=slots, eps=1e-5, rms=rms)
 
 
 def _run_skip_kv(fn, a, k_all, v_all):
     fn(a["h"], a["norm_weight"], a["norm_bias"], a["kv_weight"], a["kv_bias"], a["positions"],
-       a["inv_freq"], a["rope_scale"], k_all[a["lo"]:a["lo"] + a["nl"]], v_all[a["lo"]:a["lo"] + a["nl"]],
-       a["slot_mapping"], a["first_layer"], a["eps"], a["rms"])
+       a["inv_freq"], a["rope_scale"], k_all[a["lo"]:a["lo"] + 1], v_all[a["lo"]:a["lo"] + 1],
+       a["slot_mapping"], None, a["eps"], a["rms"])
 
 
 def _paged_inputs(g, seq_lens, heads, kv_heads, d, block_size, dtype=torch.float32):
@@ -238,37 +236,28 @@ def test_opcheck_saturation_codes(native):
         h, h + 0.1 * torch.randn(5, 24, generator=g), torch.rand(5, generator=g), 0.98, 0.995, 0.1))
 
 
-def test_opcheck_write_kv(native):
-    g = _gen(1)
-    k, v = torch.randn(6, 2, 16, generator=g), torch.randn(6, 2, 16, generator=g)
-    cache_k, cache_v = torch.zeros(3, 41, 2, 16), torch.zeros(3, 41, 2, 16)
-    torch.library.opcheck(torch.ops.anee_fast.write_kv,
-                          (k, v, cache_k[1], cache_v[1], _slots(g, 6, 41)))
-
-
-@pytest.mark.parametrize("rope,rms,biases,first_layer", [(True, True, False, True),
-                                                         (False, False, True, False)])
-def test_opcheck_skip_kv(native, rope, rms, biases, first_layer):
-    a = _skip_kv_inputs(_gen(2), rows=6, hidden=24, kv_heads=2, d=8, nl=2, total_layers=4, q_size=24,
-                        num_slots=33, rope=rope, rms=rms, biases=biases, first_layer=first_layer)
-    lo, nl = a["lo"], a["nl"]
+@pytest.mark.parametrize("rope,rms,biases", [(True, True, False), (False, False, True)])
+def test_opcheck_skip_kv(native, rope, rms, biases):
+    a = _skip_kv_inputs(_gen(2), rows=6, hidden=24, kv_heads=2, d=8, total_layers=4, q_size=24,
+                        num_slots=33, rope=rope, rms=rms, biases=biases)
+    lo = a["lo"]
     torch.library.opcheck(torch.ops.anee_fast.skip_kv, (
         a["h"], a["norm_weight"], a["norm_bias"], a["kv_weight"], a["kv_bias"], a["positions"],
-        a["inv_freq"], a["rope_scale"], a["k_all"][lo:lo + nl], a["v_all"][lo:lo + nl],
-        a["slot_mapping"], a["first_layer"], a["eps"], a["rms"]))
+        a["inv_freq"], a["rope_scale"], a["k_all"][lo:lo + 1], a["v_all"][lo:lo + 1],
+        a["slot_mapping"], a["eps"], a["rms"]))
 
 
 def test_opcheck_skip_kv_with_q_out(native):
-    """q_out (a mutated optional argument): one layer whose weights hold K|V|Q."""
-    a = _skip_kv_inputs(_gen(6), rows=6, hidden=24, kv_heads=2, d=8, nl=1, total_layers=3, q_size=24,
-                        num_slots=33, rope=True, rms=True, biases=True, first_layer=False)
+    """q_out (a mutated optional argument): weights that hold K|V|Q."""
+    a = _skip_kv_inputs(_gen(6), rows=6, hidden=24, kv_heads=2, d=8, total_layers=3, q_size=24,
+                        num_slots=33, rope=True, rms=True, biases=True)
     lo = a["lo"]
     kvq_w = a["kv_weight"]._base[lo:lo + 1]
     kvq_b = a["kv_bias"]._base[lo:lo + 1]
     q_out = torch.full((6, 3, 8), float("nan"))
     torch.library.opcheck(torch.ops.anee_fast.skip_kv, (
         a["h"], a["norm_weight"], a["norm_bias"], kvq_w, kvq_b, a["positions"], a["inv_freq"],
-        a["rope_scale"], a["k_all"][lo:lo + 1], a["v_all"][lo:lo + 1], a["slot_mapping"], None,
+        a["rope_scale"], a["k_all"][lo:lo + 1], a["v_all"][lo:lo + 1], a["slot_mapping"],
         a["eps"], a["rms"], q_out))
 
 
@@ -281,8 +270,8 @@ def test_opcheck_paged_attention(native, window):
 
 def test_torch_compile_traces_the_ops(native):
     """fullgraph tracing through the fake impls (aot_eager: no C++ compiler in the loop)."""
-    a = _skip_kv_inputs(_gen(4), rows=5, hidden=24, kv_heads=2, d=8, nl=1, total_layers=3, q_size=24,
-                        num_slots=41, rope=True, rms=True, biases=False, first_layer=False)
+    a = _skip_kv_inputs(_gen(4), rows=5, hidden=24, kv_heads=2, d=8, total_layers=3, q_size=24,
+                        num_slots=41, rope=True, rms=True, biases=False)
     k_cache, v_cache = a["k_all"][a["lo"]], a["v_all"][a["lo"]]
     tables = torch.arange(10).reshape(1, 10)
     seq_idx = torch.zeros(5, dtype=torch.long)
@@ -328,54 +317,19 @@ def test_linear_other_dtypes(native, dtype):
     torch.testing.assert_close(out, ref.linear(x, w, b))
 
 
-@pytest.mark.parametrize("rows", [1, 7, 83])
-@pytest.mark.parametrize("kv_heads,head_dim", [(2, 64), (3, 80)])
-def test_write_kv_exact_and_touches_nothing_else(native, rows, kv_heads, head_dim):
-    g = _gen(rows + head_dim)
-    num_slots, layers, layer = 16 * 8 + 1, 3, 1
-    k_all = torch.full((layers, num_slots, kv_heads, head_dim), SENTINEL)
-    v_all = torch.full((layers, num_slots, kv_heads, head_dim), SENTINEL)
-    k = torch.randn(rows, kv_heads, head_dim, generator=g)
-    v = torch.randn(rows, kv_heads, head_dim, generator=g)
-    slots = _slots(g, rows, num_slots)
-    native.write_kv(k, v, k_all[layer], v_all[layer], slots)
-    expect_k = torch.full_like(k_all, SENTINEL)
-    expect_v = torch.full_like(v_all, SENTINEL)
-    valid = slots >= 0
-    expect_k[layer, slots[valid]] = k[valid]
-    expect_v[layer, slots[valid]] = v[valid]
-    assert torch.equal(k_all, expect_k) and torch.equal(v_all, expect_v)
-
-
-def test_write_kv_strided_source_and_bf16(native):
-    g = _gen(9)
-    kv = torch.randn(7, 2 * 3 * 16, generator=g).to(torch.bfloat16)
-    k = kv[:, :48].view(7, 3, 16)                   # non-contiguous views, as in a fused K|V output
-    v = kv[:, 48:].view(7, 3, 16)
-    kc = torch.full((33, 3, 16), SENTINEL, dtype=torch.bfloat16)
-    vc = kc.clone()
-    slots = _slots(g, 7, 33)
-    native.write_kv(k, v, kc, vc, slots)
-    ek, ev = torch.full_like(kc, SENTINEL), torch.full_like(vc, SENTINEL)
-    ek[slots[slots >= 0]] = k[slots >= 0]
-    ev[slots[slots >= 0]] = v[slots >= 0]
-    assert torch.equal(kc, ek) and torch.equal(vc, ev)
-
-
-SKIP_KV_CASES = [  # rows, hidden, kv_heads, d, nl, rope, rms, biases, first_layer
-    (1, 48, 2, 64, 1, True, True, False, False),
-    (7, 83, 3, 80, 3, True, True, True, True),
-    (13, 96, 2, 64, 2, False, False, True, True),      # GPT-2 style: LayerNorm, biases, no RoPE
-    (29, 64, 1, 80, 4, True, True, False, True),
-    (5, 40, 3, 64, 1, False, False, True, False),
+SKIP_KV_CASES = [  # rows, hidden, kv_heads, d, rope, rms, biases
+    (1, 48, 2, 64, True, True, False),
+    (7, 83, 3, 80, True, True, True),
+    (13, 96, 2, 64, False, False, True),      # GPT-2 style: LayerNorm, biases, no RoPE
+    (29, 64, 1, 80, True, True, False),
+    (5, 40, 3, 64, False, False, True),
 ]
 
 
-@pytest.mark.parametrize("rows,hidden,kv_heads,d,nl,rope,rms,biases,first_layer", SKIP_KV_CASES)
-def test_skip_kv_matches_reference(native, rows, hidden, kv_heads, d, nl, rope, rms, biases, first_layer):
-    a = _skip_kv_inputs(_gen(rows * 31 + d), rows, hidden, kv_heads, d, nl, total_layers=nl + 2,
-                        q_size=hidden, num_slots=8 * 16 + 1, rope=rope, rms=rms, biases=biases,
-                        first_layer=first_layer)
+@pytest.mark.parametrize("rows,hidden,kv_heads,d,rope,rms,biases", SKIP_KV_CASES)
+def test_skip_kv_matches_reference(native, rows, hidden, kv_heads, d, rope, rms, biases):
+    a = _skip_kv_inputs(_gen(rows * 31 + d), rows, hidden, kv_heads, d, total_layers=3,
+                        q_size=hidden, num_slots=8 * 16 + 1, rope=rope, rms=rms, biases=biases)
     k_ref, v_ref = a["k_all"].clone(), a["v_all"].clone()
     _run_skip_kv(ref.skip_kv, a, k_ref, v_ref)
     k_ref[:, -1] = SENTINEL                         # the reference parks padding rows' writes there
@@ -386,10 +340,8 @@ def test_skip_kv_matches_reference(native, rows, hidden, kv_heads, d, nl, rope, 
 
     # Which (layer, slot) pairs must have been written.
     written = torch.zeros(a["k_all"].shape[:2], dtype=torch.bool)
-    slots, fl = a["slot_mapping"], a["first_layer"]
-    for j in range(nl):
-        rows_j = (slots >= 0) if fl is None else (slots >= 0) & (fl <= j)
-        written[a["lo"] + j, slots[rows_j]] = True
+    slots = a["slot_mapping"]
+    written[a["lo"], slots[slots >= 0]] = True
     untouched = ~written
     assert torch.equal(a["k_all"][untouched], torch.full_like(a["k_all"][untouched], SENTINEL))
     assert torch.equal(a["v_all"][untouched], torch.full_like(a["v_all"][untouched], SENTINEL))
@@ -400,8 +352,8 @@ def test_skip_kv_matches_reference(native, rows, hidden, kv_heads, d, nl, rope, 
 
 
 def test_skip_kv_bf16(native):
-    a = _skip_kv_inputs(_gen(11), 9, 64, 2, 64, 2, total_layers=4, q_size=64, num_slots=65, rope=True,
-                        rms=True, biases=False, first_layer=True, dtype=torch.bfloat16)
+    a = _skip_kv_inputs(_gen(11), 9, 64, 2, 64, total_layers=4, q_size=64, num_slots=65, rope=True,
+                        rms=True, biases=False, dtype=torch.bfloat16)
     k_ref, v_ref = a["k_all"].clone(), a["v_all"].clone()
     _run_skip_kv(ref.skip_kv, a, k_ref, v_ref)
     k_ref[:, -1] = SENTINEL
@@ -436,21 +388,6 @@ def test_paged_attention_strided_caches(native):
     torch.testing.assert_close(out, expect, atol=1e-5, rtol=1e-5)
 
 
-def test_write_kv_into_strided_cache(native):
-    """A cache whose head_dim is not the innermost storage dimension: writes land in place."""
-    g = _gen(14)
-    base_k = torch.full((33, 16, 3), SENTINEL)                  # storage [slots, d, heads]
-    base_v = torch.full((33, 16, 3), SENTINEL)
-    kc, vc = base_k.transpose(1, 2), base_v.transpose(1, 2)     # views [slots, heads, d]
-    k, v = torch.randn(7, 3, 16, generator=g), torch.randn(7, 3, 16, generator=g)
-    slots = _slots(g, 7, 33)
-    native.write_kv(k, v, kc, vc, slots)
-    ek, ev = torch.full((33, 3, 16), SENTINEL), torch.full((33, 3, 16), SENTINEL)
-    ek[slots[slots >= 0]] = k[slots >= 0]
-    ev[slots[slots >= 0]] = v[slots >= 0]
-    assert torch.equal(base_k.transpose(1, 2), ek) and torch.equal(base_v.transpose(1, 2), ev)
-
-
 def test_paged_attention_bf16(native):
     q, kc, vc, tables, seq_idx, positions = _paged_inputs(_gen(12), [9, 30], 6, 2, 64, 8, torch.bfloat16)
     out = native.paged_attention(q, kc, vc, tables, seq_idx, positions, 8, 0.125, 0)
@@ -460,10 +397,10 @@ def test_paged_attention_bf16(native):
 
 
 def test_bad_slot_is_an_error_not_a_crash(native):
-    k = torch.randn(2, 1, 8)
-    kc = torch.zeros(9, 1, 8)
+    a = _skip_kv_inputs(_gen(15), rows=2, hidden=24, kv_heads=1, d=8, total_layers=3, q_size=0,
+                        num_slots=9, rope=False, rms=True, biases=False)
     with pytest.raises(RuntimeError, match="out of range"):
-        native.write_kv(k, k, kc, kc.clone(), torch.tensor([0, 9]))
+        _run_skip_kv(native.skip_kv, {**a, "slot_mapping": torch.tensor([0, 9])}, a["k_all"], a["v_all"])
 
 
 # ---- end to end ----------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16")
-INDEX_ARGS = {"pos_ptr", "slot_ptr", "first_ptr", "seq_ptr", "table_ptr"}   # int64 tensors
+INDEX_ARGS = {"pos_ptr", "slot_ptr", "seq_ptr", "table_ptr"}                # int64 tensors
 FP32_ARGS = {"inv_freq_ptr", "m_ptr", "l_ptr", "acc_ptr",          # float32 whatever the model dtype
              "spent_ptr", "allowed_ptr", "left_ptr"}
 INT8_ARGS = {"proposed_ptr", "actions_ptr", "codes_ptr"}           # action codes
@@ -37,14 +37,12 @@ def _variants():
     from anee_fast.kernels.paged_attention import _paged_attention_kernel
     from anee_fast.kernels.policy_step import _policy_step_kernel
     from anee_fast.kernels.skip_kv import _skip_kv_kernel
-    from anee_fast.kernels.write_kv import _write_kv_kernel
     out = []
     for rms in (True, False):
         out.append((f"norm_rms{int(rms)}", _norm_kernel,
                     dict(RMS=rms, HAS_BIAS=not rms, BLOCK_H=1024)))
         out.append((f"add_norm_rms{int(rms)}", _add_norm_kernel,
                     dict(RMS=rms, HAS_BIAS=not rms, BLOCK_H=1024)))
-    out.append(("write_kv", _write_kv_kernel, dict(BLOCK=256)))
     # The MLP's projections of a decode step: GPT-2's up + GELU at one row, Llama's gate|up +
     # SiLU at 8 rows, a down projection with the residual add; the masked layer loop's out
     # projection (row mask only) and down projection (row mask and residual).
@@ -63,13 +61,13 @@ def _variants():
     out.append(("gemv_row_mask_residual", _gemv_kernel,
                 dict(ACT=0, HAS_BIAS=False, HAS_RESIDUAL=True, HAS_ROW_MASK=True, BLOCK_M=8,
                      BLOCK_N=16, BLOCK_K=32)))
-    # Llama-like decode (RMS, RoPE, first_layer, head_dim 64, one row per program) and GPT-2-like
-    # prefill (LayerNorm, biases, no RoPE, 8 rows per program, head_dim 80 padded to 2 x 64).
+    # Llama-like decode (RMS, RoPE, head_dim 64, one row per program) and GPT-2-like prefill
+    # (LayerNorm, biases, no RoPE, 8 rows per program, head_dim 80 padded to 2 x 64).
     out.append(("skip_kv_llama", _skip_kv_kernel,
-                dict(RMS=True, HAS_NORM_BIAS=False, HAS_BIAS=False, ROPE=True, HAS_FIRST=True,
+                dict(RMS=True, HAS_NORM_BIAS=False, HAS_BIAS=False, ROPE=True,
                      BLOCK_M=1, BLOCK_HALF=32, BLOCK_K=256)))
     out.append(("skip_kv_gpt2", _skip_kv_kernel,
-                dict(RMS=False, HAS_NORM_BIAS=True, HAS_BIAS=True, ROPE=False, HAS_FIRST=False,
+                dict(RMS=False, HAS_NORM_BIAS=True, HAS_BIAS=True, ROPE=False,
                      BLOCK_M=8, BLOCK_HALF=64, BLOCK_K=16)))
     out.append(("paged_attention", _paged_attention_kernel,
                 dict(SPLIT=False, BLOCK_N=16, BLOCK_D=128, BLOCK_S=1)))
@@ -143,7 +141,7 @@ def compile_all():
 
 def _case_keys():
     from itertools import product
-    names = ["norm_rms1", "norm_rms0", "add_norm_rms1", "add_norm_rms0", "write_kv", "gemv_gelu",
+    names = ["norm_rms1", "norm_rms0", "add_norm_rms1", "add_norm_rms0", "gemv_gelu",
              "gemv_silu_gated", "gemv_residual", "gemv_row_mask", "gemv_row_mask_residual",
              "skip_kv_llama", "skip_kv_gpt2", "paged_attention", "paged_attention_split",
              "policy_step_first0_forced0", "policy_step_first0_forced1",

@@ -52,3 +52,10 @@ def test_bench_kernels_records_a_mismatch_and_times_the_rest(tmp_path, monkeypat
         ("linear", "reference"), ("norm", "reference"), ("norm", "native")}
     assert [(f["op"], f["backend"]) for f in result["failures"]] == [("linear", "native")]
     assert (tmp_path / "bk.png").stat().st_size > 0
+
+
+def test_bench_kernels_refuses_an_unknown_op(capsys):
+    """A removed op label (write_kv, skip_kv_exit) is an error, not a run of something else."""
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--device", "cpu", "--ops", "norm,skip_kv_exit"])
+    assert "unknown --ops skip_kv_exit" in capsys.readouterr().err

@@ -30,7 +30,8 @@ def served():
     """(llm being served, an offline LLM on the same weights with its own engine, server)."""
     llm = LLM()
     offline = copy.copy(llm)
-    offline.engine = LLMEngine(llm.weights, llm.engine.eos_token_id, ops=llm.engine.runner.ops)
+    offline.engine = LLMEngine(llm.weights, llm.engine.runner.ops, llm.engine.config,
+                               eos_token_id=llm.engine.eos_token_id)
     with ServerThread(llm) as server:
         yield llm, offline, server
 
@@ -238,32 +239,28 @@ def test_metrics_parse_as_prometheus_text(served):
     assert values["anee_kv_blocks_total"] == llm.engine.block_manager.num_blocks
 
 
-@pytest.mark.slow
-def test_a_client_that_disconnects_mid_stream_frees_its_blocks(served):
-    llm, _, server = served
-    _wait_until_idle(llm)
-    aborted = _metrics_labelled(server, "anee_requests_total", "abort")
-    body = {"model": llm.name, "prompt": "Tell me a long story.", "max_tokens": 400,
-            "ignore_eos": True, "stream": True, "temperature": 0}
+def _disconnect_mid_stream(llm, url, body):
     with httpx.Client(timeout=30) as client:
-        with client.stream("POST", server.url + "/v1/completions", json=body) as r:
+        with client.stream("POST", url, json={**body, "stream": True}) as r:
             assert r.status_code == 200
             next(r.iter_lines())
             assert llm.engine.block_manager.num_used > 0
-    _wait_until_idle(llm)
-    assert llm.engine.block_manager.num_used == 0
-    assert _metrics_labelled(server, "anee_requests_total", "abort") == aborted + 1
+
+
+def _give_up_on_a_plain_request(llm, url, body):
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=1.5)
 
 
 @pytest.mark.slow
-def test_a_client_that_gives_up_on_a_plain_request_frees_its_blocks(served):
+@pytest.mark.parametrize("give_up", [_disconnect_mid_stream, _give_up_on_a_plain_request])
+def test_a_client_that_gives_up_frees_its_blocks(served, give_up):
     llm, _, server = served
     _wait_until_idle(llm)
     aborted = _metrics_labelled(server, "anee_requests_total", "abort")
     body = {"model": llm.name, "prompt": "Tell me a long story.", "max_tokens": 400,
             "ignore_eos": True, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=body, timeout=1.5)
+    give_up(llm, server.url + "/v1/completions", body)
     _wait_until_idle(llm)
     assert llm.engine.block_manager.num_used == 0
     assert _metrics_labelled(server, "anee_requests_total", "abort") == aborted + 1

@@ -1,4 +1,4 @@
-"""Per-token-class plans (class_plans.py) and the trained controller that falls back to them."""
+"""Per-token-class plans (training/class_plans.py) and the trained controller that falls back to them."""
 import json
 
 import pytest
@@ -6,10 +6,11 @@ import torch
 from conftest import build_model
 
 from anee_fast import LLM, PROCESS, SKIP
-from anee_fast.training.class_plans import fit_class_plans, kmeans, layer_residuals, nearest
+from anee_fast.training.class_plans import fit_class_plans, layer_residuals
 from anee_fast.training.controller_traces import processable_layers
 from anee_fast.eval.quality import full_logits
-from anee_fast.control.trained import BudgetConditionedController
+from anee_fast.control.trained import BudgetConditionedController, nearest
+from anee_fast.eval.category_router import kmeans
 
 L = 6
 ORDER = [4, 1, 3, 5, 2]          # decidable layers (min_layers=1), the first to skip first
@@ -20,27 +21,14 @@ def windows(count=4, length=12, seed=0):
     return [torch.randint(3, 101, (length,), generator=g).tolist() for _ in range(count)]
 
 
-def test_kmeans_finds_separated_clusters():
-    g = torch.Generator().manual_seed(0)
-    centres = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 6.0]])
-    x = torch.cat([c + 0.3 * torch.randn(40, 2, generator=g) for c in centres])
-    found = kmeans(x, 3, torch.Generator().manual_seed(1))
-    assign = nearest(x, found)
-    for block in assign.split(40):                   # each true cluster is one found class
-        assert (block == block[0]).all()
-    assert len(set(assign.tolist())) == 3
-    with pytest.raises(ValueError, match="at least k"):
-        kmeans(x[:2], 3, torch.Generator())
-
-
 def planned_controller(llm, classes=3, margin=1e9, seed=0):
     """A controller that always falls back (margin 1e9) to class plans fitted here by hand."""
     torch.manual_seed(seed)
     c = BudgetConditionedController.new(L, llm.spec.hidden_size, "tiny llama_gqa", width=8, proj_dim=4)
     x = layer_residuals(llm, windows(), layer=1)
-    c.net.register_buffer("class_centroids", kmeans(x, classes, torch.Generator().manual_seed(seed)))
-    runner = llm.engine.runner
-    n = len(ORDER) - processable_layers(0.5, L, runner.skip_cost, 1, 0)
+    c.net.register_buffer("class_centroids", kmeans(x, classes, seed=seed))
+    depth = llm.depth
+    n = len(ORDER) - processable_layers(0.5, L, depth.skip_cost, 1, 0)
     rotations = [sorted((ORDER[i:] + ORDER[:i])[:n]) for i in range(classes)]   # distinct plans
     c.config["static_fallback"] = {"order": ORDER, "margin": margin}
     c.config["class_plans"] = {"layer": 1, "classes": classes, "plans": {str(n): rotations}}
@@ -61,8 +49,8 @@ def test_each_token_follows_its_class_plan_and_other_budgets_the_static_set(tmp_
                             return_trace=True)
     assert torch.equal(stepwise.actions, trace.actions)
     # a budget whose skip count has no plan follows the static set
-    runner = llm.engine.runner
-    k = processable_layers(0.8, L, runner.skip_cost, 1, 0)
+    depth = llm.depth
+    k = processable_layers(0.8, L, depth.skip_cost, 1, 0)
     assert len(ORDER) - k != n
     _, other = llm.score(ids, energy_budget=0.8, controller=controller, return_trace=True)
     static = [SKIP if layer in ORDER[:len(ORDER) - k] else PROCESS for layer in range(L)]

@@ -8,7 +8,7 @@ from conftest import build_model
 from anee_fast import LLM, PROCESS, SKIP
 from anee_fast.training.controller_traces import decidable_layers, oracle_actions, processable_layers
 from anee_fast.training.controller_training import TrainConfig, train_controller
-from anee_fast.control.depth_policy import budget_floor
+from anee_fast.control.depth_policy import DepthAccounting
 from anee_fast.control.trained import BudgetConditionedController
 
 L, SKIP_COST, MIN_LAYERS = 12, 0.0626, 2
@@ -24,7 +24,7 @@ def test_oracle_labels_keep_the_budget_and_take_the_most_sensitive_layers(budget
     torch.manual_seed(0)
     sens = torch.rand(20, L)
     acts = oracle_actions(sens, budget, SKIP_COST, MIN_LAYERS)
-    limit = max(budget, budget_floor(L, SKIP_COST, MIN_LAYERS, 0))
+    limit = max(budget, DepthAccounting(L, SKIP_COST, MIN_LAYERS, 0).floor)
     assert (compute_of(acts) <= limit + 1e-6).all()
     assert (acts[:, :MIN_LAYERS] == PROCESS).all()
     k = processable_layers(budget, L, SKIP_COST, MIN_LAYERS, 0)
@@ -99,8 +99,8 @@ def test_a_tiny_training_run_learns_checkpoints_and_resumes(tmp_path):
     assert (out / "training_curve.png").stat().st_size > 0
     controller = BudgetConditionedController.load(out)
     _, trace = llm.score(windows[0], energy_budget=0.5, controller=controller, return_trace=True)
-    runner = llm.engine.runner
-    assert float(trace.compute.max()) <= max(0.5, budget_floor(6, runner.skip_cost, 1, 0)) + 1e-6
+    depth = llm.depth
+    assert float(trace.compute.max()) <= max(0.5, DepthAccounting(6, depth.skip_cost, 1, 0).floor) + 1e-6
 
 
 def test_class_plans_join_the_saved_controller(tmp_path):
@@ -114,8 +114,8 @@ def test_class_plans_join_the_saved_controller(tmp_path):
     saved = json.loads((out / "controller.json").read_text())
     plans = saved["class_plans"]
     assert plans["layer"] == 1 and plans["classes"] == 2
-    runner = llm.engine.runner
-    n = 5 - processable_layers(0.5, 6, runner.skip_cost, 1, 0)
+    depth = llm.depth
+    n = 5 - processable_layers(0.5, 6, depth.skip_cost, 1, 0)
     assert list(plans["plans"]) == [str(n)] and all(len(p) == n for p in plans["plans"][str(n)])
     assert log["class_plans"][0]["train_kl"] <= log["class_plans"][0]["static_kl"]
     assert "class_plans" in log["timings_s"]

@@ -1,11 +1,11 @@
 """The modular-arithmetic task, halting heads and controllers, the training recipe and the
-complexity-controlled evaluation, on tiny models (CI's smoke version of issue 7)."""
+complexity-controlled evaluation, on tiny models (a smoke version of docs/recurrent.md's runs)."""
 import json
 
 import pytest
 import torch
 
-from anee_fast import LLM, PROCESS, SKIP
+from anee_fast import LLM, PROCESS
 import anee_fast.training.recurrent_training as rt
 from anee_fast.cli import main
 from anee_fast.control.halting import HaltingController, early_plan, load_controller, new_head

@@ -1,5 +1,5 @@
 """An ANEE 0.4 controller file drives the engine: its MLP's argmax over the documented six-feature
-state is the action the engine takes (BRIEF section 3).
+state is the action the engine takes.
 
 The file is made here exactly as ANEE 0.4 saves it: `torch.save(module.state_dict())` of a module
 whose attribute `net` is Linear(6, 32) -> ReLU -> Linear(32, 3), so the keys are net.0.*, net.2.*.

@@ -1,0 +1,123 @@
+"""skip_kv (one layer's norm -> K|V(|Q) projection -> RoPE -> cache write) of every compiled
+backend against the reference (see op_cases)."""
+import pytest
+import torch
+
+from anee_fast.ops import reference as ref
+from op_cases import SENTINEL, TARGETS, poisoned_caches, slot_mapping, target, target_id  # noqa: F401
+
+
+def skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, layers, rope, bias, gen):
+    """Weights as the model stores them: [L, 2kv + q, hidden] stacked, the K|V rows a view."""
+    kv, q = 2 * kv_heads * head_dim, heads * head_dim
+    total_layers = layers + 2
+    kvq = torch.randn(total_layers, kv + q, hidden, generator=gen) / hidden ** 0.5
+    kvq_bias = 0.1 * torch.randn(total_layers, kv + q, generator=gen) if bias else None
+    norm_w = 1 + 0.2 * torch.randn(total_layers, hidden, generator=gen)
+    norm_b = 0.2 * torch.randn(total_layers, hidden, generator=gen) if bias else None
+    lo = 1                                                            # a slice of the stack
+    return dict(
+        h=torch.randn(rows, hidden, generator=gen),
+        norm_weight=norm_w[lo:lo + layers],
+        norm_bias=None if norm_b is None else norm_b[lo:lo + layers],
+        kv_weight=kvq[lo:lo + layers, :kv],
+        kv_bias=None if kvq_bias is None else kvq_bias[lo:lo + layers, :kv],
+        positions=torch.randint(0, 500, (rows,), generator=gen),
+        inv_freq=(1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)) if rope else None,
+        rope_scale=1.25 if rope else 1.0)
+
+
+@pytest.mark.parametrize("rows,hidden,heads,kv_heads,head_dim", [
+    (1, 48, 6, 2, 64), (7, 83, 4, 2, 80), (83, 64, 3, 3, 64)])
+@pytest.mark.parametrize("rope,bias,rms", [(True, False, True), (False, True, False)])
+def test_skip_kv(target, rows, hidden, heads, kv_heads, head_dim, rope, bias, rms):
+    check_skip_kv(target, rows, hidden, heads, kv_heads, head_dim, rope, bias, rms)
+
+
+# Triton's interpreter takes seconds a case at this width: native on the CPU, every backend on a GPU.
+@pytest.mark.parametrize("target", [t for t in TARGETS if t != ("triton", "cpu", torch.float32)],
+                         indirect=True, ids=target_id)
+def test_skip_kv_row_wider_than_the_cuda_kernels_shared_memory(target):
+    """hidden 12300: the decode kernel's normalised row would not fit 48 KB of shared memory."""
+    check_skip_kv(target, 2, 12300, 1, 1, 64, True, True, False)
+
+
+def check_skip_kv(target, rows, hidden, heads, kv_heads, head_dim, rope, bias, rms):
+    """skip_kv into a poisoned layer slice of a bigger cache against the reference."""
+    g = torch.Generator().manual_seed(rows * 31 + 1)
+    args = skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, 1, rope, bias, g)
+    slots = 61 + rows
+    mapping = target.to(slot_mapping(rows, slots, g))
+    # The kernel writes into a layer slice of a bigger cache, as the engine passes cache.k[l:l+1].
+    shape = (3, slots + 1, kv_heads, head_dim)
+    k_full, v_full = poisoned_caches(shape, target)
+    k_exp, v_exp = torch.full(shape, SENTINEL, device=target.device), torch.full(shape, SENTINEL, device=target.device)
+    inv_freq = args.pop("inv_freq")
+    inv_freq = None if inv_freq is None else inv_freq.to(target.device)      # always float32
+    target.ops.skip_kv(**{k: (target.to(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
+                       inv_freq=inv_freq, k_cache=k_full[1:2], v_cache=v_full[1:2],
+                       slot_mapping=mapping, first_layer=None, eps=1e-5, rms=rms)
+    ref.skip_kv(**{k: (target.exact(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
+                inv_freq=inv_freq, k_cache=k_exp[1:2], v_cache=v_exp[1:2],
+                slot_mapping=mapping, first_layer=None, eps=1e-5, rms=rms)
+    written = k_exp != SENTINEL
+    assert written.any()
+    assert torch.equal(k_full[~written].float(), k_exp[~written]), "a slot not meant to be written changed"
+    torch.testing.assert_close(k_full.float(), k_exp, **target.tol)
+    torch.testing.assert_close(v_full.float(), v_exp, **target.tol)
+
+
+@pytest.mark.parametrize("rows,hidden,heads,kv_heads,head_dim", [
+    (1, 48, 6, 2, 64), (2, 83, 4, 2, 80), (7, 83, 4, 2, 80), (83, 64, 3, 3, 64)])
+@pytest.mark.parametrize("rope,bias,rms", [(True, False, True), (False, True, False)])
+def test_skip_kv_with_q_out(target, rows, hidden, heads, kv_heads, head_dim, rope, bias, rms):
+    """With q_out, the weights are K|V|Q: the cache gets K/V as without it, and every row, a
+    padding row too, gets its query (RoPE'd like K) in q_out, poisoned with NaN before."""
+    g = torch.Generator().manual_seed(rows * 37 + head_dim)
+    args = skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, 1, rope, bias, g)
+    kv = 2 * kv_heads * head_dim
+    stack_w, stack_b = args["kv_weight"]._base, None if not bias else args["kv_bias"]._base
+    args["kv_weight"] = stack_w[1:2]                               # K|V|Q rows of the layer
+    args["kv_bias"] = None if stack_b is None else stack_b[1:2]
+    assert args["kv_weight"].shape[1] == kv + heads * head_dim
+    slots = 61 + rows
+    mapping = target.to(slot_mapping(rows, slots, g))
+    shape = (3, slots + 1, kv_heads, head_dim)
+    k_full, v_full = poisoned_caches(shape, target)
+    k_exp, v_exp = torch.full(shape, SENTINEL, device=target.device), torch.full(shape, SENTINEL, device=target.device)
+    q_out = torch.full((rows, heads, head_dim), float("nan"), device=target.device, dtype=target.dtype)
+    q_exp = torch.empty(rows, heads, head_dim, device=target.device)
+    inv_freq = args.pop("inv_freq")
+    inv_freq = None if inv_freq is None else inv_freq.to(target.device)
+    target.ops.skip_kv(**{k: (target.to(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
+                       inv_freq=inv_freq, k_cache=k_full[1:2], v_cache=v_full[1:2],
+                       slot_mapping=mapping, first_layer=None, eps=1e-5, rms=rms, q_out=q_out)
+    ref.skip_kv(**{k: (target.exact(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
+                inv_freq=inv_freq, k_cache=k_exp[1:2], v_cache=v_exp[1:2],
+                slot_mapping=mapping, first_layer=None, eps=1e-5, rms=rms, q_out=q_exp)
+    written = k_exp != SENTINEL
+    assert written.any() and not q_out.isnan().any()
+    assert torch.equal(k_full[~written].float(), k_exp[~written]), "a slot not meant to be written changed"
+    torch.testing.assert_close(k_full.float(), k_exp, **target.tol)
+    torch.testing.assert_close(v_full.float(), v_exp, **target.tol)
+    torch.testing.assert_close(q_out.float(), q_exp, **target.tol)
+
+
+def test_skip_kv_takes_one_layer_and_q_out_needs_the_q_rows(target):
+    """Two layers' slices, or a first_layer (the removed multi-layer mode), are refused; so is
+    q_out with K|V rows only."""
+    g = torch.Generator().manual_seed(5)
+    args = skip_kv_inputs(3, 48, 4, 2, 64, 2, False, False, g)
+    args = {k: (target.to(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    k_cache, v_cache = poisoned_caches((2, 9, 2, 64), target)
+    q_out = torch.empty(3, 4, 64, device=target.device, dtype=target.dtype)
+    common = dict(slot_mapping=target.to(torch.tensor([0, 1, 2])), eps=1e-5, rms=True)
+    with pytest.raises((RuntimeError, ValueError), match="one layer"):
+        target.ops.skip_kv(**args, k_cache=k_cache, v_cache=v_cache, first_layer=None, **common)
+    one = {**args, "norm_weight": args["norm_weight"][:1], "kv_weight": args["kv_weight"][:1]}
+    with pytest.raises((RuntimeError, ValueError), match="one layer"):
+        target.ops.skip_kv(**one, k_cache=k_cache[:1], v_cache=v_cache[:1],
+                           first_layer=target.to(torch.zeros(3, dtype=torch.long)), **common)
+    with pytest.raises((RuntimeError, ValueError), match="kv_weight"):      # K|V rows only
+        target.ops.skip_kv(**one, k_cache=k_cache[:1], v_cache=v_cache[:1], first_layer=None,
+                           q_out=q_out, **common)
