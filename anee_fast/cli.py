@@ -18,7 +18,7 @@ import typing
 from .control.registry import CONTROLLER_NAMES
 from .eval.evaluation import DEFAULT_CONTROLLERS
 from .ops.backends import BACKENDS
-from .training.controller_training import TEACHERS, TrainConfig, train_controller
+from .training.controller_training import TrainConfig, train_controller
 from .training.recurrent_training import RecurrentTrainConfig, train_recurrent
 
 PROG = "anee-fast"
@@ -370,15 +370,18 @@ def _cmd_eval(args) -> int:
 
 # ---- options made from a config dataclass (train-controller, train-recurrent) -----------------
 
-def _add_config_options(p, cls, helps: dict):
-    """One --field-name option per field of the dataclass `cls`, defaulting to the field's default,
-    so the defaults live in the dataclass only. `helps` maps each field to its help; a field that
-    defaults to None or () says there what that means, any other default is appended."""
+def _add_config_options(p, cls):
+    """One --field-name option per field of the dataclass `cls`, with the field's default and the
+    help in its metadata (training/options.py), so each option is written in the dataclass only.
+    A field that defaults to None or () says in its help what that means; any other default is
+    appended."""
     types = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if not f.metadata.get("help"):
+            raise ValueError(f"{cls.__name__}.{f.name} has no help: declare it with options.option")
         shown = "" if f.default in (None, ()) else f" (default {f.default})"
         p.add_argument(f"--{f.name.replace('_', '-')}", type=_option_type(f.name, types[f.name]),
-                       default=f.default, help=helps[f.name] + shown)
+                       default=f.default, help=f.metadata["help"] + shown)
 
 
 def _option_type(name: str, annotation):
@@ -411,40 +414,6 @@ def _config(cls, args):
 
 # ---- train-controller ------------------------------------------------------------------------------
 
-TRAIN_HELP = {   # TrainConfig's fields
-    "text": "plain-text corpus file (default: Python's offline pydoc topics)",
-    "seq_len": "tokens per window",
-    "heldout_fraction": "last share of the windows held out, never trained on",
-    "trace_windows": "training windows the oracle measures",
-    "trace_budgets": "budgets per window in the traces, stratified in [0, 1]",
-    "order_windows": "windows of the greedy ablation giving the oracle's base order",
-    "order_stop_budget": "budget down to which the greedy ablation runs",
-    "max_swaps": "oracle: per-token swaps against the base static set",
-    "margin": "oracle: sensitivity ratio a swap needs",
-    "fallback_margin": "saved controller follows the oracle's base static set unless |logit| > "
-                       "this (default: never)",
-    "teacher": f"warm-start labels: {' | '.join(TEACHERS)}",
-    "warm_epochs": "supervised warm-start epochs",
-    "warm_lr": "warm-start learning rate",
-    "rl_windows": "training windows the REINFORCE rollouts draw from",
-    "rl_steps": "REINFORCE steps",
-    "rl_batch": "windows per REINFORCE step",
-    "rl_lr": "REINFORCE learning rate",
-    "savings_weight": "reward per unit of compute saved",
-    "overspend_penalty": "reward penalty per unit of compute over the budget",
-    "class_budgets": "budgets, comma-separated, with per-token-class plans as the fallback's base "
-                     "(needs --fallback-margin; default: none)",
-    "classes": "class plans: k-means classes",
-    "class_candidates": "class plans: swaps tried per class and budget",
-    "class_windows": "class plans: training windows measured",
-    "eval_windows": "held-out windows for the final check, 0 = none",
-    "checkpoint_every": "REINFORCE steps between checkpoints",
-    "width": "controller network: hidden width",
-    "proj_dim": "controller network: width of its projection of the hidden state",
-    "seed": "seed of every random draw",
-}
-
-
 def _add_train_controller(subparsers):
     p = subparsers.add_parser(
         "train-controller", help="train a budget-conditioned depth controller",
@@ -456,7 +425,7 @@ def _add_train_controller(subparsers):
     p.add_argument("--resume", action="store_true", help="continue the run found in OUT_DIR")
     _add_model_options(p, runtime=False)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    _add_config_options(p, TrainConfig, TRAIN_HELP)
+    _add_config_options(p, TrainConfig)
     p.set_defaults(func=_cmd_train_controller)
 
 
@@ -480,38 +449,6 @@ def _cmd_train_controller(args) -> int:
 
 # ---- train-recurrent and eval-recurrent (weight-tied models, halting) ---------------------------
 
-RECURRENT_HELP = {   # RecurrentTrainConfig's fields
-    "modulus": "the task's modulus",
-    "train_max_ops": "operations per training chain: 1..this",
-    "full_depth_share": "share of the training chains whose tokens all run every iteration; the "
-                        "others run random depths",
-    "hidden_size": "model width",
-    "num_heads": "attention heads",
-    "num_kv_heads": "K/V heads",
-    "intermediate_size": "MLP width",
-    "prelude": "layers before the recurrent block",
-    "block": "layers in the recurrent block",
-    "iterations": "times the block runs at full depth",
-    "coda": "layers after the recurrent block",
-    "steps": "model training steps",
-    "batch": "chains per step",
-    "lr": "model learning rate",
-    "weight_decay": "AdamW weight decay",
-    "halting_examples": "fresh chains the halting heads learn from",
-    "halting_steps": "optimisation steps per halting head",
-    "halting_lr": "halting heads' learning rate",
-    "halting_width": "hidden width of the halting heads",
-    "compute_penalty": "nats of cross-entropy a full depth of compute is worth",
-    "policy_steps": "on-policy fine-tuning steps after the first head fit, then the heads are "
-                    "fitted again; 0 leaves the stage out",
-    "policy_lr": "on-policy fine-tuning learning rate",
-    "policy_share": "share of the fine-tuning chains whose tokens run the depths the halting "
-                    "heads pick",
-    "checkpoint_every": "steps between checkpoints",
-    "seed": "seed of every random draw",
-}
-
-
 def _add_train_recurrent(subparsers):
     p = subparsers.add_parser(
         "train-recurrent", help="train a small weight-tied model and its halting heads",
@@ -525,7 +462,7 @@ def _add_train_recurrent(subparsers):
     p.add_argument("out_dir", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run found in OUT_DIR")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    _add_config_options(p, RecurrentTrainConfig, RECURRENT_HELP)
+    _add_config_options(p, RecurrentTrainConfig)
     p.set_defaults(func=_cmd_train_recurrent)
 
 

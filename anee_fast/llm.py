@@ -4,11 +4,11 @@ from dataclasses import dataclass
 import torch
 
 from .actions import validate_actions
-from .ops.backends import ops_for, select_backend
 from .engine.config import EngineConfig
 from .engine.llm_engine import LLMEngine, check_budget
-from .model.loader import default_device, load_weights
 from .engine.sampling import SamplingParams
+from .model.loader import default_device, load_weights
+from .ops.backends import ops_for, select_backend
 from .trace import Trace
 
 

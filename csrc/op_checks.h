@@ -95,43 +95,45 @@ struct SkipKvSizes {
   int64_t N, hidden, num_slots, kv_heads, d, q_heads;   // q_heads: 0 without q_out
 };
 
-// skip_kv: h [N, hidden]; one layer's [1, ...] slices of the stacks: caches [1, num_slots,
-// kv_heads, d], weights and biases [1, ...]; the caches, kv_weight and kv_bias in h's dtype.
-// With q_out [N, q_heads, d] kv_weight and kv_bias also hold the Q rows.
+// skip_kv: h [N, hidden]; the layer's caches [num_slots, kv_heads, d]; norm_weight and
+// norm_bias [hidden]; kv_weight [2*kv_size, hidden] and kv_bias [2*kv_size], rows K | V; the
+// caches, kv_weight and kv_bias in h's dtype. With q_out [N, q_heads, d] kv_weight and kv_bias
+// also hold the Q rows (K | V | Q). Same checks as ops/reference.py:check_skip_kv_args.
 inline SkipKvSizes check_skip_kv_args(
     const at::Tensor& h, const at::Tensor& norm_weight, const std::optional<at::Tensor>& norm_bias,
     const at::Tensor& kv_weight, const std::optional<at::Tensor>& kv_bias,
     const at::Tensor& positions, const std::optional<at::Tensor>& inv_freq,
     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
     const std::optional<at::Tensor>& q_out) {
-  TORCH_CHECK(h.dim() == 2, "skip_kv: h must be [N, hidden]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(0) == 1 && k_cache.sizes() == v_cache.sizes(),
-              "skip_kv: one layer per call: k_cache and v_cache must both be [1, slots, kv_heads, "
-              "head_dim], got ", k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(h.dim() == 2 && k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
+              "skip_kv: h must be [N, hidden] and k_cache, v_cache both [slots, kv_heads, "
+              "head_dim], got h ", h.sizes(), ", k_cache ", k_cache.sizes(), ", v_cache ",
+              v_cache.sizes());
   TORCH_CHECK(k_cache.scalar_type() == h.scalar_type() && v_cache.scalar_type() == h.scalar_type() &&
               kv_weight.scalar_type() == h.scalar_type(),
               "skip_kv: the caches and kv_weight must have h's dtype ", h.scalar_type());
   const int64_t N = h.size(0), hidden = h.size(1);
-  const int64_t num_slots = k_cache.size(1);
-  const int64_t kv_heads = k_cache.size(2), d = k_cache.size(3), kv_size = kv_heads * d;
+  const int64_t num_slots = k_cache.size(0);
+  const int64_t kv_heads = k_cache.size(1), d = k_cache.size(2), kv_size = kv_heads * d;
   int64_t q_heads = 0;
   if (q_out.has_value()) {
-    TORCH_CHECK(q_out->dim() == 3 && q_out->size(0) == h.size(0) && q_out->size(2) == d &&
+    TORCH_CHECK(q_out->dim() == 3 && q_out->size(0) == N && q_out->size(2) == d &&
                 q_out->scalar_type() == h.scalar_type(),
-                "skip_kv: q_out must be [N, heads, head_dim] in h's dtype");
+                "skip_kv: q_out must be [N, heads, head_dim] in h's dtype, got ", q_out->sizes(),
+                " ", q_out->scalar_type());
     q_heads = q_out->size(1);
   }
   const int64_t rows = 2 * kv_size + q_heads * d;   // K | V (| Q) rows of kv_weight
-  TORCH_CHECK(norm_weight.numel() == hidden, "skip_kv: norm_weight must be [1, hidden]");
-  TORCH_CHECK(!norm_bias.has_value() || norm_bias->numel() == hidden,
-              "skip_kv: norm_bias must be [1, hidden]");
-  TORCH_CHECK(kv_weight.dim() == 3 && kv_weight.size(0) == 1 && kv_weight.size(1) == rows &&
-                  kv_weight.size(2) == hidden,
-              "skip_kv: kv_weight must be [1, 2*kv_size", q_out.has_value() ? " + q_size" : "",
-              ", hidden]");
-  TORCH_CHECK(!kv_bias.has_value() || (kv_bias->dim() == 2 && kv_bias->size(0) == 1 &&
-                                       kv_bias->size(1) == rows),
-              "skip_kv: kv_bias must be [1, 2*kv_size", q_out.has_value() ? " + q_size" : "", "]");
+  const char* layout = q_out.has_value() ? "K|V|Q" : "K|V";
+  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == hidden,
+              "skip_kv: norm_weight must be [", hidden, "], got ", norm_weight.sizes());
+  TORCH_CHECK(!norm_bias.has_value() || (norm_bias->dim() == 1 && norm_bias->size(0) == hidden),
+              "skip_kv: norm_bias must be [", hidden, "], got ", norm_bias->sizes());
+  TORCH_CHECK(kv_weight.dim() == 2 && kv_weight.size(0) == rows && kv_weight.size(1) == hidden,
+              "skip_kv: kv_weight (", layout, " rows) must be [", rows, ", ", hidden, "], got ",
+              kv_weight.sizes());
+  TORCH_CHECK(!kv_bias.has_value() || (kv_bias->dim() == 1 && kv_bias->size(0) == rows),
+              "skip_kv: kv_bias (", layout, ") must be [", rows, "], got ", kv_bias->sizes());
   TORCH_CHECK(!kv_bias.has_value() || kv_bias->scalar_type() == h.scalar_type(),
               "skip_kv: kv_bias must have h's dtype ", h.scalar_type());
   TORCH_CHECK(slot_mapping.numel() == N && positions.numel() == N,

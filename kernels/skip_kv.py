@@ -15,14 +15,14 @@ The head is computed as two halves, so rotate-half RoPE needs no register shuffl
     k1' = k1 cos - k2 sin,   k2' = k2 cos + k1 sin   (cos/sin of the half's frequencies).
 A K/V program none of whose rows has a slot (slot -1) loads and stores nothing; rows without
 one in a partly active tile store nothing. Q programs serve every row.
-Every tensor is addressed through its strides: the weights and caches are [1, ...] slices of
-the stacks, addressed from their first (only) layer.
+kv_weight, the caches and q_out are addressed through their strides: the K|V rows are a view of
+the layer's K|V|Q matrix and each cache one layer of the whole cache.
 """
 import torch
 import triton
 import triton.language as tl
 
-from anee_fast.ops.reference import check_skip_kv_layer
+from anee_fast.ops.reference import check_skip_kv_args
 
 from .norm import row_stats
 
@@ -129,16 +129,13 @@ def _block_m(n: int) -> int:
 
 
 def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale: float,
-            k_cache, v_cache, slot_mapping, first_layer, eps: float, rms: bool, q_out=None):
-    """See ops/reference.py:skip_kv. h [N, hidden]; weights [1, ...]; caches [1, slots+1, kvh, d];
-    q_out [N, heads, d] or None."""
-    check_skip_kv_layer(k_cache, first_layer)
+            k_cache, v_cache, slot_mapping, eps: float, rms: bool, q_out=None):
+    """See ops/reference.py:skip_kv. h [N, hidden]; norm weights [hidden]; kv_weight [rows,
+    hidden]; caches [slots+1, kv_heads, d]; q_out [N, heads, d] or None."""
+    check_skip_kv_args(h, norm_weight, norm_bias, kv_weight, kv_bias, k_cache, v_cache, q_out)
     n, hidden = h.shape
-    _, _, kv_heads, d = k_cache.shape
+    _, kv_heads, d = k_cache.shape
     q_heads = 0 if q_out is None else q_out.shape[1]
-    if kv_weight.shape[1] != (2 * kv_heads + q_heads) * d:
-        raise ValueError(f"skip_kv: kv_weight has {kv_weight.shape[1]} rows, expected "
-                         f"{(2 * kv_heads + q_heads) * d} (K|V{'|Q' if q_heads else ''})")
     if n == 0:
         return
     if h.stride(-1) != 1:
@@ -168,7 +165,7 @@ def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, 
         positions, h if inv_freq is None else inv_freq,
         k_cache, v_cache, slot_mapping, k_cache if q_out is None else q_out,
         n, hidden, d, kv_heads, float(rope_scale), float(eps),
-        h.stride(0), *kv_weight.stride()[1:], *k_cache.stride()[1:], *v_cache.stride()[1:],
+        h.stride(0), *kv_weight.stride(), *k_cache.stride(), *v_cache.stride(),
         *((0, 0, 0) if q_out is None else q_out.stride()),
         RMS=bool(rms), HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=kv_bias is not None,
         ROPE=rope, BLOCK_M=block_m, BLOCK_HALF=block_half, BLOCK_K=block_k, USE_DOT=use_dot,

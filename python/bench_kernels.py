@@ -109,18 +109,18 @@ def make_case(op, s, n, ctx, device, dtype, g, variant):
         if variant == "linear_down_masked":
             args += (torch.arange(n, device=device) % 2 == 0,)
         return args, None, bytes_linear(n, s, dtype.itemsize, down=True)
-    if op == "skip_kv":            # one layer's [1, ...] slices, as the layer loop passes them
+    if op == "skip_kv":            # one layer's weights and cache, as the layer loop passes them
         num_slots = max(2 * n, 64)
         slots = torch.randperm(num_slots, generator=g)[:n].to(device)
-        k_cache = torch.zeros((1, num_slots + 1, kvh, d), device=device, dtype=dtype)
-        v_cache = torch.zeros((1, num_slots + 1, kvh, d), device=device, dtype=dtype)
+        k_cache = torch.zeros((num_slots + 1, kvh, d), device=device, dtype=dtype)
+        v_cache = torch.zeros((num_slots + 1, kvh, d), device=device, dtype=dtype)
         kv = 2 * kvh * d
         inv_freq = (1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))).to(device) \
             if s["rope"] else None
-        args = (rnd(n, H), 1 + rnd(1, H, scale=0.3), rnd(1, H, scale=0.3) if s["bias"] else None,
-                rnd(1, kv, H, scale=H ** -0.5), rnd(1, kv, scale=0.3) if s["bias"] else None,
+        args = (rnd(n, H), 1 + rnd(H, scale=0.3), rnd(H, scale=0.3) if s["bias"] else None,
+                rnd(kv, H, scale=H ** -0.5), rnd(kv, scale=0.3) if s["bias"] else None,
                 torch.randint(0, 4096, (n,), generator=g).to(device), inv_freq, 1.0,
-                k_cache, v_cache, slots, None, 1e-5, s["rms"])
+                k_cache, v_cache, slots, 1e-5, s["rms"])
         return args, (8, 9), bytes_skip_kv(n, s, dtype.itemsize)
     # paged_attention: n sequences of ctx tokens, one decode row each (at the last position),
     # blocks shuffled over the cache

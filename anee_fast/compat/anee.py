@@ -35,13 +35,12 @@ import torch
 from ..actions import PROCESS
 from ..control.anee_mlp import ANEEMLPController
 from ..control.controllers import HeuristicController
-from ..control.registry import TRAINED_SUFFIXES
-
-from ..engine.llm_engine import check_budget
-from ..llm import LLM
 from ..control.features import STATE_DIM
-from ..engine.sampling import SamplingParams
+from ..control.registry import TRAINED_SUFFIXES
 from ..control.trained import BudgetConditionedController
+from ..engine.llm_engine import check_budget
+from ..engine.sampling import SamplingParams
+from ..llm import LLM
 
 CONTROLLER_TYPES = ("heuristic", "learned")
 

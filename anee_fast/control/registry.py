@@ -4,12 +4,12 @@ import os
 from .anee_mlp import ANEEMLPController
 from .base import Controller
 from .controllers import BudgetController, HeuristicController, StaticController
-
 from .trained import BudgetConditionedController, shipped_controller_path
 
 
 CONTROLLER_NAMES = ("budget", "heuristic", "learned")
 TRAINED_SUFFIXES = (".safetensors", ".json")
+ANEE_SUFFIXES = (".pt", ".pth", ".bin")      # ANEE 0.4 controller files (torch.save)
 
 
 def make_controller(controller) -> Controller:
@@ -54,7 +54,7 @@ def _build(name) -> Controller:
         return BudgetConditionedController.load(shipped_controller_path())
     if os.path.isdir(name) or name.endswith(TRAINED_SUFFIXES):
         return BudgetConditionedController.load(name)
-    if os.path.sep in name or name.endswith((".pt", ".pth", ".bin")) or os.path.exists(name):
+    if os.path.sep in name or name.endswith(ANEE_SUFFIXES) or os.path.exists(name):
         return ANEEMLPController.from_file(name)
     raise ValueError(f"unknown controller {name!r}: use one of {', '.join(CONTROLLER_NAMES)}, "
                      "a controller file path, a list of per-layer actions, or a Controller")

@@ -29,10 +29,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..actions import EXIT, PROCESS, SKIP
-from .base import Controller
-
-from .features import cosine_saturation
 from ..model.weights_file import load_matching
+from .base import Controller
+from .features import cosine_saturation
 
 FORMAT = "anee_fast.budget_controller"
 VERSION = 1

@@ -3,7 +3,9 @@
 Each sequence has tokens whose K/V are not yet cached (the rest of its prompt, or its newest
 token). A step gives running sequences their tokens first, then admits waiting ones, within a
 token budget per step and the free KV blocks. A running sequence that cannot grow preempts the
-most recently admitted one, which gives back its blocks and is recomputed later.
+most recently admitted one, which gives back its blocks and is recomputed later. This is the one
+place that allocates KV blocks: generation, scoring and the ANEE drop-in's forward all go
+through it (a sequence's `chunk_size` caps its tokens per step).
 """
 from collections import deque
 

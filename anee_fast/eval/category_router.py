@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from ..actions import EXIT, PROCESS
 from ..control.base import Controller
 from ..control.trained import nearest
-
 from .quality import full_logits
 from .static_search import mean_kls, load_cached, save_cached, skip_set_compute, windows_key
 

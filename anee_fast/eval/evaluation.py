@@ -14,15 +14,14 @@ import time
 
 import torch
 
-from .baselines import RandomSkipController, random_skip_prob, untrained_learned_controller
-from .category_router import CategoryRouter
 from ..control.controllers import StaticController
 from ..control.registry import make_controller
-
+from ..engine.sampling import SamplingParams
+from .baselines import RandomSkipController, random_skip_prob, untrained_learned_controller
+from .category_router import CategoryRouter
 from .corpus import corpus_text, evenly_spaced, split_windows, token_windows
 from .quality import full_logits, score_windows, token_metrics
 from .report import report
-from ..engine.sampling import SamplingParams
 from .static_search import best_static_sets, skip_set_actions
 
 DEFAULT_CONTROLLERS = ("budget", "heuristic", "random", "static", "router", "anee-untrained")

@@ -18,9 +18,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..model import recurrent as recurrent_model
 from ..actions import EXIT, PROCESS
 from ..control.halting import KINDS, load_controller
+from ..model import recurrent as recurrent_model
 from .modular_task import ModularTask
 from .quality import score_windows
 from .report import report

@@ -85,8 +85,8 @@ def run_layers(weights, cache, step: StepBatch, policy, ops,
             hidden_states.append(h)
         process = policy.decide(l, h, h_prev)
         ops.skip_kv(h, *weights.skip_kv_weights(l, with_q=q is not None), step.positions, inv_freq,
-                    weights.rope_scale, cache.k[l:l + 1], cache.v[l:l + 1], step.slot_mapping,
-                    None, spec.norm_eps, rms, q)
+                    weights.rope_scale, cache.k[l], cache.v[l], step.slot_mapping, spec.norm_eps,
+                    rms, q)
         if layer_guard is None:
             h_prev = h
         else:                             # the guarded block updates h in place

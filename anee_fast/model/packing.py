@@ -1,4 +1,6 @@
 """Turns a loaded transformers causal LM into `ModelWeights` (repacked once, no copies kept)."""
+from dataclasses import fields
+
 import torch
 
 from . import recurrent as recurrent_model
@@ -24,9 +26,7 @@ def pack_hf_model(model, dtype=None, device=None) -> ModelWeights:
         raise UnsupportedModelError(
             f"unsupported architecture {model_type!r} ({type(model).__name__}); supported model "
             f"types: {', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM is 'llama')")
-    weights = _cast(weights, dtype, device)
-    weights.stack_layers()
-    return weights
+    return _cast(weights, dtype, device)
 
 
 def _detach(t):
@@ -157,9 +157,11 @@ def _cast(weights: ModelWeights, dtype, device) -> ModelWeights:
         return moved[id(t)][1]
 
     for layer in weights.layers:
-        for name, value in list(vars(layer).items()):
+        for f in fields(layer):
+            value = getattr(layer, f.name)
             if isinstance(value, torch.Tensor):
-                setattr(layer, name, move(value, torch.float32 if name in NORM_FIELDS else dtype))
+                setattr(layer, f.name, move(value, torch.float32 if f.name in NORM_FIELDS else dtype))
+        layer.make_views()
     for name in ("embed", "pos_embed", "lm_head"):
         setattr(weights, name, move(getattr(weights, name), dtype))
     for name in ("final_norm_weight", "final_norm_bias"):

@@ -187,9 +187,8 @@ class RecurrentTransformer(nn.Module):
 
 def pack(model: RecurrentTransformer) -> ModelWeights:
     """The engine's weights: one LayerWeights per stored block, listed once per virtual layer
-    that runs it (views of the parameters; nothing is copied per iteration). The engine's
-    stack_layers then copies each block's norm and K|V|Q once into its stacks, so pack (and
-    build the LLM) again after changing the parameters."""
+    that runs it (views of the parameters; nothing is copied per iteration). Packing for another
+    device or dtype copies them, so pack (and build the LLM) again after changing the parameters."""
     c = model.config
     spec = ModelSpec(
         arch="llama", num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads,

@@ -2,14 +2,12 @@
 
 Per layer the attention input projection is one matrix with rows ordered K | V | Q, so the
 SKIP path (K/V only) reads one contiguous slice of it: `LayerWeights.kv_weight` is a view.
-The attention norms and these projections of all blocks live in stacked [B, ...] tensors (the
-per-layer fields are views of them), so one `skip_kv` launch can serve consecutive layers.
 
 Weight-tied (recurrent) models list the same `LayerWeights` object at several positions of
 `layers`: those virtual layers run one block's weights, never a copy, while the paged cache
-still holds K/V per virtual layer. `layer_block[l]` is the stacked block virtual layer l runs.
+still holds K/V per virtual layer.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -61,27 +59,21 @@ class LayerWeights:
     kv_size: int
     sliding_window: Optional[int] = None  # attend only to the last `sliding_window` positions
 
-    @property
-    def kv_weight(self) -> torch.Tensor:
-        return self.kvq_weight[: 2 * self.kv_size]
+    def __post_init__(self):
+        self.make_views()
 
-    @property
-    def kv_bias(self) -> Optional[torch.Tensor]:
-        return None if self.kvq_bias is None else self.kvq_bias[: 2 * self.kv_size]
-
-    @property
-    def q_weight(self) -> torch.Tensor:
-        return self.kvq_weight[2 * self.kv_size:]
-
-    @property
-    def q_bias(self) -> Optional[torch.Tensor]:
-        return None if self.kvq_bias is None else self.kvq_bias[2 * self.kv_size:]
+    def make_views(self):
+        """kv_weight, q_weight, kv_bias, q_bias: the K | V rows (the SKIP path's) and the Q rows of
+        kvq_*, as views made once (a slice costs host time at every layer of every step); again
+        after kvq_* are replaced."""
+        kv = 2 * self.kv_size
+        self.kv_weight, self.q_weight = self.kvq_weight[:kv], self.kvq_weight[kv:]
+        bias = self.kvq_bias
+        self.kv_bias, self.q_bias = (None, None) if bias is None else (bias[:kv], bias[kv:])
 
     def tensors(self):
-        return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
-
-
-STACKED_FIELDS = ("attn_norm_weight", "attn_norm_bias", "kvq_weight", "kvq_bias")
+        """The stored tensors (the views above are not counted again)."""
+        return [t for f in fields(self) if isinstance(t := getattr(self, f.name), torch.Tensor)]
 
 
 @dataclass
@@ -95,41 +87,15 @@ class ModelWeights:
     lm_head: torch.Tensor                 # [vocab, hidden]; the embedding itself when tied
     rope_inv_freq: Optional[torch.Tensor] = None   # [head_dim/2] float32
     rope_scale: float = 1.0               # multiplies cos/sin (some RoPE variants)
-    stacked: dict = field(default_factory=dict)  # STACKED_FIELDS name -> [B, ...] tensor or None
-    layer_block: list = field(default_factory=list)  # virtual layer -> index into the stacks
-    skip_kv_slices: dict = field(default_factory=dict)  # with_q -> per layer, skip_kv_weights
-
-    def stack_layers(self) -> None:
-        """Moves the STACKED_FIELDS of every distinct block into one [B, ...] tensor each, and
-        slices once what skip_kv reads per layer (see skip_kv_weights)."""
-        blocks = list({id(layer): layer for layer in self.layers}.values())
-        index = {id(block): b for b, block in enumerate(blocks)}
-        self.layer_block = [index[id(layer)] for layer in self.layers]
-        for name in STACKED_FIELDS:
-            parts = [getattr(block, name) for block in blocks]
-            if parts[0] is None:
-                self.stacked[name] = None
-                continue
-            self.stacked[name] = torch.stack(parts)
-            for block, view in zip(blocks, self.stacked[name]):
-                setattr(block, name, view)
-        self.skip_kv_slices = {with_q: [self._skip_kv_slices(b, with_q) for b in self.layer_block]
-                               for with_q in (False, True)}
-
-    def _skip_kv_slices(self, b: int, with_q: bool):
-        rows = slice(None) if with_q else slice(0, 2 * self.spec.kv_size)
-        w, bias = self.stacked["kvq_weight"], self.stacked["kvq_bias"]
-        norm_b = self.stacked["attn_norm_bias"]
-        block = slice(b, b + 1)
-        return (self.stacked["attn_norm_weight"][block],
-                None if norm_b is None else norm_b[block],
-                w[block, rows], None if bias is None else bias[block, rows])
 
     def skip_kv_weights(self, layer: int, with_q: bool = False):
-        """(norm weight, norm bias, K|V weight, K|V bias) of `layer` as the [1, ...] slices of the
-        stacks that skip_kv reads (views: tied layers read their one stored block). with_q: the
-        projection's Q rows too (K|V|Q), for skip_kv's q_out."""
-        return self.skip_kv_slices[with_q][layer]
+        """(norm weight, norm bias, K|V weight, K|V bias) of `layer`, as skip_kv reads them: the
+        layer's own tensors or views of them (tied layers read their one stored block). with_q:
+        the projection's Q rows too (K|V|Q), for skip_kv's q_out."""
+        w = self.layers[layer]
+        if with_q:
+            return w.attn_norm_weight, w.attn_norm_bias, w.kvq_weight, w.kvq_bias
+        return w.attn_norm_weight, w.attn_norm_bias, w.kv_weight, w.kv_bias
 
     @property
     def device(self) -> torch.device:

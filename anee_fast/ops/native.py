@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.anee_fast.*)
-from .reference import check_skip_kv_layer
 
 _ops = torch.ops.anee_fast
 OPS = ("norm", "add_norm", "linear", "skip_kv", "paged_attention", "policy_step", "saturation_codes")
@@ -36,12 +35,10 @@ def linear(x, weight, bias=None, activation: str = "none", residual=None, row_ma
 
 
 def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: Optional[torch.Tensor],
-            rope_scale: float, k_cache, v_cache, slot_mapping, first_layer: Optional[torch.Tensor],
-            eps: float, rms: bool, q_out: Optional[torch.Tensor] = None):
+            rope_scale: float, k_cache, v_cache, slot_mapping, eps: float, rms: bool,
+            q_out: Optional[torch.Tensor] = None):
     """norm -> K|V(|Q) projection -> RoPE -> cache write (and q_out) for one layer (see
-    reference_ops). first_layer must be None: the op's schema has no such argument."""
-    if first_layer is not None:
-        check_skip_kv_layer(k_cache, first_layer)
+    reference_ops)."""
     _ops.skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq,
                  float(rope_scale), k_cache, v_cache, slot_mapping, float(eps), bool(rms), q_out)
 

@@ -6,7 +6,7 @@ The ops a backend provides (same names and signatures in `kernels/` and `csrc/`)
 - `add_norm(x, residual, weight, bias, eps, rms) -> (sum, normed)`
 - `linear(x, weight, bias, activation="none", residual=None, row_mask=None) -> out`
 - `skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
-           k_cache, v_cache, slot_mapping, first_layer, eps, rms, q_out=None) -> ()`
+           k_cache, v_cache, slot_mapping, eps, rms, q_out=None) -> ()`
 - `paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size, scale,
                    sliding_window) -> out`
 - `policy_step(proposed, spent, stopped, allowed, actions, layer, commitment, skip_cost,
@@ -101,30 +101,29 @@ def rotate(x, cos, sin):
 
 
 def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: Optional[torch.Tensor],
-            rope_scale: float, k_cache, v_cache, slot_mapping, first_layer: Optional[torch.Tensor],
-            eps: float, rms: bool, q_out: Optional[torch.Tensor] = None):
+            rope_scale: float, k_cache, v_cache, slot_mapping, eps: float, rms: bool,
+            q_out: Optional[torch.Tensor] = None):
     """One layer's SKIP path for the rows h [N, hidden], as one op: norm -> K|V projection ->
     RoPE on K (when inv_freq is given) -> write to the cache at slot_mapping (slot -1: nothing).
 
-    Every tensor is the layer's [1, ...] slice of the stacks: norm_weight/norm_bias [1, hidden];
-    kv_weight [1, 2*kv_size, hidden] with rows K | V; kv_bias [1, 2*kv_size]; k_cache/v_cache
-    [1, slots + 1, kv_heads, d]. first_layer must be None (see check_skip_kv_layer).
+    norm_weight/norm_bias [hidden]; kv_weight [2*kv_size, hidden] with rows K | V; kv_bias
+    [2*kv_size]; k_cache/v_cache [slots + 1, kv_heads, d], the layer's cache. One layer per
+    call: the engine decides per token on the device, so it never knows on the host how many
+    layers in a row a token skips.
 
     With q_out [N, heads, d], kv_weight/kv_bias hold the rows K | V | Q, and every row's query
     (RoPE'd like K) lands in q_out: a PROCESS row's whole QKV projection and cache write in one
     launch, sharing the norm.
     """
-    check_skip_kv_layer(k_cache, first_layer)
-    kv_heads, d = k_cache.shape[2], k_cache.shape[3]
-    x = norm(h, norm_weight[0], None if norm_bias is None else norm_bias[0], eps, rms)
-    kvq = F.linear(x, kv_weight[0], None if kv_bias is None else kv_bias[0])
+    check_skip_kv_args(h, norm_weight, norm_bias, kv_weight, kv_bias, k_cache, v_cache, q_out)
+    kv_heads, d = k_cache.shape[1], k_cache.shape[2]
+    kvq = F.linear(norm(h, norm_weight, norm_bias, eps, rms), kv_weight, kv_bias)
     k = kvq[:, :kv_heads * d].reshape(-1, kv_heads, d)
     v = kvq[:, kv_heads * d:2 * kv_heads * d].reshape(-1, kv_heads, d)
     if inv_freq is not None:
         k = apply_rope(k, positions, inv_freq, rope_scale)
     # Without host-side filtering: padding rows target the spare last slot and carry that slot's
     # own content, so it stays as it was.
-    k_cache, v_cache = k_cache[0], v_cache[0]
     spare = k_cache.shape[0] - 1
     valid = (slot_mapping >= 0)[:, None, None]
     slots = torch.where(slot_mapping >= 0, slot_mapping, spare)
@@ -135,16 +134,23 @@ def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: 
         q_out.copy_(q if inv_freq is None else apply_rope(q, positions, inv_freq, rope_scale))
 
 
-def check_skip_kv_layer(k_cache, first_layer):
-    """skip_kv writes one layer per call: the engine decides per token on the device, so it never
-    knows on the host how many layers in a row a token skips: a multi-layer call would need a
-    host sync (and on the CPU one 6-layer call was only 2-7% faster than 6 calls). first_layer,
-    the removed multi-layer mode's per-row start, stays a positional slot that must be None
-    while model/forward.py passes it."""
-    if first_layer is not None or k_cache.dim() != 4 or k_cache.shape[0] != 1:
-        raise ValueError(f"skip_kv: one layer per call: caches [1, slots, kv_heads, head_dim] "
-                         f"and first_layer None, got caches {list(k_cache.shape)} and first_layer "
-                         f"{'None' if first_layer is None else 'given'}")
+def check_skip_kv_args(h, norm_weight, norm_bias, kv_weight, kv_bias, k_cache, v_cache, q_out):
+    """skip_kv's shapes (csrc/op_checks.h checks the same for the native ops): a misshapen
+    weight would otherwise broadcast or reshape into a wrong result instead of an error."""
+    if h.dim() != 2 or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"skip_kv: h must be [N, hidden] and k_cache, v_cache both [slots, "
+                         f"kv_heads, head_dim], got h {list(h.shape)}, k_cache "
+                         f"{list(k_cache.shape)}, v_cache {list(v_cache.shape)}")
+    (n, hidden), (_, kv_heads, d) = h.shape, k_cache.shape
+    if q_out is not None and (q_out.dim() != 3 or q_out.shape[0] != n or q_out.shape[2] != d):
+        raise ValueError(f"skip_kv: q_out must be [N, heads, head_dim], got {list(q_out.shape)}")
+    rows = (2 * kv_heads + (0 if q_out is None else q_out.shape[1])) * d
+    layout = "K|V" if q_out is None else "K|V|Q"
+    for name, t, shape in (("norm_weight", norm_weight, [hidden]), ("norm_bias", norm_bias, [hidden]),
+                           (f"kv_weight ({layout} rows)", kv_weight, [rows, hidden]),
+                           (f"kv_bias ({layout})", kv_bias, [rows])):
+        if t is not None and list(t.shape) != shape:
+            raise ValueError(f"skip_kv: {name} must be {shape}, got {list(t.shape)}")
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size: int,

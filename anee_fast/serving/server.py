@@ -28,12 +28,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .async_engine import AsyncEngine
 from ..control.registry import make_controller
-
-from .openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 from ..engine.sampling import SamplingParams
+from .async_engine import AsyncEngine
 from .metrics import CONTENT_TYPE, ServingMetrics
+from .openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_COMPLETION_TOKENS = 16

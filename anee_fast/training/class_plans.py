@@ -22,7 +22,6 @@ from tqdm import tqdm
 
 from ..actions import PROCESS, SKIP
 from ..control.base import Controller
-
 from ..control.trained import nearest, normalised
 from ..eval.category_router import kmeans
 from ..eval.quality import score_windows, token_kl

@@ -17,10 +17,9 @@ import torch
 from ..actions import PROCESS, SKIP
 from ..control.base import Controller
 from ..control.controllers import HeuristicController
-
 from ..control.depth_policy import DepthAccounting
-from ..eval.quality import full_logits, score_windows, token_kl
 from ..control.trained import controller_features
+from ..eval.quality import full_logits, score_windows, token_kl
 
 _EPS = 1e-6
 

@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from ..actions import PROCESS, SKIP
+from ..control.trained import FEATURES, BudgetConditionedController
+from ..eval.corpus import corpus_text, evenly_spaced, split_windows, token_windows
+from ..eval.quality import full_logits, score_windows, token_metrics
 from .checkpoints import load_checkpoint, run_directory, save_checkpoint, seeded_generator
 from .class_plans import fit_class_plans
 from .controller_traces import collect_traces, processable_layers
-from ..eval.corpus import corpus_text, evenly_spaced, split_windows, token_windows
-from ..eval.quality import full_logits, score_windows, token_metrics
-from ..control.trained import FEATURES, BudgetConditionedController
+from .options import option
 
 TEACHERS = ("oracle", "heuristic")
 EVAL_BUDGETS = (1.0, 0.75, 0.5, 0.25)
@@ -45,36 +46,41 @@ EVAL_BUDGETS = (1.0, 0.75, 0.5, 0.25)
 
 @dataclass
 class TrainConfig:
-    """Each field is an `anee-fast train-controller` option (its help: cli.TRAIN_HELP)."""
-    text: Optional[str] = None        # plain-text corpus; None = the offline pydoc topics
-    seq_len: int = 64                 # tokens per window
-    heldout_fraction: float = 0.2     # last windows of the corpus, never trained on
-    trace_windows: int = 8            # training windows the oracle measures
-    trace_budgets: int = 6            # budgets per window for the traces (stratified in [0, 1])
-    order_windows: int = 4            # of those, the windows of the greedy ablation (base order)
-    order_stop_budget: float = 0.2    # the greedy ablation runs down to this budget
-    max_swaps: int = 1                # oracle: per-token swaps against the base static set
-    margin: float = 2.0               # oracle: a swap needs this sensitivity ratio
-    fallback_margin: Optional[float] = None  # saved controller: follow the base static set
-                                      # unless |logit| > this (None = never)
-    teacher: str = "oracle"           # warm-start labels: oracle | heuristic
-    warm_epochs: int = 6
-    warm_lr: float = 3e-3
-    rl_windows: int = 16              # training windows the REINFORCE rollouts draw from
-    rl_steps: int = 20
-    rl_batch: int = 4                 # windows per REINFORCE step
-    rl_lr: float = 1e-3
-    savings_weight: float = 0.05
-    overspend_penalty: float = 10.0
-    class_budgets: tuple = ()         # budgets with class plans (needs fallback_margin); () = none
-    classes: int = 16                 # class plans: k-means classes
-    class_candidates: int = 3         # class plans: swaps tried per class and budget
-    class_windows: int = 32           # class plans: training windows measured
-    eval_windows: int = 8             # held-out windows for the final report (0 = none)
-    checkpoint_every: int = 5
-    width: int = 32
-    proj_dim: int = 8
-    seed: int = 0
+    """Each field is an `anee-fast train-controller` option, with its help."""
+    text: Optional[str] = option(
+        None, "plain-text corpus file (default: Python's offline pydoc topics)")
+    seq_len: int = option(64, "tokens per window")
+    heldout_fraction: float = option(0.2, "last share of the windows held out, never trained on")
+    trace_windows: int = option(8, "training windows the oracle measures")
+    trace_budgets: int = option(6, "budgets per window in the traces, stratified in [0, 1]")
+    order_windows: int = option(
+        4, "trace windows the greedy ablation runs on to find the oracle's base order")
+    order_stop_budget: float = option(0.2, "budget down to which the greedy ablation runs")
+    max_swaps: int = option(1, "oracle: per-token swaps against the base static set")
+    margin: float = option(2.0, "oracle: sensitivity ratio a swap needs")
+    fallback_margin: Optional[float] = option(
+        None, "saved controller follows the oracle's base static set unless |logit| > this "
+              "(default: never)")
+    teacher: str = option("oracle", f"warm-start labels: {' | '.join(TEACHERS)}")
+    warm_epochs: int = option(6, "supervised warm-start epochs")
+    warm_lr: float = option(3e-3, "warm-start learning rate")
+    rl_windows: int = option(16, "training windows the REINFORCE rollouts draw from")
+    rl_steps: int = option(20, "REINFORCE steps")
+    rl_batch: int = option(4, "windows per REINFORCE step")
+    rl_lr: float = option(1e-3, "REINFORCE learning rate")
+    savings_weight: float = option(0.05, "reward per unit of compute saved")
+    overspend_penalty: float = option(10.0, "reward penalty per unit of compute over the budget")
+    class_budgets: tuple = option(
+        (), "budgets, comma-separated, with per-token-class plans as the fallback's base (needs "
+            "--fallback-margin; default: none)")
+    classes: int = option(16, "class plans: k-means classes")
+    class_candidates: int = option(3, "class plans: swaps tried per class and budget")
+    class_windows: int = option(32, "class plans: training windows measured")
+    eval_windows: int = option(8, "held-out windows for the final report, 0 = none")
+    checkpoint_every: int = option(5, "REINFORCE steps between checkpoints")
+    width: int = option(32, "controller network: hidden width")
+    proj_dim: int = option(8, "controller network: width of its projection of the hidden state")
+    seed: int = option(0, "seed of every random draw")
 
     def validate(self):
         if self.teacher not in TEACHERS:

@@ -33,41 +33,47 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoints import load_checkpoint, run_directory, save_checkpoint, seeded_generator
-from ..model import recurrent as recurrent_model
 from ..control.halting import KINDS, early_plan, new_head, save_heads
 from ..eval.modular_task import IGNORE, ModularTask
+from ..model import recurrent as recurrent_model
 from ..model.recurrent import RecurrentConfig, RecurrentTransformer
+from .checkpoints import load_checkpoint, run_directory, save_checkpoint, seeded_generator
+from .options import option
 
 
 @dataclass
 class RecurrentTrainConfig:
-    """Each field is an `anee-fast train-recurrent` option (its help: cli.RECURRENT_HELP)."""
-    modulus: int = 5
-    train_max_ops: int = 4        # num_ops drawn uniformly in 1..train_max_ops
-    full_depth_share: float = 0.5  # chains whose tokens all run R iterations
-    hidden_size: int = 256
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    intermediate_size: int = 768
-    prelude: int = 1
-    block: int = 1
-    iterations: int = 8
-    coda: int = 1
-    steps: int = 1500
-    batch: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    halting_examples: int = 2048
-    halting_steps: int = 500
-    halting_lr: float = 3e-3
-    halting_width: int = 64
-    compute_penalty: float = 0.2   # nats of cross-entropy a full depth of compute is worth
-    policy_steps: int = 300        # on-policy fine-tuning steps (0: no fine-tuning, heads fitted once)
-    policy_lr: float = 3e-4
-    policy_share: float = 0.5      # fine-tuning chains whose tokens run the heads' depths
-    checkpoint_every: int = 250
-    seed: int = 0
+    """Each field is an `anee-fast train-recurrent` option, with its help."""
+    modulus: int = option(5, "the task's modulus")
+    train_max_ops: int = option(4, "operations per training chain: drawn uniformly in 1..this")
+    full_depth_share: float = option(
+        0.5, "share of the training chains whose tokens all run every iteration; the others run "
+             "random depths")
+    hidden_size: int = option(256, "model width")
+    num_heads: int = option(8, "attention heads")
+    num_kv_heads: int = option(4, "K/V heads")
+    intermediate_size: int = option(768, "MLP width")
+    prelude: int = option(1, "layers before the recurrent block")
+    block: int = option(1, "layers in the recurrent block")
+    iterations: int = option(8, "times the block runs at full depth")
+    coda: int = option(1, "layers after the recurrent block")
+    steps: int = option(1500, "model training steps")
+    batch: int = option(64, "chains per step")
+    lr: float = option(2e-3, "model learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    halting_examples: int = option(2048, "fresh chains the halting heads learn from")
+    halting_steps: int = option(500, "optimisation steps per halting head")
+    halting_lr: float = option(3e-3, "halting heads' learning rate")
+    halting_width: int = option(64, "hidden width of the halting heads")
+    compute_penalty: float = option(0.2, "nats of cross-entropy a full depth of compute is worth")
+    policy_steps: int = option(
+        300, "on-policy fine-tuning steps after the first head fit, then the heads are fitted "
+             "again; 0 leaves the stage out")
+    policy_lr: float = option(3e-4, "on-policy fine-tuning learning rate")
+    policy_share: float = option(
+        0.5, "share of the fine-tuning chains whose tokens run the depths the halting heads pick")
+    checkpoint_every: int = option(250, "steps between checkpoints")
+    seed: int = option(0, "seed of every random draw")
 
     def validate(self):
         for name in ("train_max_ops", "steps", "batch", "halting_examples", "halting_steps",

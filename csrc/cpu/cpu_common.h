@@ -79,24 +79,15 @@ inline float dot(const float* a, const scalar_t* b, int64_t n) {
   return s;
 }
 
-// Strided 3-D view of one layer's cache [slots, kv_heads, head_dim] (writes land in place).
+// Strided 3-D view of one layer's cache [slots, kv_heads, head_dim], or of q_out [N, heads,
+// head_dim] (writes land in place).
 template <typename scalar_t>
 struct CacheView {
   scalar_t* data;
-  int64_t num_slots, heads, dim;
   int64_t s_slot, s_head, s_dim;
 
-  CacheView(const at::Tensor& c, int64_t layer = -1) {
-    // c is [slots, heads, d], or [layers, slots, heads, d] with `layer` picking one.
-    const int64_t o = layer >= 0 ? 1 : 0;
-    data = c.data_ptr<scalar_t>() + (layer >= 0 ? layer * c.stride(0) : 0);
-    num_slots = c.size(o);
-    heads = c.size(o + 1);
-    dim = c.size(o + 2);
-    s_slot = c.stride(o);
-    s_head = c.stride(o + 1);
-    s_dim = c.stride(o + 2);
-  }
+  explicit CacheView(const at::Tensor& c)
+      : data(c.data_ptr<scalar_t>()), s_slot(c.stride(0)), s_head(c.stride(1)), s_dim(c.stride(2)) {}
   scalar_t* row(int64_t slot, int64_t head) const { return data + slot * s_slot + head * s_head; }
 };
 

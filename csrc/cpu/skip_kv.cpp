@@ -5,9 +5,9 @@
 // projection.
 //
 // Only the rows that write are normalised and projected (a CPU op may read the slot mapping on
-// the host: that is row compaction for free), every row when queries are asked for. kv_weight
-// may be a strided view (a [1, ...] slice of the stacked [L, 2kv+q, hidden] weights) and the
-// caches slices of the whole cache: writes land in the given tensors.
+// the host: that is row compaction for free), every row when queries are asked for. The caches
+// are one layer of the whole cache (views): writes land in the given tensors, through their
+// strides.
 #include <vector>
 
 #include "../op_checks.h"
@@ -87,10 +87,8 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
       }
     });
 
-    std::optional<at::Tensor> bias;
-    if (kv_bias.has_value()) bias = kv_bias->select(0, 0);
     const at::Tensor kvq =  // [R, width]: K | V (| Q)
-        linear(x, kv_weight.select(0, 0), bias, "none", std::nullopt, std::nullopt).contiguous();
+        linear(x, kv_weight, kv_bias, "none", std::nullopt, std::nullopt).contiguous();
     const scalar_t* kvp = kvq.data_ptr<scalar_t>();
 
     // One head of d values, RoPE'd when the model uses it (rotate-half), to dst.
@@ -107,7 +105,7 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
         for (int64_t i = 0; i < d; ++i) dst[i * s_dim] = src[i];
       }
     };
-    const CacheView<scalar_t> kcv(k_cache, 0), vcv(v_cache, 0);
+    const CacheView<scalar_t> kcv(k_cache), vcv(v_cache);
     const std::optional<CacheView<scalar_t>> qv =
         q_out.has_value() ? std::optional<CacheView<scalar_t>>(CacheView<scalar_t>(*q_out))
                           : std::nullopt;

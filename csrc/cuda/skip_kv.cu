@@ -11,9 +11,8 @@
 // K|V projection (cuBLAS through at::linear) -> rope_write_kernel; so does a row too wide for the
 // kernel's shared memory (hidden past about 12K).
 // The per-row metadata (slot, position) is read on the device, so a K/V block whose row has no
-// slot simply returns: no host sync. kv_weight may be a strided view (a [1, ...] slice of the
-// stacked [L, 2kv+q, hidden] weights) and the caches slices of the whole cache: writes land in
-// the given tensors.
+// slot simply returns: no host sync. The caches are one layer of the whole cache (views): writes
+// land in the given tensors, through their strides.
 
 #include <ATen/ops/linear.h>
 
@@ -187,12 +186,11 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
 
   const c10::cuda::CUDAGuard guard(h.device());
   const at::Tensor hc = h.contiguous();
-  const at::Tensor nw = float_tensor(norm_weight, h, "skip_kv", "norm_weight").view({hidden});
-  const at::Tensor nb = norm_bias.has_value()
-                            ? float_tensor(*norm_bias, h, "skip_kv", "norm_bias").view({hidden})
-                            : at::Tensor();
-  const at::Tensor w = kv_weight.stride(2) == 1 ? kv_weight[0] : kv_weight[0].contiguous();
-  const at::Tensor b = kv_bias.has_value() ? (*kv_bias)[0].contiguous() : at::Tensor();
+  const at::Tensor nw = float_tensor(norm_weight, h, "skip_kv", "norm_weight");
+  const at::Tensor nb = norm_bias.has_value() ? float_tensor(*norm_bias, h, "skip_kv", "norm_bias")
+                                              : at::Tensor();
+  const at::Tensor w = kv_weight.stride(1) == 1 ? kv_weight : kv_weight.contiguous();
+  const at::Tensor b = kv_bias.has_value() ? kv_bias->contiguous() : at::Tensor();
   if (b.defined()) check_cuda(b, h, "skip_kv", "kv_bias");
   const at::Tensor slots = index_tensor(slot_mapping, h, "skip_kv", "slot_mapping");
   const at::Tensor pos = index_tensor(positions, h, "skip_kv", "positions");
@@ -206,10 +204,10 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
   p.num_slots = sizes.num_slots;
   p.w_row = w.stride(0);
   for (int i = 0; i < 3; ++i) {
-    p.k_s[i] = k_cache.stride(i + 1);
-    p.v_s[i] = v_cache.stride(i + 1);
+    p.k_s[i] = k_cache.stride(i);
+    p.v_s[i] = v_cache.stride(i);
+    p.q_s[i] = q_out.has_value() ? q_out->stride(i) : 0;
   }
-  for (int i = 0; i < 3; ++i) p.q_s[i] = q_out.has_value() ? q_out->stride(i) : 0;
   p.eps = static_cast<float>(eps);
   p.rope_scale = static_cast<float>(rope_scale);
   p.rms = rms;

@@ -95,17 +95,17 @@ def test_packing_shares_the_block_tensors_without_copies(name):
     c = model.config
     weights = LLM(model).weights
     assert len(weights.layers) == c.num_layers
-    assert weights.layer_block == [c.block_of(l) for l in range(c.num_layers)]
     for l in range(c.num_layers):
         block = model.blocks[c.block_of(l)]
         layer = weights.layers[l]
         # Virtual layers that run one block hold the very same LayerWeights.
         assert all(weights.layers[m] is layer for m in range(c.num_layers)
                    if c.block_of(m) == c.block_of(l))
-        # The big matrices are the parameters themselves; the stacked K|V|Q has one row per block.
+        # Every tensor is the parameter itself.
+        assert layer.kvq_weight.data_ptr() == block.kvq.weight.data_ptr()
+        assert layer.attn_norm_weight.data_ptr() == block.attn_norm.data_ptr()
         assert layer.o_weight.data_ptr() == block.o.weight.data_ptr()
         assert layer.down_weight.data_ptr() == block.down.weight.data_ptr()
-    assert weights.stacked["kvq_weight"].shape[0] == c.num_blocks
     distinct = {id(layer) for layer in weights.layers}
     assert len(distinct) == c.num_blocks
 
@@ -157,12 +157,18 @@ def test_decode_exit_writes_every_later_iteration(name):
 
 
 def test_skip_kv_weights_are_views_of_the_stored_block():
-    weights = LLM(build("prelude_coda")).weights     # blocks per layer: 0 1 2 1 2 1 2 3
-    assert weights.layer_block == [0, 1, 2, 1, 2, 1, 2, 3]
+    """Layers 1 and 3 run block 1: skip_kv reads that block's parameters, its K|V rows alone or
+    K|V|Q (with_q)."""
+    model = build("prelude_coda")                    # blocks per layer: 0 1 2 1 2 1 2 3
+    weights = LLM(model).weights
+    spec, block = weights.spec, model.blocks[1]
     for layer in (1, 3):
-        norm_w, _, kv_w, _ = weights.skip_kv_weights(layer)
-        assert kv_w.data_ptr() == weights.stacked["kvq_weight"][1].data_ptr() and kv_w.shape[0] == 1
-        assert norm_w.data_ptr() == weights.stacked["attn_norm_weight"][1].data_ptr()
+        for with_q, rows in ((False, 2 * spec.kv_size), (True, 2 * spec.kv_size + spec.q_size)):
+            norm_w, norm_b, kv_w, kv_b = weights.skip_kv_weights(layer, with_q=with_q)
+            assert kv_w.data_ptr() == block.kvq.weight.data_ptr()
+            assert kv_w.shape == (rows, spec.hidden_size)
+            assert norm_w.data_ptr() == block.attn_norm.data_ptr()
+            assert norm_w.shape == (spec.hidden_size,) and norm_b is None and kv_b is None
 
 
 def test_halting_with_a_coda_still_runs_the_coda():

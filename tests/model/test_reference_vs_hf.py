@@ -128,8 +128,7 @@ def test_bf16_weights_keep_float32_norms(arch):
     llm = LLM(model, dtype=torch.bfloat16, backend="reference")
     weights = llm.weights
     layer = weights.layers[0]
-    norms = [layer.attn_norm_weight, layer.mlp_norm_weight, weights.final_norm_weight,
-             weights.stacked["attn_norm_weight"]]
+    norms = [layer.attn_norm_weight, layer.mlp_norm_weight, weights.final_norm_weight]
     assert all(t.dtype == torch.float32 for t in norms)
     assert {layer.kvq_weight.dtype, layer.up_weight.dtype, weights.lm_head.dtype} == {torch.bfloat16}
     ids = random_ids(model, 9, seed=3)

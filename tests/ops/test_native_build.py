@@ -91,31 +91,31 @@ def _slots(g, rows, num_slots):
 
 def _skip_kv_inputs(g, rows, hidden, kv_heads, d, total_layers, q_size, num_slots, rope, rms,
                     biases, dtype=torch.float32):
-    """One layer's weights and caches as the model runner passes them: [1, ...] strided slices of
-    bigger tensors."""
+    """One layer's inputs as the model runner passes them: kv_weight/kv_bias the K|V rows (views)
+    of the layer's K|V|Q kvq_weight/kvq_bias, and the caches layer `lo` of k_all/v_all
+    [total_layers, num_slots, kv_heads, d]."""
     kv = 2 * kv_heads * d
-    lo = total_layers - 2                            # a slice in the middle of the stack
+    lo = total_layers - 2                            # a layer in the middle of the cache
     h = torch.randn(rows, hidden, generator=g).to(dtype)
-    nw = (1 + 0.3 * torch.randn(total_layers, hidden, generator=g)).to(dtype)[lo:lo + 1]
-    nb = (0.3 * torch.randn(total_layers, hidden, generator=g)).to(dtype)[lo:lo + 1] if biases else None
-    w_all = (torch.randn(total_layers, kv + q_size, hidden, generator=g) / hidden ** 0.5).to(dtype)
-    kvw = w_all[lo:lo + 1, :kv]                      # strided: the K|V rows of K|V|Q
-    b_all = (0.3 * torch.randn(total_layers, kv + q_size, generator=g)).to(dtype)
-    kvb = b_all[lo:lo + 1, :kv] if biases else None
+    nw = (1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype)
+    nb = (0.3 * torch.randn(hidden, generator=g)).to(dtype) if biases else None
+    kvq_w = (torch.randn(kv + q_size, hidden, generator=g) / hidden ** 0.5).to(dtype)
+    kvq_b = (0.3 * torch.randn(kv + q_size, generator=g)).to(dtype) if biases else None
     positions = torch.randint(0, 300, (rows,), generator=g)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)) if rope else None
     k_all = torch.full((total_layers, num_slots, kv_heads, d), SENTINEL, dtype=dtype)
     v_all = torch.full((total_layers, num_slots, kv_heads, d), SENTINEL, dtype=dtype)
     slots = _slots(g, rows, num_slots)
-    return dict(h=h, norm_weight=nw, norm_bias=nb, kv_weight=kvw, kv_bias=kvb, positions=positions,
-                inv_freq=inv_freq, rope_scale=1.3 if rope else 1.0, k_all=k_all, v_all=v_all,
-                lo=lo, slot_mapping=slots, eps=1e-5, rms=rms)
+    return dict(h=h, norm_weight=nw, norm_bias=nb, kv_weight=kvq_w[:kv],
+                kv_bias=None if kvq_b is None else kvq_b[:kv], kvq_weight=kvq_w, kvq_bias=kvq_b,
+                positions=positions, inv_freq=inv_freq, rope_scale=1.3 if rope else 1.0,
+                k_all=k_all, v_all=v_all, lo=lo, slot_mapping=slots, eps=1e-5, rms=rms)
 
 
 def _run_skip_kv(fn, a, k_all, v_all):
     fn(a["h"], a["norm_weight"], a["norm_bias"], a["kv_weight"], a["kv_bias"], a["positions"],
-       a["inv_freq"], a["rope_scale"], k_all[a["lo"]:a["lo"] + 1], v_all[a["lo"]:a["lo"] + 1],
-       a["slot_mapping"], None, a["eps"], a["rms"])
+       a["inv_freq"], a["rope_scale"], k_all[a["lo"]], v_all[a["lo"]], a["slot_mapping"],
+       a["eps"], a["rms"])
 
 
 def _paged_inputs(g, seq_lens, heads, kv_heads, d, block_size, dtype=torch.float32):
@@ -243,8 +243,8 @@ def test_opcheck_skip_kv(native, rope, rms, biases):
     lo = a["lo"]
     torch.library.opcheck(torch.ops.anee_fast.skip_kv, (
         a["h"], a["norm_weight"], a["norm_bias"], a["kv_weight"], a["kv_bias"], a["positions"],
-        a["inv_freq"], a["rope_scale"], a["k_all"][lo:lo + 1], a["v_all"][lo:lo + 1],
-        a["slot_mapping"], a["eps"], a["rms"]))
+        a["inv_freq"], a["rope_scale"], a["k_all"][lo], a["v_all"][lo], a["slot_mapping"],
+        a["eps"], a["rms"]))
 
 
 def test_opcheck_skip_kv_with_q_out(native):
@@ -252,12 +252,10 @@ def test_opcheck_skip_kv_with_q_out(native):
     a = _skip_kv_inputs(_gen(6), rows=6, hidden=24, kv_heads=2, d=8, total_layers=3, q_size=24,
                         num_slots=33, rope=True, rms=True, biases=True)
     lo = a["lo"]
-    kvq_w = a["kv_weight"]._base[lo:lo + 1]
-    kvq_b = a["kv_bias"]._base[lo:lo + 1]
     q_out = torch.full((6, 3, 8), float("nan"))
     torch.library.opcheck(torch.ops.anee_fast.skip_kv, (
-        a["h"], a["norm_weight"], a["norm_bias"], kvq_w, kvq_b, a["positions"], a["inv_freq"],
-        a["rope_scale"], a["k_all"][lo:lo + 1], a["v_all"][lo:lo + 1], a["slot_mapping"],
+        a["h"], a["norm_weight"], a["norm_bias"], a["kvq_weight"], a["kvq_bias"], a["positions"],
+        a["inv_freq"], a["rope_scale"], a["k_all"][lo], a["v_all"][lo], a["slot_mapping"],
         a["eps"], a["rms"], q_out))
 
 
@@ -279,9 +277,9 @@ def test_torch_compile_traces_the_ops(native):
     slots = torch.arange(5)
 
     def step(h, q):
-        x = native.norm(h, a["norm_weight"][0], None, 1e-5, True)
+        x = native.norm(h, a["norm_weight"], None, 1e-5, True)
         native.skip_kv(x, a["norm_weight"], None, a["kv_weight"], None, positions, a["inv_freq"], 1.0,
-                       k_cache[None], v_cache[None], slots, None, 1e-5, True)
+                       k_cache, v_cache, slots, 1e-5, True)
         return native.paged_attention(q, k_cache, v_cache, tables, seq_idx, positions, 4, 0.3, 0)
 
     q = torch.randn(5, 4, 8)

@@ -7,21 +7,19 @@ from anee_fast.ops import reference as ref
 from op_cases import SENTINEL, TARGETS, poisoned_caches, slot_mapping, target, target_id  # noqa: F401
 
 
-def skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, layers, rope, bias, gen):
-    """Weights as the model stores them: [L, 2kv + q, hidden] stacked, the K|V rows a view."""
+def skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, rope, bias, gen, with_q=False):
+    """One layer's weights as the model stores them: K|V|Q [2kv + q, hidden], whose K|V rows (a
+    view) skip_kv reads without q_out; with_q: all of them, for q_out."""
     kv, q = 2 * kv_heads * head_dim, heads * head_dim
-    total_layers = layers + 2
-    kvq = torch.randn(total_layers, kv + q, hidden, generator=gen) / hidden ** 0.5
-    kvq_bias = 0.1 * torch.randn(total_layers, kv + q, generator=gen) if bias else None
-    norm_w = 1 + 0.2 * torch.randn(total_layers, hidden, generator=gen)
-    norm_b = 0.2 * torch.randn(total_layers, hidden, generator=gen) if bias else None
-    lo = 1                                                            # a slice of the stack
+    rows_used = kv + q if with_q else kv
+    kvq = torch.randn(kv + q, hidden, generator=gen) / hidden ** 0.5
+    kvq_bias = 0.1 * torch.randn(kv + q, generator=gen) if bias else None
     return dict(
         h=torch.randn(rows, hidden, generator=gen),
-        norm_weight=norm_w[lo:lo + layers],
-        norm_bias=None if norm_b is None else norm_b[lo:lo + layers],
-        kv_weight=kvq[lo:lo + layers, :kv],
-        kv_bias=None if kvq_bias is None else kvq_bias[lo:lo + layers, :kv],
+        norm_weight=1 + 0.2 * torch.randn(hidden, generator=gen),
+        norm_bias=0.2 * torch.randn(hidden, generator=gen) if bias else None,
+        kv_weight=kvq[:rows_used],
+        kv_bias=None if kvq_bias is None else kvq_bias[:rows_used],
         positions=torch.randint(0, 500, (rows,), generator=gen),
         inv_freq=(1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)) if rope else None,
         rope_scale=1.25 if rope else 1.0)
@@ -43,23 +41,23 @@ def test_skip_kv_row_wider_than_the_cuda_kernels_shared_memory(target):
 
 
 def check_skip_kv(target, rows, hidden, heads, kv_heads, head_dim, rope, bias, rms):
-    """skip_kv into a poisoned layer slice of a bigger cache against the reference."""
+    """skip_kv into a poisoned layer of a bigger cache against the reference."""
     g = torch.Generator().manual_seed(rows * 31 + 1)
-    args = skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, 1, rope, bias, g)
+    args = skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, rope, bias, g)
     slots = 61 + rows
     mapping = target.to(slot_mapping(rows, slots, g))
-    # The kernel writes into a layer slice of a bigger cache, as the engine passes cache.k[l:l+1].
+    # The kernel writes into one layer of a bigger cache, as the engine passes cache.k[l].
     shape = (3, slots + 1, kv_heads, head_dim)
     k_full, v_full = poisoned_caches(shape, target)
     k_exp, v_exp = torch.full(shape, SENTINEL, device=target.device), torch.full(shape, SENTINEL, device=target.device)
     inv_freq = args.pop("inv_freq")
     inv_freq = None if inv_freq is None else inv_freq.to(target.device)      # always float32
     target.ops.skip_kv(**{k: (target.to(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
-                       inv_freq=inv_freq, k_cache=k_full[1:2], v_cache=v_full[1:2],
-                       slot_mapping=mapping, first_layer=None, eps=1e-5, rms=rms)
+                       inv_freq=inv_freq, k_cache=k_full[1], v_cache=v_full[1],
+                       slot_mapping=mapping, eps=1e-5, rms=rms)
     ref.skip_kv(**{k: (target.exact(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
-                inv_freq=inv_freq, k_cache=k_exp[1:2], v_cache=v_exp[1:2],
-                slot_mapping=mapping, first_layer=None, eps=1e-5, rms=rms)
+                inv_freq=inv_freq, k_cache=k_exp[1], v_cache=v_exp[1],
+                slot_mapping=mapping, eps=1e-5, rms=rms)
     written = k_exp != SENTINEL
     assert written.any()
     assert torch.equal(k_full[~written].float(), k_exp[~written]), "a slot not meant to be written changed"
@@ -74,12 +72,7 @@ def test_skip_kv_with_q_out(target, rows, hidden, heads, kv_heads, head_dim, rop
     """With q_out, the weights are K|V|Q: the cache gets K/V as without it, and every row, a
     padding row too, gets its query (RoPE'd like K) in q_out, poisoned with NaN before."""
     g = torch.Generator().manual_seed(rows * 37 + head_dim)
-    args = skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, 1, rope, bias, g)
-    kv = 2 * kv_heads * head_dim
-    stack_w, stack_b = args["kv_weight"]._base, None if not bias else args["kv_bias"]._base
-    args["kv_weight"] = stack_w[1:2]                               # K|V|Q rows of the layer
-    args["kv_bias"] = None if stack_b is None else stack_b[1:2]
-    assert args["kv_weight"].shape[1] == kv + heads * head_dim
+    args = skip_kv_inputs(rows, hidden, heads, kv_heads, head_dim, rope, bias, g, with_q=True)
     slots = 61 + rows
     mapping = target.to(slot_mapping(rows, slots, g))
     shape = (3, slots + 1, kv_heads, head_dim)
@@ -90,11 +83,11 @@ def test_skip_kv_with_q_out(target, rows, hidden, heads, kv_heads, head_dim, rop
     inv_freq = args.pop("inv_freq")
     inv_freq = None if inv_freq is None else inv_freq.to(target.device)
     target.ops.skip_kv(**{k: (target.to(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
-                       inv_freq=inv_freq, k_cache=k_full[1:2], v_cache=v_full[1:2],
-                       slot_mapping=mapping, first_layer=None, eps=1e-5, rms=rms, q_out=q_out)
+                       inv_freq=inv_freq, k_cache=k_full[1], v_cache=v_full[1],
+                       slot_mapping=mapping, eps=1e-5, rms=rms, q_out=q_out)
     ref.skip_kv(**{k: (target.exact(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()},
-                inv_freq=inv_freq, k_cache=k_exp[1:2], v_cache=v_exp[1:2],
-                slot_mapping=mapping, first_layer=None, eps=1e-5, rms=rms, q_out=q_exp)
+                inv_freq=inv_freq, k_cache=k_exp[1], v_cache=v_exp[1],
+                slot_mapping=mapping, eps=1e-5, rms=rms, q_out=q_exp)
     written = k_exp != SENTINEL
     assert written.any() and not q_out.isnan().any()
     assert torch.equal(k_full[~written].float(), k_exp[~written]), "a slot not meant to be written changed"
@@ -103,21 +96,30 @@ def test_skip_kv_with_q_out(target, rows, hidden, heads, kv_heads, head_dim, rop
     torch.testing.assert_close(q_out.float(), q_exp, **target.tol)
 
 
-def test_skip_kv_takes_one_layer_and_q_out_needs_the_q_rows(target):
-    """Two layers' slices, or a first_layer (the removed multi-layer mode), are refused; so is
-    q_out with K|V rows only."""
+# (what is misshapen, the message names): the removed multi-layer mode's [1, ...] layouts, a
+# bias of the wrong length, and q_out with K|V weight rows only.
+MISSHAPEN = {
+    "stacked caches": (dict(k_cache=(1, 9, 2, 64), v_cache=(1, 9, 2, 64)), "k_cache"),
+    "stacked norm_weight": (dict(norm_weight=(1, 48)), "norm_weight"),
+    "stacked kv_weight": (dict(kv_weight=(1, 256, 48)), "kv_weight"),
+    "short kv_bias": (dict(kv_bias=(255,)), "kv_bias"),
+    "q_out without Q rows": (dict(q_out=(3, 4, 64)), "kv_weight"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISSHAPEN))
+def test_skip_kv_refuses_misshapen_caches_and_weights(target, case):
+    """One layer's tensors only ([hidden], [rows, hidden], [slots, kv_heads, d]); anything else is
+    an error naming the tensor, raised before a cache slot is written."""
+    shapes, match = MISSHAPEN[case]
     g = torch.Generator().manual_seed(5)
-    args = skip_kv_inputs(3, 48, 4, 2, 64, 2, False, False, g)
+    args = skip_kv_inputs(3, 48, 4, 2, 64, False, True, g)
     args = {k: (target.to(v) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    k_cache, v_cache = poisoned_caches((2, 9, 2, 64), target)
-    q_out = torch.empty(3, 4, 64, device=target.device, dtype=target.dtype)
-    common = dict(slot_mapping=target.to(torch.tensor([0, 1, 2])), eps=1e-5, rms=True)
-    with pytest.raises((RuntimeError, ValueError), match="one layer"):
-        target.ops.skip_kv(**args, k_cache=k_cache, v_cache=v_cache, first_layer=None, **common)
-    one = {**args, "norm_weight": args["norm_weight"][:1], "kv_weight": args["kv_weight"][:1]}
-    with pytest.raises((RuntimeError, ValueError), match="one layer"):
-        target.ops.skip_kv(**one, k_cache=k_cache[:1], v_cache=v_cache[:1],
-                           first_layer=target.to(torch.zeros(3, dtype=torch.long)), **common)
-    with pytest.raises((RuntimeError, ValueError), match="kv_weight"):      # K|V rows only
-        target.ops.skip_kv(**one, k_cache=k_cache[:1], v_cache=v_cache[:1], first_layer=None,
-                           q_out=q_out, **common)
+    k_cache, v_cache = poisoned_caches((9, 2, 64), target)
+    args.update(k_cache=k_cache, v_cache=v_cache, slot_mapping=target.to(torch.tensor([0, 1, 2])),
+                eps=1e-5, rms=True)
+    for name, shape in shapes.items():
+        args[name] = torch.full(shape, SENTINEL, device=target.device, dtype=target.dtype)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        target.ops.skip_kv(**args)
+    assert (args["k_cache"] == SENTINEL).all() and (args["v_cache"] == SENTINEL).all()
