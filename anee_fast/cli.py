@@ -43,13 +43,28 @@ def _controller_help(what: str) -> str:
             "directory/.json/.safetensors; ANEE 0.4: .pt) (default %(default)s)")
 
 
+def _add_threads_option(p):
+    """--threads, on every subcommand that computes (LLM's threads=, llm.set_threads)."""
+    p.add_argument("--threads", type=_thread_count, default=None,
+                   help="torch CPU threads of this process (default: $ANEE_FAST_THREADS, else "
+                        "torch's: one per core); fewer than the cores when other work shares them")
+
+
+def _thread_count(text: str) -> int:
+    """argparse type of --threads: an integer >= 1, refused before anything is loaded."""
+    if not text.strip().isdecimal() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def _add_model_options(p, runtime: bool = True):
-    """--model and --min-layers; with runtime, also --backend, --device and --dtype."""
+    """--model, --min-layers and --threads; with runtime, also --backend, --device and --dtype."""
     p.add_argument("--model", default=None, metavar="PATH_OR_ID",
                    help="local model directory, .gguf file or hub id (default: the embedded "
                         "SmolLM2-135M-Instruct)")
     p.add_argument("--min-layers", type=int, default=2,
                    help="first layers every token always processes (default 2)")
+    _add_threads_option(p)
     if runtime:
         p.add_argument("--backend", default="auto", help=BACKEND_HELP)
         p.add_argument("--device", default=None,
@@ -97,7 +112,8 @@ def _load_llm(args, model, **engine_options):
     from .llm import LLM
     runtime = {k: getattr(args, k) for k in ("backend", "device", "dtype") if hasattr(args, k)}
     with _no_progress_bars():
-        return LLM(model, min_layers=args.min_layers, **runtime, **engine_options)
+        return LLM(model, min_layers=args.min_layers, threads=args.threads, **runtime,
+                   **engine_options)
 
 
 # ---- generate ------------------------------------------------------------------------------------
@@ -264,11 +280,15 @@ def _add_serve(subparsers):
                     "and controller as extra fields.")
     _add_model_options(p)
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: loopback only)")
+                   help="address to bind (default 127.0.0.1: loopback only; any other address "
+                        "needs --api-key or --allow-unauthenticated)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("ANEE_FAST_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: "
                         "$ANEE_FAST_API_KEY; none when unset)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a --host beyond loopback without an API key (warns): anyone who "
+                        "can reach the address can run generations")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients must send (default: the model's name)")
     p.add_argument("--budget", type=float, default=1.0,
@@ -277,6 +297,9 @@ def _add_serve(subparsers):
                    help=_controller_help("controller of requests that name none"))
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body accepted; larger ones get 413 (default 1 MiB)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="most seconds a request body's upload may take; slower ones get 408 "
+                        "(default 30)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: 8192 "
                                                                    "tokens' worth)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences per step (default 64)")
@@ -290,14 +313,18 @@ def _cmd_serve(args) -> int:
         raise _Error(f"--port must be in [0, 65535], got {args.port}")
     if args.max_body_bytes < 1:
         raise _Error(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
+    if not (math.isfinite(args.body_timeout) and args.body_timeout > 0):
+        raise _Error(f"--body-timeout must be a number of seconds > 0, got {args.body_timeout}")
     if args.api_key is not None and not args.api_key:
         raise _Error("--api-key is empty")
+    from .serving.server import check_exposure, serve
+    check_exposure(args.host, args.api_key, args.allow_unauthenticated)    # before loading
     model = _checked_model(args)
 
-    from .serving.server import serve
     llm = _load_llm(args, model, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs)
     serve(llm, host=args.host, port=args.port, api_key=args.api_key,
-          model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
+          allow_unauthenticated=args.allow_unauthenticated, model_name=args.served_model_name,
+          max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
           energy_budget=budget, controller=controller)
     return 0
 
@@ -424,7 +451,6 @@ def _add_train_controller(subparsers):
     p.add_argument("out_dir", help="output directory (checkpoints and the trained controller)")
     p.add_argument("--resume", action="store_true", help="continue the run found in OUT_DIR")
     _add_model_options(p, runtime=False)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     _add_config_options(p, TrainConfig)
     p.set_defaults(func=_cmd_train_controller)
 
@@ -432,9 +458,6 @@ def _add_train_controller(subparsers):
 def _cmd_train_controller(args) -> int:
     config = _config(TrainConfig, args)
     model = _checked_model(args)
-    if args.threads is not None:
-        import torch
-        torch.set_num_threads(args.threads)
     llm = _load_llm(args, model)
     start = time.perf_counter()
     log = train_controller(llm, args.out_dir, config, resume=args.resume)
@@ -461,18 +484,15 @@ def _add_train_recurrent(subparsers):
                     "training_log.json, training_curve.png.")
     p.add_argument("out_dir", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue the run found in OUT_DIR")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    _add_threads_option(p)
     _add_config_options(p, RecurrentTrainConfig)
     p.set_defaults(func=_cmd_train_recurrent)
 
 
 def _cmd_train_recurrent(args) -> int:
+    from .llm import set_threads
     config = _config(RecurrentTrainConfig, args)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise _Error(f"--threads must be >= 1, got {args.threads}")
-        import torch
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     log = train_recurrent(args.out_dir, config, resume=args.resume)
     last = log["model_log"][-1] if log["model_log"] else None
     print(f"trained {log['parameters']} parameters in " + ", ".join(

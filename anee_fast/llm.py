@@ -1,15 +1,18 @@
 """The public entry point: `LLM(model).score(...)` and `LLM(model).generate(...)`."""
+import os
 from dataclasses import dataclass
 
 import torch
 
 from .actions import validate_actions
 from .engine.config import EngineConfig
-from .engine.llm_engine import LLMEngine, check_budget
+from .engine.llm_engine import LLMEngine, check_token_ids
 from .engine.sampling import SamplingParams
 from .model.loader import default_device, load_weights
 from .ops.backends import ops_for, select_backend
 from .trace import Trace
+
+THREADS_ENV = "ANEE_FAST_THREADS"
 
 
 @dataclass
@@ -25,7 +28,10 @@ class LLM:
     def __init__(self, model=None, backend: str = "auto", device=None, dtype=None, *,
                  tokenizer=None, block_size: int = 16, num_kv_blocks=None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, min_layers: int = 2, always_last: int = 0,
-                 cuda_graphs=None, conditional_layers=False):
+                 cuda_graphs=None, conditional_layers=False, threads=None):
+        """threads: torch's CPU threads for this process (set_threads); None = $ANEE_FAST_THREADS
+        if set, else torch's default."""
+        set_threads(threads)
         self.backend = select_backend(backend, default_device(device).type)
         self.weights, loaded_tokenizer, self.name = load_weights(model, device, dtype)
         self.tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
@@ -57,12 +63,13 @@ class LLM:
         """float32 logits [T, vocab] of every position; a list of sequences is one ragged batch.
 
         actions: int8 [T, L] (a list of them for a batch) or None to let `controller` decide.
+        energy_budget: one float, or one per sequence of a batch.
         chunk_size: None = as many tokens per step as the scheduler allows (max_num_batched_tokens);
         k = at most k tokens of a sequence per step, through the paged decode path.
         """
-        batched = isinstance(token_ids, (list, tuple)) and len(token_ids) > 0 and \
-            isinstance(token_ids[0], (list, tuple, torch.Tensor))
+        batched = _is_batch(token_ids)
         sequences = list(token_ids) if batched else [token_ids]
+        names = [f"token_ids[{i}]" for i in range(len(sequences))] if batched else ["token_ids"]
         if actions is not None and not batched:
             actions = [actions]
         if actions is not None and len(actions) != len(sequences):
@@ -70,9 +77,16 @@ class LLM:
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
-        check_budget(energy_budget)
-        seqs = [self.engine.new_sequence(_ids(s), SamplingParams(max_tokens=0), energy_budget,
-                                         controller) for s in sequences]
+        if isinstance(energy_budget, (list, tuple)) and not batched:
+            raise ValueError(f"energy_budget must be a number in [0, 1] for one sequence (a list "
+                             f"gives one per sequence of a batch), got {energy_budget!r}")
+        budgets = energy_budget if isinstance(energy_budget, (list, tuple)) \
+            else [energy_budget] * len(sequences)
+        if len(budgets) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences but {len(budgets)} values of energy_budget")
+        seqs = [self.engine.new_sequence(check_token_ids(s, name), SamplingParams(max_tokens=0),
+                                         budget, controller)
+                for s, name, budget in zip(sequences, names, budgets)]
         for i, seq in enumerate(seqs):
             seq.chunk_size = chunk_size
             if actions is not None:
@@ -87,12 +101,13 @@ class LLM:
 
     def generate(self, prompts, sampling_params=None, energy_budget=1.0, controller="budget",
                  use_tqdm: bool = False):
-        """Generates for each prompt (a string or a list of token ids); returns RequestOutputs."""
-        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                              and isinstance(prompts[0], int))
-        prompts = [prompts] if single else list(prompts)
-        if not prompts:
+        """Generates for one prompt or a list of prompts, each a string or token ids (a list,
+        tuple or 1-D tensor); returns one RequestOutput per prompt."""
+        if isinstance(prompts, (list, tuple)) and not prompts:
             raise ValueError("no prompts given")
+        batched = _is_batch(prompts)
+        prompts = list(prompts) if batched else [prompts]
+        names = [f"prompts[{i}]" for i in range(len(prompts))] if batched else ["prompts"]
         params = sampling_params or SamplingParams()
         params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         budgets = energy_budget if isinstance(energy_budget, (list, tuple)) else [energy_budget] * len(prompts)
@@ -104,8 +119,8 @@ class LLM:
                 raise ValueError(f"{len(prompts)} prompts but {len(values)} values of {name}")
         engine = self.engine
         # Validate every request before any is queued, so a bad one changes nothing.
-        seqs = [engine.new_sequence(self._encode(p), sp, b, c)
-                for p, sp, b, c in zip(prompts, params, budgets, controllers)]
+        seqs = [engine.new_sequence(self._encode(p, name), sp, b, c)
+                for p, name, sp, b, c in zip(prompts, names, params, budgets, controllers)]
         for seq in seqs:
             engine.scheduler.add(seq)
         progress = None
@@ -126,7 +141,7 @@ class LLM:
                 progress.close()
         return [self._output(seq) for seq in seqs]
 
-    def _encode(self, prompt):
+    def _encode(self, prompt, name: str) -> list:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: give prompts as lists of token ids "
@@ -134,7 +149,7 @@ class LLM:
             if not prompt:
                 raise ValueError("the prompt is empty")
             return self.tokenizer.encode(prompt)
-        return _ids(prompt)
+        return check_token_ids(prompt, name)
 
     def _output(self, seq) -> RequestOutput:
         text = ""
@@ -145,9 +160,24 @@ class LLM:
                              finish_reason=seq.finish_reason, trace=seq.trace())
 
 
-def _ids(tokens) -> list:
-    if isinstance(tokens, torch.Tensor):
-        if tokens.dim() != 1:
-            raise ValueError(f"token_ids must be 1-D, got shape {list(tokens.shape)}")
-        return tokens.tolist()
-    return [int(t) for t in tokens]
+def _is_batch(x) -> bool:
+    """A list or tuple of prompts rather than one prompt's token ids: its first item is itself a
+    sequence (a string, list, tuple, or a tensor or array of one or more dimensions)."""
+    return isinstance(x, (list, tuple)) and len(x) > 0 and \
+        (isinstance(x[0], (str, list, tuple)) or getattr(x[0], "ndim", 0) >= 1)
+
+
+def set_threads(threads=None) -> None:
+    """Sets torch's CPU threads for the whole process: `threads`, else $ANEE_FAST_THREADS, else
+    leaves torch's default (one per core). Fewer threads than cores pay off when other processes
+    share the cores, since each parallel op waits for its slowest thread (README, Deploying)."""
+    if threads is None:
+        value = os.environ.get(THREADS_ENV)
+        if not value:
+            return
+        threads = int(value) if value.strip().isdecimal() else 0
+        if threads < 1:
+            raise ValueError(f"${THREADS_ENV} must be an integer >= 1, got {value!r}")
+    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+    torch.set_num_threads(threads)

@@ -11,12 +11,19 @@ that many concurrent streaming clients; requests take the budgets round-robin an
 exactly --max-tokens tokens (ignore_eos), so levels are comparable. TTFT is measured by the
 client from sending the request to the first streamed token; inter-token latency is the gap
 between a request's consecutive streamed tokens.
+
+A random --cancel-fraction of the requests (seeded by --seed) closes its stream after a random
+number of tokens (0: as soon as the response starts), as clients that give up do; they are
+left out of the timings. After each level the benchmark checks the server: no request failed
+(an HTTP error, an error event, a stream without its end) and, once the server is idle, no KV
+block is still in use (/metrics). Otherwise it reports what went wrong and exits with status 1.
 """
 import argparse
 import asyncio
 import contextlib
 import json
 import os
+import random
 import sys
 import time
 
@@ -48,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--controller", default="budget", help="controller of every request")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request")
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
+    p.add_argument("--cancel-fraction", type=float, default=0.25,
+                   help="fraction of requests whose client closes the stream early (default 0.25)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cancellations (default 0)")
     p.add_argument("--json", default="out/bench_serving.json", help="results file")
     p.add_argument("--plot", default="out/bench_serving.png", help="plot file")
     args = p.parse_args(argv)
@@ -62,6 +72,8 @@ def parse_args(argv=None):
         p.error("--budgets must be in [0, 1]")
     if args.max_tokens < 1 or (args.num_requests is not None and args.num_requests < 1):
         p.error("--max-tokens and --num-requests must be >= 1")
+    if not 0 <= args.cancel_fraction < 1:
+        p.error("--cancel-fraction must be in [0, 1)")
     return args
 
 
@@ -73,8 +85,10 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def one_request(client, args, model, index):
-    """Streams one request; returns its timings, token count and the server's `anee` stats."""
+async def one_request(client, args, model, index, cancel_after):
+    """Streams one request; returns its timings, token count and the server's `anee` stats, and
+    `error` (what failed, else None). With cancel_after (a token count) the client closes the
+    stream once that many tokens arrived, and the result is marked `cancelled`."""
     budget = args.budgets[index % len(args.budgets)]
     prompt = PROMPTS[index % len(PROMPTS)]
     body = {"model": model, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True,
@@ -83,25 +97,46 @@ async def one_request(client, args, model, index):
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
     else:
         path, body["prompt"] = "/v1/completions", prompt
-    start = time.perf_counter()
-    token_times, anee = [], None
-    async with client.stream("POST", path, json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{path} answered {response.status_code}: {await response.aread()}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data: "):])
-            if "error" in chunk:
-                raise RuntimeError(f"the server failed a request: {chunk['error']['message']}")
-            for choice in chunk["choices"]:
-                token_times += [time.perf_counter()] * len(choice.get("token_ids", []))
-            anee = chunk.get("anee", anee)
-    return {"budget": budget, "start": start, "token_times": token_times, "anee": anee}
+    result = {"budget": budget, "start": time.perf_counter(), "token_times": [], "anee": None,
+              "cancelled": False, "error": None}
+    try:
+        async with client.stream("POST", path, json=body) as response:
+            if response.status_code != 200:
+                result["error"] = f"{path} answered {response.status_code}: " \
+                                  f"{(await response.aread())[:300]!r}"
+                return result
+            # Leaving the block early closes the connection: the server aborts the request.
+            if cancel_after == 0:
+                result["cancelled"] = True
+                return result
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    return result
+                if not line.startswith("data: "):
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if "error" in chunk:
+                    result["error"] = f"error event: {chunk['error']['message']}"
+                    return result
+                for choice in chunk["choices"]:
+                    result["token_times"] += [time.perf_counter()] * len(choice["token_ids"])
+                result["anee"] = chunk.get("anee", result["anee"])
+                if cancel_after is not None and len(result["token_times"]) >= cancel_after:
+                    result["cancelled"] = True
+                    return result
+        result["error"] = "the stream ended without data: [DONE]"
+    except httpx.HTTPError as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+    return result
 
 
 async def run_level(url, headers, args, model, concurrency, progress):
+    """Runs one concurrency level; returns its results, its seconds, and the KV blocks still in
+    use once the server is idle."""
     n = args.num_requests or max(4, 2 * concurrency)
+    rng = random.Random(args.seed + concurrency)
+    cancel_after = [rng.randrange(args.max_tokens) if rng.random() < args.cancel_fraction
+                    else None for _ in range(n)]
     pending = asyncio.Queue()
     for i in range(n):
         pending.put_nowait(i)
@@ -112,16 +147,45 @@ async def run_level(url, headers, args, model, concurrency, progress):
         async def worker():
             while not pending.empty():
                 i = pending.get_nowait()
-                results.append(await one_request(client, args, model, i))
+                results.append(await one_request(client, args, model, i, cancel_after[i]))
                 progress.update(1)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - start
-    return summarise(results, concurrency, seconds)
+        blocks = await kv_blocks_in_use_when_idle(client)
+    return results, seconds, blocks
 
 
-def summarise(results, concurrency, seconds):
+async def kv_blocks_in_use_when_idle(client, seconds: float = 60.0) -> int:
+    """The server's KV blocks in use once no request runs or waits and none holds a block (the
+    aborts of closed streams land between engine steps), or as they are after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        text = (await client.get("/metrics")).text
+        gauges = {name: float(value) for name, value in
+                  (line.rsplit(" ", 1) for line in text.splitlines()
+                   if line and not line.startswith("#"))}
+        blocks = int(gauges["anee_kv_blocks_in_use"])
+        idle = gauges["anee_running_requests"] == gauges["anee_queue_depth"] == 0
+        if (idle and blocks == 0) or time.monotonic() > deadline:
+            return blocks
+        await asyncio.sleep(0.1)
+
+
+def problems(results, blocks) -> list:
+    """What a level did wrong: failed requests, KV blocks left in use, nothing to time."""
+    found = [r["error"] for r in results if r["error"] is not None]
+    if blocks:
+        found.append(f"{blocks} KV blocks still in use with the server idle")
+    if not any(r["error"] is None and not r["cancelled"] for r in results):
+        found.append("no request completed: lower --cancel-fraction or raise --num-requests")
+    return found
+
+
+def summarise(all_results, concurrency, seconds):
+    """Timings of the requests that completed (cancelled ones cut theirs short)."""
+    results = [r for r in all_results if not r["cancelled"]]
     ttft = [r["token_times"][0] - r["start"] for r in results if r["token_times"]]
     itl = [b - a for r in results for a, b in zip(r["token_times"], r["token_times"][1:])]
     tokens = sum(len(r["token_times"]) for r in results)
@@ -131,7 +195,8 @@ def summarise(results, concurrency, seconds):
     by_budget = {}
     for r in results:
         by_budget.setdefault(r["budget"], []).append(r["anee"]["compute"])
-    row = {"concurrency": concurrency, "requests": len(results), "seconds": seconds,
+    row = {"concurrency": concurrency, "requests": len(results),
+           "cancelled": len(all_results) - len(results), "seconds": seconds,
            "requests_per_s": len(results) / seconds, "output_tokens_per_s": tokens / seconds,
            "compute": compute, "compute_saved": 1.0 - compute,
            "compute_by_budget": {str(b): sum(v) / len(v) for b, v in sorted(by_budget.items())}}
@@ -142,15 +207,18 @@ def summarise(results, concurrency, seconds):
 
 
 def table(rows) -> str:
-    head = (f"{'conc':>4} {'reqs':>4} {'req/s':>6} {'tok/s':>7} {'TTFT p50':>9} {'p90':>7} "
-            f"{'p99':>7} {'ITL p50':>8} {'p90':>7} {'p99':>7} {'saved':>6}")
+    head = (f"{'conc':>4} {'reqs':>4} {'cncl':>4} {'req/s':>6} {'tok/s':>7} {'TTFT p50':>9} "
+            f"{'p90':>7} {'p99':>7} {'ITL p50':>8} {'p90':>7} {'p99':>7} {'saved':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['concurrency']:>4} {r['requests']:>4} {r['requests_per_s']:>6.2f} "
+        lines.append(f"{r['concurrency']:>4} {r['requests']:>4} {r['cancelled']:>4} "
+                     f"{r['requests_per_s']:>6.2f} "
                      f"{r['output_tokens_per_s']:>7.1f} {r['ttft_p50_ms']:>9.0f} "
                      f"{r['ttft_p90_ms']:>7.0f} {r['ttft_p99_ms']:>7.0f} {r['itl_p50_ms']:>8.0f} "
                      f"{r['itl_p90_ms']:>7.0f} {r['itl_p99_ms']:>7.0f} {r['compute_saved']:>6.1%}")
-    return "\n".join(lines) + "\n(times in ms; saved = compute saved by the budget mix)"
+    return "\n".join(lines) + ("\n(reqs: completed, cncl: closed early by the client, left "
+                               "out of the timings; times in ms; saved = compute saved by the "
+                               "budget mix)")
 
 
 def plot(rows, path, title):
@@ -197,17 +265,26 @@ def main(argv=None) -> int:
         rows = []
         with tqdm(total=total, desc="requests", unit="req") as progress:
             for c in args.concurrency:
-                rows.append(asyncio.run(run_level(url, headers, args, model, c, progress)))
+                results, seconds, blocks = asyncio.run(
+                    run_level(url, headers, args, model, c, progress))
+                found = problems(results, blocks)
+                if found:
+                    print(f"concurrency {c}: {len(found)} problems, the first ones:",
+                          *found[:10], sep="\n  ", file=sys.stderr)
+                    return 1
+                rows.append(summarise(results, c, seconds))
     print(f"model {model}, budgets {args.budgets} round-robin, controller {args.controller}, "
-          f"{args.max_tokens} tokens per request")
+          f"{args.max_tokens} tokens per request, cancel fraction {args.cancel_fraction}; every "
+          "level: no failed request, no KV block in use afterwards")
     print(table(rows))
     for path in (args.json, args.plot):
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"model": model, "budgets": args.budgets, "controller": args.controller,
-                   "max_tokens": args.max_tokens, "chat": args.chat, "argv": sys.argv[1:],
-                   "rows": rows}, f, indent=1)
+                   "max_tokens": args.max_tokens, "chat": args.chat,
+                   "cancel_fraction": args.cancel_fraction, "seed": args.seed,
+                   "argv": sys.argv[1:], "rows": rows}, f, indent=1)
     plot(rows, args.plot, f"{model}: budgets {args.budgets}, {args.max_tokens} tokens/request")
     print(f"wrote {args.json} and {args.plot}")
     return 0

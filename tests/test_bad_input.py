@@ -6,6 +6,7 @@ KV block pool and the scheduler exactly as they were, and leave the LLM working.
 import contextlib
 import os
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -124,6 +125,50 @@ def test_out_of_vocab_ids(llm, bad):
 def test_two_dimensional_token_tensor(llm, good_ids):
     with rejected(llm, ValueError, "1-d"):
         llm.score(good_ids[None])
+    with rejected(llm, ValueError, "prompts must be 1-d", "[1, 9]"):    # a batch is a list
+        llm.generate(good_ids[None], SamplingParams(max_tokens=2))
+
+
+@pytest.mark.parametrize("bad, shown", [([1.7, 2.2], "1.7 (float)"), ([3, True], "true (bool)"),
+                                        ([3, "4"], "'4' (str)"), ([3, None], "none"),
+                                        (torch.tensor([1.0, 2.0]), "1.0 (float)"),
+                                        (np.array([1.5, 2.0]), "1.5 (float)"),
+                                        (torch.tensor([True, False]), "true (bool)")], ids=repr)
+def test_token_ids_that_are_not_integers(llm, bad, shown):
+    """int() used to truncate 1.7 to 1 and read True as 1 and "3" as 3: now each is refused."""
+    with rejected(llm, ValueError, "token_ids must hold integer token ids", shown):
+        llm.score(bad)
+    with rejected(llm, ValueError, "token_ids[1] must hold integer token ids", shown):
+        llm.score([[1, 2], bad])
+    with rejected(llm, ValueError, "prompts must hold integer token ids", shown):
+        llm.generate(bad, SamplingParams(max_tokens=2))
+    with rejected(llm, ValueError, "prompts[1] must hold integer token ids", shown):
+        llm.generate([[1, 2], bad], SamplingParams(max_tokens=2))
+
+
+def test_text_given_to_score(llm):
+    with rejected(llm, ValueError, "token_ids must be token ids, not text", "'hello'", "tokenizer"):
+        llm.score("hello")
+    with rejected(llm, ValueError, "token_ids[0] must be token ids, not text"):
+        llm.score(["hello", "there"])
+
+
+@pytest.mark.parametrize("as_given", [
+    lambda ids: [np.int64(t) for t in ids], lambda ids: np.array(ids, dtype=np.int32),
+    lambda ids: [torch.tensor(t) for t in ids], lambda ids: torch.tensor(ids),
+    lambda ids: tuple(ids)], ids=["numpy ints", "numpy array", "torch scalars", "tensor", "tuple"])
+def test_numpy_and_torch_integers_are_token_ids(llm, good_ids, as_given):
+    """Integers of any kind work in score and generate, alone and in a batch, as the same ids."""
+    ids = good_ids.tolist()
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    expected_logits, expected_tokens = llm.score(ids), llm.generate(ids, params)[0].token_ids
+    assert torch.equal(llm.score(as_given(ids)), expected_logits)
+    assert torch.allclose(llm.score([as_given(ids), ids])[0], expected_logits, atol=1e-5)
+    alone = llm.generate(as_given(ids), params)
+    assert len(alone) == 1 and alone[0].prompt_token_ids == ids
+    assert alone[0].token_ids == expected_tokens
+    batch = llm.generate([as_given(ids), ids[:4]], params)
+    assert batch[0].prompt_token_ids == ids and batch[0].token_ids == expected_tokens
 
 
 def test_request_larger_than_the_kv_cache():
@@ -157,6 +202,8 @@ def test_scoring_more_than_the_kv_cache_holds_at_once():
     (dict(max_tokens=-1), "max_tokens"), (dict(max_tokens=2.5), "max_tokens"),
     (dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_k=-3), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=True), "max_tokens"), (dict(temperature=True), "temperature"),
+    (dict(top_k=True), "top_k"), (dict(top_p="0.5"), "top_p"),
 ], ids=str)
 def test_bad_sampling_params(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -223,6 +270,46 @@ def test_good_weights_directory_loads(tmp_path):
     loaded = LLM(str(tmp_path / "good"))
     ids = random_ids(model, 7, seed=61)
     assert (loaded.score(ids) - hf_logits(model, ids)).abs().max() <= 1e-4
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_setting(restore_threads, monkeypatch):
+    """threads= sets torch's CPU threads; None takes $ANEE_FAST_THREADS, else changes nothing."""
+    model = build_model(ARCH, num_layers=L)
+    monkeypatch.delenv("ANEE_FAST_THREADS", raising=False)
+    torch.set_num_threads(3)
+    LLM(model, threads=1)
+    assert torch.get_num_threads() == 1
+    LLM(model, threads=2)
+    assert torch.get_num_threads() == 2
+    LLM(model)
+    assert torch.get_num_threads() == 2
+    monkeypatch.setenv("ANEE_FAST_THREADS", "1")
+    LLM(model)
+    assert torch.get_num_threads() == 1
+    LLM(model, threads=2)                          # an explicit setting wins over the variable
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"], ids=repr)
+def test_bad_threads(restore_threads, threads):
+    with pytest.raises(ValueError, match=r"threads must be None or an integer >= 1"):
+        LLM(build_model(ARCH, num_layers=L), threads=threads)
+    assert torch.get_num_threads() == 1            # conftest's setting, unchanged
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_bad_threads_variable(restore_threads, monkeypatch, value):
+    monkeypatch.setenv("ANEE_FAST_THREADS", value)
+    with pytest.raises(ValueError, match=r"\$ANEE_FAST_THREADS must be an integer >= 1"):
+        LLM(build_model(ARCH, num_layers=L))
+    assert torch.get_num_threads() == 1
 
 
 def test_bad_engine_settings():

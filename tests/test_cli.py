@@ -343,3 +343,66 @@ def test_eval_and_backend_help_list_what_is_accepted(capsys, monkeypatch):
         assert name in backend
     teacher = _option_help(_help(capsys, monkeypatch, "train-controller"), "--teacher")
     assert all(name in teacher for name in TEACHERS) and "(default oracle)" in teacher
+
+
+# ---- --threads on every subcommand that computes -------------------------------------------------
+
+THREADED = ["generate", "serve", "eval", "train-controller", "train-recurrent"]
+
+
+@pytest.fixture
+def restore_threads(monkeypatch):
+    monkeypatch.delenv("ANEE_FAST_THREADS", raising=False)
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _argv(command, *extra):
+    """Just enough positional arguments for `command` to parse."""
+    positional = {"generate": [PROMPT], "train-controller": ["out"], "train-recurrent": ["out"]}
+    return [command, *positional.get(command, []), *extra]
+
+
+@pytest.mark.parametrize("command", THREADED)
+def test_threads_option_is_on_every_computing_command(capsys, monkeypatch, command):
+    entry = _option_help(_help(capsys, monkeypatch, command), "--threads")
+    assert "$ANEE_FAST_THREADS" in entry
+    assert cli.build_parser().parse_args(_argv(command, "--threads", "3")).threads == 3
+
+
+@pytest.mark.parametrize("command", THREADED)
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "two"])
+def test_bad_threads_is_a_usage_error(capsys, command, value):
+    rc, out, err = run_cli(capsys, *_argv(command, "--threads", value))
+    assert rc == 2 and out == ""
+    assert f"argument --threads: must be an integer >= 1, got '{value}'" in err
+
+
+def test_generate_runs_on_the_threads_asked_for(model_dir, capsys, restore_threads):
+    torch.set_num_threads(1)
+    rc, _, err = run_cli(capsys, *generate_args(model_dir, "--threads", 2))
+    assert rc == 0, err
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("command", ["train-controller", "train-recurrent"])
+def test_training_runs_on_the_threads_asked_for(model_dir, tmp_path, capsys, monkeypatch,
+                                                restore_threads, command):
+    """The option, else $ANEE_FAST_THREADS, is in force when training starts (training stubbed)."""
+    seen = []
+
+    def fake_training(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return {"timings_s": {}, "model_log": [], "parameters": 0}
+
+    monkeypatch.setattr(cli, "train_controller", fake_training)
+    monkeypatch.setattr(cli, "train_recurrent", fake_training)
+    argv = [command, tmp_path / "out"]
+    if command == "train-controller":
+        argv += ["--model", model_dir]
+    torch.set_num_threads(1)
+    assert run_cli(capsys, *argv, "--threads", 2)[0] == 0
+    monkeypatch.setenv("ANEE_FAST_THREADS", "3")
+    assert run_cli(capsys, *argv)[0] == 0
+    assert seen == [2, 3]

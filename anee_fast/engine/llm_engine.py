@@ -1,5 +1,6 @@
 """The serving loop: requests in, `step()` = schedule -> run -> sample, finished sequences out."""
 import math
+import operator
 import time
 
 import torch
@@ -21,6 +22,35 @@ def check_budget(budget) -> float:
             or not 0.0 <= budget <= 1.0:
         raise ValueError(f"energy_budget must be a number in [0, 1], got {budget!r}")
     return float(budget)
+
+
+def check_token_ids(tokens, name: str = "prompt_ids") -> list:
+    """`tokens` as a list of Python ints: a list or tuple of integers (Python, numpy or 0-d torch
+    integers), or a 1-D integer tensor or array. Anything else is refused, never coerced: int()
+    would truncate 1.7 to 1, read True as 1 and "7" as 7. `name` is the caller's argument."""
+    if isinstance(tokens, (str, bytes)):
+        raise ValueError(f"{name} must be token ids, not text ({tokens[:40]!r}): encode it with "
+                         "the tokenizer first")
+    if hasattr(tokens, "ndim"):                     # a tensor or array: one transfer to a list
+        if tokens.ndim != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {list(tokens.shape)}")
+        tokens = tokens.tolist()
+    if not isinstance(tokens, (list, tuple)):
+        raise ValueError(f"{name} must be a list, tuple or 1-D tensor of token ids, got "
+                         f"{type(tokens).__name__}")
+    return [_token_id(t, name, i) for i, t in enumerate(tokens)]
+
+
+def _token_id(token, name: str, position: int) -> int:
+    """operator.index takes integer scalars only (Python, numpy, torch) and refuses floats and
+    strings; bools are ints to Python but never token ids."""
+    if not (isinstance(token, bool) or getattr(token, "dtype", None) == torch.bool):
+        try:
+            return operator.index(token)
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must hold integer token ids, got {token!r} "
+                     f"({type(token).__name__}) at position {position}")
 
 
 class LLMEngine:
@@ -62,7 +92,7 @@ class LLMEngine:
     def new_sequence(self, prompt_ids, sampling: SamplingParams, budget, controller) -> Sequence:
         """Validates a request and makes its Sequence (not yet scheduled)."""
         spec = self.weights.spec
-        ids = [int(t) for t in prompt_ids]
+        ids = check_token_ids(prompt_ids)
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
         if min(ids) < 0 or max(ids) >= spec.vocab_size:

@@ -17,15 +17,24 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+        """Refuses what the sampler would misread: Python counts a bool as an int; torch's
+        generator takes a seed as uint64, so -1 would silently be 2**64 - 1 (seeds are kept to
+        non-negative int64, what JSON clients send); a string of stop ids iterates characters."""
+        if not _is_int(self.max_tokens) or self.max_tokens < 0:
             raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) \
                 or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
             raise ValueError(f"top_k must be None or an integer >= 0, got {self.top_k!r}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or \
+                not all(_is_int(t) for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be a list or tuple of integer token ids, got "
+                             f"{self.stop_token_ids!r}")
 
     def make_generator(self) -> Optional[torch.Generator]:
         if self.temperature == 0:
@@ -36,6 +45,14 @@ class SamplingParams:
         else:
             g.manual_seed(self.seed)
         return g
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def sample_batch(logits: torch.Tensor, params: list, generators: list) -> list:

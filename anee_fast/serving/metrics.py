@@ -46,7 +46,8 @@ class ServingMetrics:
                 ("anee_requests_total", "counter", "Requests finished, by finish reason.",
                  [({"finish_reason": r}, n) for r, n in sorted(self.finished.items())]),
                 ("anee_requests_rejected_total", "counter",
-                 "Requests answered with an HTTP error, by status.",
+                 "Requests answered with an HTTP error, by status (499: the client "
+                 "disconnected before sending its whole body).",
                  [({"status": str(s)}, n) for s, n in sorted(self.rejected.items())]),
                 ("anee_prompt_tokens_total", "counter", "Prompt tokens of finished requests.",
                  [({}, self.prompt_tokens)]),

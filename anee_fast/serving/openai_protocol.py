@@ -1,13 +1,16 @@
 """OpenAI-compatible request bodies (pydantic) and the OpenAI error body.
 
 Fields the engine cannot honour (n > 1, logprobs, penalties, logit_bias, stop strings) are
-rejected with a 400 rather than silently ignored; unknown fields are rejected too. Extra fields
-of this server: `energy_budget`, `controller`, `top_k`, `ignore_eos`, `stop_token_ids`.
+rejected with a 400 rather than silently ignored; unknown fields are rejected too. Fields are
+strict: each takes its JSON type only (no "yes" for true, no "5" or true for 5); an int is
+accepted for a float. Extra fields of this server: `energy_budget`, `controller`, `top_k`,
+`ignore_eos`, `stop_token_ids`.
 """
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..control.registry import CONTROLLER_NAMES
 from ..engine.llm_engine import check_budget
 
 # Fields the engine cannot honour: accepted only at their neutral value, else a 400 that says why.
@@ -32,17 +35,31 @@ def _neutral_only(cls, value, info):
     return value
 
 
+def _one_of(accepted: str):
+    """A wrap validator for a union field: one message naming what the field accepts, instead of
+    one error per member of the union ("controller.str: Input should be a valid string")."""
+    @classmethod
+    def validate(cls, value, handler):
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"must be {accepted}") from None
+    return validate
+
+
 class APIError(Exception):
-    """An HTTP error answered with the OpenAI error body."""
+    """An HTTP error answered with the OpenAI error body (and `headers`, if given)."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 code: Optional[str] = None, type: Optional[str] = None):
+                 code: Optional[str] = None, type: Optional[str] = None,
+                 headers: Optional[dict] = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -52,13 +69,16 @@ def error_body(message: str, type: str = "invalid_request_error", param=None, co
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     include_usage: bool = False
 
 
 class _GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
     model: str
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -66,7 +86,7 @@ class _GenerationRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(None, ge=0)
     n: int = 1
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)     # torch seeds are 64-bit
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, list, None] = None
@@ -84,6 +104,10 @@ class _GenerationRequest(BaseModel):
     def _budget(cls, value):
         return None if value is None else check_budget(value)
 
+    _controller = field_validator("controller", mode="wrap")(_one_of(
+        f"a controller name ({', '.join(CONTROLLER_NAMES)}) or a list of per-layer action codes, "
+        "one per layer: 0 PROCESS, 1 SKIP, 2 EXIT"))
+
     _unsupported = field_validator("n", "stop", "presence_penalty", "frequency_penalty",
                                    "logit_bias")(_neutral_only)
 
@@ -95,20 +119,25 @@ class CompletionRequest(_GenerationRequest):
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
+    _prompt = field_validator("prompt", mode="wrap")(_one_of(
+        "a string, a list of token ids, or a list holding one of these"))
     _unsupported_here = field_validator("logprobs", "best_of", "suffix", "echo")(_neutral_only)
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[TextPart]]
     name: Optional[str] = None
+
+    _content = field_validator("content", mode="wrap")(_one_of(
+        'a string or a list of text parts ({"type": "text", "text": "..."})'))
 
     def text(self) -> str:
         if isinstance(self.content, str):

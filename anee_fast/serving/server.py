@@ -6,17 +6,28 @@ the tokenizer), both streaming with server-sent events, `/v1/models`, `/health` 
 the compute spent in an extra `anee` field. Bad requests get an OpenAI error body with a 4xx
 status and touch nothing else.
 
+Request bodies: `Content-Type: application/json` only (415; a form or text/plain POST from a web
+page cannot start a generation), read within `body_timeout_s` (408) and up to `max_body_bytes`
+(413), valid JSON nested at most MAX_JSON_DEPTH deep whose strings are valid Unicode (400). A
+client that disconnects before its body is complete is counted as status 499.
+
+Exposure: `serve` refuses a host beyond loopback without an API key unless
+`allow_unauthenticated=True` (`anee-fast serve --allow-unauthenticated`), and then warns.
+
 Context rule: a prompt must leave room for at least one token (prompt tokens < the model's
 positions), and prompt + max_tokens must fit the positions; a request without max_tokens gets
 16 tokens (completions, fewer if the context ends sooner) or the rest of the context and of the
 KV cache (chat).
 """
 import asyncio
+import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -27,6 +38,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..control.registry import make_controller
 from ..engine.sampling import SamplingParams
@@ -35,23 +47,34 @@ from .metrics import CONTENT_TYPE, ServingMetrics
 from .openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_BODY_TIMEOUT_S = 30.0
+MAX_JSON_DEPTH = 64
 DEFAULT_COMPLETION_TOKENS = 16
 log = logging.getLogger(__name__)
 _CONTROLLER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _DISCONNECT_POLL_S = 0.5
+# A response sent before the request's body was read whole: the rest of the body must not be
+# read as the next request, so the connection closes.
+_CLOSE = {"Connection": "close"}
 
 
 def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-              energy_budget: float = 1.0, controller="budget") -> FastAPI:
+              body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, energy_budget: float = 1.0,
+              controller="budget") -> FastAPI:
     """The FastAPI app serving `llm` (an `LLM`); its engine loop runs while the app is up.
 
     api_key: when set, `/v1/*` and `/metrics` need `Authorization: Bearer <api_key>`.
+    max_body_bytes, body_timeout_s: the largest request body, and the most seconds its upload
+    may take (a client that sends less than its Content-Length does not hold a connection).
     energy_budget, controller: what a request without those fields gets (the controller may be
     a file path here; requests may only name controllers or give per-layer action lists).
     """
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) \
             or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
+    if isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float)) \
+            or not math.isfinite(body_timeout_s) or body_timeout_s <= 0:
+        raise ValueError(f"body_timeout_s must be a finite number > 0, got {body_timeout_s!r}")
     service = _Service(llm, model_name or llm.name, energy_budget, make_controller(controller))
 
     @asynccontextmanager
@@ -69,7 +92,7 @@ def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAU
     @app.exception_handler(APIError)
     async def _api_error(request, error: APIError):
         service.metrics.request_rejected(error.status)
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, error):
@@ -111,7 +134,8 @@ def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAU
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
-        req = parse_request(CompletionRequest, await _json_body(request, max_body_bytes))
+        req = parse_request(CompletionRequest,
+                            await _json_body(request, max_body_bytes, body_timeout_s))
         service.check_model(req.model)
         ids = service.prompt_ids(req.prompt)
         return await service.respond(request, req, ids, chat=False)
@@ -119,7 +143,8 @@ def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAU
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        req = parse_request(ChatCompletionRequest, await _json_body(request, max_body_bytes))
+        req = parse_request(ChatCompletionRequest,
+                            await _json_body(request, max_body_bytes, body_timeout_s))
         service.check_model(req.model)
         if req.max_completion_tokens is not None:
             if req.max_tokens is not None and req.max_tokens != req.max_completion_tokens:
@@ -132,27 +157,73 @@ def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAU
     return app
 
 
-async def _json_body(request: Request, limit: int):
-    """The decoded JSON body, read up to `limit` bytes (413 beyond, 400 if not JSON)."""
+async def _json_body(request: Request, limit: int, timeout_s: float):
+    """The decoded JSON body: sent as application/json (415), read within `timeout_s` seconds
+    (408) and up to `limit` bytes (413), valid JSON (400) that _check_json accepts."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, "the request body must be JSON sent with 'Content-Type: "
+                            f"application/json', got {media_type or 'no Content-Type'}",
+                       code="unsupported_media_type")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body has {length} bytes, more than the limit of {limit}")
+        raise APIError(413, f"the request body has {length} bytes, more than the limit of {limit}",
+                       headers=_CLOSE)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is larger than the limit of {limit} bytes")
-        chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        with anyio.fail_after(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, "the request body is larger than the limit of "
+                                        f"{limit} bytes", headers=_CLOSE)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s (it had "
+                            f"{size} bytes then)", headers=_CLOSE) from None
+    except ClientDisconnect:
+        raise APIError(499, "the client disconnected before sending the whole request "
+                            "body") from None
+    try:
+        body = json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:          # nested far deeper than MAX_JSON_DEPTH
+        raise APIError(400, _TOO_DEEP) from None
+    _check_json(body)
+    return body
+
+
+_TOO_DEEP = f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} deep"
+
+
+def _check_json(body) -> None:
+    """Refuses (400) what json.loads accepts but nothing downstream should see: arrays and
+    objects nested more than MAX_JSON_DEPTH deep, and strings that are not valid Unicode (a lone
+    surrogate escape such as \\ud800, which no tokenizer encodes and no response can echo)."""
+    level, depth = [body], 0
+    while level:
+        below = []
+        for value in level:
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise APIError(400, "the request body holds a string that is not valid "
+                                        f"Unicode: the lone surrogate {value[e.start]!r} at "
+                                        f"character {e.start}") from None
+            elif isinstance(value, (list, dict)):
+                if depth == MAX_JSON_DEPTH:
+                    raise APIError(400, _TOO_DEEP)
+                below += [*value, *value.values()] if isinstance(value, dict) else value
+        level, depth = below, depth + 1
 
 
 class _Service:
     """What the endpoints share: the model, the engine loop, the metrics, request building."""
 
     def __init__(self, llm, model_name, energy_budget, controller):
+        controller.check_model(llm.spec.num_layers, llm.spec.hidden_size)
         self.llm = llm
         self.model_name = model_name
         self.energy_budget = energy_budget
@@ -184,6 +255,11 @@ class _Service:
             return [int(t) for t in tokenizer.encode(prompt)]
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
+        vocab = self.llm.spec.vocab_size
+        outside = [t for t in prompt if not 0 <= t < vocab]
+        if outside:
+            raise APIError(400, f"prompt token ids must be in [0, {vocab}), got {outside[0]}",
+                           param="prompt")
         return list(prompt)
 
     def chat_ids(self, messages) -> list:
@@ -221,28 +297,34 @@ class _Service:
             raise APIError(400, f"max_tokens is {max_tokens}, but the prompt's {len(ids)} tokens "
                                 f"leave room for {room} in the model's context of {context}",
                            param="max_tokens", code="context_length_exceeded")
+        # The request model has checked every sampling field.
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
+                                  top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+                                  stop_token_ids=list(req.stop_token_ids),
+                                  ignore_eos=req.ignore_eos)
+        controller = self.controller if req.controller is None else self._controller(
+            req.controller)
+        budget = self.energy_budget if req.energy_budget is None else req.energy_budget
         try:
-            sampling = SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
-                                      top_k=req.top_k, top_p=req.top_p, seed=req.seed,
-                                      stop_token_ids=list(req.stop_token_ids),
-                                      ignore_eos=req.ignore_eos)
-            controller = self.controller if req.controller is None else self._controller(
-                req.controller)
-            budget = self.energy_budget if req.energy_budget is None else req.energy_budget
             return self.llm.engine.new_sequence(ids, sampling, budget, controller)
-        except (ValueError, OSError) as e:
+        except ValueError as e:         # what only the engine checks: its KV cache's capacity
             raise APIError(400, str(e)) from None
 
     def _controller(self, controller):
         """A request's controller: a name (make_controller shares one instance per name, so the
-        requests that name it share its work in a step) or a per-layer action list; never a file."""
-        if not isinstance(controller, str):
-            return make_controller(controller)
-        if not _CONTROLLER_NAME.fullmatch(controller) or os.path.exists(controller):
-            raise ValueError(f"controller {controller!r}: a request may give a controller name "
-                             "or a per-layer action list; controller files are chosen with "
-                             "`anee-fast serve --controller PATH`")
-        return make_controller(controller)
+        requests that name it share its work in a step) or a per-layer action list; never a file.
+        Checked against the model here, so that a bad one is an error about `controller`."""
+        if isinstance(controller, str) and (not _CONTROLLER_NAME.fullmatch(controller)
+                                            or os.path.exists(controller)):
+            raise APIError(400, f"controller {controller!r}: a request may give a controller "
+                                "name or a per-layer action list; controller files are chosen "
+                                "with `anee-fast serve --controller PATH`", param="controller")
+        try:
+            made = make_controller(controller)
+            made.check_model(self.llm.spec.num_layers, self.llm.spec.hidden_size)
+        except (ValueError, OSError) as e:
+            raise APIError(400, str(e), param="controller") from None
+        return made
 
     async def respond(self, request, req, ids, chat: bool):
         seq = self.new_sequence(req, ids, chat)
@@ -389,9 +471,35 @@ def _event(body) -> str:
     return f"data: {json.dumps(body)}\n\n"
 
 
-def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key=None, **app_options) -> None:
-    """Runs the server until interrupted (uvicorn)."""
-    uvicorn.run(build_app(llm, api_key, **app_options), host=host, port=port, log_level="info")
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host`: "localhost" or a loopback address (127.0.0.0/8,
+    ::1). Any other name may resolve to an address others reach, so it counts as exposed."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, api_key, allow_unauthenticated: bool = False) -> None:
+    """Refuses (ValueError) to serve beyond loopback without an API key, unless allowed."""
+    if not api_key and not is_loopback(host) and not allow_unauthenticated:
+        raise ValueError(f"host {host!r} can be reached from other machines and no API key is "
+                         "set: set one (--api-key KEY or $ANEE_FAST_API_KEY), bind 127.0.0.1, "
+                         "or serve everyone who can reach it with --allow-unauthenticated")
+
+
+def serve(llm, host: str = "127.0.0.1", port: int = 8000, api_key=None, *,
+          allow_unauthenticated: bool = False, **app_options) -> None:
+    """Runs the server until interrupted (uvicorn). Beyond loopback it needs an `api_key`, or
+    allow_unauthenticated=True, and then warns on stderr (check_exposure)."""
+    check_exposure(host, api_key, allow_unauthenticated)
+    app = build_app(llm, api_key, **app_options)
+    if not api_key and not is_loopback(host):
+        print(f"WARNING: serving {host}:{port} without an API key: anyone who can reach it can "
+              "run generations on this machine", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 class ServerThread:

@@ -220,18 +220,21 @@ def test_skip_cost_is_the_kv_share_of_layer_bytes():
 
 
 @pytest.mark.parametrize("controller", CONTROLLERS)
-@pytest.mark.parametrize("budget", [0.25, 0.6])
-def test_ragged_batch_decides_like_each_sequence_alone(llms, learned_path, controller, budget):
+@pytest.mark.parametrize("budgets", [(0.25, 0.6, 0.1), (0.6, 1.0, 0.25)])
+def test_ragged_batch_decides_like_each_sequence_alone(llms, learned_path, controller, budgets):
+    """Each sequence of the batch has its own budget: a step that applied one row's budget to
+    every row would differ from the sequence scored alone."""
     llm = llms("llama_gqa", 2, 0)
     model = build_model("llama_gqa", num_layers=NUM_LAYERS)
     ctrl = controller_for(controller, learned_path)
     seqs = [random_ids(model, n, seed=60 + n) for n in (13, 1, 29)]
-    logits, traces = llm.score(seqs, energy_budget=budget, controller=ctrl, return_trace=True,
-                               chunk_size=4)
-    for ids, lg, trace in zip(seqs, logits, traces):
+    logits, traces = llm.score(seqs, energy_budget=list(budgets), controller=ctrl,
+                               return_trace=True, chunk_size=4)
+    for ids, budget, lg, trace in zip(seqs, budgets, logits, traces):
         alone, alone_trace = llm.score(ids, energy_budget=budget, controller=ctrl, return_trace=True)
         assert torch.equal(trace.actions, alone_trace.actions)
         assert (lg - alone).abs().max() <= 1e-5
+        assert trace.budget == budget
         check_trace(trace, llm, budget, 2, 0, len(ids))
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from anee_fast import LLM, PROCESS, SamplingParams
+from anee_fast import EXIT, LLM, PROCESS, SamplingParams
+from anee_fast.control.base import Controller
 from anee_fast.engine.block_manager import BlockManager, OutOfKVBlocks
 from anee_fast.control.controllers import HeuristicController
 
@@ -358,3 +359,44 @@ def test_compute_needs_an_idle_engine():
     while llm.engine.has_unfinished():
         llm.engine.step()
     assert llm.score([3, 4, 5]).shape == (3, model.config.vocab_size)
+
+
+class _ExitByParity(Controller):
+    """EXITs a token at layer 1 by a parity of its residual (a deterministic coin): tokens of one
+    sequence exit at different depths, so a later token's query at layers 1.. reads K/V that only
+    the EXIT fill wrote."""
+
+    def propose(self, ctx):
+        exit_here = ((ctx.h.float() * 1e3).long().sum(-1) % 2 == 0) & (ctx.layer == 1)
+        return torch.where(exit_here, EXIT, PROCESS).to(torch.int8)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_gqa"])
+def test_generation_with_exits_matches_the_where_reference(arch):
+    """Each decode step's logits, with tokens exiting early, equal the semantics' reference
+    (h = where(process, block(h), h) over transformers' own blocks) run on the whole sequence
+    with the actions the trace recorded."""
+    from test_actions import where_reference
+
+    model = build_model(arch, num_layers=4)
+    llm = LLM(model, min_layers=1)
+    steps, run = [], llm.engine.runner.run
+
+    def recording_run(*args, **kwargs):
+        output = run(*args, **kwargs)
+        steps.append(output.logits.clone())
+        return output
+
+    llm.engine.runner.run = recording_run
+    prompt = random_ids(model, 6, seed=90).tolist()
+    out = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                       controller=_ExitByParity())[0]
+    actions = out.trace.actions
+    exited = (actions == EXIT).any(dim=1)
+    decoded = exited[len(prompt):]
+    assert decoded.any() and not decoded.all()            # mixed depths among decoded tokens
+    ids = prompt + out.token_ids[:-1]                    # the last token was never run
+    reference, _ = where_reference(model, ids, actions)
+    got = torch.cat(steps)                               # one row per step: its last token
+    assert got.shape[0] == len(out.token_ids)
+    assert (got - reference[len(prompt) - 1:]).abs().max() <= 1e-4

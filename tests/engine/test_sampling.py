@@ -68,3 +68,30 @@ def test_a_generator_advances_one_draw_per_sampled_token():
     draws = [sample_batch(LOGITS[None], [params], [g])[0] for _ in range(30)]
     again = [sample_batch(LOGITS[None], [params], [twin])[0] for _ in range(30)]
     assert draws == again and len(set(draws)) > 1
+
+
+# ---- what SamplingParams refuses -------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 2**70, "abc", True, 1.5], ids=repr)
+def test_a_seed_is_a_non_negative_int64(seed):
+    """torch's generator reads -1 as 2**64 - 1, fails on 2**70 with an overflow and on a string
+    with a RuntimeError only when sampling starts: each is refused up front."""
+    with pytest.raises(ValueError, match=r"seed must be None or an integer in \[0, 2\*\*63\)"):
+        SamplingParams(temperature=1.0, seed=seed)
+
+
+def test_the_largest_seed_samples_reproducibly():
+    params = SamplingParams(temperature=1.0, seed=2**63 - 1)
+    draws = [sample_batch(LOGITS[None], [params], [params.make_generator()])[0] for _ in range(2)]
+    assert draws[0] == draws[1]
+
+
+@pytest.mark.parametrize("stops", ["x", 7, None, [1.5], [True], [3, "4"], {2: 3}], ids=repr)
+def test_stop_token_ids_are_a_list_of_integers(stops):
+    with pytest.raises(ValueError, match="stop_token_ids must be a list or tuple of integer"):
+        SamplingParams(stop_token_ids=stops)
+
+
+def test_stop_token_ids_as_a_list_or_tuple():
+    assert SamplingParams(stop_token_ids=(3, 4)).stop_token_ids == (3, 4)
+    assert SamplingParams(stop_token_ids=[]).stop_token_ids == []

@@ -19,15 +19,16 @@ def max_err(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-@pytest.fixture(scope="module")
-def llms():
-    """One LLM per architecture (its cache is reused across tests, as in serving)."""
+@pytest.fixture(scope="module", params=["reference", "native"])
+def llms(request):
+    """One LLM per architecture (its cache is reused across tests, as in serving), on each CPU
+    backend: the reference itself against transformers, and the native ops."""
     made = {}
 
     def get(arch, **kwargs):
         key = (arch, tuple(sorted(kwargs.items())))
         if key not in made:
-            made[key] = LLM(build_model(arch), **kwargs)
+            made[key] = LLM(build_model(arch), backend=request.param, **kwargs)
         return made[key]
     return get
 
@@ -78,9 +79,10 @@ def test_ragged_batch_matches_hf_alone(llms, arch, chunk_size):
 @pytest.mark.parametrize("arch", CORE_ARCHS)
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("chunk_size", [None, 3])
-def test_block_sizes(arch, block_size, chunk_size):
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_block_sizes(arch, block_size, chunk_size, backend):
     model = build_model(arch)
-    llm = LLM(model, block_size=block_size, num_kv_blocks=24)
+    llm = LLM(model, block_size=block_size, num_kv_blocks=24, backend=backend)
     assert llm.engine.block_manager.block_size == block_size
     seqs = [random_ids(model, n, seed=7 + n) for n in (37, 9, 33)]
     for ids, logits in zip(seqs, llm.score(seqs, chunk_size=chunk_size)):

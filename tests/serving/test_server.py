@@ -1,12 +1,16 @@
 """The OpenAI-compatible server, live on loopback: the official `openai` client against the
 embedded SmolLM2 (greedy outputs equal `LLM.generate` offline), 32 concurrent streams with mixed
 budgets, every kind of bad request, clients that disconnect, the API key, /metrics as
-Prometheus text; on tiny random models, preemption over HTTP and an engine failure that fails
-only its own request.
+Prometheus text; on tiny random models, preemption over HTTP, an engine failure that fails
+only its own request, the request budget honoured, and hostile input and exposure: lone
+surrogates, deep nesting, uploads cut short or too slow, non-JSON content types, loose field
+types, binding beyond loopback without a key.
 """
 import asyncio
 import copy
 import json
+import logging
+import socket
 import time
 
 import httpx
@@ -17,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from anee_fast import LLM, SamplingParams
 from anee_fast.cli import main as cli_main
 from anee_fast.engine.llm_engine import LLMEngine
+from anee_fast.serving import server as server_module
 from anee_fast.serving.server import ServerThread, _Detokenizer
 from conftest import build_model
 
@@ -349,3 +354,170 @@ def test_serve_command_checks_its_arguments(capsys):
     assert "--budget" in capsys.readouterr().err
     assert cli_main(["serve", "--controller", "nope"]) == 1
     assert cli_main(["serve", "--port", "70000"]) == 1
+
+
+# ---- hostile input and exposure, on a tiny model with a tiny tokenizer ---------------------------
+
+def _tiny_tokenizer():
+    """A WordLevel tokenizer of a few words, with a chat template (the model's vocab is 101)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["hello world the sky is blue user assistant"],
+                            trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}assistant{% endif %}")
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(llm, server): 4 layers, a tokenizer, request bodies that must arrive within 1 s."""
+    llm = LLM(build_model("llama_gqa", 4), min_layers=1, tokenizer=_tiny_tokenizer())
+    with ServerThread(llm, model_name="tiny", body_timeout_s=1.0) as server:
+        yield llm, server
+
+
+TINY_OK = {"model": "tiny", "prompt": "hello world", "max_tokens": 2}
+
+
+def _rejected(server, status):
+    text = httpx.get(server.url + "/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "anee_requests_rejected_total" and s.labels["status"] == str(status))
+
+
+def _error(response, status, param=None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    return error["message"]
+
+
+def _open_upload(server, length: int, first_bytes: bytes):
+    """A raw connection that announced a `length`-byte body and sent only `first_bytes`."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+                 f"application/json\r\nContent-Length: {length}\r\n\r\n".encode() + first_bytes)
+    return sock
+
+
+def test_a_lone_surrogate_is_a_400_not_a_tokenizer_crash(tiny):
+    llm, server = tiny
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hello \ud800"}]}
+    for body, path in [({**TINY_OK, "prompt": "hello \ud800"}, "/v1/completions"),
+                       (chat, "/v1/chat/completions"),
+                       ({**TINY_OK, "\udfff": 1}, "/v1/completions")]:
+        # json.dumps sends each lone surrogate as its JSON escape (\ud800)
+        assert "not valid Unicode" in _error(_post(server, body, path), 400)
+    chat["messages"][0]["content"] = "hello \U0001F680"     # a pair, escaped as two surrogates
+    assert _post(server, chat, "/v1/chat/completions").status_code == 200
+
+
+def test_deeply_nested_json_is_a_400(tiny):
+    llm, server = tiny
+    assert "64 deep" in _error(_post(server, b"[" * 200_000), 400)
+    nested = lambda depth: "[" * depth + "]" * depth   # noqa: E731
+    too_deep = f'{{"model": "tiny", "prompt": "hi", "stop": {nested(64)}}}'.encode()
+    assert "64 deep" in _error(_post(server, too_deep), 400)
+    deep_enough = f'{{"model": "tiny", "prompt": "hi", "stop": {nested(63)}}}'.encode()
+    assert "stop strings are not supported" in _error(_post(server, deep_enough), 400, "stop")
+
+
+def test_an_upload_cut_short_is_a_client_disconnect_not_a_server_error(tiny, caplog):
+    llm, server = tiny
+    before = _rejected(server, 499), _rejected(server, 500)
+    with caplog.at_level(logging.ERROR):
+        _open_upload(server, 1000, b'{"model": "tiny", "prompt": ').close()
+        deadline = time.monotonic() + 10
+        while _rejected(server, 499) == before[0]:
+            assert time.monotonic() < deadline, "the disconnect was not counted as status 499"
+            time.sleep(0.05)
+    assert _rejected(server, 500) == before[1]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_body_that_stops_arriving_gets_408_and_the_connection_closes(tiny):
+    llm, server = tiny
+    start = time.monotonic()
+    with _open_upload(server, 100, b'{"model": ') as sock:
+        response = b""
+        while chunk := sock.recv(4096):     # until the server closes the connection
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 408") and b"connection: close" in response.lower()
+    assert b"did not arrive within 1 s" in response
+    assert time.monotonic() - start < 5
+
+
+def test_post_bodies_must_be_sent_as_json(tiny):
+    llm, server = tiny
+    before = _metrics(server)["anee_generation_tokens_total"]
+    content = json.dumps(TINY_OK).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {} if content_type is None else {"content-type": content_type}
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            r = httpx.post(server.url + path, content=content, headers=headers)
+            assert "application/json" in _error(r, 415)
+    assert _metrics(server)["anee_generation_tokens_total"] == before     # nothing generated
+    r = _post(server, TINY_OK, **{"content-type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200
+
+
+def test_seed_and_stream_take_their_json_types_only(tiny):
+    llm, server = tiny
+    sampled = {**TINY_OK, "temperature": 1.0}
+    for seed in (2 ** 70, 2 ** 63, -1, "abc", "5", True, 1.5):
+        _error(_post(server, {**sampled, "seed": seed}), 400, "seed")
+    for seed in (0, 2 ** 63 - 1):
+        assert _post(server, {**sampled, "seed": seed}).status_code == 200
+    for stream in ("yes", "true", 1):
+        _error(_post(server, {**TINY_OK, "stream": stream}), 400, "stream")
+    _error(_post(server, {**TINY_OK, "max_tokens": True}), 400, "max_tokens")
+    _error(_post(server, {**TINY_OK, "prompt": [1, True]}), 400, "prompt")
+
+
+def test_controller_and_token_id_errors_name_their_field(tiny):
+    llm, server = tiny
+    message = _error(_post(server, {**TINY_OK, "controller": [0.5, 0.2]}), 400, "controller")
+    assert "controller name" in message and "action codes" in message and ".str" not in message
+    for controller in ([0, 1], [7] * 4, "no-such-controller", "/etc/passwd", {"a": 1}):
+        _error(_post(server, {**TINY_OK, "controller": controller}), 400, "controller")
+    assert _post(server, {**TINY_OK, "controller": [0, 1, 1, 2]}).status_code == 200
+    for prompt in ([10 ** 7], [-1], [[1, 10 ** 7]]):
+        assert "token ids" in _error(_post(server, {**TINY_OK, "prompt": prompt}), 400, "prompt")
+    message = _error(_post(server, {**TINY_OK, "prompt": 5}), 400, "prompt")
+    assert "token ids" in message and ".str" not in message
+
+
+def test_the_server_honours_the_request_energy_budget(tiny):
+    llm, server = tiny
+    body = {**TINY_OK, "max_tokens": 6, "ignore_eos": True, "temperature": 0}
+    compute = {b: _post(server, {**body, "energy_budget": b}).json()["anee"]["compute"]
+               for b in (0.5, 1.0)}
+    assert compute[1.0] == pytest.approx(1.0)
+    assert compute[0.5] <= llm.depth.effective_budget(0.5) + 1e-6 < 1.0
+
+
+def test_serving_beyond_loopback_needs_a_key_or_an_explicit_flag(tiny, monkeypatch, capsys):
+    llm, _ = tiny
+    is_loopback = server_module.is_loopback
+    assert all(map(is_loopback, ["127.0.0.1", "127.1.2.3", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "", "192.168.1.7", "example.com"]))
+    monkeypatch.setattr("anee_fast.cli._load_llm", lambda *a, **k: pytest.fail("model loaded"))
+    for host in ("0.0.0.0", "::", "192.168.1.7"):
+        assert cli_main(["serve", "--host", host]) == 1
+        assert "--allow-unauthenticated" in capsys.readouterr().err
+    assert cli_main(["serve", "--body-timeout", "0"]) == 1
+    assert "--body-timeout" in capsys.readouterr().err
+    runs = []
+    monkeypatch.setattr(server_module.uvicorn, "run", lambda app, **kw: runs.append(kw["host"]))
+    with pytest.raises(ValueError, match="no API key"):
+        server_module.serve(llm, host="0.0.0.0")
+    server_module.serve(llm, host="0.0.0.0", api_key="k")
+    assert "WARNING" not in capsys.readouterr().err
+    server_module.serve(llm, host="0.0.0.0", allow_unauthenticated=True)
+    assert capsys.readouterr().err.count("WARNING: serving 0.0.0.0:8000 without an API key") == 1
+    assert runs == ["0.0.0.0", "0.0.0.0"]
