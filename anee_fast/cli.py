@@ -518,6 +518,7 @@ def _add_eval_recurrent(subparsers):
     p.add_argument("--plot", default=None, metavar="PATH", help="write a PNG plot here")
     p.add_argument("--seed", type=int, default=0, help="seed of the chains (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_threads_option(p)
     p.set_defaults(func=_cmd_eval_recurrent)
 
 
@@ -529,7 +530,7 @@ def _cmd_eval_recurrent(args) -> int:
         raise _Error(f"--examples must be >= 1, got {args.examples}")
     run_eval_recurrent(args.model_dir, max_ops=args.max_ops, examples=args.examples,
                        backend=args.backend, json_path=args.json, plot_path=args.plot, seed=args.seed,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, threads=args.threads)
     return 0
 
 

@@ -347,7 +347,7 @@ def test_eval_and_backend_help_list_what_is_accepted(capsys, monkeypatch):
 
 # ---- --threads on every subcommand that computes -------------------------------------------------
 
-THREADED = ["generate", "serve", "eval", "train-controller", "train-recurrent"]
+THREADED = ["generate", "serve", "eval", "train-controller", "train-recurrent", "eval-recurrent"]
 
 
 @pytest.fixture
@@ -360,7 +360,8 @@ def restore_threads(monkeypatch):
 
 def _argv(command, *extra):
     """Just enough positional arguments for `command` to parse."""
-    positional = {"generate": [PROMPT], "train-controller": ["out"], "train-recurrent": ["out"]}
+    positional = {"generate": [PROMPT], "train-controller": ["out"], "train-recurrent": ["out"],
+                  "eval-recurrent": ["out"]}
     return [command, *positional.get(command, []), *extra]
 
 

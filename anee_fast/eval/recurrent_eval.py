@@ -172,7 +172,7 @@ def format_table(result) -> str:
 
 def run_eval_recurrent(model_dir, *, max_ops: int = 10, examples: int = 64, backend: str = "auto",
                        json_path=None, plot_path=None, seed: int = 0, progress: bool = True,
-                       out=None) -> dict:
+                       out=None, threads=None) -> dict:
     """The whole `anee-fast eval-recurrent` on a directory written by train-recurrent."""
     from ..llm import LLM
     out = out or sys.stdout
@@ -186,7 +186,7 @@ def run_eval_recurrent(model_dir, *, max_ops: int = 10, examples: int = 64, back
     model = recurrent_model.load(model_dir)
     c = model.config
     started = time.perf_counter()
-    llm = LLM(model, backend=backend, min_layers=c.prelude, always_last=c.coda)
+    llm = LLM(model, backend=backend, min_layers=c.prelude, always_last=c.coda, threads=threads)
     result = evaluate_recurrent(llm, model_dir, task, range(1, max_ops + 1), trained["train_max_ops"],
                                 examples, seed, progress)
     summary = f"{examples} examples per L, {time.perf_counter() - started:.0f} s"
