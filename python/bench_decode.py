@@ -11,6 +11,11 @@ Decode ms/step = (run with N new tokens - run with 1) / (N - 1): the prefill is 
 in the same run; "ideal" is the
 speedup the roofline model (python/roofline.py) gives for the actions the run actually took;
 "of ideal" = vs full / ideal.
+J/token: decode energy per generated token from the GPU's NVML energy counter (needs
+nvidia-ml-py), found as decode time is: (a run with N new tokens - a run with 1) / ((N - 1) x
+batch), each run repeated over a window of at least 1 s; in brackets, the energy above the idle
+power measured at the start (in the JSON header). Without a counter the column says
+"unavailable" and the JSON header says why (see anee_fast/engine/energy.py).
 The ANEE 0.4 library needs transformers <= 4.51.3: `make anee-env` builds .venv-anee, and
 GPT-2 rows at batch 1 then also time it there (its controllers ignore batches; see --anee-python).
 """
@@ -25,6 +30,7 @@ import time
 
 import torch
 
+from anee_fast.engine.energy import EnergyMeter, energy_meter
 from bench_results import BenchResults
 from roofline import ideal_speedup, measure_peaks
 
@@ -83,7 +89,19 @@ def anee_library_rows(model, args, budgets):
 CONDITIONAL = {"off": False, "on": True, "compacted": "compacted"}
 
 
-def bench_model(name, args, device, dtype, peaks, budgets, results):
+def decode_energy(meter, run, new, batch):
+    """J per generated token of decode, total and above idle, as decode time is found: (a run of
+    `new` tokens - a run of 1) / ((new - 1) * batch); None for both without a meter."""
+    if not isinstance(meter, EnergyMeter):
+        return dict(joules_per_token=None, joules_per_token_above_idle=None)
+    tokens = (new - 1) * batch
+    many = meter.measure(lambda: run(new)).per_token(tokens)
+    one = meter.measure(lambda: run(1)).per_token(tokens)
+    return dict(joules_per_token=many.joules - one.joules,
+                joules_per_token_above_idle=many.above_idle_joules - one.above_idle_joules)
+
+
+def bench_model(name, args, device, dtype, peaks, budgets, results, meter):
     """Rows of one model: per batch, transformers once, then every conditional-layers variant at
     every budget ("vs full" against the first variant's full depth, so variants compare)."""
     from anee_fast import LLM, SamplingParams
@@ -141,7 +159,8 @@ def bench_model(name, args, device, dtype, peaks, budgets, results):
                            tokens_per_s=batch / decode, speedup_vs_hf=hf_decode / decode,
                            speedup_vs_full=full[0] / decode, ideal_speedup=ideal,
                            fraction_of_ideal=(full[0] / decode) / ideal,
-                           roofline_full_ms=model_full_ms, prefill_ms=prefill * 1e3)
+                           roofline_full_ms=model_full_ms, prefill_ms=prefill * 1e3,
+                           **decode_energy(meter, lambda n: ours(n, budget), new, batch))
                 if anee is not None and batch == 1:
                     r = anee if "error" in anee else anee[budget]
                     row["anee_ms_per_step"] = r.get("ms_per_step")
@@ -156,17 +175,19 @@ def bench_model(name, args, device, dtype, peaks, budgets, results):
 
 HEADER = (f"{'model':<10} {'cond':<9} {'batch':>5} {'budget':>6} {'compute':>7} {'ms/step':>8} {'tok/s':>8} "
           f"{'HF ms':>8} {'vs HF':>6} {'vs full':>7} {'ideal':>6} {'of ideal':>8} {'roof ms':>7} "
-          f"{'prefill':>8} {'HF pre':>8} {'ANEE ms':>8}")
+          f"{'prefill':>8} {'HF pre':>8} {'ANEE ms':>8} {'J/tok (>idle)':>17}")
 
 
 def print_row(r):
     anee = f"{r['anee_ms_per_step']:>8.2f}" if r.get("anee_ms_per_step") is not None else f"{'-':>8}"
     cond = {False: "off", True: "on", "compacted": "compacted"}[r["conditional_layers"]]
+    energy = ("unavailable" if r["joules_per_token"] is None else
+              f"{r['joules_per_token']:.3g} ({r['joules_per_token_above_idle']:.3g})")
     print(f"{r['model']:<10} {cond:<9} {r['batch']:>5} {r['budget']:>6.2f} {r['compute']:>7.3f} "
           f"{r['ms_per_step']:>8.2f} {r['tokens_per_s']:>8.1f} {r['hf_ms_per_step']:>8.2f} "
           f"{r['speedup_vs_hf']:>5.2f}x {r['speedup_vs_full']:>6.2f}x {r['ideal_speedup']:>5.2f}x "
           f"{r['fraction_of_ideal']:>7.0%} {r['roofline_full_ms']:>7.2f} {r['prefill_ms']:>8.1f} "
-          f"{r['hf_prefill_ms']:>8.1f} {anee}", flush=True)
+          f"{r['hf_prefill_ms']:>8.1f} {anee} {energy:>17}", flush=True)
 
 
 def plot(rows, path):
@@ -229,14 +250,21 @@ def main(argv=None):
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    meter = energy_meter(device)
+    if isinstance(meter, EnergyMeter):     # before any work: the device is idle now
+        energy = dict(idle_watts=meter.measure_idle(3 * meter.min_window_s))
+        energy_note = f"idle {energy['idle_watts']:.1f} W"
+    else:
+        energy = dict(unavailable=meter)
+        energy_note = f"energy unavailable: {meter}"
     peaks = measure_peaks(device, dtype)
     print(f"{device}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.prompt_tokens} prompt + {args.new_tokens} new "
-          f"tokens, controller {args.controller}; {peaks.describe()}")
+          f"tokens, controller {args.controller}; {peaks.describe()}; {energy_note}")
     print(HEADER)
-    results = BenchResults(args.out, print_row, peaks=vars(peaks))
+    results = BenchResults(args.out, print_row, peaks=vars(peaks), energy=energy)
     for name in args.models.split(","):
-        bench_model(name, args, device, dtype, peaks, budgets, results)
+        bench_model(name, args, device, dtype, peaks, budgets, results, meter)
     if results.rows:
         plot(results.rows, args.out + ".png")
         print(f"wrote {args.out}.json and {args.out}.png", file=sys.stderr)

@@ -1,16 +1,26 @@
 """Serving counters and their Prometheus text exposition (format 0.0.4) for `/metrics`.
 
 The engine thread counts finished requests, the HTTP layer counts rejected ones; a lock keeps
-the two apart. Gauges (queue depth, KV blocks in use) are read from the engine when rendered.
+the two apart. Gauges (queue depth, KV blocks in use) are read from the engine when rendered, and
+so is the GPU's energy counter: `anee_energy_joules_total` is there only when an energy meter
+is; without one a comment line says why (a comment is valid Prometheus text; no made-up zero).
 """
 import threading
 from collections import Counter
 
+from ..engine.energy import EnergyCounterError, EnergyMeter
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ENERGY = "anee_energy_joules_total"
 
 
 class ServingMetrics:
-    def __init__(self):
+    """energy_meter: an EnergyMeter of the engine's GPU, or a string saying why there is none."""
+
+    def __init__(self, energy_meter="no energy meter was given"):
+        self.energy_meter = energy_meter
+        if isinstance(energy_meter, EnergyMeter):
+            self._energy_start = energy_meter.total_joules()
         self._lock = threading.Lock()
         self.finished = Counter()          # finish reason -> requests
         self.rejected = Counter()          # HTTP status -> requests
@@ -80,6 +90,11 @@ class ServingMetrics:
             ("anee_preemptions_total", "counter", "Sequences preempted for want of KV blocks.",
              [({}, scheduler.num_preemptions)]),
         ]
+        energy, unavailable = self._energy()
+        if energy is not None:
+            families.append((ENERGY, "counter", "Energy the GPU used since the server started "
+                             "(its NVML counter: the whole GPU, idle power included).",
+                             [({}, energy)]))
         lines = []
         for name, kind, help_text, samples in families:
             lines.append(f"# HELP {name} {help_text}")
@@ -90,7 +105,18 @@ class ServingMetrics:
                 label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
                 lines.append(f"{name}{suffix}{{{label_text}}} {float(value)!r}" if label_text
                              else f"{name}{suffix} {float(value)!r}")
+        if unavailable is not None:
+            lines.append(f"# {ENERGY} unavailable: " + " ".join(unavailable.split()))
         return "\n".join(lines) + "\n"
+
+    def _energy(self):
+        """(joules since the server started, None), or (None, why there is no number)."""
+        if not isinstance(self.energy_meter, EnergyMeter):
+            return None, self.energy_meter
+        try:
+            return self.energy_meter.total_joules() - self._energy_start, None
+        except EnergyCounterError as e:
+            return None, str(e)
 
 
 def _escape(value) -> str:

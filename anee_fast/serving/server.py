@@ -2,9 +2,9 @@
 
 `build_app(llm)` makes the app: `/v1/completions`, `/v1/chat/completions` (chat template from
 the tokenizer), both streaming with server-sent events, `/v1/models`, `/health` and `/metrics`
-(Prometheus text). Requests may carry `energy_budget` and `controller`; every response reports
-the compute spent in an extra `anee` field. Bad requests get an OpenAI error body with a 4xx
-status and touch nothing else.
+(Prometheus text; with the GPU's energy where an energy meter reads it). Requests may carry
+`energy_budget` and `controller`; every response reports the compute spent in an extra `anee`
+field. Bad requests get an OpenAI error body with a 4xx status and touch nothing else.
 
 Request bodies: `Content-Type: application/json` only (415; a form or text/plain POST from a web
 page cannot start a generation), read within `body_timeout_s` (408) and up to `max_body_bytes`
@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..control.registry import make_controller
+from ..engine import energy
 from ..engine.sampling import SamplingParams
 from .async_engine import AsyncEngine
 from .metrics import CONTENT_TYPE, ServingMetrics
@@ -60,7 +61,7 @@ _CLOSE = {"Connection": "close"}
 
 def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, energy_budget: float = 1.0,
-              controller="budget") -> FastAPI:
+              controller="budget", energy_meter=None) -> FastAPI:
     """The FastAPI app serving `llm` (an `LLM`); its engine loop runs while the app is up.
 
     api_key: when set, `/v1/*` and `/metrics` need `Authorization: Bearer <api_key>`.
@@ -68,6 +69,8 @@ def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAU
     may take (a client that sends less than its Content-Length does not hold a connection).
     energy_budget, controller: what a request without those fields gets (the controller may be
     a file path here; requests may only name controllers or give per-layer action lists).
+    energy_meter: what `/metrics` reads `anee_energy_joules_total` from: an EnergyMeter, a string
+    saying why there is none, or None for `energy.energy_meter` of the model's device.
     """
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) \
             or max_body_bytes < 1:
@@ -75,7 +78,10 @@ def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAU
     if isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float)) \
             or not math.isfinite(body_timeout_s) or body_timeout_s <= 0:
         raise ValueError(f"body_timeout_s must be a finite number > 0, got {body_timeout_s!r}")
-    service = _Service(llm, model_name or llm.name, energy_budget, make_controller(controller))
+    if energy_meter is None:
+        energy_meter = energy.energy_meter(llm.weights.device)
+    service = _Service(llm, model_name or llm.name, energy_budget, make_controller(controller),
+                       energy_meter)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -222,14 +228,14 @@ def _check_json(body) -> None:
 class _Service:
     """What the endpoints share: the model, the engine loop, the metrics, request building."""
 
-    def __init__(self, llm, model_name, energy_budget, controller):
+    def __init__(self, llm, model_name, energy_budget, controller, energy_meter):
         controller.check_model(llm.spec.num_layers, llm.spec.hidden_size)
         self.llm = llm
         self.model_name = model_name
         self.energy_budget = energy_budget
         self.controller = controller
         self.created = int(time.time())
-        self.metrics = ServingMetrics()
+        self.metrics = ServingMetrics(energy_meter)
         self.engine = AsyncEngine(llm.engine, self.metrics)
 
     def model_card(self) -> dict:

@@ -1,15 +1,18 @@
 """python/bench_decode.py runs end to end on a small case and writes its table, JSON and PNG
-(speed is not asserted here), and rejects a bad --conditional-layers list."""
+(speed is not asserted here), with J/token from an energy meter or "unavailable" and why, and
+rejects a bad --conditional-layers list."""
 import json
 import math
 import os
 import sys
+import time
 
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python"))
 
 import bench_decode  # noqa: E402
+from anee_fast.engine.energy import EnergyMeter  # noqa: E402
 
 
 def test_bench_decode_writes_a_row_per_budget(tmp_path, capsys):
@@ -26,7 +29,38 @@ def test_bench_decode_writes_a_row_per_budget(tmp_path, capsys):
     assert all(math.isfinite(r["ms_per_step"]) and math.isfinite(r["hf_ms_per_step"]) for r in rows)
     assert "make anee-env" in rows[0]["anee_note"]          # no ANEE environment: said so
     assert (tmp_path / "bd.png").stat().st_size > 0
-    assert "gpt2-124m" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "gpt2-124m" in out
+    # No GPU energy counter on the CPU: no number, the column says so, the JSON says why.
+    assert all(r["joules_per_token"] is None and r["joules_per_token_above_idle"] is None
+               for r in rows)
+    assert json.loads((tmp_path / "bd.json").read_text())["energy"] == {
+        "unavailable": "no CUDA GPU (the device is cpu)"}
+    assert out.count("unavailable") == 1 + len(rows)       # the run's header line and each row
+
+
+class _WallCounter:
+    """A device drawing a steady 100 W by the wall clock; its counter moves every 10 ms."""
+    update_period_s = 0.01
+
+    def millijoules(self):
+        return int(time.monotonic() / 0.01) * 1000
+
+
+def test_bench_decode_reports_joules_per_token_from_an_energy_meter(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_decode, "energy_meter",
+                        lambda device: EnergyMeter(_WallCounter(), min_window_s=0.1))
+    bench_decode.main(["--models", "gpt2-124m", "--batches", "2", "--budgets", "1",
+                       "--new-tokens", "3", "--prompt-tokens", "4", "--repeats", "1",
+                       "--backend", "native", "--anee-python", str(tmp_path / "none"),
+                       "--device", "cpu", "--out", str(tmp_path / "bd")])
+    result = json.loads((tmp_path / "bd.json").read_text())
+    assert result["energy"]["idle_watts"] == pytest.approx(100, rel=0.05)
+    [row] = result["rows"]
+    # Differences of two windows on a shared CPU: finite, the sign not asserted.
+    assert math.isfinite(row["joules_per_token"]) and math.isfinite(
+        row["joules_per_token_above_idle"])
+    assert "unavailable" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("value", ["on,sometimes", "off,off", ""])

@@ -4,7 +4,8 @@ budgets, every kind of bad request, clients that disconnect, the API key, /metri
 Prometheus text; on tiny random models, preemption over HTTP, an engine failure that fails
 only its own request, the request budget honoured, and hostile input and exposure: lone
 surrogates, deep nesting, uploads cut short or too slow, non-JSON content types, loose field
-types, binding beyond loopback without a key.
+types, binding beyond loopback without a key; the GPU energy counter in /metrics, absent on the
+CPU and read from an energy meter when one is given.
 """
 import asyncio
 import copy
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from anee_fast import LLM, SamplingParams
 from anee_fast.cli import main as cli_main
+from anee_fast.engine.energy import EnergyMeter
 from anee_fast.engine.llm_engine import LLMEngine
 from anee_fast.serving import server as server_module
 from anee_fast.serving.server import ServerThread, _Detokenizer
@@ -521,3 +523,37 @@ def test_serving_beyond_loopback_needs_a_key_or_an_explicit_flag(tiny, monkeypat
     server_module.serve(llm, host="0.0.0.0", allow_unauthenticated=True)
     assert capsys.readouterr().err.count("WARNING: serving 0.0.0.0:8000 without an API key") == 1
     assert runs == ["0.0.0.0", "0.0.0.0"]
+
+
+def test_metrics_have_no_energy_counter_on_the_cpu(tiny):
+    llm, server = tiny
+    if llm.weights.device.type != "cpu":
+        pytest.skip("the model is on a GPU here")
+    text = httpx.get(server.url + "/metrics").text
+    assert "# anee_energy_joules_total unavailable: no CUDA GPU (the device is cpu)" in text
+    assert "anee_energy_joules_total" not in _metrics(server)
+    assert "anee_energy_joules" not in {f.name for f in text_string_to_metric_families(text)}
+
+
+class _Counter:
+    """An energy counter that has gone up by 250 mJ each time it is read."""
+    update_period_s = 0.1
+
+    def __init__(self):
+        self.mj = 10_000_000
+
+    def millijoules(self):
+        self.mj += 250
+        return self.mj
+
+
+def test_metrics_export_the_energy_meters_joules_since_the_server_started():
+    llm = LLM(build_model("llama_gqa", 2), min_layers=1)
+    with ServerThread(llm, model_name="tiny", energy_meter=EnergyMeter(_Counter())) as server:
+        text = httpx.get(server.url + "/metrics").text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["anee_energy_joules"].type == "counter"
+        assert "unavailable" not in text
+        # Read once when the server started, then at each scrape: 250 mJ more each time.
+        assert _metrics(server)["anee_energy_joules_total"] == pytest.approx(0.5)
+        assert _metrics(server)["anee_energy_joules_total"] == pytest.approx(0.75)
