@@ -6,7 +6,7 @@ import torch
 
 from .actions import validate_actions
 from .engine.config import EngineConfig
-from .engine.llm_engine import LLMEngine, check_token_ids
+from .engine.llm_engine import LLMEngine
 from .engine.sampling import SamplingParams
 from .model.loader import default_device, load_weights
 from .ops.backends import ops_for, select_backend
@@ -84,8 +84,7 @@ class LLM:
             else [energy_budget] * len(sequences)
         if len(budgets) != len(sequences):
             raise ValueError(f"{len(sequences)} sequences but {len(budgets)} values of energy_budget")
-        seqs = [self.engine.new_sequence(check_token_ids(s, name), SamplingParams(max_tokens=0),
-                                         budget, controller)
+        seqs = [self.engine.new_sequence(s, SamplingParams(max_tokens=0), budget, controller, name)
                 for s, name, budget in zip(sequences, names, budgets)]
         for i, seq in enumerate(seqs):
             seq.chunk_size = chunk_size
@@ -119,7 +118,7 @@ class LLM:
                 raise ValueError(f"{len(prompts)} prompts but {len(values)} values of {name}")
         engine = self.engine
         # Validate every request before any is queued, so a bad one changes nothing.
-        seqs = [engine.new_sequence(self._encode(p, name), sp, b, c)
+        seqs = [engine.new_sequence(self._encode(p), sp, b, c, name)
                 for p, name, sp, b, c in zip(prompts, names, params, budgets, controllers)]
         for seq in seqs:
             engine.scheduler.add(seq)
@@ -141,7 +140,8 @@ class LLM:
                 progress.close()
         return [self._output(seq) for seq in seqs]
 
-    def _encode(self, prompt, name: str) -> list:
+    def _encode(self, prompt):
+        """Text through the tokenizer; token ids as given (new_sequence checks them)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: give prompts as lists of token ids "
@@ -149,7 +149,7 @@ class LLM:
             if not prompt:
                 raise ValueError("the prompt is empty")
             return self.tokenizer.encode(prompt)
-        return check_token_ids(prompt, name)
+        return prompt
 
     def _output(self, seq) -> RequestOutput:
         text = ""

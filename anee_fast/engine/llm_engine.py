@@ -89,10 +89,12 @@ class LLMEngine:
         `capture` (ModelRunner.use_decode_graphs), for batches up to max_num_seqs."""
         self.runner.use_decode_graphs(self.config.max_num_seqs, capture, conditional_layers)
 
-    def new_sequence(self, prompt_ids, sampling: SamplingParams, budget, controller) -> Sequence:
-        """Validates a request and makes its Sequence (not yet scheduled)."""
+    def new_sequence(self, prompt_ids, sampling: SamplingParams, budget, controller,
+                     name: str = "prompt_ids") -> Sequence:
+        """Validates a request and makes its Sequence (not yet scheduled). `name`: the caller's
+        argument holding the prompt, for the errors."""
         spec = self.weights.spec
-        ids = check_token_ids(prompt_ids)
+        ids = check_token_ids(prompt_ids, name)
         if not ids:
             raise ValueError("the prompt is empty: give at least one token")
         if min(ids) < 0 or max(ids) >= spec.vocab_size:

@@ -137,21 +137,22 @@ def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAU
         authorize(request)
         return {"object": "list", "data": [service.model_card()]}
 
+    async def read_request(request: Request, model):
+        """The authorized, parsed body of a POST, for this server's model."""
+        authorize(request)
+        req = parse_request(model, await _json_body(request, max_body_bytes, body_timeout_s))
+        service.check_model(req.model)
+        return req
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        req = parse_request(CompletionRequest,
-                            await _json_body(request, max_body_bytes, body_timeout_s))
-        service.check_model(req.model)
+        req = await read_request(request, CompletionRequest)
         ids = service.prompt_ids(req.prompt)
         return await service.respond(request, req, ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request)
-        req = parse_request(ChatCompletionRequest,
-                            await _json_body(request, max_body_bytes, body_timeout_s))
-        service.check_model(req.model)
+        req = await read_request(request, ChatCompletionRequest)
         if req.max_completion_tokens is not None:
             if req.max_tokens is not None and req.max_tokens != req.max_completion_tokens:
                 raise APIError(400, "max_tokens and max_completion_tokens differ: give one",
