@@ -97,7 +97,7 @@ setup(
     python_requires=">=3.10",
     packages=["anee_fast", *(f"anee_fast.{p}" for p in SUBPACKAGES), "anee_fast.kernels"],
     package_dir={"anee_fast.kernels": "kernels"},
-    package_data={"anee_fast": ["data/controllers/*"]},    # the shipped trained controller
+    package_data={"anee_fast": ["data/controllers/*", "data/adapters/*"]},   # shipped for the embedded model
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.6", "transformers>=4.56", "safetensors", "tqdm", "platformdirs",

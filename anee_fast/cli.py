@@ -2,7 +2,7 @@
 
 One subcommand per job, each a `_add_<name>(subparsers)` that registers its arguments and a
 `_cmd_<name>(args) -> int` that runs it: `generate` is here; `serve`, `eval`,
-`train-controller`, `train-recurrent` and `eval-recurrent` go into `SUBCOMMANDS` the same way. Library errors (ValueError, OSError,
+`train-controller`, `train-recurrent`, `eval-recurrent` and `build-corpus` go into `SUBCOMMANDS` the same way. Library errors (ValueError, OSError,
 RuntimeError) become one line on stderr and a non-zero exit; set ANEE_FAST_DEBUG=1 for the
 traceback instead.
 """
@@ -66,6 +66,9 @@ def _add_model_options(p, runtime: bool = True):
                    help="first layers every token always processes (default 2)")
     _add_threads_option(p)
     if runtime:
+        p.add_argument("--adapters", default="auto", metavar="PATH|auto|none",
+                       help="skip adapters: a file or directory from train-controller, 'none', or "
+                            "'auto' (the shipped ones for the embedded model; default)")
         p.add_argument("--backend", default="auto", help=BACKEND_HELP)
         p.add_argument("--device", default=None,
                        help="torch device, e.g. cpu or cuda (default: cuda when available)")
@@ -111,6 +114,8 @@ def _load_llm(args, model, **engine_options):
     """The LLM of the model options, quietly (loading bars would bury errors and summaries)."""
     from .llm import LLM
     runtime = {k: getattr(args, k) for k in ("backend", "device", "dtype") if hasattr(args, k)}
+    if hasattr(args, "adapters"):
+        runtime["adapters"] = None if args.adapters == "none" else args.adapters
     with _no_progress_bars():
         return LLM(model, min_layers=args.min_layers, threads=args.threads, **runtime,
                    **engine_options)
@@ -151,6 +156,7 @@ def _add_generate(subparsers):
 def _cmd_generate(args) -> int:
     # Check everything cheap before loading a model (loading can take a while).
     from .engine.sampling import SamplingParams
+    from .eval.chat_answers import chat_prompt_ids
     from .eval.report import write_json
     budget = _checked_budget(args.budget)
     if not args.prompt:
@@ -164,7 +170,7 @@ def _cmd_generate(args) -> int:
     tokenizer = llm.tokenizer
     if tokenizer is None:
         raise _Error(f"the model {llm.name!r} comes without a tokenizer: save one next to it")
-    prompt_ids, chat = _encode(tokenizer, args.prompt, args.chat)
+    prompt_ids, chat = chat_prompt_ids(tokenizer, args.prompt, args.chat)
 
     start = time.perf_counter()
     out = llm.generate(prompt_ids, params, energy_budget=budget, controller=controller)[0]
@@ -220,23 +226,6 @@ def _no_progress_bars():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
-
-
-def _encode(tokenizer, prompt, chat):
-    """Token ids of the prompt; with chat, the chat template's text (it holds its own specials)."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if chat and not has_template:
-        raise _Error("--chat: this model's tokenizer has no chat template (use --no-chat)")
-    chat = has_template if chat is None else chat
-    if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    else:
-        ids = tokenizer.encode(prompt)
-    if not ids:
-        raise _Error("the prompt encodes to no tokens")
-    return [int(t) for t in ids], chat
 
 
 def _stats(trace, num_generated, seconds) -> dict:
@@ -335,16 +324,26 @@ def _add_eval(subparsers):
     p = subparsers.add_parser(
         "eval", help="quality against compute of controllers on held-out text",
         description="Score held-out text with each controller at each budget and report realised "
-                    "compute, mean KL to the full model, top-1 agreement, perplexity and greedy "
-                    "32-token continuation agreement, as a table, JSON and a PNG. The default text "
-                    "is Python's pydoc topics (offline); the last 20% of its windows are held out.")
+                    "compute, mean KL to the full model, top-1 agreement, perplexity, greedy "
+                    "32-token continuation agreement and how those continuations read (the full "
+                    "model's perplexity of them, distinct 2-grams), as a table, JSON and a PNG. The "
+                    "default text is Python's pydoc topics (offline); the last 20% of its windows "
+                    "are held out.")
     p.add_argument("--budgets", default="1,0.75,0.5,0.25",
                    help="comma-separated energy budgets in [0, 1] (default 1,0.75,0.5,0.25)")
     p.add_argument("--text", default=None, metavar="PATH",
                    help="plain-text UTF-8 file to evaluate on (default: the pydoc topics)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the records as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png",
-                   help="write KL and top-1 agreement against realised compute")
+                   help="write KL, top-1 agreement, continuation perplexity and distinct 2-grams "
+                        "against realised compute")
+    p.add_argument("--chat-answers", default=None, metavar="OUT.md",
+                   help="also answer 6 fixed chat prompts (chat template, greedy, stop at EOS) with "
+                        "the full model and every controller but the router at every budget; write "
+                        "the answers as markdown and print answers ending early and the median "
+                        "ratio of their perplexity under the full model to the full model's own")
+    p.add_argument("--chat-max-tokens", type=int, default=96,
+                   help="most tokens per chat answer (default 96)")
     _add_model_options(p)
     others = [name for name in CONTROLLER_NAMES if name not in DEFAULT_CONTROLLERS]
     p.add_argument("--controllers", default=None, metavar="LIST",
@@ -372,7 +371,8 @@ def _cmd_eval(args) -> int:
         raise _Error(f"--budgets must be comma-separated numbers, got {args.budgets!r}") from None
     if not budgets or any(not 0.0 <= b <= 1.0 for b in budgets):
         raise _Error(f"--budgets must be numbers in [0, 1], got {args.budgets!r}")
-    for name in ("windows", "seq_len", "search_windows", "search_len", "search_width", "router_k"):
+    for name in ("windows", "seq_len", "search_windows", "search_len", "search_width", "router_k",
+                 "chat_max_tokens"):
         if getattr(args, name) < 1:
             raise _Error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.seq_len <= 32:
@@ -390,6 +390,7 @@ def _cmd_eval(args) -> int:
     llm = _load_llm(args, model)
     run_eval(llm, budgets=budgets, text_path=args.text, controllers=controllers,
              windows=args.windows, seq_len=args.seq_len, json_path=args.json, plot_path=args.plot,
+             chat_path=args.chat_answers, chat_max_tokens=args.chat_max_tokens,
              progress=not args.no_progress, search_windows=args.search_windows,
              search_len=args.search_len, search_width=args.search_width, router_k=args.router_k)
     return 0
@@ -406,29 +407,18 @@ def _add_config_options(p, cls):
     for f in dataclasses.fields(cls):
         if not f.metadata.get("help"):
             raise ValueError(f"{cls.__name__}.{f.name} has no help: declare it with options.option")
-        shown = "" if f.default in (None, ()) else f" (default {f.default})"
+        shown = "" if f.default is None else f" (default {f.default})"
         p.add_argument(f"--{f.name.replace('_', '-')}", type=_option_type(f.name, types[f.name]),
                        default=f.default, help=f.metadata["help"] + shown)
 
 
 def _option_type(name: str, annotation):
-    """The argparse type of a field: its annotation, Optional[X] as X, a tuple as comma-separated
-    numbers (the one tuple field, class_budgets, holds budgets)."""
+    """The argparse type of a field: its annotation, Optional[X] as X."""
     if typing.get_origin(annotation) is typing.Union:
         (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if annotation is tuple:
-        return _number_list
     if annotation in (int, float, str):
         return annotation
     raise TypeError(f"no command-line option type for field {name}: {annotation!r}")
-
-
-def _number_list(text: str) -> tuple:
-    """argparse type: comma-separated numbers."""
-    try:
-        return tuple(float(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _config(cls, args):
@@ -444,10 +434,13 @@ def _config(cls, args):
 def _add_train_controller(subparsers):
     p = subparsers.add_parser(
         "train-controller", help="train a budget-conditioned depth controller",
-        description="Train the budget-conditioned controller on a text corpus: oracle traces "
-                    "(measured layer sensitivity), supervised warm start, then REINFORCE. Writes "
-                    "OUT_DIR/controller.json + controller.safetensors (load with "
-                    "controller=OUT_DIR), checkpoints, training_log.json and training_curve.png.")
+        description="Fit skip adapters and train the budget-conditioned controller on the KL to "
+                    "the full model, on training text only: ridge adapters, the static order "
+                    "with them, distillation of adapters and controller together, then the net "
+                    "or its static set, whichever is better on set-aside training windows. "
+                    "Writes OUT_DIR/adapters.json + .safetensors (--adapters OUT_DIR) and "
+                    "controller.json + .safetensors (--controller OUT_DIR), checkpoints, "
+                    "training_log.json and training_curve.png.")
     p.add_argument("out_dir", help="output directory (checkpoints and the trained controller)")
     p.add_argument("--resume", action="store_true", help="continue the run found in OUT_DIR")
     _add_model_options(p, runtime=False)
@@ -464,8 +457,12 @@ def _cmd_train_controller(args) -> int:
     print(f"trained in {time.perf_counter() - start:.0f} s this run (stages: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in log["timings_s"].items()) + ")")
     for row in log.get("heldout") or []:
-        print(f"held-out budget {row['budget']:.2f}: KL {row['kl']:.3f}, top-1 {row['top1']:.3f}, "
+        print(f"held-out {row['source']}, budget {row['budget']:.2f}: KL {row['kl']:.3f}, "
+              f"top-1 {row['top1']:.3f}, "
               f"compute {row['compute']:.3f} (max {row['max_compute']:.3f})")
+    print(f"kept: {log['selection']['kept']} (mean KL on set-aside training windows: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in log["selection"]["mean_kl"].items()) + ")")
+    print(f"adapters: {os.path.join(args.out_dir, 'adapters.json')}")
     print(f"controller: {os.path.join(args.out_dir, 'controller.json')}")
     return 0
 
@@ -534,10 +531,92 @@ def _cmd_eval_recurrent(args) -> int:
     return 0
 
 
+# ---- build-corpus --------------------------------------------------------------------------------
+
+def _add_build_corpus(subparsers):
+    from .eval.text_sources import SOURCES
+    p = subparsers.add_parser(
+        "build-corpus", help="build a mixed English distillation corpus with chat answers",
+        description="Write text sources read offline from this machine (pydoc topics, man pages, "
+                    "Debian docs, fortunes), each capped and split into train.txt and heldout.txt "
+                    "(the last documents by name held out whole), and the model's own greedy chat "
+                    "answers to templated instructions (held-out topics unseen) as JSONL, with a "
+                    "manifest.json of sizes and sha256s. Load it with "
+                    "anee_fast.training.mixed_corpus.load_corpus.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--sources", default=",".join(SOURCES), metavar="LIST",
+                   help=f"comma-separated text sources of {', '.join(SOURCES)} (default: all; "
+                        "one that is absent here is an error)")
+    p.add_argument("--chat", type=int, default=0, metavar="N",
+                   help="chat examples the model answers, 20%% of them held out (default 0)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="most tokens of a chat answer (default 128)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="chat prompts answered together; the KV cache is sized to hold them "
+                        "(default 64)")
+    p.add_argument("--max-chars", type=int, default=1_000_000,
+                   help="characters per text source at most (default 1000000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the chat instructions (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_model_options(p, runtime=False)
+    p.set_defaults(func=_cmd_build_corpus)
+
+
+def _cmd_build_corpus(args) -> int:
+    from .eval.text_sources import SOURCES
+    from .training.mixed_corpus import build_corpus
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        raise _Error(f"--sources: unknown source {unknown[0]!r}; known: {', '.join(SOURCES)}")
+    if args.chat < 0:
+        raise _Error(f"--chat must be >= 0, got {args.chat}")
+    if args.max_new_tokens < 1:
+        raise _Error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.max_chars < 1:
+        raise _Error(f"--max-chars must be >= 1, got {args.max_chars}")
+    if args.batch_size < 1:
+        raise _Error(f"--batch-size must be >= 1, got {args.batch_size}")
+    model = _checked_model(args)
+    # Room for a batch of templated instructions (well under 128 tokens each) and their answers,
+    # so no sequence is preempted and recomputed.
+    block_size = 16
+    llm = _load_llm(args, model, block_size=block_size,
+                    num_kv_blocks=-(-args.batch_size * (128 + args.max_new_tokens) // block_size))
+    start = time.perf_counter()
+    manifest = build_corpus(args.out, llm, sources, args.chat, seed=args.seed,
+                            max_chars=args.max_chars, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size, command=_build_corpus_command(args),
+                            progress=not args.no_progress)
+    for name, group in manifest["sources"].items():
+        print(f"{name}: {group['train']['tokens']} train + {group['heldout']['tokens']} held-out "
+              f"tokens ({group['train']['documents']} + {group['heldout']['documents']} documents)")
+    if "chat" in manifest:
+        chat = manifest["chat"]
+        print(f"chat: {chat['train']['examples']} train + {chat['heldout']['examples']} held-out "
+              f"examples ({chat['train']['answer_tokens'] + chat['heldout']['answer_tokens']} "
+              "answer tokens)")
+    print(f"built in {time.perf_counter() - start:.0f} s (backend {llm.backend}): "
+          f"{os.path.join(args.out, 'manifest.json')}")
+    return 0
+
+
+def _build_corpus_command(args) -> str:
+    """The command line of this build with every value it used, defaults included (main may have
+    been given its argv directly, so sys.argv need not be it)."""
+    import shlex
+    words = [PROG, "build-corpus"]
+    for name in ("out", "sources", "chat", "max_new_tokens", "batch_size", "max_chars", "seed",
+                 "model", "min_layers", "threads"):
+        if getattr(args, name) is not None:
+            words += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return shlex.join(words)
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 
 SUBCOMMANDS = (_add_generate, _add_serve, _add_eval, _add_train_controller, _add_train_recurrent,
-               _add_eval_recurrent)
+               _add_eval_recurrent, _add_build_corpus)
 
 
 def build_parser() -> argparse.ArgumentParser:

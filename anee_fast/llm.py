@@ -8,6 +8,7 @@ from .actions import validate_actions
 from .engine.config import EngineConfig
 from .engine.llm_engine import LLMEngine
 from .engine.sampling import SamplingParams
+from .model.adapters import load_adapters, shipped_adapters_path
 from .model.loader import default_device, load_weights
 from .ops.backends import ops_for, select_backend
 from .trace import Trace
@@ -28,9 +29,11 @@ class LLM:
     def __init__(self, model=None, backend: str = "auto", device=None, dtype=None, *,
                  tokenizer=None, block_size: int = 16, num_kv_blocks=None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, min_layers: int = 2, always_last: int = 0,
-                 cuda_graphs=None, conditional_layers=False, threads=None):
+                 cuda_graphs=None, conditional_layers=False, threads=None, adapters="auto"):
         """threads: torch's CPU threads for this process (set_threads); None = $ANEE_FAST_THREADS
-        if set, else torch's default."""
+        if set, else torch's default. adapters: skip adapters (model/adapters.py), a path to
+        an adapter file, None for none (a SKIP adds nothing, as without adapters), or "auto": the
+        shipped ones for the embedded model (when it is the one loaded), none for any other."""
         set_threads(threads)
         self.backend = select_backend(backend, default_device(device).type)
         self.weights, loaded_tokenizer, self.name = load_weights(model, device, dtype)
@@ -42,6 +45,17 @@ class LLM:
                               cuda_graphs=cuda_graphs, conditional_layers=conditional_layers)
         self.engine = LLMEngine(self.weights, ops_for(self.backend), config,
                                 eos_token_id=getattr(self.tokenizer, "eos_token_id", None))
+        self.set_adapters(_adapters_path(adapters, embedded=model is None))
+
+    def set_adapters(self, adapters) -> None:
+        """Skip adapters from now on: a path to an adapter file, a list of SkipAdapter (one per
+        layer), or None for none. `adapters_path` says which file (None otherwise)."""
+        self.adapters_path = None
+        if isinstance(adapters, (str, os.PathLike)):
+            spec = self.weights.spec
+            self.adapters_path = adapters
+            adapters, _ = load_adapters(adapters, spec.num_layers, spec.hidden_size)
+        self.engine.set_adapters(adapters)
 
     @property
     def spec(self):
@@ -158,6 +172,18 @@ class LLM:
         return RequestOutput(prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
                              token_ids=seq.generated_ids, text=text,
                              finish_reason=seq.finish_reason, trace=seq.trace())
+
+
+def _adapters_path(adapters, embedded: bool):
+    """The adapter file LLM(adapters=...) asks for, or None."""
+    if adapters is None:
+        return None
+    if adapters == "auto":
+        shipped = shipped_adapters_path()
+        return shipped if embedded and shipped.is_file() else None
+    if not isinstance(adapters, (str, os.PathLike)):
+        raise ValueError(f"adapters must be None, 'auto' or a path to skip adapters, got {adapters!r}")
+    return adapters
 
 
 def _is_batch(x) -> bool:

@@ -143,6 +143,43 @@ inline SkipKvSizes check_skip_kv_args(
   return {N, hidden, num_slots, kv_heads, d, q_heads};
 }
 
+struct SkipAdapterSizes {
+  int64_t N, hidden, rank;
+};
+
+// skip_adapter: h [N, hidden]; norm_weight and norm_bias [hidden]; down_weight [rank, hidden],
+// up_weight [hidden, rank] and up_bias [hidden] in h's dtype; row_mask bool [N] on h's device.
+// Same checks and messages as ops/reference.py:check_skip_adapter_args.
+inline SkipAdapterSizes check_skip_adapter_args(
+    const at::Tensor& h, const at::Tensor& norm_weight, const std::optional<at::Tensor>& norm_bias,
+    const at::Tensor& down_weight, const at::Tensor& up_weight,
+    const std::optional<at::Tensor>& up_bias, const at::Tensor& row_mask) {
+  TORCH_CHECK(h.dim() == 2 && down_weight.dim() == 2,
+              "skip_adapter: h must be [N, hidden] and down_weight [rank, hidden], got h ",
+              h.sizes(), ", down_weight ", down_weight.sizes());
+  const int64_t N = h.size(0), hidden = h.size(1), rank = down_weight.size(0);
+  TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == hidden,
+              "skip_adapter: norm_weight must be [", hidden, "], got ", norm_weight.sizes());
+  TORCH_CHECK(!norm_bias.has_value() || (norm_bias->dim() == 1 && norm_bias->size(0) == hidden),
+              "skip_adapter: norm_bias must be [", hidden, "], got ", norm_bias->sizes());
+  TORCH_CHECK(down_weight.size(1) == hidden, "skip_adapter: down_weight must be [", rank, ", ",
+              hidden, "], got ", down_weight.sizes());
+  TORCH_CHECK(up_weight.dim() == 2 && up_weight.size(0) == hidden && up_weight.size(1) == rank,
+              "skip_adapter: up_weight must be [", hidden, ", ", rank, "], got ", up_weight.sizes());
+  TORCH_CHECK(!up_bias.has_value() || (up_bias->dim() == 1 && up_bias->size(0) == hidden),
+              "skip_adapter: up_bias must be [", hidden, "], got ", up_bias->sizes());
+  TORCH_CHECK(row_mask.scalar_type() == at::kBool && row_mask.dim() == 1 && row_mask.size(0) == N &&
+              row_mask.device() == h.device(),
+              "skip_adapter: row_mask must be bool [", N, "] on ", h.device(), ", got ",
+              row_mask.scalar_type(), " ", row_mask.sizes(), " on ", row_mask.device());
+  TORCH_CHECK(down_weight.scalar_type() == h.scalar_type() &&
+              up_weight.scalar_type() == h.scalar_type() &&
+              (!up_bias.has_value() || up_bias->scalar_type() == h.scalar_type()),
+              "skip_adapter: down_weight, up_weight and up_bias must have h's dtype ",
+              h.scalar_type());
+  return {N, hidden, rank};
+}
+
 struct PagedAttentionSizes {
   int64_t N, heads, d, num_slots, kv_heads;
 };

@@ -31,6 +31,12 @@
                at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,          \
                double eps, bool rms, const std::optional<at::Tensor>& q_out);                     \
                                                                                                   \
+  at::Tensor skip_adapter(const at::Tensor& h, const at::Tensor& norm_weight,                     \
+                          const std::optional<at::Tensor>& norm_bias,                             \
+                          const at::Tensor& down_weight, const at::Tensor& up_weight,             \
+                          const std::optional<at::Tensor>& up_bias, const at::Tensor& row_mask,   \
+                          double eps, bool rms);                                                  \
+                                                                                                  \
   at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,                      \
                              const at::Tensor& v_cache, const at::Tensor& block_tables,           \
                              const at::Tensor& seq_idx, const at::Tensor& positions,              \

@@ -22,6 +22,8 @@ TORCH_LIBRARY(anee_fast, m) {
         "Tensor? kv_bias, Tensor positions, Tensor? inv_freq, float rope_scale, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, float eps, bool rms, "
         "Tensor(c!)? q_out=None) -> ()");
+  m.def("skip_adapter(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor down_weight, "
+        "Tensor up_weight, Tensor? up_bias, Tensor row_mask, float eps, bool rms) -> Tensor");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor seq_idx, Tensor positions, int block_size, float scale, int sliding_window) "
         "-> Tensor");
@@ -37,6 +39,7 @@ TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
   m.impl("add_norm", &anee_fast::cpu::add_norm);
   m.impl("linear", &anee_fast::cpu::linear);
   m.impl("skip_kv", &anee_fast::cpu::skip_kv);
+  m.impl("skip_adapter", &anee_fast::cpu::skip_adapter);
   m.impl("paged_attention", &anee_fast::cpu::paged_attention);
   m.impl("policy_step", &anee_fast::cpu::policy_step);
   m.impl("saturation_codes", &anee_fast::cpu::saturation_codes);
@@ -50,6 +53,7 @@ TORCH_LIBRARY_IMPL(anee_fast, CUDA, m) {
   m.impl("add_norm", &anee_fast::cuda::add_norm);
   m.impl("linear", &anee_fast::cuda::linear);
   m.impl("skip_kv", &anee_fast::cuda::skip_kv);
+  m.impl("skip_adapter", &anee_fast::cuda::skip_adapter);
   m.impl("paged_attention", &anee_fast::cuda::paged_attention);
   m.impl("policy_step", &anee_fast::cuda::policy_step);
   m.impl("saturation_codes", &anee_fast::cuda::saturation_codes);

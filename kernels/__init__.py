@@ -29,7 +29,8 @@ else:
     from .paged_attention import paged_attention
     from .policy_step import policy_step
     from .saturation_codes import saturation_codes
+    from .skip_adapter import skip_adapter
     from .skip_kv import skip_kv
 
-    __all__ = ["norm", "add_norm", "linear", "skip_kv", "paged_attention", "policy_step",
-               "saturation_codes"]
+    __all__ = ["norm", "add_norm", "linear", "skip_kv", "skip_adapter", "paged_attention",
+               "policy_step", "saturation_codes"]

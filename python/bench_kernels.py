@@ -1,6 +1,6 @@
 """Kernel microbenchmark: each op of the backend contract (norm, add_norm, linear, skip_kv,
-paged_attention) on every usable backend against the unfused PyTorch equivalent (the reference op).
-Prints a table and writes JSON and a PNG.
+skip_adapter, paged_attention) on every usable backend against the unfused PyTorch equivalent
+(the reference op). Prints a table and writes JSON and a PNG.
 
     python python/bench_kernels.py --rows 1,16,256,2048 --context 512 --out out/bench_kernels
 
@@ -9,13 +9,15 @@ median of many repeats after a warm-up: on a GPU, CUDA-event timings of a CUDA g
 op 10 times (device time without launch gaps; back-to-back calls when the op cannot be
 captured); on the CPU, time.perf_counter around each call. L2 stays warm between calls unless
 --cold-l2 rotates each op over copies of its inputs larger than the cache together.
-Shapes: GPT-2 small (hidden 768, 12 heads, MHA, LayerNorm + biases, no RoPE) and Llama-3.2-1B
-(hidden 2048, 32 heads, 8 KV heads, RMSNorm, RoPE); head_dim 64 in both; linear is the MLP's
+Shapes: GPT-2 small (hidden 768, 12 heads, MHA, LayerNorm + biases, no RoPE), SmolLM2-135M
+(hidden 576, 9 heads, 3 KV heads, RMSNorm, RoPE) and Llama-3.2-1B (hidden 2048, 32 heads, 8 KV
+heads, RMSNorm, RoPE); head_dim 64 in all; skip_adapter's rank 128; linear is the MLP's
 first projection with its activation (GPT-2's 3072 x 768 with bias and GELU-tanh, Llama's fused
-gate|up 16384 x 2048 with gated SiLU), linear_down its second one with the residual add,
-linear_down_masked the same with the masked layer loop's row mask, every other row off (the
-reference runs product and epilogue as separate ops; for the mask, the `where` the masked loop
-launched before the mask was an epilogue).
+gate|up 16384 x 2048 with gated SiLU, SmolLM2's 3072 x 576), linear_down its second one with the
+residual add, linear_down_masked the same with the masked layer loop's row mask, every other row
+off (the reference runs product and epilogue as separate ops; for the mask, the `where` the
+masked loop launched before the mask was an epilogue). skip_adapter runs on every row (the op's
+most work; a row without the adapter only copies h, which moves the same bytes).
 GB/s counts the bytes an ideal fused kernel must move (byte models below); "% peak" is against
 a large tensor copy measured in the same run. The Triton backend only runs on a CUDA device
 (on the CPU it would be Triton's interpreter, which is no speed backend).
@@ -34,13 +36,17 @@ from roofline import measure_peaks
 SHAPES = {
     "gpt2-small": dict(hidden=768, heads=12, kv_heads=12, d=64, rms=False, bias=True, rope=False,
                        up=3072),
+    "smollm2-135m": dict(hidden=576, heads=9, kv_heads=3, d=64, rms=True, bias=False, rope=True,
+                         up=3072),
     "llama-1b": dict(hidden=2048, heads=32, kv_heads=8, d=64, rms=True, bias=False, rope=True,
                      up=16384),
 }
+RANK = 128           # skip_adapter's
 BLOCK = 16
 GRAPH_CALLS = 10     # calls per timed CUDA graph replay (at least)
 CPU_CACHE_BYTES = 64 << 20   # --cold-l2 on the CPU: rotate inputs over twice this
-TOL = {"norm": 1e-4, "add_norm": 1e-4, "linear": 1e-4, "skip_kv": 1e-3, "paged_attention": 1e-4}
+TOL = {"norm": 1e-4, "add_norm": 1e-4, "linear": 1e-4, "skip_kv": 1e-3, "skip_adapter": 1e-4,
+       "paged_attention": 1e-4}
 ACTIVATION = {False: "gelu_tanh", True: "silu_gated"}    # by s["rms"]: GPT-2's, Llama's MLP
 VARIANT_OF = {"linear_down": "linear", "linear_down_masked": "linear"}   # --ops label -> op
 
@@ -74,6 +80,13 @@ def bytes_skip_kv(n, s, es):
     kv = s["kv_heads"] * s["d"]
     weights = s["hidden"] * (2 if s["bias"] else 1) + 2 * kv * s["hidden"] + (2 * kv if s["bias"] else 0)
     return es * (n * s["hidden"] + weights + n * 2 * kv) + 8 * n * 2
+
+
+def bytes_skip_adapter(n, s, es):
+    # read h [n, hidden], norm weight (+ bias) [hidden], down [RANK, hidden], up [hidden, RANK]
+    # (+ bias [hidden]); write out [n, hidden]; read row_mask (bool)
+    H = s["hidden"]
+    return es * (2 * n * H + H * (3 if s["bias"] else 1) + 2 * RANK * H) + n
 
 
 def bytes_paged_attention(n, s, es, ctx):
@@ -122,6 +135,12 @@ def make_case(op, s, n, ctx, device, dtype, g, variant):
                 torch.randint(0, 4096, (n,), generator=g).to(device), inv_freq, 1.0,
                 k_cache, v_cache, slots, 1e-5, s["rms"])
         return args, (8, 9), bytes_skip_kv(n, s, dtype.itemsize)
+    if op == "skip_adapter":
+        args = (rnd(n, H), 1 + rnd(H, scale=0.3), rnd(H, scale=0.3) if s["bias"] else None,
+                rnd(RANK, H, scale=H ** -0.5), rnd(H, RANK, scale=RANK ** -0.5),
+                rnd(H, scale=0.3) if s["bias"] else None,
+                torch.ones(n, dtype=torch.bool, device=device), 1e-5, s["rms"])
+        return args, None, bytes_skip_adapter(n, s, dtype.itemsize)
     # paged_attention: n sequences of ctx tokens, one decode row each (at the last position),
     # blocks shuffled over the cache
     nb = (ctx + BLOCK - 1) // BLOCK
@@ -275,7 +294,7 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=512, help="paged_attention context length")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--ops", default="norm,add_norm,linear,linear_down,linear_down_masked,skip_kv,"
-                                    "paged_attention")
+                                    "skip_adapter,paged_attention")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--budget", type=float, default=0.15, help="seconds of timing per measurement")
     p.add_argument("--cold-l2", action="store_true",

@@ -17,7 +17,7 @@ from anee_fast import cli
 from anee_fast.control.registry import CONTROLLER_NAMES
 from anee_fast.eval.evaluation import DEFAULT_CONTROLLERS
 from anee_fast.ops.backends import BACKENDS
-from anee_fast.training.controller_training import TEACHERS, TrainConfig
+from anee_fast.training.controller_training import TrainConfig
 from anee_fast.training.recurrent_training import RecurrentTrainConfig
 
 PROMPT = "why is the sky blue"
@@ -273,19 +273,17 @@ def test_a_config_field_without_help_is_refused():
 
 def test_config_options_parse_to_the_field_types():
     args = cli.build_parser().parse_args([
-        "train-controller", "out", "--text", "corpus.txt", "--seq-len", "8", "--margin", "3",
-        "--fallback-margin", "1.5", "--class-budgets", "0.75,0.5", "--proj-dim", "4"])
-    assert cli._config(TrainConfig, args) == TrainConfig(
-        text="corpus.txt", seq_len=8, margin=3.0, fallback_margin=1.5, class_budgets=(0.75, 0.5),
-        proj_dim=4)
+        "train-controller", "out", "--corpus", "corpus", "--seq-len", "8", "--margin", "3",
+        "--rank", "16", "--proj-dim", "4"])
+    assert cli._config(TrainConfig, args) == TrainConfig(corpus="corpus", seq_len=8, margin=3.0,
+                                                         rank=16, proj_dim=4)
 
 
 @pytest.mark.parametrize("command, flags, expected", [
     ("train-controller", ["--seq-len", "0"], "seq_len must be an integer >= 1, got 0"),
-    ("train-controller", ["--class-budgets", "0.5"], "set fallback_margin too"),
-    ("train-controller", ["--teacher", "nobody"], "teacher must be one of oracle, heuristic"),
+    ("train-controller", ["--min-budget", "1.5"], "min_budget must be in [0, 1), got 1.5"),
     ("train-recurrent", ["--policy-share", "2"], "policy_share must be in [0, 1], got 2.0"),
-], ids=["seq-len", "class-budgets", "teacher", "policy-share"])
+], ids=["seq-len", "min-budget", "policy-share"])
 def test_bad_training_values_exit_with_one_clear_line(capsys, tmp_path, command, flags, expected):
     rc, out, err = run_cli(capsys, command, tmp_path / "out", *flags)
     assert rc == 1 and out == ""
@@ -296,8 +294,8 @@ def test_bad_training_values_exit_with_one_clear_line(capsys, tmp_path, command,
 
 @pytest.mark.parametrize("argv, expected", [
     (["train-controller", "out", "--seq-len", "many"], "argument --seq-len: invalid int value"),
-    (["train-controller", "out", "--class-budgets", "a,b"], "expected comma-separated numbers"),
-], ids=["int", "budget-list"])
+    (["train-controller", "out", "--rank", "1.5"], "argument --rank: invalid int value"),
+], ids=["int", "rank"])
 def test_unparsable_training_values_are_usage_errors(capsys, argv, expected):
     rc, out, err = run_cli(capsys, *argv)
     assert rc == 2 and out == ""
@@ -341,8 +339,6 @@ def test_eval_and_backend_help_list_what_is_accepted(capsys, monkeypatch):
     backend = _option_help(text, "--backend")
     for name in (*BACKENDS, "auto"):
         assert name in backend
-    teacher = _option_help(_help(capsys, monkeypatch, "train-controller"), "--teacher")
-    assert all(name in teacher for name in TEACHERS) and "(default oracle)" in teacher
 
 
 # ---- --threads on every subcommand that computes -------------------------------------------------
@@ -395,7 +391,8 @@ def test_training_runs_on_the_threads_asked_for(model_dir, tmp_path, capsys, mon
 
     def fake_training(*args, **kwargs):
         seen.append(torch.get_num_threads())
-        return {"timings_s": {}, "model_log": [], "parameters": 0}
+        return {"timings_s": {}, "model_log": [], "parameters": 0,
+                "selection": {"kept": "static", "mean_kl": {}}}
 
     monkeypatch.setattr(cli, "train_controller", fake_training)
     monkeypatch.setattr(cli, "train_recurrent", fake_training)

@@ -6,6 +6,7 @@ layer l is allowed only if, after it, every remaining layer could still be paid 
 Skipping a layer leaves that test unchanged, so a token that fails it once fails it for good:
 the policy then EXITs (or SKIPs up to the forced last layers).
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,12 @@ class DepthAccounting:
     def effective_budget(self, budget: float) -> float:
         """What a token asking for `budget` may spend: max(budget, floor)."""
         return max(budget, self.floor)
+
+    def processable(self, budget: float) -> int:
+        """How many decidable layers a token at `budget` can PROCESS, the others paid as SKIPs."""
+        L, D, c = self.num_layers, len(self.decidable_layers), self.skip_cost
+        k = math.floor((self.effective_budget(budget) * L - (L - D) - D * c) / (1.0 - c) + _EPS)
+        return max(0, min(D, k))
 
     def budget_terms(self, budgets) -> torch.Tensor:
         """float32 [3, N] (host): each token's budget after the floor (what controllers see), its

@@ -20,7 +20,6 @@ set. The class is the nearest centroid to the normalised residual entering "laye
 once per step and kept for the later layers.
 """
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..actions import EXIT, PROCESS, SKIP
-from ..model.weights_file import load_matching
+from ..model.weights_file import file_pair, load_matching
 from .base import Controller
 from .features import cosine_saturation
 
@@ -223,7 +222,7 @@ class BudgetConditionedController(Controller):
 
     def save(self, path, extra: dict = None) -> Path:
         """Writes weights + JSON config; returns the JSON path. `extra` joins the JSON."""
-        json_path, weights_path = _file_pair(path, create=True)
+        json_path, weights_path = file_pair(path, True, "controller", "trained controller")
         config = dict(self.config, **(extra or {}))
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         save_file(state, str(weights_path), metadata={"format": FORMAT, "version": str(VERSION)})
@@ -235,7 +234,7 @@ class BudgetConditionedController(Controller):
     def load(cls, path, exit_threshold: float = 0.0):
         """Loads a directory, a .json or a .safetensors path (its partner next to it).
         exit_threshold: EXIT once the budget left falls below it (ANEE's config option)."""
-        json_path, weights_path = _file_pair(path, create=False)
+        json_path, weights_path = file_pair(path, False, "controller", "trained controller")
         for p in (json_path, weights_path):
             if not p.is_file():
                 raise FileNotFoundError(f"trained controller file not found: {p} (a trained "
@@ -306,17 +305,3 @@ def _check_class_plans(config, json_path):
     if problem:
         raise ValueError(f"{json_path}: {problem}")
 
-
-def _file_pair(path, create: bool):
-    """(json, safetensors) paths for a directory, a .json or a .safetensors path."""
-    path = Path(os.fspath(path))
-    if path.suffix in (".json", ".safetensors"):
-        if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        return path.with_suffix(".json"), path.with_suffix(".safetensors")
-    if create:
-        path.mkdir(parents=True, exist_ok=True)
-    elif not path.is_dir():
-        raise FileNotFoundError(f"trained controller not found: {path} (give a directory holding "
-                                "controller.json + controller.safetensors, or a .json/.safetensors path)")
-    return path / "controller.json", path / "controller.safetensors"

@@ -6,6 +6,7 @@ import time
 import torch
 
 from ..control.depth_policy import DepthAccounting
+from ..model.adapters import SkipAdapter, check_adapters
 from ..control.registry import make_controller
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -87,7 +88,27 @@ class LLMEngine:
     def use_decode_graphs(self, capture: bool, conditional_layers=False):
         """Decode steps from the runner's static buffers, replayed from CUDA graphs when
         `capture` (ModelRunner.use_decode_graphs), for batches up to max_num_seqs."""
+        self._graph_settings = (capture, conditional_layers)
         self.runner.use_decode_graphs(self.config.max_num_seqs, capture, conditional_layers)
+
+    def set_adapters(self, adapters) -> None:
+        """Runs SKIPs with these skip adapters (one SkipAdapter per layer; None: none) from the
+        next step on. A SKIP's cost, and with it what each budget buys, follows their bytes;
+        decode graphs are captured again. Only between requests."""
+        if self.has_unfinished():
+            raise RuntimeError("skip adapters change only between requests: this engine has "
+                               "unfinished ones")
+        spec, weights = self.weights.spec, self.weights
+        if adapters is not None:
+            check_adapters(adapters, spec.num_layers, spec.hidden_size)
+            adapters = [SkipAdapter(*(t.to(device=weights.device, dtype=weights.dtype)
+                                      for t in a.tensors())) for a in adapters]
+        weights.adapters = adapters
+        self.depth = DepthAccounting(spec.num_layers, weights.skip_cost(), self.config.min_layers,
+                                     self.config.always_last)
+        self.runner.depth = self.depth
+        if self.runner.graphs is not None:
+            self.use_decode_graphs(*self._graph_settings)
 
     def new_sequence(self, prompt_ids, sampling: SamplingParams, budget, controller,
                      name: str = "prompt_ids") -> Sequence:

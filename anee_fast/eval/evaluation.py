@@ -5,8 +5,11 @@ mean KL(full || controller) per token, top-1 agreement with the full model, perp
 window's next tokens, and greedy-continuation agreement: from each window's first `prefix_len`
 tokens both the full model and the controller generate `gen_tokens` tokens greedily (each
 free-running on its own output), and the score is the fraction of the gen_tokens positions where
-the two tokens are equal. `within_budget` says every token, scored or generated, spent at most
-max(budget, floor) (+1e-6), floor being the cost of the forced layers.
+the two tokens are equal. Two figures say whether that continuation reads as text: `gen_ppl`,
+the full model's perplexity of it given the prefix (pooled over windows), and `distinct2`, its
+distinct 2-grams over all 2-grams (mean over windows; loops score low); the full model's own row
+is what the others are read against. `within_budget` says every token, scored or generated, spent
+at most max(budget, floor) (+1e-6), floor being the cost of the forced layers.
 """
 import math
 import sys
@@ -19,9 +22,10 @@ from ..control.registry import make_controller
 from ..engine.sampling import SamplingParams
 from .baselines import RandomSkipController, random_skip_prob, untrained_learned_controller
 from .category_router import CategoryRouter
+from .chat_answers import DEFAULT_PROMPTS, chat_answers, format_chat_markdown, format_chat_summary
 from .corpus import corpus_text, evenly_spaced, split_windows, token_windows
-from .quality import full_logits, score_windows, token_metrics
-from .report import report
+from .quality import continuation_nll, distinct2, full_logits, score_windows, token_metrics
+from .report import report, write_text
 from .static_search import best_static_sets, skip_set_actions
 
 DEFAULT_CONTROLLERS = ("budget", "heuristic", "random", "static", "router", "anee-untrained")
@@ -44,6 +48,13 @@ def _greedy_tokens(llm, prefixes, gen_tokens, budget, controllers):
     return [out.token_ids for out in outs], [out.trace for out in outs]
 
 
+def _text_quality(llm, prefixes, continuations, progress) -> dict:
+    """gen_ppl and distinct2 of greedy continuations (see the module doc)."""
+    nll = torch.cat(continuation_nll(llm, prefixes, continuations, progress=progress))
+    return {"gen_ppl": math.exp(float(nll.mean())),
+            "distinct2": sum(distinct2(c) for c in continuations) / len(continuations)}
+
+
 def evaluate(llm, controllers: dict, budgets, heldout_windows, *, prefix_len: int = 32,
              gen_tokens: int = 32, progress: bool = True) -> list:
     """One record per (controller, budget), plus one for the full model; see the module doc.
@@ -56,6 +67,8 @@ def evaluate(llm, controllers: dict, budgets, heldout_windows, *, prefix_len: in
         raise ValueError("no held-out windows to evaluate on")
     if min(len(w) for w in windows) <= prefix_len:
         raise ValueError(f"held-out windows must be longer than prefix_len={prefix_len} tokens")
+    if gen_tokens < 2:
+        raise ValueError(f"gen_tokens must be >= 2 (distinct2 counts 2-grams), got {gen_tokens}")
     budgets = [float(b) for b in budgets]
     if not budgets or any(not 0.0 <= b <= 1.0 for b in budgets):
         raise ValueError(f"budgets must be numbers in [0, 1], got {budgets}")
@@ -66,6 +79,7 @@ def evaluate(llm, controllers: dict, budgets, heldout_windows, *, prefix_len: in
     full_nll = torch.cat([token_metrics(f, f, t)["nll"] for f, t in zip(full, targets)])
     records = [{"controller": "full", "budget": 1.0, "compute": 1.0, "compute_max": 1.0, "kl": 0.0,
                 "top1": 1.0, "ppl": math.exp(float(full_nll.mean())), "greedy_agreement": 1.0,
+                **_text_quality(llm, prefixes, reference, progress),
                 "within_budget": True, "windows": len(windows),
                 "tokens": sum(len(w) for w in windows)}]
     from tqdm import tqdm
@@ -95,6 +109,7 @@ def evaluate(llm, controllers: dict, budgets, heldout_windows, *, prefix_len: in
             "top1": float(torch.cat([m["top1"] for m in metrics]).float().mean()),
             "ppl": math.exp(float(torch.cat([m["nll"] for m in metrics]).mean())),
             "greedy_agreement": sum(agreement) / len(agreement),
+            **_text_quality(llm, prefixes, generated, progress),
             "within_budget": spent_max <= llm.depth.effective_budget(budget) + 1e-6,
             "windows": len(windows), "tokens": int(compute.numel()),
         })
@@ -150,19 +165,25 @@ def default_controller_names(out=sys.stdout) -> list:
 
 def format_table(records) -> str:
     head = f"{'controller':<16}{'budget':>7}{'compute':>9}{'max':>7}{'KL':>9}{'top-1':>8}{'ppl':>11}" \
-           f"{'greedy':>8}  within"
+           f"{'greedy':>8}{'gen_ppl':>10}{'dist2':>7}  within"
     lines = [head, "-" * len(head)]
     for r in records:
         lines.append(f"{r['controller']:<16}{r['budget']:>7.2f}{r['compute']:>9.3f}{r['compute_max']:>7.3f}"
-                     f"{r['kl']:>9.3f}{r['top1']:>8.3f}{r['ppl']:>11.4g}{r['greedy_agreement']:>8.3f}  "
+                     f"{r['kl']:>9.3f}{r['top1']:>8.3f}{r['ppl']:>11.4g}{r['greedy_agreement']:>8.3f}"
+                     f"{r['gen_ppl']:>10.4g}{r['distinct2']:>7.3f}  "
                      f"{'yes' if r['within_budget'] else 'NO'}")
     return "\n".join(lines)
 
 
 def run_eval(llm, *, budgets=DEFAULT_BUDGETS, text_path=None, controllers=None, windows: int = 8,
              seq_len: int = 128, heldout_fraction: float = 0.2, json_path=None, plot_path=None,
-             progress: bool = True, out=sys.stdout, **build_options) -> list:
-    """The whole `anee-fast eval`: corpus, split, baselines, evaluation, table, JSON and PNG."""
+             chat_path=None, chat_max_tokens: int = 96,
+             progress: bool = True, out=None, **build_options) -> list:
+    """The whole `anee-fast eval`: corpus, split, baselines, evaluation, table, JSON and PNG; with
+    chat_path, also the chat answers to DEFAULT_PROMPTS of every controller but the router (it
+    routes held-out windows, not prompts) as markdown there, and their summary table. out: where
+    the tables go (None: sys.stdout when called, so a replaced stdout is followed)."""
+    out = sys.stdout if out is None else out
     if llm.tokenizer is None:
         raise ValueError("evaluation cuts text into tokens: the model needs a tokenizer")
     if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
@@ -179,4 +200,12 @@ def run_eval(llm, *, budgets=DEFAULT_BUDGETS, text_path=None, controllers=None, 
     from .plots import plot_quality_vs_compute
     report(records, f"{format_table(records)}\n{summary}", json_path=json_path, plot_path=plot_path,
            plot=plot_quality_vs_compute, out=out)
+    if chat_path:
+        chat = {name: spec for name, spec in built.items() if name != "router"}
+        if len(chat) < len(built):
+            print("note: chat answers leave out the router (it routes held-out windows)", file=out)
+        answers = chat_answers(llm, DEFAULT_PROMPTS, budgets, chat, max_tokens=chat_max_tokens,
+                               progress=progress)
+        print(format_chat_summary(answers), file=out)
+        print(f"chat answers: {write_text(chat_path, format_chat_markdown(answers))}", file=out)
     return records

@@ -181,28 +181,39 @@ def plot_depth_profile(trace, path, title=None, generated_only: bool = False):
 
 def plot_quality_vs_compute(records, path, title=None):
     """Quality against realised compute, one curve per controller: mean KL to the full model
-    (log scale) and top-1 agreement. `records` are evaluation records (eval/evaluation.py)."""
+    (log scale), top-1 agreement, and how the greedy continuations read: the full model's
+    perplexity of them (log scale) and their distinct 2-grams, with the full model's own values
+    dashed. `records` are evaluation records (eval/evaluation.py)."""
+    panels = (("kl", "mean KL(full || controller), nats"),
+              ("top1", "top-1 agreement with the full model"),
+              ("gen_ppl", "gen_ppl: full model's perplexity\nof the greedy continuation"),
+              ("distinct2", "distinct2: distinct 2-grams\nof the greedy continuation"))
     curves = {}
     for r in records:
-        curves.setdefault(r["controller"], []).append((r["compute"], r["kl"], r["top1"]))
+        curves.setdefault(r["controller"], []).append(r)
     if not curves:
         raise ValueError("no evaluation records to plot")
-    fig = Figure(figsize=(11.0, 4.4))
-    ax_kl, ax_top1 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for name, points in curves.items():
-        points.sort()
-        compute = [c for c, _, _ in points]
+    fig = Figure(figsize=(11.0, 8.0))
+    axes = [fig.add_subplot(2, 2, i + 1) for i in range(len(panels))]
+    for name, rows in curves.items():
+        rows = sorted(rows, key=lambda r: r["compute"])
+        compute = [r["compute"] for r in rows]
         marker = "*" if name == "full" else "o"
-        ax_kl.plot(compute, [kl for _, kl, _ in points], marker=marker, label=name)
-        ax_top1.plot(compute, [t for _, _, t in points], marker=marker, label=name)
-    ax_kl.set_yscale("symlog", linthresh=1e-2)     # the full model's KL is exactly 0
-    ax_kl.set_ylabel("mean KL(full || controller), nats")
-    ax_top1.set_ylabel("top-1 agreement with the full model")
-    ax_top1.set_ylim(0, 1.02)
-    for ax in (ax_kl, ax_top1):
+        for ax, (key, _) in zip(axes, panels):
+            ax.plot(compute, [r[key] for r in rows], marker=marker, label=name)
+    for ax, key in zip(axes[2:], ("gen_ppl", "distinct2")):
+        for r in curves.get("full", []):
+            ax.axhline(r[key], color="grey", linestyle="--", linewidth=1.0, label="full model")
+            ax.legend(handles=ax.get_lines()[-1:], loc="best", fontsize=8, frameon=False)
+    axes[0].set_yscale("symlog", linthresh=1e-2)     # the full model's KL is exactly 0
+    axes[1].set_ylim(0, 1.02)
+    axes[2].set_yscale("log")
+    axes[3].set_ylim(0, 1.02)
+    for ax, (_, label) in zip(axes, panels):
+        ax.set_ylabel(label)
         ax.set_xlabel("realised compute (fraction of a full forward)")
         ax.grid(alpha=0.3)
-    ax_top1.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.suptitle(title or "Quality against compute on held-out text", fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
@@ -254,22 +265,20 @@ def plot_recurrent(result, path):
 
 
 def plot_controller_training(log: dict, path):
-    """Warm-start loss per epoch and the REINFORCE greedy KL and advantage per step. `log` is what
-    train_controller (training/controller_training.py) returns."""
+    """Distillation per step: the batch's KL to the full model (colour: its mean budget) and its
+    realised compute against that budget. `log` is what train_controller
+    (training/controller_training.py) returns."""
     fig = Figure(figsize=(10.0, 3.5))
-    ax_warm, ax_rl = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    warm = log.get("warm_start") or []
-    ax_warm.plot([e["epoch"] for e in warm], [e["loss"] for e in warm], marker="o")
-    ax_warm.set(title="warm start (BCE vs teacher)", xlabel="epoch", ylabel="loss")
-    rl = log.get("reinforce") or []
-    if rl:
-        steps = [e["step"] for e in rl]
-        ax_rl.scatter(steps, [e["kl_greedy"] for e in rl], c=[e["budget"] for e in rl],
-                      cmap="viridis", s=14)
-        advantage = [e["reward_sampled"] - e["reward_greedy"] for e in rl]
-        ax_rl.plot(steps, advantage, color="gray", lw=0.8, label="sampled - greedy reward")
-        ax_rl.legend(fontsize=8)
-    ax_rl.set(title="REINFORCE (dots: greedy KL, colour = budget)", xlabel="step")
+    ax_kl, ax_compute = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    steps = log.get("distillation") or []
+    x = [e["step"] for e in steps]
+    budgets = [e["budget"] for e in steps]
+    ax_kl.scatter(x, [e["kl"] for e in steps], c=budgets, cmap="viridis", s=14)
+    ax_kl.set(title="distillation: KL(full || run), colour = budget", xlabel="step", ylabel="nats")
+    ax_compute.plot(x, budgets, color="gray", lw=0.8, label="budget (batch mean)")
+    ax_compute.plot(x, [e["compute"] for e in steps], lw=1.0, label="realised compute")
+    ax_compute.set(title="compute per token", xlabel="step")
+    ax_compute.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

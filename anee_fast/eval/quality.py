@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def score_windows(llm, windows, actions=None, *, energy_budget=1.0, controller="budget",
                   max_batch_tokens: int = 2048, desc: str = "scoring", progress: bool = True):
     """(logits, traces) per window, scored in ragged batches that fit the KV cache and token cap."""
@@ -45,6 +44,33 @@ def full_logits(llm, windows, progress: bool = True) -> list:
     actions = [torch.zeros((len(w), L), dtype=torch.int8) for w in windows]
     logits, _ = score_windows(llm, windows, actions, desc="full model", progress=progress)
     return logits
+
+
+def continuation_nll(llm, prefixes, continuations, progress: bool = True) -> list:
+    """Per continuation, the full model's NLL [n] of each of its tokens given the prefix and the
+    tokens before it: how plausible generated text is to the full model, whoever wrote it."""
+    if len(prefixes) != len(continuations):
+        raise ValueError(f"{len(prefixes)} prefixes but {len(continuations)} continuations")
+    prefixes = [list(p) for p in prefixes]
+    continuations = [list(c) for c in continuations]
+    if any(not p for p in prefixes) or any(not c for c in continuations):
+        raise ValueError("every prefix and every continuation needs at least one token")
+    logits = full_logits(llm, [p + c for p, c in zip(prefixes, continuations)], progress=progress)
+    nll = []
+    for p, c, lg in zip(prefixes, continuations, logits):
+        log_q = F.log_softmax(lg[len(p) - 1:len(p) + len(c) - 1].float(), dim=-1)
+        nll.append(-log_q.gather(1, torch.tensor(c)[:, None])[:, 0])
+    return nll
+
+
+def distinct2(tokens) -> float:
+    """Distinct 2-grams over all 2-grams of a token sequence: 1.0 when nothing repeats, near 0 for
+    a loop (1 / (n - 1) for one token n times); the degenerate text low budgets write scores low."""
+    tokens = list(tokens)
+    if len(tokens) < 2:
+        raise ValueError(f"distinct2 needs at least 2 tokens, got {len(tokens)}")
+    pairs = list(zip(tokens, tokens[1:]))
+    return len(set(pairs)) / len(pairs)
 
 
 def token_kl(full: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -3,15 +3,29 @@ import json
 import os
 
 
-def write_json(path, value) -> str:
-    """Writes value as indented JSON (and a newline), making parent folders; returns the path."""
+def _with_parent(path) -> str:
+    """The path as a string, its parent folders made."""
     path = os.fspath(path)
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
+    return path
+
+
+def write_json(path, value) -> str:
+    """Writes value as indented JSON (and a newline), making parent folders; returns the path."""
+    path = _with_parent(path)
     with open(path, "w") as f:
         json.dump(value, f, indent=1)
         f.write("\n")
+    return path
+
+
+def write_text(path, text: str) -> str:
+    """Writes UTF-8 text (a markdown report), making parent folders; returns the path."""
+    path = _with_parent(path)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
     return path
 
 

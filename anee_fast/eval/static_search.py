@@ -37,9 +37,13 @@ def skip_set_actions(skip_set, num_layers: int) -> list:
 
 
 def windows_key(llm, windows, settings: dict) -> str:
-    """A cache key from the model, its forced layers, the exact windows and the search settings."""
+    """A cache key from the model, its forced layers, its skip adapters, the exact windows and
+    the search settings."""
     depth = llm.depth
     digest = hashlib.sha256()
+    for adapter in llm.weights.adapters or ():
+        for t in adapter.tensors():
+            digest.update(t.detach().float().cpu().numpy().tobytes())
     digest.update(json.dumps({"model": str(llm.name), "layers": llm.num_layers,
                               "skip_cost": round(depth.skip_cost, 6), "min_layers": depth.min_layers,
                               "always_last": depth.always_last, "version": CACHE_VERSION,

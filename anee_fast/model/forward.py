@@ -1,7 +1,8 @@
 """The adaptive-depth forward over a ragged batch of tokens, reading and writing the paged cache.
 
 Every layer, for every token: K/V come from norm(h_in) and go into the cache (`skip_kv`, the
-whole SKIP path in one op). PROCESS rows then take the block's output; the others keep h_in.
+whole SKIP path in one op). PROCESS rows then take the block's output; the others keep h_in
+(plus the layer's skip adapter, when the model has adapters: model/adapters.py).
 Where the block runs on every row (masked, on a GPU) the same skip_kv launch also gives every
 row's query, so the block starts at attention, and the out and down projections take the
 PROCESS mask as linear's row_mask: a SKIP row adds nothing to its residual, with no `where`
@@ -93,17 +94,32 @@ def run_layers(weights, cache, step: StepBatch, policy, ops,
             h_prev = h.clone() if policy.reads_h_prev else None
         if compact:
             rows = process.nonzero().squeeze(1)
+            if weights.adapters is not None and rows.numel() < h.shape[0]:
+                h = _skip_adapter(weights, l, h, ~process, ops)
             if rows.numel() == h.shape[0]:       # every row: no gather, no scatter
                 h = _block(weights, layer, cache, l, step, h, None, ops, rope=rope)
             elif rows.numel():
                 out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope=rope)
                 h = h.index_copy(0, rows, out)
         elif layer_guard is not None:
+            if weights.adapters is not None:
+                h.copy_(_skip_adapter(weights, l, h, ~process, ops))
             _guarded_block(weights, layer, cache, l, step, h, q, process, ops, layer_guard,
                            row_caps)
         else:
+            if weights.adapters is not None:
+                h = _skip_adapter(weights, l, h, ~process, ops)
             h = _block(weights, layer, cache, l, step, h, None, ops, q=q, row_mask=process)
     return h
+
+
+def _skip_adapter(weights, l, h, skipping, ops):
+    """h with layer l's skip adapter added to the rows in `skipping` (the others unchanged: the
+    block then replaces them); it reads norm(h) like skip_kv."""
+    layer, adapter = weights.layers[l], weights.adapters[l]
+    return ops.skip_adapter(h, layer.attn_norm_weight, layer.attn_norm_bias, adapter.down,
+                            adapter.up, adapter.bias, skipping, weights.spec.norm_eps,
+                            weights.spec.norm == "rmsnorm")
 
 
 def _guarded_block(weights, layer, cache, l, step, h, q, process, ops, guard, row_caps):

@@ -87,6 +87,7 @@ class ModelWeights:
     lm_head: torch.Tensor                 # [vocab, hidden]; the embedding itself when tied
     rope_inv_freq: Optional[torch.Tensor] = None   # [head_dim/2] float32
     rope_scale: float = 1.0               # multiplies cos/sin (some RoPE variants)
+    adapters: Optional[list] = None       # one SkipAdapter per virtual layer, or None (adapters.py)
 
     def skip_kv_weights(self, layer: int, with_q: bool = False):
         """(norm weight, norm bias, K|V weight, K|V bias) of `layer`, as skip_kv reads them: the
@@ -106,10 +107,15 @@ class ModelWeights:
         return self.embed.dtype
 
     def skip_cost(self) -> float:
-        """Cost of a SKIP (K/V projection only) as a fraction of a PROCESS, by weight bytes."""
+        """Cost of a SKIP (K/V projection, and the skip adapter when there is one) as a fraction
+        of a PROCESS, by weight bytes."""
         layer = self.layers[0]
-        total = sum(t.numel() * t.element_size() for t in layer.tensors())
-        kv = layer.kv_weight.numel() * layer.kv_weight.element_size()
-        kv += sum(t.numel() * t.element_size() for t in (layer.kv_bias, layer.attn_norm_weight,
-                                                        layer.attn_norm_bias) if t is not None)
-        return kv / total
+        total = _bytes(layer.tensors())
+        skip = _bytes([layer.kv_weight, layer.kv_bias, layer.attn_norm_weight, layer.attn_norm_bias])
+        if self.adapters is not None:
+            skip += _bytes(self.adapters[0].tensors())
+        return skip / total
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -1,7 +1,7 @@
 """Which execution backends this install can use, their op sets, and backend="auto".
 
 Every backend provides the ops of `reference.py` (the contract: norm, add_norm, linear, skip_kv,
-paged_attention, policy_step, saturation_codes) with the same names and signatures;
+skip_adapter, paged_attention, policy_step, saturation_codes) with the same names and signatures;
 `ops_for(name)` returns the module that holds them.
 """
 import importlib

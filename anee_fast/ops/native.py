@@ -15,7 +15,8 @@ import torch
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.anee_fast.*)
 
 _ops = torch.ops.anee_fast
-OPS = ("norm", "add_norm", "linear", "skip_kv", "paged_attention", "policy_step", "saturation_codes")
+OPS = ("norm", "add_norm", "linear", "skip_kv", "skip_adapter", "paged_attention", "policy_step",
+       "saturation_codes")
 
 
 def norm(x, weight, bias, eps: float, rms: bool):
@@ -41,6 +42,14 @@ def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: 
     reference_ops)."""
     _ops.skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq,
                  float(rope_scale), k_cache, v_cache, slot_mapping, float(eps), bool(rms), q_out)
+
+
+def skip_adapter(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask, eps: float,
+                 rms: bool):
+    """h + up(down(norm(h))) + up_bias on the row_mask rows, h bit for bit on the others (see
+    reference_ops); on the CPU only the row_mask rows cost anything."""
+    return _ops.skip_adapter(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask,
+                             float(eps), bool(rms))
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size: int,
@@ -86,6 +95,12 @@ def _linear_fake(x, weight, bias, activation="none", residual=None, row_mask=Non
 def _skip_kv_fake(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
                   k_cache, v_cache, slot_mapping, eps, rms, q_out=None):
     return None
+
+
+@torch.library.register_fake("anee_fast::skip_adapter")
+def _skip_adapter_fake(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask, eps,
+                       rms):
+    return h.new_empty(h.shape)
 
 
 @torch.library.register_fake("anee_fast::paged_attention")

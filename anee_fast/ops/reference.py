@@ -7,6 +7,8 @@ The ops a backend provides (same names and signatures in `kernels/` and `csrc/`)
 - `linear(x, weight, bias, activation="none", residual=None, row_mask=None) -> out`
 - `skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
            k_cache, v_cache, slot_mapping, eps, rms, q_out=None) -> ()`
+- `skip_adapter(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask, eps, rms)
+   -> out`
 - `paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size, scale,
                    sliding_window) -> out`
 - `policy_step(proposed, spent, stopped, allowed, actions, layer, commitment, skip_cost,
@@ -151,6 +153,39 @@ def check_skip_kv_args(h, norm_weight, norm_bias, kv_weight, kv_bias, k_cache, v
                            (f"kv_bias ({layout})", kv_bias, [rows])):
         if t is not None and list(t.shape) != shape:
             raise ValueError(f"skip_kv: {name} must be {shape}, got {list(t.shape)}")
+
+
+def skip_adapter(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask,
+                 eps: float, rms: bool):
+    """The SKIP path's learned correction for the rows h [N, hidden], as one op:
+    out = h + up_weight @ (down_weight @ norm(h)) + up_bias on the rows where row_mask holds,
+    h itself (bit for bit, whatever the adapter would give) on the others.
+
+    norm_weight/norm_bias: the layer's input norm (skip_kv's); down_weight [rank, hidden],
+    up_weight [hidden, rank], up_bias [hidden] or None; row_mask bool [N] (the rows that do not
+    PROCESS the layer). Each step rounds to h's dtype, as separate ops would. A layer that
+    PROCESSes a row replaces its residual; one that skips it adds this low-rank estimate of the
+    block's contribution instead of nothing, so fewer layers cost less quality.
+    """
+    check_skip_adapter_args(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask)
+    z = F.linear(norm(h, norm_weight, norm_bias, eps, rms), down_weight)
+    return torch.where(row_mask[:, None], h + F.linear(z, up_weight, up_bias), h)
+
+
+def check_skip_adapter_args(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask):
+    """skip_adapter's shapes (csrc/op_checks.h checks the same for the native ops)."""
+    if h.dim() != 2 or down_weight.dim() != 2:
+        raise ValueError(f"skip_adapter: h must be [N, hidden] and down_weight [rank, hidden], got "
+                         f"h {list(h.shape)}, down_weight {list(down_weight.shape)}")
+    (n, hidden), rank = h.shape, down_weight.shape[0]
+    for name, t, shape in (("norm_weight", norm_weight, [hidden]), ("norm_bias", norm_bias, [hidden]),
+                           ("down_weight", down_weight, [rank, hidden]),
+                           ("up_weight", up_weight, [hidden, rank]), ("up_bias", up_bias, [hidden])):
+        if t is not None and list(t.shape) != shape:
+            raise ValueError(f"skip_adapter: {name} must be {shape}, got {list(t.shape)}")
+    if row_mask.dtype != torch.bool or list(row_mask.shape) != [n] or row_mask.device != h.device:
+        raise ValueError(f"skip_adapter: row_mask must be bool [{n}] on {h.device}, got "
+                         f"{row_mask.dtype} {list(row_mask.shape)} on {row_mask.device}")
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size: int,

@@ -1,256 +1,220 @@
-"""Training the budget-conditioned controller: traces -> supervised warm start -> REINFORCE.
+"""`anee-fast train-controller`: skip adapters and the budget-conditioned controller for a model,
+trained on the KL to the full model, on training text only.
 
-1. Traces (training/controller_traces.py): the oracle's labels and states on training windows
-   only.
-2. Warm start: binary cross-entropy of the net's PROCESS logit against the teacher's label, at
-   budgets sampled in [0, 1] (rows the budget rule decides alone are left out).
-3. REINFORCE: each step draws a budget b ~ U[0, 1] and a batch of training windows, runs the
-   controller stochastically (sampling PROCESS/SKIP) and greedily, and rewards every token with
-   -KL(full || run) + savings_weight * (1 - compute) - overspend_penalty * max(0, compute - b).
-   The baseline is the greedy run's reward of the same token (self-critical), so the advantage
-   says whether the sampled path beat the current policy. Log-probs are recomputed with grad from
-   the recorded states; decisions the depth policy overrode carry no gradient.
-4. Selection: REINFORCE's net is kept only if its mean KL on a few training windows at the
-   acceptance budgets (0.75, 0.5) is lower than the warm start's; short runs can make it worse.
-5. Optional static fallback (`fallback_margin`): the saved controller follows the oracle's base
-   static set wherever its |logit| is at most the margin (control/trained.py). Training is the
-   same with or without it.
-6. Optional class plans (`class_budgets`, with the fallback): per-token-class swaps against the
-   base static set at those budgets, measured on training windows (training/class_plans.py); the
-   saved controller falls back to its token's class plan instead of the static set there.
+1. Windows: a build-corpus directory (several sources and chat answers of the full model), a
+   plain-text file or Python's pydoc topics; a few training windows are set aside to choose
+   between candidates (step 5) and never stepped on.
+2. Ridge adapters (training/adapter_ridge.py): training-free, refit on the inputs adapted
+   skipping produces. Seconds to minutes.
+3. The static order: greedy ablation with the ridge adapters in place (eval/static_search.py),
+   the layers in the order they are best given up. It is the controller's static fallback.
+4. Distillation (training/distillation.py): adapters and controller net together on KL(full ||
+   run), budgets drawn per window, the net starting as the static set (zero output) and
+   departing from it where the gradient says so.
+5. Selection on the set-aside windows at budgets 0.75 and 0.5: the net with its fallback against
+   the plain static set (same adapters); the static set is kept unless the net is better.
 
 Every stage checkpoints into the output directory; `resume=True` continues from what is there.
-The per-step randomness is derived from (seed, step) (training/checkpoints.py), so a resumed run
-draws what an unbroken one would.
+Writes adapters.json/.safetensors and controller.json/.safetensors (load both with
+LLM(..., adapters=OUT_DIR) and controller=OUT_DIR), training_log.json and training_curve.png.
 """
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from ..actions import PROCESS, SKIP
-from ..control.trained import FEATURES, BudgetConditionedController
+from ..control.trained import BudgetConditionedController
 from ..eval.corpus import corpus_text, evenly_spaced, split_windows, token_windows
 from ..eval.quality import full_logits, score_windows, token_metrics
+from ..eval.static_search import greedy_path
+from ..model.adapters import SkipAdapter, load_adapters, save_adapters
+from .adapter_ridge import fit_ridge_adapters
 from .checkpoints import load_checkpoint, run_directory, save_checkpoint, seeded_generator
-from .class_plans import fit_class_plans
-from .controller_traces import collect_traces, processable_layers
+from .distillation import RelaxedGateController, collate, distill_step, gated_run
+from .gated_forward import GatedForward
+from .mixed_corpus import load_corpus
 from .options import option
 
-TEACHERS = ("oracle", "heuristic")
-EVAL_BUDGETS = (1.0, 0.75, 0.5, 0.25)
+SELECTION_BUDGETS = (0.75, 0.5)
+CHECKPOINTS = ("ridge.json", "static_order.json", "distill_checkpoint.pt", "controller.json")
 
 
 @dataclass
 class TrainConfig:
     """Each field is an `anee-fast train-controller` option, with its help."""
-    text: Optional[str] = option(
-        None, "plain-text corpus file (default: Python's offline pydoc topics)")
-    seq_len: int = option(64, "tokens per window")
-    heldout_fraction: float = option(0.2, "last share of the windows held out, never trained on")
-    trace_windows: int = option(8, "training windows the oracle measures")
-    trace_budgets: int = option(6, "budgets per window in the traces, stratified in [0, 1]")
-    order_windows: int = option(
-        4, "trace windows the greedy ablation runs on to find the oracle's base order")
-    order_stop_budget: float = option(0.2, "budget down to which the greedy ablation runs")
-    max_swaps: int = option(1, "oracle: per-token swaps against the base static set")
-    margin: float = option(2.0, "oracle: sensitivity ratio a swap needs")
-    fallback_margin: Optional[float] = option(
-        None, "saved controller follows the oracle's base static set unless |logit| > this "
-              "(default: never)")
-    teacher: str = option("oracle", f"warm-start labels: {' | '.join(TEACHERS)}")
-    warm_epochs: int = option(6, "supervised warm-start epochs")
-    warm_lr: float = option(3e-3, "warm-start learning rate")
-    rl_windows: int = option(16, "training windows the REINFORCE rollouts draw from")
-    rl_steps: int = option(20, "REINFORCE steps")
-    rl_batch: int = option(4, "windows per REINFORCE step")
-    rl_lr: float = option(1e-3, "REINFORCE learning rate")
-    savings_weight: float = option(0.05, "reward per unit of compute saved")
-    overspend_penalty: float = option(10.0, "reward penalty per unit of compute over the budget")
-    class_budgets: tuple = option(
-        (), "budgets, comma-separated, with per-token-class plans as the fallback's base (needs "
-            "--fallback-margin; default: none)")
-    classes: int = option(16, "class plans: k-means classes")
-    class_candidates: int = option(3, "class plans: swaps tried per class and budget")
-    class_windows: int = option(32, "class plans: training windows measured")
+    corpus: Optional[str] = option(
+        None, "a build-corpus directory (several sources, chat answers) or a plain-text file "
+              "(default: Python's offline pydoc topics)")
+    seq_len: int = option(128, "tokens per training window")
+    heldout_fraction: float = option(0.2, "plain-text corpus: last share of windows held out")
+    rank: int = option(128, "rank of each layer's skip adapter")
+    ridge: float = option(1e-2, "ridge penalty, relative to the inputs' mean square")
+    ridge_windows: int = option(64, "training windows the ridge fit reads")
+    ridge_passes: int = option(2, "ridge fits, each after the first on the inputs the previous "
+                                  "adapters give")
+    search_windows: int = option(4, "training windows the static-order search scores")
+    search_len: int = option(64, "tokens of each static-order search window")
+    search_width: int = option(4, "static-order search: candidates measured again per step")
+    steps: int = option(60, "distillation steps")
+    batch: int = option(4, "windows per distillation step")
+    lr_adapters: float = option(3e-4, "distillation: the adapters' learning rate")
+    lr_controller: float = option(1e-3, "distillation: the controller net's learning rate")
+    margin: float = option(3.0, "the net overrides its static fallback where |logit| exceeds this")
+    min_budget: float = option(0.4, "distillation budgets are drawn uniformly in [this, 1]")
+    temperature: float = option(0.5, "temperature of the relaxed PROCESS gate")
+    overspend_weight: float = option(5.0, "starting weight of the expected-overspend penalty")
+    overspend_rate: float = option(20.0, "how fast that weight rises while the net overspends")
+    select_windows: int = option(6, "set-aside training windows that choose net or static set")
     eval_windows: int = option(8, "held-out windows for the final report, 0 = none")
-    checkpoint_every: int = option(5, "REINFORCE steps between checkpoints")
+    checkpoint_every: int = option(10, "distillation steps between checkpoints")
     width: int = option(32, "controller network: hidden width")
     proj_dim: int = option(8, "controller network: width of its projection of the hidden state")
     seed: int = option(0, "seed of every random draw")
 
     def validate(self):
-        if self.teacher not in TEACHERS:
-            raise ValueError(f"teacher must be one of {', '.join(TEACHERS)}, got {self.teacher!r}")
-        for name in ("seq_len", "trace_windows", "trace_budgets", "order_windows", "rl_windows", "rl_batch",
-                     "checkpoint_every", "width", "proj_dim", "classes", "class_candidates",
-                     "class_windows"):
+        for name in ("seq_len", "rank", "ridge_windows", "ridge_passes", "search_windows",
+                     "search_len", "search_width", "batch", "select_windows", "checkpoint_every",
+                     "width", "proj_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("warm_epochs", "rl_steps", "eval_windows", "seed", "max_swaps"):
+        for name in ("steps", "eval_windows", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in ("warm_lr", "rl_lr"):
+        for name in ("lr_adapters", "lr_controller", "temperature", "ridge"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if not 0.0 <= self.order_stop_budget <= 1.0:
-            raise ValueError(f"order_stop_budget must be in [0, 1], got {self.order_stop_budget!r}")
-        for name in ("savings_weight", "overspend_penalty", "margin"):
+        for name in ("margin", "overspend_weight", "overspend_rate"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.fallback_margin is not None and not self.fallback_margin >= 0:
-            raise ValueError(f"fallback_margin must be >= 0 or None, got {self.fallback_margin!r}")
-        budgets = self.class_budgets
-        if not isinstance(budgets, (tuple, list)) or not all(
-                isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 < b < 1.0 for b in budgets):
-            raise ValueError(f"class_budgets must be budgets in (0, 1), got {budgets!r}")
-        if budgets and self.fallback_margin is None:
-            raise ValueError("class plans replace the static fallback's base set: set "
-                             "fallback_margin too")
+        if not 0.0 <= self.min_budget < 1.0:
+            raise ValueError(f"min_budget must be in [0, 1), got {self.min_budget!r}")
 
 
-# ---- stage 2: supervised warm start ----------------------------------------------------------------
+# ---- stage 1: windows ----------------------------------------------------------------------------
 
-def warm_start(controller, traces, teacher: str, epochs: int, lr: float, seed: int,
-               progress: bool = True) -> list:
-    """Fits the net to the teacher's labels; returns [{epoch, loss, accuracy}]."""
-    net = controller.net
-    scalars, normed, layer = traces["scalars"], traces["normed"], traces["layer"]
-    labels = traces[teacher].float()
-    keep = scalars[:, FEATURES.index("affordable")] < 1.0 - 1e-6
-    scalars, normed, layer, labels = scalars[keep], normed[keep], layer[keep], labels[keep]
-    if not len(labels):
-        raise ValueError("the traces hold no decision to learn (every budget was too large or too "
-                         "small to leave a choice): use more trace budgets")
-    net.set_normalisation(scalars)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    g = seeded_generator(seed, "warm")
-    log = []
-    net.train()
+def training_windows(llm, config: TrainConfig, windows=None) -> tuple:
+    """(train, select, heldout): token windows, and {source: held-out windows}. A build-corpus
+    directory gives every source's training part, interleaved, each source as many windows as
+    the smallest, and each source's held-out part; a file, the pydoc topics or `windows` (token
+    lists) is split by config.heldout_fraction (one source, "text"). `select` comes out of the
+    training part."""
+    path = config.corpus
+    if windows is not None:
+        train, heldout = split_windows(windows, config.heldout_fraction)
+    elif llm.tokenizer is None:
+        raise ValueError("training cuts text into tokens: the model needs a tokenizer")
+    elif path is not None and Path(path).is_dir():
+        parts = load_corpus(path, llm.tokenizer, config.seq_len)
+        train = _interleave([parts[s][0] for s in sorted(parts)])
+        heldout = {source: parts[source][1] for source in sorted(parts)}
+    else:
+        windows = token_windows(llm.tokenizer, corpus_text(path), config.seq_len)
+        train, heldout = split_windows(windows, config.heldout_fraction)
+    if not isinstance(heldout, dict):
+        heldout = {"text": heldout}
+    if len(train) <= config.select_windows:
+        raise ValueError(f"{len(train)} training windows: need more than select_windows="
+                         f"{config.select_windows} (give more text or a shorter seq_len)")
+    select = evenly_spaced(train, config.select_windows)
+    chosen = {id(w) for w in select}
+    return [w for w in train if id(w) not in chosen], select, heldout
+
+
+def _interleave(lists) -> list:
+    """The lists' items taken in turn, as many from each as the shortest holds: every source
+    weighs the same, and every stretch of the result mixes them."""
+    return [item for group in zip(*lists) for item in group]
+
+
+# ---- stage 4: distillation -------------------------------------------------------------------------
+
+def distill(llm, forward, windows, adapters, controller, config: TrainConfig, out: Path,
+            resume: bool, progress: bool = True) -> list:
+    """Trains `adapters` (lists of float32 parameters) and controller.net in place; returns the
+    per-step log. Checkpoints every config.checkpoint_every steps."""
+    params = [p for a in adapters for p in a]
+    optimizer = torch.optim.Adam([{"params": params, "lr": config.lr_adapters},
+                                  {"params": list(controller.net.parameters()),
+                                   "lr": config.lr_controller}])
+    state = {"step": 0, "mu": config.overspend_weight, "log": []}
+    path = out / "distill_checkpoint.pt"
+    if resume and path.exists():
+        saved = load_checkpoint(path)
+        with torch.no_grad():
+            for p, v in zip(params, saved["adapters"]):
+                p.copy_(v)
+        controller.net.load_state_dict(saved["net"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+    pad = pad_id(llm)
     from tqdm import tqdm
-    for epoch in tqdm(range(epochs), desc="warm start", unit="epoch", disable=not progress):
-        order = torch.randperm(len(labels), generator=g)
-        total, correct = 0.0, 0
-        for start in range(0, len(order), 1024):
-            idx = order[start:start + 1024]
-            logit = net(scalars[idx], normed[idx].float(), layer[idx])
-            loss = F.binary_cross_entropy_with_logits(logit, labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-            correct += int(((logit > 0).float() == labels[idx]).sum())
-        log.append({"epoch": epoch + 1, "loss": total / len(labels), "accuracy": correct / len(labels)})
-    net.eval()
-    return log
-
-
-# ---- stage 3: REINFORCE -----------------------------------------------------------------------------
-
-def token_rewards(full_logp, logits, traces, budget_eff: float, savings_weight: float,
-                  overspend_penalty: float):
-    """(reward [N], kl [N], compute [N]) over the windows of one rollout, concatenated."""
-    kl = torch.cat([(f.float().exp() * (f.float() - F.log_softmax(q, -1))).sum(-1).clamp_min(0)
-                    for f, q in zip(full_logp, logits)])
-    compute = torch.cat([t.compute.float().cpu() for t in traces])
-    reward = -kl + savings_weight * (1.0 - compute) \
-        - overspend_penalty * (compute - budget_eff).clamp_min(0.0)
-    return reward, kl, compute
-
-
-def policy_loss(net, records, executed, advantage):
-    """-mean over tokens of advantage * log pi(recorded proposals), overridden ones left out."""
-    layers, scalars, normed, process, rows_ok = [], [], [], [], []
-    for layer, s, h, p, decided in records:
-        done = torch.where(p, PROCESS, SKIP).to(executed.dtype) == executed[:, layer].to(p.device)
-        rows_ok.append((decided & done).cpu())
-        layers.append(torch.full((s.shape[0],), layer, dtype=torch.long))
-        scalars.append(s.cpu())
-        normed.append(h.cpu())
-        process.append(p.cpu())
-    ok = torch.cat(rows_ok)
-    if not ok.any():
-        return None
-    token = torch.arange(executed.shape[0]).repeat(len(records))[ok]
-    logit = net(torch.cat(scalars)[ok].clone(), torch.cat(normed)[ok].clone(), torch.cat(layers)[ok])
-    logp = -F.binary_cross_entropy_with_logits(logit, torch.cat(process)[ok].float(), reduction="none")
-    return -(advantage[token] * logp).sum() / executed.shape[0]
-
-
-def _rollout(llm, windows, budget, controller):
-    """One ragged batch (one engine step), so the recorder's rows are the batch's tokens."""
-    return llm.score(windows, energy_budget=budget, controller=controller, return_trace=True)
-
-
-def reinforce_step(llm, controller, optimizer, full_logp, windows, step: int, config: TrainConfig):
-    """One REINFORCE update; returns its log entry."""
-    g = seeded_generator(config.seed, "rl", step)
-    budget = float(torch.rand((), generator=g))
-    pick = torch.randperm(len(windows), generator=g)[:config.rl_batch].tolist()
-    batch, batch_full = [windows[i] for i in pick], [full_logp[i] for i in pick]
-    budget_eff = llm.depth.effective_budget(budget)
-    sampler = BudgetConditionedController(controller.net, controller.config, sample=True, generator=g)
-    sampler.recorder = []
-    logits_s, traces_s = _rollout(llm, batch, budget, sampler)
-    logits_g, traces_g = _rollout(llm, batch, budget, controller)
-    args = (budget_eff, config.savings_weight, config.overspend_penalty)
-    reward_s, kl_s, compute_s = token_rewards(batch_full, logits_s, traces_s, *args)
-    reward_g, kl_g, compute_g = token_rewards(batch_full, logits_g, traces_g, *args)
-    advantage = reward_s - reward_g
-    advantage = advantage / (advantage.std() + 1e-4) if len(advantage) > 1 else advantage
-    executed = torch.cat([t.actions for t in traces_s])
-    controller.net.train()
-    loss = policy_loss(controller.net, sampler.recorder, executed, advantage)
-    if loss is not None:
+    bar = tqdm(total=config.steps, initial=state["step"], desc="distillation", unit="step",
+               disable=not progress)
+    while state["step"] < config.steps:
+        step = state["step"]
+        g = seeded_generator(config.seed, "distill", step)
+        picks = torch.randint(0, len(windows), (config.batch,), generator=g).tolist()
+        ids, mask = collate([windows[i] for i in picks], pad)
+        with torch.no_grad():     # the full model's final normed residual: its logits' input
+            teacher = forward.final_normed(forward.run(ids, lambda l, h, hp: torch.ones(ids.shape)))
+        budgets = config.min_budget + (1 - config.min_budget) * torch.rand(config.batch, generator=g)
+        controller.generator = g
+        loss, kl, over, compute = distill_step(forward, ids, mask, teacher, llm.depth, budgets,
+                                               adapters, controller, state["mu"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    controller.net.eval()
-    return {"step": step + 1, "budget": budget, "reward_sampled": float(reward_s.mean()),
-            "reward_greedy": float(reward_g.mean()), "kl_greedy": float(kl_g.mean()),
-            "compute_greedy": float(compute_g.mean()), "kl_sampled": float(kl_s.mean()),
-            "loss": None if loss is None else float(loss.detach())}
+        state["mu"] = max(0.0, state["mu"] + config.overspend_rate * float(over))
+        state["log"].append({"step": step, "kl": float(kl), "overspend": float(over),
+                             "compute": float(compute), "budget": float(budgets.mean()),
+                             "mu": state["mu"]})
+        state["step"] += 1
+        bar.update(1)
+        bar.set_postfix(kl=f"{float(kl):.3f}", compute=f"{float(compute):.2f}")
+        if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps:
+            save_checkpoint({"adapters": [p.detach().clone() for p in params],
+                             "net": controller.net.state_dict(),
+                             "optimizer": optimizer.state_dict(), "state": state}, path)
+    bar.close()
+    return state["log"]
 
 
-# ---- held-out check ---------------------------------------------------------------------------------
+# ---- stage 5 and the report: KL per budget ---------------------------------------------------------
 
-def heldout_metrics(llm, controller, windows, budgets=EVAL_BUDGETS, progress: bool = True) -> list:
-    """[{budget, kl, top1, compute, max_compute, within_budget}] of the controller on `windows`."""
-    full = full_logits(llm, windows, progress=False)
-    out = []
-    from tqdm import tqdm
-    for budget in tqdm(budgets, desc="held-out check", unit="budget", disable=not progress):
+def budget_metrics(llm, controller, windows, budgets, full=None) -> list:
+    """[{budget, kl, top1, compute, max_compute, within_budget}] of `controller` on `windows`."""
+    full = full if full is not None else full_logits(llm, windows, progress=False)
+    rows = []
+    for budget in budgets:
         logits, traces = score_windows(llm, windows, energy_budget=budget, controller=controller,
                                        progress=False)
         metrics = [token_metrics(f, q) for f, q in zip(full, logits)]
         compute = torch.cat([t.compute for t in traces])
-        limit = llm.depth.effective_budget(budget)
-        out.append({"budget": budget, "kl": float(torch.cat([m["kl"] for m in metrics]).mean()),
-                    "top1": float(torch.cat([m["top1"] for m in metrics]).float().mean()),
-                    "compute": float(compute.mean()), "max_compute": float(compute.max()),
-                    "within_budget": bool(compute.max() <= limit + 1e-6)})
-    return out
+        rows.append({"budget": budget, "kl": float(torch.cat([m["kl"] for m in metrics]).mean()),
+                     "top1": float(torch.cat([m["top1"] for m in metrics]).float().mean()),
+                     "compute": float(compute.mean()), "max_compute": float(compute.max()),
+                     "within_budget": bool(compute.max() <= llm.depth.effective_budget(budget) + 1e-6)})
+    return rows
 
 
-SELECTION_BUDGETS = (0.75, 0.5)
-
-
-def select_net(llm, controller, warm_state, windows, progress: bool = True) -> dict:
-    """Compares the current net with the warm start by mean KL on (training) `windows` at
-    SELECTION_BUDGETS and keeps the better one in `controller`; says which."""
-    rl_state = {k: v.clone() for k, v in controller.net.state_dict().items()}
+def select_controller(llm, controller, windows) -> dict:
+    """Keeps the net (with its static fallback) only if its mean KL on `windows` at
+    SELECTION_BUDGETS beats the static set alone (the fallback with the net never trusted)."""
+    full = full_logits(llm, windows, progress=False)
+    fallback = controller.config["static_fallback"]
     scores = {}
-    for name, state in (("warm_start", warm_state), ("reinforce", rl_state)):
-        controller.net.load_state_dict(state)
-        rows = heldout_metrics(llm, controller, windows, SELECTION_BUDGETS, progress=progress)
+    for name, margin in (("net", fallback["margin"]), ("static", float("inf"))):
+        controller.config["static_fallback"] = dict(fallback, margin=margin)
+        rows = budget_metrics(llm, controller, windows, SELECTION_BUDGETS, full)
         scores[name] = sum(r["kl"] for r in rows) / len(rows)
-    kept = min(scores, key=lambda name: (scores[name], name != "reinforce"))
-    controller.net.load_state_dict(rl_state if kept == "reinforce" else warm_state)
+    kept = "net" if scores["net"] < scores["static"] else "static"
+    controller.config["static_fallback"] = dict(fallback, margin=fallback["margin"] if kept == "net"
+                                                else 1e9)
     return {"mean_kl": scores, "kept": kept, "budgets": list(SELECTION_BUDGETS)}
 
 
@@ -258,142 +222,108 @@ def select_net(llm, controller, warm_state, windows, progress: bool = True) -> d
 
 def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = False,
                      progress: bool = True, windows=None) -> dict:
-    """Runs the recipe into `out_dir` (traces.pt, warm.pt, checkpoint.pt, controller.json +
-    controller.safetensors, training_log.json, training_curve.png); returns the log.
-
-    windows: token-id windows to split into train and held-out instead of the corpus text.
-    """
+    """Runs the recipe (module docstring) into `out_dir`; returns the log. `llm` ends with the
+    trained adapters in place. windows: token lists to train on instead of config.corpus."""
     config = config or TrainConfig()
     config.validate()
-    out = run_directory(out_dir, resume, ("traces.pt", "warm.pt", "checkpoint.pt"))
-    if windows is None:
-        if llm.tokenizer is None:
-            raise ValueError("controller training needs a model with a tokenizer (to cut the "
-                             "corpus) or token windows")
-        windows = token_windows(llm.tokenizer, corpus_text(config.text), config.seq_len)
-    train, heldout = split_windows(windows, config.heldout_fraction)
+    out = run_directory(out_dir, resume, CHECKPOINTS)
+    spec = llm.spec
     timings = {}
-    log = {"config": asdict(config), "model": str(llm.name), "timings_s": timings,
-           "train_windows": len(train), "heldout_windows": len(heldout)}
-
-    # 1. traces
+    log = {"config": asdict(config), "model": str(llm.name), "timings_s": timings}
     start = time.perf_counter()
-    traces_path = out / "traces.pt"
-    if traces_path.exists():
-        traces = load_checkpoint(traces_path)
+    train, select, heldout = training_windows(llm, config, windows)
+    log.update(train_windows=len(train), select_windows=len(select),
+               heldout_windows={source: len(w) for source, w in heldout.items()})
+    llm.set_adapters(None)
+    forward = GatedForward(llm.weights)
+    pad = pad_id(llm)
+
+    # 2. ridge adapters (the skip cost they add counts in the budgets they are fitted for)
+    ridge_path = out / "ridge.json"
+    if resume and ridge_path.exists():
+        adapters, _ = load_adapters(ridge_path, spec.num_layers, spec.hidden_size)
     else:
-        g = seeded_generator(config.seed, "budgets")
-        K = config.trace_budgets
-        budgets = [float((i + torch.rand((), generator=g)) / K) for i in range(K)]
-        traces = collect_traces(llm, evenly_spaced(train, config.trace_windows), budgets,
-                                config.order_windows, config.order_stop_budget, config.max_swaps,
-                                config.margin, progress)
-        traces["elapsed_s"] = time.perf_counter() - start
-        save_checkpoint(traces, traces_path)
-    timings["traces"] = traces["elapsed_s"]
+        llm.set_adapters(_zero_adapters(spec, config.rank))
+        depth = llm.depth
+        llm.set_adapters(None)
+        adapters = fit_ridge_adapters(forward, evenly_spaced(train, config.ridge_windows), depth,
+                                      rank=config.rank, ridge=config.ridge,
+                                      passes=config.ridge_passes,
+                                      generator=seeded_generator(config.seed, "ridge"),
+                                      progress=progress)
+        save_adapters(adapters, ridge_path, str(llm.name), {"fitted": "ridge"})
+    llm.set_adapters(adapters)
+    timings["ridge"] = time.perf_counter() - start
 
-    # 1b. class plans (used by the saved controller's fallback)
-    plans = None
-    if config.class_budgets:
-        start = time.perf_counter()
-        plans_path = out / "class_plans.pt"
-        if plans_path.exists():
-            plans = load_checkpoint(plans_path)
-        else:
-            plans = fit_plans(llm, evenly_spaced(train, config.class_windows), traces["order"], config,
-                              progress)
-            plans["elapsed_s"] = time.perf_counter() - start
-            save_checkpoint(plans, plans_path)
-        timings["class_plans"] = plans["elapsed_s"]
-        log["class_plans"] = plans["log"]
-
-    # 2. warm start
+    # 3. the static order with these adapters
     start = time.perf_counter()
-    torch.manual_seed(config.seed)
-    controller = BudgetConditionedController.new(llm.num_layers, llm.spec.hidden_size, str(llm.name),
+    order_path = out / "static_order.json"
+    if resume and order_path.exists():
+        order = json.loads(order_path.read_text())["order"]
+    else:
+        search = [w[:config.search_len] for w in evenly_spaced(train, config.search_windows)]
+        path = greedy_path(llm, search, llm.depth.floor, width=config.search_width,
+                           progress=progress, use_cache=False)
+        order = [next(iter(set(b["skip"]) - set(a["skip"]))) for a, b in zip(path, path[1:])]
+        order_path.write_text(json.dumps({"order": order, "path": path}, indent=1) + "\n")
+    timings["static_order"] = time.perf_counter() - start
+
+    # 4. distillation: adapters and net together, the net starting as the static set
+    start = time.perf_counter()
+    controller = BudgetConditionedController.new(spec.num_layers, spec.hidden_size, str(llm.name),
                                                  config.width, config.proj_dim)
-    warm_path = out / "warm.pt"
-    if warm_path.exists():
-        warm = load_checkpoint(warm_path)
-        controller.net.load_state_dict(warm["net"])
-    else:
-        warm_log = warm_start(controller, traces, config.teacher, config.warm_epochs, config.warm_lr,
-                              config.seed, progress)
-        warm = {"net": {k: v.clone() for k, v in controller.net.state_dict().items()}, "log": warm_log,
-                "elapsed_s": time.perf_counter() - start}
-        save_checkpoint(warm, warm_path)
+    controller.config["static_fallback"] = {"order": order, "margin": config.margin}
+    net = controller.net.train()
+    torch.nn.init.zeros_(net.out.weight)
+    torch.nn.init.zeros_(net.out.bias)
+    relaxed = RelaxedGateController(net, config.temperature, None,
+                                    controller.config["static_fallback"])
+    params = [[torch.nn.Parameter(t.detach().float().clone()) for t in a.tensors()]
+              for a in adapters]
+    with torch.no_grad():         # feature statistics for the net's input normalisation
+        relaxed.generator = seeded_generator(config.seed, "normalisation")
+        relaxed.scalars = []
+        ids, _ = collate(train[:config.batch], pad)
+        gated_run(forward, ids, llm.depth, torch.linspace(config.min_budget, 1.0, len(ids)),
+                  params, relaxed)
+        net.set_normalisation(torch.cat(relaxed.scalars))
+        relaxed.scalars = None
+    log["distillation"] = distill(llm, forward, train, params, relaxed, config, out, resume,
+                                  progress)
+    adapters = [SkipAdapter(*(p.detach().clone() for p in a)) for a in params]
+    save_adapters(adapters, out / "adapters.json", str(llm.name),
+                  {"fitted": "ridge, then distilled", "recipe": asdict(config)})
+    llm.set_adapters(adapters)
     controller.net.eval()
-    timings["warm_start"] = warm["elapsed_s"]
-    log["warm_start"] = warm["log"]
+    timings["distillation"] = time.perf_counter() - start
 
-    # 3. REINFORCE
+    # 5. net or static set, on set-aside training windows
     start = time.perf_counter()
-    optimizer = torch.optim.Adam(controller.net.parameters(), lr=config.rl_lr)
-    ckpt_path = out / "checkpoint.pt"
-    rl_log, first_step, previous = [], 0, 0.0
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        controller.net.load_state_dict(ckpt["net"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        rl_log, first_step, previous = ckpt["log"], ckpt["step"], ckpt["elapsed_s"]
-    if first_step < config.rl_steps:
-        rl_train = evenly_spaced(train, config.rl_windows)
-        full_logp = [F.log_softmax(f, -1).half()
-                     for f in full_logits(llm, rl_train, progress=progress)]
-        from tqdm import tqdm
-        bar = tqdm(range(first_step, config.rl_steps), desc="REINFORCE", unit="step",
-                   initial=first_step, total=config.rl_steps, disable=not progress)
-        for step in bar:
-            entry = reinforce_step(llm, controller, optimizer, full_logp, rl_train, step, config)
-            rl_log.append(entry)
-            bar.set_postfix(b=f"{entry['budget']:.2f}", kl=f"{entry['kl_greedy']:.3f}")
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.rl_steps:
-                save_checkpoint({"net": controller.net.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "log": rl_log, "step": step + 1,
-                                 "elapsed_s": previous + time.perf_counter() - start}, ckpt_path)
-        previous += time.perf_counter() - start
-    timings["reinforce"] = previous
-    log["reinforce"] = rl_log
-
-    # 4. keep REINFORCE's net only if it beats the warm start on training windows
-    start = time.perf_counter()
-    if rl_log:
-        log["selection"] = select_net(llm, controller, warm["net"],
-                                      evenly_spaced(train, config.rl_windows)[::4], progress)
+    log["selection"] = select_controller(llm, controller, select)
     timings["selection"] = time.perf_counter() - start
-    timings["total"] = sum(timings.values())
-    if config.fallback_margin is not None:
-        controller.config["static_fallback"] = {"order": [int(x) for x in traces["order"]],
-                                                "margin": config.fallback_margin}
-    if plans is not None:
-        controller.net.register_buffer("class_centroids", plans["centroids"].clone())
-        controller.config["class_plans"] = {
-            "layer": plans["layer"], "classes": config.classes,
-            "plans": {str(n): per_class for n, per_class in plans["plans"].items()}}
-
-    # 5. held-out check and the saved controller
     if config.eval_windows:
-        log["heldout"] = heldout_metrics(llm, controller, evenly_spaced(heldout, config.eval_windows),
-                                         progress=progress)
-    controller.save(out, extra={"training": {"recipe": asdict(config), "timings_s": timings,
-                                             "selection": log.get("selection"),
+        log["heldout"] = [dict(row, source=source) for source, windows in heldout.items()
+                          for row in budget_metrics(llm, controller,
+                                                    evenly_spaced(windows, config.eval_windows),
+                                                    SELECTION_BUDGETS)]
+    timings["total"] = sum(timings.values())
+    controller.save(out, extra={"adapters": "adapters.json",
+                                "training": {"recipe": asdict(config), "timings_s": timings,
+                                             "selection": log["selection"],
                                              "heldout": log.get("heldout")}})
-    (out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
     from ..eval.plots import plot_controller_training
     plot_controller_training(log, out / "training_curve.png")
     return log
 
 
-def fit_plans(llm, windows, order, config: TrainConfig, progress: bool = True) -> dict:
-    """Class plans at config.class_budgets against the base static sets of `order`; the class
-    is taken at the first decidable layer."""
-    depth = llm.depth
-    order = [int(x) for x in order]
-    counts = []
-    for b in config.class_budgets:
-        k = processable_layers(b, llm.num_layers, depth.skip_cost, depth.min_layers, depth.always_last)
-        counts.append(len(order) - k)
-    full = full_logits(llm, windows, progress=progress)
-    return fit_class_plans(llm, windows, full, order, sorted(set(counts)), config.classes,
-                           config.class_candidates, layer=min(order), seed=config.seed,
-                           progress=progress)
+def pad_id(llm) -> int:
+    """The token that pads short windows (never scored: any id would do)."""
+    return getattr(llm.tokenizer, "eos_token_id", None) or 0
+
+
+def _zero_adapters(spec, rank: int) -> list:
+    """Adapters of `rank` that add nothing: what the depth accounting of that rank reads."""
+    h = spec.hidden_size
+    return [SkipAdapter(torch.zeros(rank, h), torch.zeros(h, rank), torch.zeros(h))
+            for _ in range(spec.num_layers)]

@@ -5,8 +5,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -77,6 +81,85 @@ inline float dot(const float* a, const scalar_t* b, int64_t n) {
   float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
   for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
+}
+
+// ---- GEMV: few float32 rows of x against a weight matrix, AVX2 + FMA (linear, skip_adapter) ----
+// gemv() reads each weight row once for all rows of x, four weight rows in flight per thread
+// (why not torch's GEMM: linear.cpp). The weights may be float32, bfloat16 or float16. Callers
+// check has_avx2_fma() (F16C, for float16 weights, comes with every AVX2 CPU) and take
+// at::linear otherwise.
+
+inline bool has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+__attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+// Eight weights as float32.
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 load8(const c10::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));   // bfloat16: float32's top half
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// y[m, n + i] = x[m] . w[n + i] for i < NR weight rows and m < MB rows of x.
+template <typename scalar_t, int NR, int MB>
+__attribute__((target("avx2,fma,f16c"))) void dot_tile(const float* x, int64_t ldx,
+                                                       const scalar_t* w, int64_t ldw, int64_t K,
+                                                       float* y, int64_t ldy) {
+  __m256 acc[NR][MB];
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[MB];
+    for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(x + m * ldx + k);
+    for (int i = 0; i < NR; ++i) {
+      const __m256 wv = load8(w + i * ldw + k);
+      for (int m = 0; m < MB; ++m) acc[i][m] = _mm256_fmadd_ps(wv, xv[m], acc[i][m]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MB; ++m) {
+      float s = horizontal_sum(acc[i][m]);
+      for (int64_t kk = k; kk < K; ++kk) s += static_cast<float>(w[i * ldw + kk]) * x[m * ldx + kk];
+      y[m * ldy + i] = s;
+    }
+}
+
+// NR weight rows from row n against every row of x [M, K], two rows of x at a time.
+template <typename scalar_t, int NR>
+void dot_rows(const float* x, int64_t M, int64_t K, const scalar_t* w, int64_t ldw, int64_t n,
+              float* y, int64_t N) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2)
+    dot_tile<scalar_t, NR, 2>(x + m * K, K, w + n * ldw, ldw, K, y + m * N + n, N);
+  if (m < M) dot_tile<scalar_t, NR, 1>(x + m * K, K, w + n * ldw, ldw, K, y + m * N + n, N);
+}
+
+// y [M, N] = x [M, K] @ w [N, K]^T in float32 (w's rows ldw apart), for few rows of x (needs
+// has_avx2_fma()). Parallel over groups of four weight rows, a thread's run at least ~32 KB.
+template <typename scalar_t>
+void gemv(const float* x, int64_t M, int64_t K, const scalar_t* w, int64_t ldw, int64_t N,
+          float* y) {
+  const int64_t groups = N / 4;
+  at::parallel_for(0, groups, std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) dot_rows<scalar_t, 4>(x, M, K, w, ldw, g * 4, y, N);
+  });
+  for (int64_t n = groups * 4; n < N; ++n) dot_rows<scalar_t, 1>(x, M, K, w, ldw, n, y, N);
 }
 
 // Strided 3-D view of one layer's cache [slots, kv_heads, head_dim], or of q_out [N, heads,

@@ -7,7 +7,6 @@ from conftest import build_model
 
 from anee_fast import LLM, PROCESS, SKIP
 from anee_fast.compat.anee import ANEEConfig, ANEEWrapper
-from anee_fast.training.controller_traces import processable_layers
 from anee_fast.control.anee_mlp import ANEEMLPController
 from anee_fast.control.base import LayerContext
 from anee_fast.control.controllers import StaticController
@@ -128,7 +127,7 @@ def test_the_static_fallback_follows_the_base_set_unless_the_net_is_sure(tmp_pat
     plain = trained_like()
     differs = False
     for budget in (0.8, 0.5, 0.3):
-        k = processable_layers(budget, L, depth.skip_cost, 1, 0)
+        k = DepthAccounting(L, depth.skip_cost, 1, 0).processable(budget)
         static = StaticController([SKIP if layer in order[:len(order) - k] else PROCESS
                                    for layer in range(L)])
         sure = trained_like()

@@ -16,7 +16,8 @@ import torch
 from anee_fast import backends
 from anee_fast.ops.backends import ops_for
 
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
+       torch.float16: dict(atol=4e-3, rtol=3e-3)}
 SENTINEL = 7.25
 # (backend, device, dtype): the CPU cases run in CI; the `cuda` ones on a GPU (make test-gpu), where
 # native runs the csrc/cuda kernels (Target fails when the build has none: no silent CPU fallback).

@@ -20,6 +20,9 @@ SCHEMAS = {
                "Tensor? kv_bias, Tensor positions, Tensor? inv_freq, float rope_scale, "
                "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, float eps, bool rms, "
                "Tensor(c!)? q_out=None) -> ()",
+    "skip_adapter": "anee_fast::skip_adapter(Tensor h, Tensor norm_weight, Tensor? norm_bias, "
+                    "Tensor down_weight, Tensor up_weight, Tensor? up_bias, Tensor row_mask, "
+                    "float eps, bool rms) -> Tensor",
     "paged_attention": "anee_fast::paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, "
                        "Tensor block_tables, Tensor seq_idx, Tensor positions, int block_size, "
                        "float scale, int sliding_window) -> Tensor",
@@ -257,6 +260,15 @@ def test_opcheck_skip_kv_with_q_out(native):
         a["h"], a["norm_weight"], a["norm_bias"], a["kvq_weight"], a["kvq_bias"], a["positions"],
         a["inv_freq"], a["rope_scale"], a["k_all"][lo], a["v_all"][lo], a["slot_mapping"],
         a["eps"], a["rms"], q_out))
+
+
+@pytest.mark.parametrize("rows,rms,biases", [(5, True, False), (30, False, True)])   # GEMV, GEMM
+def test_opcheck_skip_adapter(native, rows, rms, biases):
+    g = _gen(rows)
+    x, w, b = _norm_inputs(g, rows, 24, rms, biases)
+    torch.library.opcheck(torch.ops.anee_fast.skip_adapter, (
+        x, w, b, torch.randn(6, 24, generator=g), torch.randn(24, 6, generator=g),
+        torch.randn(24, generator=g) if biases else None, torch.arange(rows) % 5 != 4, 1e-5, rms))
 
 
 @pytest.mark.parametrize("window", [0, 3])

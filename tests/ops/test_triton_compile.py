@@ -36,6 +36,7 @@ def _variants():
     from anee_fast.kernels.norm import _norm_kernel
     from anee_fast.kernels.paged_attention import _paged_attention_kernel
     from anee_fast.kernels.policy_step import _policy_step_kernel
+    from anee_fast.kernels.skip_adapter import _skip_adapter_kernel
     from anee_fast.kernels.skip_kv import _skip_kv_kernel
     out = []
     for rms in (True, False):
@@ -69,6 +70,13 @@ def _variants():
     out.append(("skip_kv_gpt2", _skip_kv_kernel,
                 dict(RMS=False, HAS_NORM_BIAS=True, HAS_BIAS=True, ROPE=False,
                      BLOCK_M=8, BLOCK_HALF=64, BLOCK_K=16)))
+    # SmolLM2-like (RMSNorm, no biases, rank 128) and GPT-2-like (LayerNorm, biases, rank 16).
+    out.append(("skip_adapter_llama", _skip_adapter_kernel,
+                dict(RMS=True, HAS_NORM_BIAS=False, HAS_BIAS=False, BLOCK_R=128, BLOCK_K=32,
+                     BLOCK_H=32)))
+    out.append(("skip_adapter_gpt2", _skip_adapter_kernel,
+                dict(RMS=False, HAS_NORM_BIAS=True, HAS_BIAS=True, BLOCK_R=16, BLOCK_K=256,
+                     BLOCK_H=256)))
     out.append(("paged_attention", _paged_attention_kernel,
                 dict(SPLIT=False, BLOCK_N=16, BLOCK_D=128, BLOCK_S=1)))
     out.append(("paged_attention_split", _paged_attention_kernel,      # merged by the last split
@@ -143,7 +151,8 @@ def _case_keys():
     from itertools import product
     names = ["norm_rms1", "norm_rms0", "add_norm_rms1", "add_norm_rms0", "gemv_gelu",
              "gemv_silu_gated", "gemv_residual", "gemv_row_mask", "gemv_row_mask_residual",
-             "skip_kv_llama", "skip_kv_gpt2", "paged_attention", "paged_attention_split",
+             "skip_kv_llama", "skip_kv_gpt2", "skip_adapter_llama", "skip_adapter_gpt2",
+             "paged_attention", "paged_attention_split",
              "policy_step_first0_forced0", "policy_step_first0_forced1",
              "policy_step_first1_forced0", "policy_step_first1_forced1", "saturation_codes"]
     return [f"{n}-{d}-sm{cc}{suffix}" for n, (d, cc, _, suffix) in product(names, CASES)]

@@ -1,0 +1,109 @@
+"""Skip adapters: a small learned correction a SKIP adds to the residual instead of nothing.
+
+A layer that a token does not PROCESS still writes its K/V (skip_kv); with adapters the residual
+also gains up @ (down @ norm(h)) + bias, a rank-r estimate of what the block would have added,
+read from the same normed input. One adapter per layer, every layer the same rank, so a SKIP has
+one cost (its bytes join the skip cost: `ModelWeights.skip_cost`). Without adapters the engine
+runs exactly as before.
+
+On disk: `<stem>.safetensors` (`layers.<l>.down` [rank, hidden], `layers.<l>.up` [hidden, rank],
+`layers.<l>.bias` [hidden]) + `<stem>.json` (format, model shape, rank, how they were fitted);
+a directory holds `adapters.safetensors` + `adapters.json`.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .weights_file import file_pair
+
+FORMAT = "anee_fast.skip_adapters"
+VERSION = 1
+SHIPPED_NAME = "smollm2-135m-instruct"
+
+
+@dataclass
+class SkipAdapter:
+    down: torch.Tensor      # [rank, hidden]
+    up: torch.Tensor        # [hidden, rank]
+    bias: torch.Tensor      # [hidden]
+
+    def tensors(self):
+        return [self.down, self.up, self.bias]
+
+
+def shipped_adapters_path() -> Path:
+    """The adapters fitted for the embedded SmolLM2-135M-Instruct."""
+    return Path(__file__).parent.parent / "data" / "adapters" / f"{SHIPPED_NAME}.json"
+
+
+def save_adapters(adapters, path, model: str, extra: dict = None) -> Path:
+    """Writes one adapter per layer (float32) + the JSON config; returns the JSON path."""
+    rank, hidden = adapters[0].down.shape
+    check_adapters(adapters, len(adapters), hidden)
+    json_path, weights_path = file_pair(path, True, "adapters", "skip adapters")
+    state = {f"layers.{l}.{name}": t.detach().float().cpu().contiguous()
+             for l, a in enumerate(adapters) for name, t in zip(("down", "up", "bias"), a.tensors())}
+    save_file(state, str(weights_path), metadata={"format": FORMAT, "version": str(VERSION)})
+    config = {"format": FORMAT, "version": VERSION, "model": model, "num_layers": len(adapters),
+              "hidden_size": hidden, "rank": rank, **(extra or {})}
+    json_path.write_text(json.dumps(config, indent=2) + "\n")
+    return json_path
+
+
+def load_adapters(path, num_layers: int, hidden_size: int, device=None, dtype=None) -> tuple:
+    """(adapters, config) from a directory, a .json or a .safetensors path, checked against the
+    model's shape; tensors on `device` in `dtype`."""
+    json_path, weights_path = file_pair(path, False, "adapters", "skip adapters")
+    for p in (json_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"skip adapter file not found: {p} (adapters are a .json config "
+                                    "plus a .safetensors file)")
+    try:
+        config = json.loads(json_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        got = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{json_path} is not a skip adapter config: format must be {FORMAT!r}, "
+                         f"got {got!r}")
+    if config.get("version") != VERSION:
+        raise ValueError(f"{json_path}: adapter format version {config.get('version')!r} is not "
+                         f"supported (this anee_fast reads version {VERSION})")
+    if config.get("num_layers") != num_layers or config.get("hidden_size") != hidden_size:
+        raise ValueError(f"{json_path}: these adapters were fitted for {config.get('model')!r} "
+                         f"({config.get('num_layers')} layers, hidden size "
+                         f"{config.get('hidden_size')}); the model has {num_layers} layers and "
+                         f"hidden size {hidden_size}: fit adapters for it (anee-fast train-controller)")
+    try:
+        state = load_file(str(weights_path))
+    except Exception as e:
+        raise ValueError(f"cannot read skip adapters {weights_path}: {e}") from None
+    rank = config.get("rank")
+    expected = {f"layers.{l}.{name}": shape for l in range(num_layers)
+                for name, shape in (("down", (rank, hidden_size)), ("up", (hidden_size, rank)),
+                                    ("bias", (hidden_size,)))}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != expected:
+        raise ValueError(f"{weights_path}: tensors do not match the config {json_path.name} "
+                         f"(rank {rank}, {num_layers} layers): expected {len(expected)} tensors "
+                         f"layers.<l>.down/up/bias, got {sorted(got)[:6]}...")
+    adapters = [SkipAdapter(*(state[f"layers.{l}.{name}"].to(device=device, dtype=dtype)
+                              for name in ("down", "up", "bias"))) for l in range(num_layers)]
+    return adapters, config
+
+
+def check_adapters(adapters, num_layers: int, hidden_size: int):
+    """One adapter per layer, all of one rank, shaped for the model."""
+    if len(adapters) != num_layers:
+        raise ValueError(f"need one skip adapter per layer ({num_layers}), got {len(adapters)}")
+    rank = adapters[0].down.shape[0]
+    for l, a in enumerate(adapters):
+        shapes = [tuple(t.shape) for t in a.tensors()]
+        if shapes != [(rank, hidden_size), (hidden_size, rank), (hidden_size,)]:
+            raise ValueError(f"skip adapter {l}: expected down [{rank}, {hidden_size}], up "
+                             f"[{hidden_size}, {rank}], bias [{hidden_size}] (one rank for every "
+                             f"layer), got {shapes}")
+
