@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROMPT ?= Explain in two sentences why the sky is blue.
 BUDGET ?= 1.0
-CONTROLLER ?= heuristic
+CONTROLLER ?= learned
 MAX_NEW_TOKENS ?= 48
 
 .PHONY: setup run test test-gpu check-cuda-build anee-env

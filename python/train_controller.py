@@ -1,6 +1,6 @@
-"""Train the budget-conditioned depth controller: the same as `anee-fast train-controller`.
+"""Fit skip adapters and train the budget-conditioned controller: `anee-fast train-controller`.
 
-    python python/train_controller.py OUT_DIR [--resume] [--rl-steps 40] ...
+    python python/train_controller.py OUT_DIR [--resume] [--corpus DIR] [--steps 250] ...
 
 See `anee-fast train-controller --help` for every option and docs/quality.md for the recipe.
 """

@@ -12,12 +12,6 @@ Optional static fallback (config key "static_fallback": {"order", "margin"}): th
 is kept only where |logit| > margin; elsewhere the token follows the base static set of its budget
 (the first layers of `order` SKIPped, as many as the budget needs). The student then departs from
 the static set only where it is sure.
-
-Optional class plans (config key "class_plans": {"layer", "classes", "plans"}, the centroids in
-the weights file; see training/class_plans.py): with the fallback, a token whose budget leaves n
-layers to SKIP, n a key of "plans", falls back to its class's plan for n instead of the static
-set. The class is the nearest centroid to the normalised residual entering "layer", taken there
-once per step and kept for the later layers.
 """
 import json
 from pathlib import Path
@@ -28,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..actions import EXIT, PROCESS, SKIP
-from ..model.weights_file import file_pair, load_matching
+from ..model.weights_file import file_pair, load_matching, read_config
 from .base import Controller
 from .features import cosine_saturation
 
@@ -74,11 +68,6 @@ def normalised(h: torch.Tensor) -> torch.Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _EPS)
 
 
-def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """[N] long: the index of each row's nearest centroid (Euclidean)."""
-    return torch.cdist(x.float(), centroids.float().to(x.device)).argmin(dim=1)
-
-
 def controller_features(ctx):
     """(scalars [N, len(FEATURES)], normalised residual [N, hidden]) of a LayerContext."""
     if ctx.budget is None:
@@ -102,8 +91,7 @@ def controller_features(ctx):
 class ControllerNet(nn.Module):
     """logit(PROCESS) from (scalars, normalised residual, layer index)."""
 
-    def __init__(self, num_layers: int, hidden_size: int, width: int = 32, proj_dim: int = 8,
-                 classes: int = 0):
+    def __init__(self, num_layers: int, hidden_size: int, width: int = 32, proj_dim: int = 8):
         super().__init__()
         self.proj = nn.Linear(hidden_size, proj_dim, bias=False)
         self.layer_embed = nn.Embedding(num_layers, width)
@@ -112,8 +100,6 @@ class ControllerNet(nn.Module):
         self.out = nn.Linear(width, 1)
         self.register_buffer("scalar_mean", torch.zeros(len(FEATURES)))
         self.register_buffer("scalar_std", torch.ones(len(FEATURES)))
-        if classes:      # the class plans' centroids (config "class_plans")
-            self.register_buffer("class_centroids", torch.zeros(classes, hidden_size))
 
     def set_normalisation(self, scalars):
         """Standardises the scalar features with statistics of training data."""
@@ -127,24 +113,17 @@ class ControllerNet(nn.Module):
 
 
 class BudgetConditionedController(Controller):
-    """Proposes PROCESS or SKIP per token; `sample=True` draws from the policy (for training).
-
-    `recorder`, when a list, receives (layer, scalars, normed, process, decided) per call as
-    tensors: the rollout runs under inference mode, so training recomputes log-probs from these.
-    `decided` is False where the budget rule, not the net, chose PROCESS. The static fallback
-    (module docstring) applies to greedy proposals only, never to sampled ones.
-    """
+    """Proposes PROCESS or SKIP per token: PROCESS where the net's logit is positive (or, with
+    the static fallback, where its static set PROCESSes unless the net is sure), and wherever
+    the token can still pay for every remaining layer. Distillation trains it through a relaxed
+    copy of this rule (training/distillation.py)."""
     name = "learned"
+    graph_safe = True
 
-    def __init__(self, net: ControllerNet, config: dict, sample: bool = False, generator=None,
-                 exit_threshold: float = 0.0):
+    def __init__(self, net: ControllerNet, config: dict, exit_threshold: float = 0.0):
         self.net = net.eval()
         self.exit_threshold = exit_threshold
         self.config = config
-        self.sample = sample
-        self.generator = generator
-        self.recorder = None
-        self._classes, self._last_layer, self._tables = None, None, {}
 
     @classmethod
     def new(cls, num_layers: int, hidden_size: int, model: str, width: int = 32, proj_dim: int = 8):
@@ -152,10 +131,6 @@ class BudgetConditionedController(Controller):
                   "num_layers": num_layers, "hidden_size": hidden_size, "width": width,
                   "proj_dim": proj_dim, "model": model}
         return cls(ControllerNet(num_layers, hidden_size, width, proj_dim), config)
-
-    @property
-    def graph_safe(self):
-        return not self.sample and self.recorder is None
 
     def check_model(self, num_layers: int, hidden_size: int):
         c = self.config
@@ -172,51 +147,16 @@ class BudgetConditionedController(Controller):
         net = self.net.to(ctx.h.device)
         with torch.no_grad():
             logit = net(scalars, normed, layer)
-        if self.sample:
-            u = torch.rand(logit.shape, generator=self.generator, device=logit.device)
-            process = u < torch.sigmoid(logit)
-        else:
-            process = logit > 0
-            fallback = self.config.get("static_fallback")
-            if fallback is not None:
-                counts = skip_count(fallback["order"], ctx)
-                base = static_fallback_process(fallback["order"], ctx.layer, counts)
-                if "class_plans" in self.config:
-                    base = self._class_plan_process(ctx, normed, counts, base)
-                process = torch.where(logit.abs() > fallback["margin"], process, base)
+        process = logit > 0
+        fallback = self.config.get("static_fallback")
+        if fallback is not None:
+            counts = skip_count(fallback["order"], ctx)
+            base = static_fallback_process(fallback["order"], ctx.layer, counts)
+            process = torch.where(logit.abs() > fallback["margin"], process, base)
         free = scalars[:, FEATURES.index("affordable")] >= 1.0 - _EPS
         leave = ctx.budget_left < self.exit_threshold
         process = (process | free) & ~leave
-        if self.recorder is not None:
-            self.recorder.append((ctx.layer, scalars, normed, process, ~free & ~leave))
         return torch.where(leave, EXIT, torch.where(process, PROCESS, SKIP)).to(torch.int8)
-
-    def _class_plan_process(self, ctx, normed, counts, base):
-        """base, with tokens whose skip count (counts) has a class plan following their class's
-        plan."""
-        plans = self.config["class_plans"]
-        if self._last_layer is not None and ctx.layer <= self._last_layer:
-            self._classes = None                       # a new step began
-        self._last_layer = ctx.layer
-        if ctx.layer == plans["layer"]:
-            self._classes = nearest(normed, self.net.class_centroids)
-        if self._classes is None or self._classes.shape[0] != normed.shape[0]:
-            return base                                # the class layer was forced: no class
-        for n, skipped in self._plan_tables(ctx.h.device):
-            base = torch.where(counts == n, ~skipped[self._classes, ctx.layer], base)
-        return base
-
-    def _plan_tables(self, device):
-        """[(n, bool [classes, L] skipped)] per skip count n of the class plans."""
-        if device not in self._tables:
-            L, tables = self.config["num_layers"], []
-            for n, per_class in self.config["class_plans"]["plans"].items():
-                skipped = torch.zeros((len(per_class), L), dtype=torch.bool)
-                for c, layers in enumerate(per_class):
-                    skipped[c, layers] = True
-                tables.append((int(n), skipped.to(device)))
-            self._tables[device] = tables
-        return self._tables[device]
 
     # ---- files ---------------------------------------------------------------------------------
 
@@ -234,22 +174,8 @@ class BudgetConditionedController(Controller):
     def load(cls, path, exit_threshold: float = 0.0):
         """Loads a directory, a .json or a .safetensors path (its partner next to it).
         exit_threshold: EXIT once the budget left falls below it (ANEE's config option)."""
-        json_path, weights_path = file_pair(path, False, "controller", "trained controller")
-        for p in (json_path, weights_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"trained controller file not found: {p} (a trained "
-                                        "controller is a .json config plus a .safetensors file)")
-        try:
-            config = json.loads(json_path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{json_path} is not valid JSON: {e}") from None
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            got = config.get("format") if isinstance(config, dict) else type(config).__name__
-            raise ValueError(f"{json_path} is not a trained controller config: format must be "
-                             f"{FORMAT!r}, got {got!r}")
-        if config.get("version") != VERSION:
-            raise ValueError(f"{json_path}: controller format version {config.get('version')!r} is "
-                             f"not supported (this anee_fast reads version {VERSION})")
+        config, json_path, weights_path = read_config(path, "controller", "trained controller",
+                                                      FORMAT, VERSION)
         if config.get("features") != list(FEATURES):
             raise ValueError(f"{json_path}: features {config.get('features')!r} differ from this "
                              f"anee_fast's {list(FEATURES)}")
@@ -258,10 +184,9 @@ class BudgetConditionedController(Controller):
                 raise ValueError(f"{json_path}: {key} must be a positive integer, got "
                                  f"{config.get(key)!r}")
         _check_fallback(config.get("static_fallback"), config["num_layers"], json_path)
-        _check_class_plans(config, json_path)
         config.setdefault("model", "an unnamed model")
         net = ControllerNet(config["num_layers"], config["hidden_size"], config["width"],
-                            config["proj_dim"], config.get("class_plans", {}).get("classes", 0))
+                            config["proj_dim"])
         load_matching(net, weights_path, "controller weights", f"the config {json_path.name}")
         return cls(net, config, exit_threshold=exit_threshold)
 
@@ -277,31 +202,3 @@ def _check_fallback(fallback, num_layers: int, json_path):
                          f"[0, {num_layers}), got {order!r}")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
         raise ValueError(f"{json_path}: static_fallback.margin must be a number >= 0, got {margin!r}")
-
-
-def _check_class_plans(config, json_path):
-    plans = config.get("class_plans")
-    if plans is None:
-        return
-    fallback = config.get("static_fallback")
-    problem = None
-    if fallback is None:
-        problem = "class_plans need a static_fallback (they replace its base static set)"
-    elif not isinstance(plans, dict) or not isinstance(plans.get("classes"), int) or plans["classes"] < 1:
-        problem = f"class_plans.classes must be a positive integer, got {plans!r:.80}"
-    elif plans.get("layer") not in fallback["order"]:
-        problem = f"class_plans.layer must be one of static_fallback.order, got {plans.get('layer')!r}"
-    elif not isinstance(plans.get("plans"), dict):
-        problem = "class_plans.plans must map skip counts to per-class layer lists"
-    else:
-        order = set(fallback["order"])
-        for n, per_class in plans["plans"].items():
-            if (not str(n).isdigit() or not isinstance(per_class, list) or len(per_class) != plans["classes"]
-                    or not all(isinstance(p, list) and len(p) == int(n) and set(p) <= order
-                               for p in per_class)):
-                problem = (f"class_plans.plans[{n!r}] must hold {plans['classes']} lists of {n} "
-                           "layers of static_fallback.order")
-                break
-    if problem:
-        raise ValueError(f"{json_path}: {problem}")
-

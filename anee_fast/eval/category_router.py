@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from ..actions import EXIT, PROCESS
 from ..control.base import Controller
-from ..control.trained import nearest
 from .quality import full_logits
 from .static_search import mean_kls, load_cached, save_cached, skip_set_compute, windows_key
 
@@ -36,6 +35,11 @@ class _EmbeddingProbe(Controller):
             return torch.full((ctx.h.shape[0],), EXIT, dtype=torch.int8, device=ctx.h.device)
         return torch.full((ctx.h.shape[0],), PROCESS, dtype=torch.int8, device=ctx.h.device)
 
+
+
+def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """[N] long: the index of each row's nearest centroid (Euclidean)."""
+    return torch.cdist(x.float(), centroids.float().to(x.device)).argmin(dim=1)
 
 def prompt_embeddings(llm, windows, prefix_len: int = 32) -> torch.Tensor:
     """[N, hidden] L2-normalised mean residual after the forced first layers over each prefix."""

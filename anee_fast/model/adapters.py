@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .weights_file import file_pair
+from .weights_file import file_pair, read_config
 
 FORMAT = "anee_fast.skip_adapters"
 VERSION = 1
@@ -39,12 +39,14 @@ def shipped_adapters_path() -> Path:
     return Path(__file__).parent.parent / "data" / "adapters" / f"{SHIPPED_NAME}.json"
 
 
-def save_adapters(adapters, path, model: str, extra: dict = None) -> Path:
-    """Writes one adapter per layer (float32) + the JSON config; returns the JSON path."""
+def save_adapters(adapters, path, model: str, extra: dict = None,
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """Writes one adapter per layer (in `dtype`: float16 halves a file that ships) + the JSON
+    config; returns the JSON path. Loading converts to the model's dtype."""
     rank, hidden = adapters[0].down.shape
     check_adapters(adapters, len(adapters), hidden)
     json_path, weights_path = file_pair(path, True, "adapters", "skip adapters")
-    state = {f"layers.{l}.{name}": t.detach().float().cpu().contiguous()
+    state = {f"layers.{l}.{name}": t.detach().to(device="cpu", dtype=dtype).contiguous()
              for l, a in enumerate(adapters) for name, t in zip(("down", "up", "bias"), a.tensors())}
     save_file(state, str(weights_path), metadata={"format": FORMAT, "version": str(VERSION)})
     config = {"format": FORMAT, "version": VERSION, "model": model, "num_layers": len(adapters),
@@ -56,22 +58,7 @@ def save_adapters(adapters, path, model: str, extra: dict = None) -> Path:
 def load_adapters(path, num_layers: int, hidden_size: int, device=None, dtype=None) -> tuple:
     """(adapters, config) from a directory, a .json or a .safetensors path, checked against the
     model's shape; tensors on `device` in `dtype`."""
-    json_path, weights_path = file_pair(path, False, "adapters", "skip adapters")
-    for p in (json_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"skip adapter file not found: {p} (adapters are a .json config "
-                                    "plus a .safetensors file)")
-    try:
-        config = json.loads(json_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{json_path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        got = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{json_path} is not a skip adapter config: format must be {FORMAT!r}, "
-                         f"got {got!r}")
-    if config.get("version") != VERSION:
-        raise ValueError(f"{json_path}: adapter format version {config.get('version')!r} is not "
-                         f"supported (this anee_fast reads version {VERSION})")
+    config, json_path, weights_path = read_config(path, "adapters", "skip adapters", FORMAT, VERSION)
     if config.get("num_layers") != num_layers or config.get("hidden_size") != hidden_size:
         raise ValueError(f"{json_path}: these adapters were fitted for {config.get('model')!r} "
                          f"({config.get('num_layers')} layers, hidden size "

@@ -11,6 +11,7 @@ adapters in place (`passes`): the refit sees the inputs that adapted skipping pr
 import torch
 
 from ..model.adapters import SkipAdapter
+from .distillation import collate
 
 
 class LayerMoments:
@@ -63,31 +64,31 @@ def random_skip_gates(num_windows: int, seq_len: int, depth, budgets: torch.Tens
 
 @torch.no_grad()
 def fit_ridge_adapters(forward, windows, depth, *, rank: int, ridge: float = 1e-2,
-                       passes: int = 2, budget_range=(0.4, 1.0), batch: int = 4, generator=None,
-                       progress: bool = True) -> list:
-    """One SkipAdapter per layer of `forward` (GatedForward), fitted on `windows` (token lists of
-    one length) under random skip patterns at budgets drawn uniformly in budget_range; each pass
-    after the first runs with the previous pass's adapters."""
+                       passes: int = 2, budget_range=(0.4, 1.0), batch: int = 4, pad_id: int = 0,
+                       generator=None, progress: bool = True) -> list:
+    """One SkipAdapter per layer of `forward` (GatedForward), fitted on `windows` (token lists,
+    padded per batch with pad_id, padding left out) under random skip patterns at budgets drawn
+    uniformly in budget_range; each pass after the first runs with the previous pass's
+    adapters."""
     from tqdm import tqdm
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     generator = generator or torch.Generator().manual_seed(0)
-    ids = torch.tensor(windows)
     L, hidden = forward.spec.num_layers, forward.spec.hidden_size
     adapters = None
     for p in range(passes):
         moments = [LayerMoments(hidden) for _ in range(L)]
-        starts = range(0, len(ids), batch)
+        starts = range(0, len(windows), batch)
         for start in tqdm(starts, desc=f"ridge pass {p + 1}/{passes}", unit="batch",
                           disable=not progress, leave=False):
-            chunk = ids[start:start + batch]
+            ids, mask = collate(windows[start:start + batch], pad_id)
             low, high = budget_range
-            budgets = low + (high - low) * torch.rand(len(chunk), generator=generator)
-            gates = random_skip_gates(len(chunk), chunk.shape[1], depth, budgets, generator)
+            budgets = low + (high - low) * torch.rand(len(ids), generator=generator)
+            gates = random_skip_gates(len(ids), ids.shape[1], depth, budgets, generator)
             record = []
-            forward.run(chunk, lambda l, h, hp: gates[..., l],
+            forward.run(ids, lambda l, h, hp: gates[..., l],
                         None if adapters is None else [a.tensors() for a in adapters], record)
             for l, (x, delta, _) in enumerate(record):
-                moments[l].add(x, delta)
+                moments[l].add(x[mask], delta[mask])
         adapters = [solve_adapter(m, rank, ridge) for m in moments]
     return adapters

@@ -248,7 +248,7 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
         llm.set_adapters(None)
         adapters = fit_ridge_adapters(forward, evenly_spaced(train, config.ridge_windows), depth,
                                       rank=config.rank, ridge=config.ridge,
-                                      passes=config.ridge_passes,
+                                      passes=config.ridge_passes, pad_id=pad,
                                       generator=seeded_generator(config.seed, "ridge"),
                                       progress=progress)
         save_adapters(adapters, ridge_path, str(llm.name), {"fitted": "ridge"})

@@ -17,7 +17,7 @@ off. The base model's weights never change.
 import torch
 import torch.nn.functional as F
 
-from ..actions import EXIT, PROCESS, SKIP
+from ..actions import PROCESS, SKIP
 from ..control.base import Controller
 from ..control.depth_policy import DepthPolicy
 from ..control.trained import FEATURES, controller_features, skip_count, static_fallback_process
@@ -60,25 +60,20 @@ class RelaxedGateController(Controller):
         return torch.where(process, PROCESS, SKIP).to(torch.int8)
 
 
-def gated_run(forward, ids, depth, budgets, adapters, controller=None, fixed_gates=None):
+def gated_run(forward, ids, depth, budgets, adapters, controller):
     """(final residual [B, T, hidden], expected compute per token [B, T], realised compute
-    [B, T]) of ids under the engine's depth policy at budgets [B] per window. With a
-    RelaxedGateController the gates carry its straight-through gradient; fixed_gates [B, T, L]
-    replace the controller (no gradient to gates)."""
+    [B, T]) of ids under the engine's depth policy at budgets [B] per window, `controller` a
+    RelaxedGateController: the gates carry its straight-through gradient."""
     B, T = ids.shape
     N = B * T
     token_budgets = budgets.repeat_interleave(T)
     policy = DepthPolicy(N, depth, "cpu", reference, depth.budget_terms(token_budgets.tolist()),
-                         controller=controller) if fixed_gates is None else None
+                         controller=controller)
     L, c = depth.num_layers, depth.skip_cost
     expected = torch.zeros(N)
 
     def gate(l, h, h_prev):
         nonlocal expected
-        if fixed_gates is not None:
-            g = fixed_gates[..., l].reshape(N)
-            expected = expected + g + (1 - g) * c
-            return g.reshape(B, T)
         controller.last = None
         process = policy.decide(l, h.detach().reshape(N, -1), h_prev.detach().reshape(N, -1))
         g = process.float()
@@ -93,8 +88,7 @@ def gated_run(forward, ids, depth, budgets, adapters, controller=None, fixed_gat
         return g.reshape(B, T)
 
     h = forward.run(ids, gate, adapters)
-    realised = (policy.compute() if policy is not None else expected / L).reshape(B, T)
-    return h, (expected / L).reshape(B, T), realised
+    return h, (expected / L).reshape(B, T), policy.compute().reshape(B, T)
 
 
 def kl_per_token(teacher_logits, logits):

@@ -14,8 +14,6 @@ import torch.nn.functional as F
 
 from ..ops.reference import norm, rope_cos_sin, rotate
 
-_ACTIVATION = {"silu": "silu_gated", "gelu_tanh": "gelu_tanh"}
-
 
 class GatedForward:
     """forward pieces over token windows [B, T] of one model (ModelWeights, float32)."""
@@ -70,15 +68,14 @@ class GatedForward:
             up = F.gelu(up, approximate="tanh")
         return o + F.linear(up, layer.down_weight, layer.down_bias)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """float32 logits of the final residual."""
-        w = self.weights
-        x = norm(h, w.final_norm_weight, w.final_norm_bias, self.spec.norm_eps, self.rms)
-        return F.linear(x, w.lm_head).float()
-
     def final_normed(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm of the residual: the LM head's input."""
         w = self.weights
         return norm(h, w.final_norm_weight, w.final_norm_bias, self.spec.norm_eps, self.rms)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits of the final residual."""
+        return F.linear(self.final_normed(h), self.weights.lm_head).float()
 
     def run(self, ids: torch.Tensor, gate, adapters=None, record=None) -> torch.Tensor:
         """The final residual [B, T, hidden] of ids [B, T].

@@ -90,4 +90,21 @@ __device__ __forceinline__ void block_row_stats(const scalar_t* x, int64_t D, fl
   }
 }
 
+// norm(x) of one row x[0..D) into shared memory xs[0..D), computed by the whole block and
+// rounded to scalar_t as the reference's norm returns (the SKIP path's input: skip_kv and
+// skip_adapter project it); xs is complete for every thread on return.
+template <typename scalar_t>
+__device__ __forceinline__ void block_normed_row(const scalar_t* x, int64_t D, float eps, bool rms,
+                                                 const float* norm_w, const float* norm_b,
+                                                 float* scratch, float* xs) {
+  float mean, rstd;
+  block_row_stats(x, D, eps, rms, scratch, &mean, &rstd);
+  for (int64_t i = threadIdx.x; i < D; i += blockDim.x) {
+    float v = (static_cast<float>(x[i]) - mean) * rstd * norm_w[i];
+    if (norm_b != nullptr) v += norm_b[i];
+    xs[i] = static_cast<float>(static_cast<scalar_t>(v));
+  }
+  __syncthreads();
+}
+
 }  // namespace anee_fast::cuda

@@ -60,14 +60,7 @@ __global__ void skip_adapter_kernel(const scalar_t* __restrict__ h,
   __shared__ float scratch[kWarp];
 
   // Phase 1: the norm, then z, each rounded to the tensors' dtype as the reference's ops return.
-  float mean, rstd;
-  block_row_stats(hr, p.hidden, p.eps, p.rms, scratch, &mean, &rstd);
-  for (int64_t i = threadIdx.x; i < p.hidden; i += blockDim.x) {
-    float x = (static_cast<float>(hr[i]) - mean) * rstd * norm_w[i];
-    if (norm_b != nullptr) x += norm_b[i];
-    xs[i] = static_cast<float>(static_cast<scalar_t>(x));
-  }
-  __syncthreads();
+  block_normed_row(hr, p.hidden, p.eps, p.rms, norm_w, norm_b, scratch, xs);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   for (int64_t k = warp; k < p.rank; k += warps) {
     const scalar_t* w = down + k * p.ld_down;

@@ -101,14 +101,7 @@ __global__ void skip_kv_kernel(const scalar_t* __restrict__ h, const float* __re
 
   // The norm, rounded to the tensors' dtype as the reference's norm returns.
   const scalar_t* hr = h + n * p.hidden;
-  float mean, rstd;
-  block_row_stats(hr, p.hidden, p.eps, p.rms, scratch, &mean, &rstd);
-  for (int64_t i = threadIdx.x; i < p.hidden; i += blockDim.x) {
-    float x = (static_cast<float>(hr[i]) - mean) * rstd * norm_w[i];
-    if (norm_b != nullptr) x += norm_b[i];
-    xs[i] = static_cast<float>(static_cast<scalar_t>(x));
-  }
-  __syncthreads();
+  block_normed_row(hr, p.hidden, p.eps, p.rms, norm_w, norm_b, scratch, xs);
 
   // Projection: head column c is row col0 + c of the K|V(|Q) weight.
   const int64_t col0 = head_z * p.d;

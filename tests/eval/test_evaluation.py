@@ -12,7 +12,7 @@ from anee_fast.eval.baselines import (RandomSkipController, random_skip_prob,
                                             untrained_learned_controller)
 from anee_fast.eval.category_router import CategoryRouter, kmeans, prompt_embeddings
 from anee_fast.control.controllers import StaticController
-from anee_fast.control.trained import nearest
+from anee_fast.eval.category_router import nearest
 
 from anee_fast.eval.evaluation import evaluate, format_table
 from anee_fast.eval.plots import plot_quality_vs_compute

@@ -42,7 +42,7 @@ def test_the_file_round_trips_and_bad_files_say_why(tmp_path):
     with pytest.raises(ValueError, match="tensors do not match"):
         load_adapters(path, 3, 16)
     path.write_text(json.dumps(dict(config, format="something else")))
-    with pytest.raises(ValueError, match="is not a skip adapter config"):
+    with pytest.raises(ValueError, match="is not a skip adapters config"):
         load_adapters(path, 3, 16)
 
 
@@ -130,3 +130,22 @@ def test_auto_means_none_for_a_model_other_than_the_embedded_one(tmp_path):
     path = save_adapters(random_adapters(4, model.config.hidden_size, 2, seed=0), tmp_path / "a", "t")
     llm = LLM(model, backend="reference", adapters=path)
     assert llm.adapters_path == path and llm.weights.adapters[0].down.shape == (2, model.config.hidden_size)
+
+
+def test_the_shipped_adapters_fit_the_embedded_model_and_its_controller_names_them():
+    from anee_fast.control.trained import BudgetConditionedController, shipped_controller_path
+    from anee_fast.model.adapters import shipped_adapters_path
+    adapters, config = load_adapters(shipped_adapters_path(), 30, 576)
+    assert config["model"] == "SmolLM2-135M-Instruct" and config["rank"] == adapters[0].down.shape[0]
+    controller = BudgetConditionedController.load(shipped_controller_path())
+    named = (shipped_controller_path().parent / controller.config["adapters"]).resolve()
+    assert named == shipped_adapters_path().resolve()
+
+
+def test_a_float16_file_loads_in_the_models_dtype(tmp_path):
+    adapters = random_adapters(2, 16, 4, seed=3)
+    path = save_adapters(adapters, tmp_path / "half.json", "tiny", dtype=torch.float16)
+    loaded, _ = load_adapters(path, 2, 16, dtype=torch.float32)
+    for a, b in zip(adapters, loaded):
+        assert all(y.dtype == torch.float32 and torch.equal(x.half().float(), y)
+                   for x, y in zip(a.tensors(), b.tensors()))

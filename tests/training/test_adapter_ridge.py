@@ -53,3 +53,18 @@ def test_random_skip_gates_skip_what_the_budget_leaves_unpaid(budget):
     assert (skipped == skipped.flatten()[0]).all()           # same count, different layers
     if 0 < skipped.flatten()[0] < 8:
         assert len({tuple(row.tolist()) for row in gates.reshape(-1, 10)}) > 1
+
+
+def test_padding_of_ragged_windows_is_left_out_of_the_fit():
+    from conftest import build_model, random_ids
+    from anee_fast import LLM
+    from anee_fast.training.adapter_ridge import fit_ridge_adapters
+    from anee_fast.training.gated_forward import GatedForward
+    llm = LLM(build_model("llama_gqa", num_layers=3), backend="reference")
+    forward = GatedForward(llm.weights)
+    windows = [random_ids(build_model("llama_gqa", num_layers=3), n, seed=n).tolist() for n in (9, 14)]
+    fits = [fit_ridge_adapters(forward, windows, llm.depth, rank=4, passes=1, budget_range=(1.0, 1.0),
+                               batch=batch, pad_id=5, progress=False) for batch in (1, 2)]
+    for a, b in zip(*fits):      # the map, not its factors (eigenvectors have a free sign)
+        torch.testing.assert_close(a.up @ a.down, b.up @ b.down, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.bias, b.bias, atol=1e-4, rtol=1e-4)
