@@ -24,6 +24,7 @@ from .training.recurrent_training import RecurrentTrainConfig, train_recurrent
 PROG = "anee-fast"
 EXIT_ERROR = 1
 DTYPES = ("float32", "float16", "bfloat16")
+WEIGHTS = ("auto", "fp32", "bf16", "int8", "gguf")    # model/weight_storage.py
 
 
 class _Error(ValueError):
@@ -73,7 +74,11 @@ def _add_model_options(p, runtime: bool = True):
         p.add_argument("--device", default=None,
                        help="torch device, e.g. cpu or cuda (default: cuda when available)")
         p.add_argument("--dtype", default=None, choices=DTYPES,
-                       help="weight dtype (default: bfloat16 on GPU, float32 on CPU)")
+                       help="activation dtype (default: bfloat16 on GPU, float32 on CPU)")
+        p.add_argument("--weights", default="auto", choices=WEIGHTS,
+                       help="how the weights are stored: 'auto' (a .gguf's own blocks, e.g. the "
+                            "embedded model's 4-bit Q4_1; a float model's floats; default), "
+                            "'fp32', 'bf16', 'int8' (per channel) or 'gguf'")
 
 
 def _checked_model(args):
@@ -113,12 +118,13 @@ def _checked_controller(value):
 def _load_llm(args, model, **engine_options):
     """The LLM of the model options, quietly (loading bars would bury errors and summaries)."""
     from .llm import LLM
-    runtime = {k: getattr(args, k) for k in ("backend", "device", "dtype") if hasattr(args, k)}
+    runtime = {k: getattr(args, k) for k in ("backend", "device", "dtype", "weights")
+               if hasattr(args, k)}
     if hasattr(args, "adapters"):
         runtime["adapters"] = None if args.adapters == "none" else args.adapters
     with _no_progress_bars():
-        return LLM(model, min_layers=args.min_layers, threads=args.threads, **runtime,
-                   **engine_options)
+        return LLM(model, min_layers=args.min_layers, threads=args.threads,
+                   **{**runtime, **engine_options})
 
 
 # ---- generate ------------------------------------------------------------------------------------
@@ -388,7 +394,11 @@ def _cmd_eval(args) -> int:
 
     from .eval.evaluation import run_eval
     llm = _load_llm(args, model)
+    float_llm = None
+    if llm.weights.weight_format not in ("float", "fp32"):      # what the format costs
+        float_llm = _load_llm(args, model, weights="fp32")
     run_eval(llm, budgets=budgets, text_path=args.text, controllers=controllers,
+             float_llm=float_llm,
              windows=args.windows, seq_len=args.seq_len, json_path=args.json, plot_path=args.plot,
              chat_path=args.chat_answers, chat_max_tokens=args.chat_max_tokens,
              progress=not args.no_progress, search_windows=args.search_windows,
@@ -451,7 +461,8 @@ def _add_train_controller(subparsers):
 def _cmd_train_controller(args) -> int:
     config = _config(TrainConfig, args)
     model = _checked_model(args)
-    llm = _load_llm(args, model)
+    # Training differentiates through float weights; a GGUF's blocks dequantize to exactly these.
+    llm = _load_llm(args, model, weights="fp32")
     start = time.perf_counter()
     log = train_controller(llm, args.out_dir, config, resume=args.resume)
     print(f"trained in {time.perf_counter() - start:.0f} s this run (stages: "

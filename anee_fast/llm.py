@@ -29,14 +29,19 @@ class LLM:
     def __init__(self, model=None, backend: str = "auto", device=None, dtype=None, *,
                  tokenizer=None, block_size: int = 16, num_kv_blocks=None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, min_layers: int = 2, always_last: int = 0,
-                 cuda_graphs=None, conditional_layers=False, threads=None, adapters="auto"):
+                 cuda_graphs=None, conditional_layers=False, threads=None, adapters="auto",
+                 weights="auto"):
         """threads: torch's CPU threads for this process (set_threads); None = $ANEE_FAST_THREADS
         if set, else torch's default. adapters: skip adapters (model/adapters.py), a path to
         an adapter file, None for none (a SKIP adds nothing, as without adapters), or "auto": the
-        shipped ones for the embedded model (when it is the one loaded), none for any other."""
+        shipped ones for the embedded model (when it is the one loaded), none for any other.
+        weights: how the projections, embedding and LM head are stored: "auto" (a GGUF file's
+        own blocks, e.g. the embedded model's 4-bit Q4_1; a float model's floats), "fp32",
+        "bf16", "int8" (per output channel) or "gguf" (model/weight_storage.py). Fewer bytes
+        per weight is faster decoding; `anee-fast eval --weights` reports what it costs."""
         set_threads(threads)
         self.backend = select_backend(backend, default_device(device).type)
-        self.weights, loaded_tokenizer, self.name = load_weights(model, device, dtype)
+        self.weights, loaded_tokenizer, self.name = load_weights(model, device, dtype, weights)
         self.tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         config = EngineConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
                               max_num_seqs=max_num_seqs,

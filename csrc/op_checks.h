@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace anee_fast {
@@ -46,29 +47,88 @@ inline Activation parse_activation(c10::string_view name) {
   return Activation::kNone;
 }
 
+// How a weight matrix [N, K] is stored (layouts: anee_fast/ops/weight_formats.py). kDense is a
+// float tensor [N, K] (float32, bfloat16 or float16, not necessarily x's dtype); the others are
+// uint8 tensors [N, row_bytes] whose rows hold one output feature each: kInt8 a float32 scale
+// (4 bytes, little endian) then K int8 values; kQ4_0, kQ4_1, kQ8_0 the GGUF blocks of 32 values
+// (18, 20 and 34 bytes). Kernels dequantize in float32 and accumulate in float32.
+enum class WeightFormat { kDense, kInt8, kQ4_0, kQ4_1, kQ8_0 };
+
+inline WeightFormat parse_weight_format(c10::string_view name, const char* op) {
+  if (name == "dense") return WeightFormat::kDense;
+  if (name == "int8") return WeightFormat::kInt8;
+  if (name == "q4_0") return WeightFormat::kQ4_0;
+  if (name == "q4_1") return WeightFormat::kQ4_1;
+  if (name == "q8_0") return WeightFormat::kQ8_0;
+  TORCH_CHECK(false, op, ": weight_format must be dense, int8, q4_0, q4_1 or q8_0, got ", name);
+  return WeightFormat::kDense;
+}
+
+constexpr int64_t kQuantBlock = 32;   // values per GGUF block
+
+// Bytes of one GGUF block (kQuantBlock values) of a block format.
+inline int64_t block_bytes(WeightFormat f) {
+  switch (f) {
+    case WeightFormat::kQ4_0: return 18;   // float16 d, 16 bytes of 4-bit q: w = d * (q - 8)
+    case WeightFormat::kQ4_1: return 20;   // float16 d, float16 m, 16 bytes of q: w = d * q + m
+    case WeightFormat::kQ8_0: return 34;   // float16 d, 32 int8 q: w = d * q
+    default: return 0;
+  }
+}
+
+// Bytes of one stored row of K input features (quantized formats).
+inline int64_t weight_row_bytes(WeightFormat f, int64_t K) {
+  return f == WeightFormat::kInt8 ? 4 + K : (K / kQuantBlock) * block_bytes(f);
+}
+
+// A weight of `rows` x K in format f: dense [rows, K] floating, or uint8 [rows, row_bytes] with
+// contiguous rows (a view of leading rows of a larger weight is fine) and K a multiple of 32
+// for the block formats. `what` names the argument in messages.
+inline void check_weight(const char* op, const char* what, const at::Tensor& weight,
+                         WeightFormat f, int64_t rows, int64_t K) {
+  if (f == WeightFormat::kDense) {
+    TORCH_CHECK(weight.dim() == 2 && weight.size(0) == rows && weight.size(1) == K,
+                op, ": ", what, " must be [", rows, ", ", K, "], got ", weight.sizes());
+    TORCH_CHECK(at::isFloatingType(weight.scalar_type()), op, ": ", what,
+                " (dense) must be floating, got ", weight.scalar_type());
+    return;
+  }
+  TORCH_CHECK(f == WeightFormat::kInt8 || K % kQuantBlock == 0, op, ": ", what,
+              " in a block format needs in_features divisible by ", kQuantBlock, ", got ", K);
+  const int64_t bytes = weight_row_bytes(f, K);
+  TORCH_CHECK(weight.scalar_type() == at::kByte && weight.dim() == 2 && weight.size(0) == rows &&
+              weight.size(1) == bytes && weight.stride(1) == 1,
+              op, ": ", what, " (quantized) must be uint8 [", rows, ", ", bytes,
+              "] with contiguous rows, got ", weight.scalar_type(), " ", weight.sizes());
+}
+
 struct LinearSizes {
   int64_t M, K, N;  // rows of x (all leading dims), in features, out features (of the product)
   int64_t N_out;    // out features after the activation (N / 2 when gated)
   Activation act;
+  WeightFormat format;
 };
 
-// linear: x [..., K] @ weight [N, K]^T + bias [N], activation, + residual [..., N_out]; all of
-// one dtype; row_mask bool [...], x's leading shape.
+// linear: x [..., K] @ weight [N, K]^T + bias [N], activation, + residual [..., N_out]; x, bias
+// and residual of one dtype, the weight in `weight_format` (check_weight); row_mask bool [...],
+// x's leading shape.
 inline LinearSizes check_linear_args(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias,
                                      c10::string_view activation,
                                      const std::optional<at::Tensor>& residual,
-                                     const std::optional<at::Tensor>& row_mask) {
+                                     const std::optional<at::Tensor>& row_mask,
+                                     c10::string_view weight_format) {
   TORCH_CHECK(x.dim() >= 1, "linear: x must have at least one dimension");
-  TORCH_CHECK(weight.dim() == 2, "linear: weight must be [out_features, in_features]");
+  TORCH_CHECK(weight.dim() == 2, "linear: weight must be [out_features, in_features] (dense) or "
+              "[out_features, row_bytes] (quantized)");
+  const WeightFormat format = parse_weight_format(weight_format, "linear");
   const int64_t K = x.size(-1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "linear: x has ", K, " features, weight expects ",
-              weight.size(1));
+  check_weight("linear", "weight", weight, format, N, K);
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == N),
               "linear: bias must be [", N, "]");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() &&
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()) &&
               (!bias.has_value() || bias->scalar_type() == x.scalar_type()),
-              "linear: x, weight and bias must have the same dtype");
+              "linear: x must be floating and bias must have its dtype");
   const Activation act = parse_activation(activation);
   TORCH_CHECK(act != Activation::kSiluGated || N % 2 == 0,
               "linear: silu_gated needs an even number of weight rows (gate | up), got ", N);
@@ -88,30 +148,32 @@ inline LinearSizes check_linear_args(const at::Tensor& x, const at::Tensor& weig
   }
   int64_t M = 1;
   for (int64_t i = 0; i + 1 < x.dim(); ++i) M *= x.size(i);
-  return {M, K, N, N_out, act};
+  return {M, K, N, N_out, act, format};
 }
 
 struct SkipKvSizes {
   int64_t N, hidden, num_slots, kv_heads, d, q_heads;   // q_heads: 0 without q_out
+  WeightFormat format;                                  // kv_weight's
 };
 
 // skip_kv: h [N, hidden]; the layer's caches [num_slots, kv_heads, d]; norm_weight and
-// norm_bias [hidden]; kv_weight [2*kv_size, hidden] and kv_bias [2*kv_size], rows K | V; the
-// caches, kv_weight and kv_bias in h's dtype. With q_out [N, q_heads, d] kv_weight and kv_bias
-// also hold the Q rows (K | V | Q). Same checks as ops/reference.py:check_skip_kv_args.
+// norm_bias [hidden]; kv_weight [2*kv_size, hidden] in weight_format (check_weight) and kv_bias
+// [2*kv_size], rows K | V; the caches and kv_bias in h's dtype. With q_out [N, q_heads, d]
+// kv_weight and kv_bias also hold the Q rows (K | V | Q). Same checks as
+// ops/reference.py:check_skip_kv_args.
 inline SkipKvSizes check_skip_kv_args(
     const at::Tensor& h, const at::Tensor& norm_weight, const std::optional<at::Tensor>& norm_bias,
     const at::Tensor& kv_weight, const std::optional<at::Tensor>& kv_bias,
     const at::Tensor& positions, const std::optional<at::Tensor>& inv_freq,
     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
-    const std::optional<at::Tensor>& q_out) {
+    const std::optional<at::Tensor>& q_out, c10::string_view weight_format) {
   TORCH_CHECK(h.dim() == 2 && k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
               "skip_kv: h must be [N, hidden] and k_cache, v_cache both [slots, kv_heads, "
               "head_dim], got h ", h.sizes(), ", k_cache ", k_cache.sizes(), ", v_cache ",
               v_cache.sizes());
-  TORCH_CHECK(k_cache.scalar_type() == h.scalar_type() && v_cache.scalar_type() == h.scalar_type() &&
-              kv_weight.scalar_type() == h.scalar_type(),
-              "skip_kv: the caches and kv_weight must have h's dtype ", h.scalar_type());
+  TORCH_CHECK(k_cache.scalar_type() == h.scalar_type() && v_cache.scalar_type() == h.scalar_type(),
+              "skip_kv: the caches must have h's dtype ", h.scalar_type());
+  const WeightFormat format = parse_weight_format(weight_format, "skip_kv");
   const int64_t N = h.size(0), hidden = h.size(1);
   const int64_t num_slots = k_cache.size(0);
   const int64_t kv_heads = k_cache.size(1), d = k_cache.size(2), kv_size = kv_heads * d;
@@ -129,9 +191,8 @@ inline SkipKvSizes check_skip_kv_args(
               "skip_kv: norm_weight must be [", hidden, "], got ", norm_weight.sizes());
   TORCH_CHECK(!norm_bias.has_value() || (norm_bias->dim() == 1 && norm_bias->size(0) == hidden),
               "skip_kv: norm_bias must be [", hidden, "], got ", norm_bias->sizes());
-  TORCH_CHECK(kv_weight.dim() == 2 && kv_weight.size(0) == rows && kv_weight.size(1) == hidden,
-              "skip_kv: kv_weight (", layout, " rows) must be [", rows, ", ", hidden, "], got ",
-              kv_weight.sizes());
+  const std::string what = std::string("kv_weight (") + layout + " rows)";
+  check_weight("skip_kv", what.c_str(), kv_weight, format, rows, hidden);
   TORCH_CHECK(!kv_bias.has_value() || (kv_bias->dim() == 1 && kv_bias->size(0) == rows),
               "skip_kv: kv_bias (", layout, ") must be [", rows, "], got ", kv_bias->sizes());
   TORCH_CHECK(!kv_bias.has_value() || kv_bias->scalar_type() == h.scalar_type(),
@@ -140,44 +201,47 @@ inline SkipKvSizes check_skip_kv_args(
               "skip_kv: slot_mapping and positions must have one entry per row of h");
   TORCH_CHECK(!inv_freq.has_value() || (d % 2 == 0 && inv_freq->numel() == d / 2),
               "skip_kv: inv_freq must have head_dim / 2 entries");
-  return {N, hidden, num_slots, kv_heads, d, q_heads};
+  return {N, hidden, num_slots, kv_heads, d, q_heads, format};
 }
 
 struct SkipAdapterSizes {
   int64_t N, hidden, rank;
+  WeightFormat format;                  // down_weight's and up_weight's
 };
 
-// skip_adapter: h [N, hidden]; norm_weight and norm_bias [hidden]; down_weight [rank, hidden],
-// up_weight [hidden, rank] and up_bias [hidden] in h's dtype; row_mask bool [N] on h's device.
-// Same checks and messages as ops/reference.py:check_skip_adapter_args.
+// skip_adapter: h [N, hidden]; norm_weight and norm_bias [hidden]; down_weight [rank, hidden] and
+// up_weight [hidden, rank], both in weight_format (check_weight; dense ones in h's dtype); up_bias
+// [hidden] in h's dtype;
+// row_mask bool [N] on h's device. Same checks and messages as
+// ops/reference.py:check_skip_adapter_args.
 inline SkipAdapterSizes check_skip_adapter_args(
     const at::Tensor& h, const at::Tensor& norm_weight, const std::optional<at::Tensor>& norm_bias,
     const at::Tensor& down_weight, const at::Tensor& up_weight,
-    const std::optional<at::Tensor>& up_bias, const at::Tensor& row_mask) {
+    const std::optional<at::Tensor>& up_bias, const at::Tensor& row_mask,
+    c10::string_view weight_format) {
   TORCH_CHECK(h.dim() == 2 && down_weight.dim() == 2,
               "skip_adapter: h must be [N, hidden] and down_weight [rank, hidden], got h ",
               h.sizes(), ", down_weight ", down_weight.sizes());
+  const WeightFormat format = parse_weight_format(weight_format, "skip_adapter");
   const int64_t N = h.size(0), hidden = h.size(1), rank = down_weight.size(0);
   TORCH_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == hidden,
               "skip_adapter: norm_weight must be [", hidden, "], got ", norm_weight.sizes());
   TORCH_CHECK(!norm_bias.has_value() || (norm_bias->dim() == 1 && norm_bias->size(0) == hidden),
               "skip_adapter: norm_bias must be [", hidden, "], got ", norm_bias->sizes());
-  TORCH_CHECK(down_weight.size(1) == hidden, "skip_adapter: down_weight must be [", rank, ", ",
-              hidden, "], got ", down_weight.sizes());
-  TORCH_CHECK(up_weight.dim() == 2 && up_weight.size(0) == hidden && up_weight.size(1) == rank,
-              "skip_adapter: up_weight must be [", hidden, ", ", rank, "], got ", up_weight.sizes());
+  check_weight("skip_adapter", "down_weight", down_weight, format, rank, hidden);
+  check_weight("skip_adapter", "up_weight", up_weight, format, hidden, rank);
   TORCH_CHECK(!up_bias.has_value() || (up_bias->dim() == 1 && up_bias->size(0) == hidden),
               "skip_adapter: up_bias must be [", hidden, "], got ", up_bias->sizes());
   TORCH_CHECK(row_mask.scalar_type() == at::kBool && row_mask.dim() == 1 && row_mask.size(0) == N &&
               row_mask.device() == h.device(),
               "skip_adapter: row_mask must be bool [", N, "] on ", h.device(), ", got ",
               row_mask.scalar_type(), " ", row_mask.sizes(), " on ", row_mask.device());
-  TORCH_CHECK(down_weight.scalar_type() == h.scalar_type() &&
-              up_weight.scalar_type() == h.scalar_type() &&
-              (!up_bias.has_value() || up_bias->scalar_type() == h.scalar_type()),
-              "skip_adapter: down_weight, up_weight and up_bias must have h's dtype ",
-              h.scalar_type());
-  return {N, hidden, rank};
+  TORCH_CHECK(!up_bias.has_value() || up_bias->scalar_type() == h.scalar_type(),
+              "skip_adapter: up_bias must have h's dtype ", h.scalar_type());
+  TORCH_CHECK(format != WeightFormat::kDense || (down_weight.scalar_type() == h.scalar_type() &&
+                                                 up_weight.scalar_type() == h.scalar_type()),
+              "skip_adapter: dense down_weight and up_weight must have h's dtype ", h.scalar_type());
+  return {N, hidden, rank, format};
 }
 
 struct PagedAttentionSizes {

@@ -22,20 +22,22 @@
   at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,                                \
                     const std::optional<at::Tensor>& bias, c10::string_view activation,           \
                     const std::optional<at::Tensor>& residual,                                    \
-                    const std::optional<at::Tensor>& row_mask);                                   \
+                    const std::optional<at::Tensor>& row_mask,                                    \
+                    c10::string_view weight_format);                                              \
                                                                                                   \
   void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,                                \
                const std::optional<at::Tensor>& norm_bias, const at::Tensor& kv_weight,           \
                const std::optional<at::Tensor>& kv_bias, const at::Tensor& positions,             \
                const std::optional<at::Tensor>& inv_freq, double rope_scale,                      \
                at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slot_mapping,          \
-               double eps, bool rms, const std::optional<at::Tensor>& q_out);                     \
+               double eps, bool rms, const std::optional<at::Tensor>& q_out,                      \
+               c10::string_view weight_format);                                                   \
                                                                                                   \
   at::Tensor skip_adapter(const at::Tensor& h, const at::Tensor& norm_weight,                     \
                           const std::optional<at::Tensor>& norm_bias,                             \
                           const at::Tensor& down_weight, const at::Tensor& up_weight,             \
                           const std::optional<at::Tensor>& up_bias, const at::Tensor& row_mask,   \
-                          double eps, bool rms);                                                  \
+                          double eps, bool rms, c10::string_view weight_format);                  \
                                                                                                   \
   at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,                      \
                              const at::Tensor& v_cache, const at::Tensor& block_tables,           \

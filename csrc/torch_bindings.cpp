@@ -17,13 +17,14 @@ TORCH_LIBRARY(anee_fast, m) {
   m.def("add_norm(Tensor x, Tensor residual, Tensor weight, Tensor? bias, float eps, bool rms) "
         "-> (Tensor, Tensor)");
   m.def("linear(Tensor x, Tensor weight, Tensor? bias, str activation=\"none\", "
-        "Tensor? residual=None, Tensor? row_mask=None) -> Tensor");
+        "Tensor? residual=None, Tensor? row_mask=None, str weight_format=\"dense\") -> Tensor");
   m.def("skip_kv(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor kv_weight, "
         "Tensor? kv_bias, Tensor positions, Tensor? inv_freq, float rope_scale, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, float eps, bool rms, "
-        "Tensor(c!)? q_out=None) -> ()");
+        "Tensor(c!)? q_out=None, str weight_format=\"dense\") -> ()");
   m.def("skip_adapter(Tensor h, Tensor norm_weight, Tensor? norm_bias, Tensor down_weight, "
-        "Tensor up_weight, Tensor? up_bias, Tensor row_mask, float eps, bool rms) -> Tensor");
+        "Tensor up_weight, Tensor? up_bias, Tensor row_mask, float eps, bool rms, "
+        "str weight_format=\"dense\") -> Tensor");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor seq_idx, Tensor positions, int block_size, float scale, int sliding_window) "
         "-> Tensor");

@@ -6,6 +6,10 @@ ideal speedup next to every measured one. Prints a table and writes JSON and a P
 
 Models: `gpt2-124m` and `llama-1b` build random-init models of those shapes (no download);
 `smollm2` is the embedded SmolLM2-135M-Instruct; anything else is passed to `LLM(...)`.
+--weights runs each weight format (LLM(weights=...): auto, fp32, bf16, int8, gguf) side by side.
+For `smollm2` at batch 1, where llama-cpp-python is installed, llama.cpp decodes the same GGUF
+file with the same prompt tokens and threads in the same run ("llama.cpp ms" and "vs llama"
+columns; its tokens are checked against our full-depth ones).
 Decode ms/step = (run with N new tokens - run with 1) / (N - 1): the prefill is timed apart.
 "vs full" is our speedup over our own full depth (budget 1.0, first --conditional-layers variant)
 in the same run; "ideal" is the
@@ -67,6 +71,36 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
+def llama_cpp_decode(prompt, args):
+    """(ms per decode step, greedy tokens) of llama.cpp on the embedded model's GGUF file, timed
+    as ours (a run of N new tokens minus a run of 1), or (None, reason) where it cannot run."""
+    try:
+        import llama_cpp
+        import numpy as np
+    except ImportError:
+        return None, "llama-cpp-python is not installed"
+    from anee_fast.model import default_model
+    threads = torch.get_num_threads()
+    model = llama_cpp.Llama(default_model.gguf_path(), n_threads=threads, n_threads_batch=threads,
+                            n_ctx=len(prompt) + args.new_tokens + 8, verbose=False)
+    vocab = model.n_vocab()
+
+    def run(n):
+        model.reset()
+        model.eval(prompt)
+        tokens = []
+        for _ in range(n):
+            logits = np.ctypeslib.as_array(model._ctx.get_logits(), shape=(vocab,))
+            tokens.append(int(logits.argmax()))
+            model.eval(tokens[-1:])
+        return tokens
+
+    run(2)                                                                # warm-up
+    prefill = timed(lambda: run(1), args.repeats)
+    decode = (timed(lambda: run(args.new_tokens), args.repeats) - prefill) / (args.new_tokens - 1)
+    return decode * 1e3, run(args.new_tokens)
+
+
 def anee_library_rows(model, args, budgets):
     """ms/step of the ANEE 0.4 library at each budget (GPT-2 only), or a reason it cannot run."""
     python = args.anee_python
@@ -109,12 +143,16 @@ def bench_model(name, args, device, dtype, peaks, budgets, results, meter):
     graphs = None if device.type == "cpu" else args.cuda_graphs == "on"
     llms = {}         # variant -> LLM, for the variants that could be built
 
-    def build_llm(variant):
-        llms[variant] = LLM(model, backend=args.backend, device=device, dtype=dtype, min_layers=0,
-                            cuda_graphs=graphs, conditional_layers=CONDITIONAL[variant])
+    def build_llm(variant, weights):
+        source = None if name == "smollm2" else model      # the embedded GGUF keeps its blocks
+        llms[variant, weights] = LLM(source, backend=args.backend, device=device, dtype=dtype,
+                                     min_layers=0, cuda_graphs=graphs,
+                                     conditional_layers=CONDITIONAL[variant], weights=weights)
 
     for v in args.conditional_layers:
-        results.attempt(dict(model=name, conditional_layers=CONDITIONAL[v]), lambda: build_llm(v))
+        for w in args.weights:
+            results.attempt(dict(model=name, conditional_layers=CONDITIONAL[v], weights=w),
+                            lambda: build_llm(v, w))
     if not llms:
         return
     spec = next(iter(llms.values())).spec
@@ -138,8 +176,14 @@ def bench_model(name, args, device, dtype, peaks, budgets, results, meter):
                     controller=args.controller, cuda_graphs=bool(graphs), batch=batch,
                     hf_ms_per_step=hf_decode * 1e3, hf_prefill_ms=hf_prefill * 1e3)
         full = []             # the first variant's full-depth decode time, once measured
+        llama_ms, llama_tokens = None, None
+        if name == "smollm2" and batch == 1 and device.type == "cpu":
+            llama_ms, llama_tokens = llama_cpp_decode(prompts[0].tolist(), args)
+            if llama_ms is None:
+                print(f"llama.cpp: {llama_tokens}", file=sys.stderr)
+            base["llama_cpp_ms_per_step"] = llama_ms
 
-        def variant_rows(llm, variant):
+        def variant_rows(llm, variant, weights):
             """One layer-loop variant's rows at every budget ("vs full" divides full[0])."""
             def ours(n, budget):
                 return llm.generate(prompts.tolist(), SamplingParams(max_tokens=n, ignore_eos=True),
@@ -147,20 +191,27 @@ def bench_model(name, args, device, dtype, peaks, budgets, results, meter):
 
             ours(2, 1.0)                                                  # warm-up, graph capture
             for budget in budgets:
-                traces = [o.trace for o in ours(new, budget)]
+                outs = ours(new, budget)
+                traces = [o.trace for o in outs]
                 compute = statistics.mean(float(t.compute[t.num_prompt_tokens:].mean()) for t in traces)
-                model_full_ms, ideal = ideal_speedup(spec, traces, peaks, dtype.itemsize)
+                bytes_per_weight = llm.weights.nbytes() / sum(p.numel() for p in model.parameters())
+                model_full_ms, ideal = ideal_speedup(spec, traces, peaks, bytes_per_weight)
                 prefill = timed(lambda: ours(1, budget), args.repeats)
                 decode = (timed(lambda: ours(new, budget), args.repeats) - prefill) / (new - 1)
                 if not full:
                     full.append(decode)
                 row = dict(base, backend=llm.backend, conditional_layers=CONDITIONAL[variant],
+                           weights=weights, weight_bytes=llm.weights.nbytes(),
                            budget=budget, compute=compute, ms_per_step=decode * 1e3,
                            tokens_per_s=batch / decode, speedup_vs_hf=hf_decode / decode,
                            speedup_vs_full=full[0] / decode, ideal_speedup=ideal,
                            fraction_of_ideal=(full[0] / decode) / ideal,
                            roofline_full_ms=model_full_ms, prefill_ms=prefill * 1e3,
                            **decode_energy(meter, lambda n: ours(n, budget), new, batch))
+                if llama_ms is not None:
+                    row["speedup_vs_llama_cpp"] = llama_ms / (decode * 1e3)
+                    if budget == 1.0:
+                        row["same_tokens_as_llama_cpp"] = outs[0].token_ids == llama_tokens
                 if anee is not None and batch == 1:
                     r = anee if "error" in anee else anee[budget]
                     row["anee_ms_per_step"] = r.get("ms_per_step")
@@ -168,13 +219,16 @@ def bench_model(name, args, device, dtype, peaks, budgets, results, meter):
                                                       f"{r.get('layers_executed_last_step')} layers run")
                 results.add(row)
 
-        for variant, llm in llms.items():
-            results.attempt(dict(model=name, conditional_layers=CONDITIONAL[variant], batch=batch),
-                            lambda: variant_rows(llm, variant))
+        for (variant, weights), llm in llms.items():
+            results.attempt(dict(model=name, conditional_layers=CONDITIONAL[variant],
+                                 weights=weights, batch=batch),
+                            lambda: variant_rows(llm, variant, weights))
 
 
-HEADER = (f"{'model':<10} {'cond':<9} {'batch':>5} {'budget':>6} {'compute':>7} {'ms/step':>8} {'tok/s':>8} "
-          f"{'HF ms':>8} {'vs HF':>6} {'vs full':>7} {'ideal':>6} {'of ideal':>8} {'roof ms':>7} "
+HEADER = (f"{'model':<10} {'cond':<9} {'weights':<7} {'MB':>6} {'batch':>5} {'budget':>6} "
+          f"{'compute':>7} {'ms/step':>8} {'tok/s':>8} "
+          f"{'HF ms':>8} {'vs HF':>6} {'llama ms':>8} {'vs llama':>8} {'vs full':>7} {'ideal':>6} "
+          f"{'of ideal':>8} {'roof ms':>7} "
           f"{'prefill':>8} {'HF pre':>8} {'ANEE ms':>8} {'J/tok (>idle)':>17}")
 
 
@@ -183,9 +237,12 @@ def print_row(r):
     cond = {False: "off", True: "on", "compacted": "compacted"}[r["conditional_layers"]]
     energy = ("unavailable" if r["joules_per_token"] is None else
               f"{r['joules_per_token']:.3g} ({r['joules_per_token_above_idle']:.3g})")
-    print(f"{r['model']:<10} {cond:<9} {r['batch']:>5} {r['budget']:>6.2f} {r['compute']:>7.3f} "
+    llama = (f"{r['llama_cpp_ms_per_step']:>8.2f} {r['speedup_vs_llama_cpp']:>7.2f}x"
+             if r.get("llama_cpp_ms_per_step") is not None else f"{'-':>8} {'-':>8}")
+    print(f"{r['model']:<10} {cond:<9} {r['weights']:<7} {r['weight_bytes'] / 1e6:>6.0f} "
+          f"{r['batch']:>5} {r['budget']:>6.2f} {r['compute']:>7.3f} "
           f"{r['ms_per_step']:>8.2f} {r['tokens_per_s']:>8.1f} {r['hf_ms_per_step']:>8.2f} "
-          f"{r['speedup_vs_hf']:>5.2f}x {r['speedup_vs_full']:>6.2f}x {r['ideal_speedup']:>5.2f}x "
+          f"{r['speedup_vs_hf']:>5.2f}x {llama} {r['speedup_vs_full']:>6.2f}x {r['ideal_speedup']:>5.2f}x "
           f"{r['fraction_of_ideal']:>7.0%} {r['roofline_full_ms']:>7.2f} {r['prefill_ms']:>8.1f} "
           f"{r['hf_prefill_ms']:>8.1f} {anee} {energy:>17}", flush=True)
 
@@ -194,9 +251,13 @@ def plot(rows, path):
     from matplotlib.figure import Figure
     fig = Figure(figsize=(11, 4))
     left, right = fig.subplots(1, 2)
-    for key in sorted({(r["model"], r["batch"], str(r["conditional_layers"])) for r in rows}):
-        pts = [r for r in rows if (r["model"], r["batch"], str(r["conditional_layers"])) == key]
-        label = f"{key[0]}, batch {key[1]}" + (f", conditional {key[2]}" if key[2] != "False" else "")
+    def key_of(r):
+        return r["model"], r["batch"], str(r["conditional_layers"]), r["weights"]
+
+    for key in sorted({key_of(r) for r in rows}):
+        pts = [r for r in rows if key_of(r) == key]
+        label = (f"{key[0]}, batch {key[1]}, weights {key[3]}"
+                 + (f", conditional {key[2]}" if key[2] != "False" else ""))
         left.plot([r["budget"] for r in pts], [r["speedup_vs_hf"] for r in pts], "o-", label=label)
         right.plot([r["ideal_speedup"] for r in pts], [r["speedup_vs_full"] for r in pts], "o",
                    label=label)
@@ -231,6 +292,9 @@ def main(argv=None):
                         "need CUDA graphs): each layer's block a conditional node that runs only "
                         "when some row processes the layer; compacted: on the PROCESS rows only, "
                         "at a quarter, a half or all of the bucket's rows")
+    p.add_argument("--weights", default="auto",
+                   help="comma list of weight formats (LLM(weights=...)) timed side by side: "
+                        "auto, fp32, bf16, int8, gguf")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
@@ -242,6 +306,10 @@ def main(argv=None):
         p.error("--new-tokens must be >= 2 (decode time is N new tokens minus 1)")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.conditional_layers = args.conditional_layers.split(",")
+    args.weights = args.weights.split(",")
+    from anee_fast.model.weight_storage import WEIGHTS
+    if any(w not in WEIGHTS for w in args.weights):
+        p.error(f"--weights: a comma list of {', '.join(WEIGHTS)}, got {','.join(args.weights)}")
     unknown = [v for v in args.conditional_layers if v not in CONDITIONAL]
     if unknown or len(set(args.conditional_layers)) != len(args.conditional_layers):
         p.error(f"--conditional-layers: a comma list of distinct {', '.join(CONDITIONAL)}, got "

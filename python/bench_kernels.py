@@ -21,6 +21,16 @@ most work; a row without the adapter only copies h, which moves the same bytes).
 GB/s counts the bytes an ideal fused kernel must move (byte models below); "% peak" is against
 a large tensor copy measured in the same run. The Triton backend only runs on a CUDA device
 (on the CPU it would be Triton's interpreter, which is no speed backend).
+
+gemv (in --ops) times linear's product alone on SmolLM2-135M's decode matrices (gate|up 576 ->
+3072, down 1536 -> 576, the tied LM head 576 -> 49152) for each weight format of --formats
+(weight_formats.py: dense in the run's dtype, int8, q8_0, q4_0, q4_1) at --gemv-rows rows of x,
+on the CPU with one thread and with all of them. Decode reads every weight from memory once per
+token, so the weights always rotate over copies larger than the caches (as --cold-l2), and
+"% read" is the bytes the call reads (weight + x) per second against a streaming read with as
+many threads (torch.sum over 256 MiB) measured just before each format's timings ("read GB/s").
+Table, JSON rows (op "gemv") and <out>_gemv.png (% read bandwidth against rows, a panel per
+matrix).
 """
 import argparse
 import statistics
@@ -30,6 +40,7 @@ import time
 import torch
 
 from anee_fast.ops.backends import backends, ops_for
+from anee_fast.ops.weight_formats import FORMATS, nbytes, quantize
 from bench_results import BenchResults
 from roofline import measure_peaks
 
@@ -46,9 +57,12 @@ BLOCK = 16
 GRAPH_CALLS = 10     # calls per timed CUDA graph replay (at least)
 CPU_CACHE_BYTES = 64 << 20   # --cold-l2 on the CPU: rotate inputs over twice this
 TOL = {"norm": 1e-4, "add_norm": 1e-4, "linear": 1e-4, "skip_kv": 1e-3, "skip_adapter": 1e-4,
-       "paged_attention": 1e-4}
+       "paged_attention": 1e-4, "gemv": 1e-4}
 ACTIVATION = {False: "gelu_tanh", True: "silu_gated"}    # by s["rms"]: GPT-2's, Llama's MLP
 VARIANT_OF = {"linear_down": "linear", "linear_down_masked": "linear"}   # --ops label -> op
+# gemv: SmolLM2-135M's decode matrices, (out_features, in_features)
+GEMV_MATRICES = {"gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
+READ_MIB = 256       # the streaming read the gemv rows are compared with
 
 
 # ---- byte models: what an ideal (fused) kernel must read + write, in bytes ---------------------
@@ -278,7 +292,123 @@ def measure_case(results, case, s, args, device, dtype, g, names, peak, cache_by
             results.attempt(dict(case, backend=name), lambda name=name: time_backend(name))
 
 
+# ---- gemv: linear's product per weight format, against a measured read bandwidth -------------
+
+def read_bandwidth(device) -> float:
+    """bytes/s of a streaming read (torch.sum over READ_MIB MiB of float32) with the current
+    threads, median of 10."""
+    data = torch.ones(READ_MIB * 2 ** 20 // 4, device=device)
+    t, _, _ = timed([lambda: data.sum()], device, 1.0, min_reps=10, max_reps=10)
+    return data.numel() * 4 / t
+
+
+class threads_set:
+    """torch's intra-op threads set to n for a block (None: left as they are)."""
+
+    def __init__(self, n):
+        self.n, self.before = n, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.n is not None:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def gemv_weight(w, fmt, device, dtype):
+    return w.to(device, dtype) if fmt == "dense" else quantize(w, fmt).to(device)
+
+
+def weight_copies(weight, cache_bytes) -> list:
+    """The weight and enough copies that together they are twice the cache (decode reads every
+    weight from memory: a copy is out of the caches when its turn comes)."""
+    count = min(64, max(1, -(-2 * cache_bytes // nbytes(weight))))
+    clone = (lambda w: w.clone()) if isinstance(weight, torch.Tensor) else \
+        (lambda w: type(w)(w.data.clone(), w.format, w.in_features))
+    return [weight] + [clone(weight) for _ in range(count - 1)]
+
+
+def measure_gemv(results, args, device, dtype, names, cache_bytes, g):
+    """Every (matrix, format, rows) of gemv: checked against the reference once, then timed on
+    each backend with one thread and with all (CPU), against the read bandwidth measured with
+    as many threads just before (a shared machine's bandwidth drifts: measured next to the
+    kernel, the ratio is what the kernel made of the bandwidth it had)."""
+    formats = args.formats.split(",")
+    rows_list = [int(r) for r in args.gemv_rows.split(",")]
+    threads = sorted({1, torch.get_num_threads()}) if device.type == "cpu" else [None]
+    ref = ops_for("reference")
+    for matrix, (N, K) in GEMV_MATRICES.items():
+        w = torch.randn(N, K, generator=g) / K ** 0.5
+        for fmt in formats:
+            weight = gemv_weight(w, fmt, device, dtype)
+            copies = weight_copies(weight, cache_bytes)
+            xs = {rows: torch.randn(rows, K, generator=g).to(device, dtype) for rows in rows_list}
+            checked = {}
+            for rows, x in xs.items():
+                case = dict(op="gemv", shape="smollm2-135m", matrix=matrix, format=fmt, rows=rows)
+                checked[rows] = [name for name in names if results.attempt(
+                    dict(case, backend=name),
+                    lambda name=name, x=x: check("gemv", name, ref.linear, ops_for(name).linear,
+                                                 (x, weight), None,
+                                                 f"gemv {matrix} {fmt} rows {rows}"))]
+            for n in threads:
+                with threads_set(n):
+                    bandwidth = read_bandwidth(device)
+                for rows, x in xs.items():
+                    read = nbytes(weight) + x.numel() * x.element_size()
+                    case = dict(op="gemv", shape="smollm2-135m", matrix=matrix, format=fmt,
+                                rows=rows, threads=n)
+                    for name in checked[rows]:
+                        def time_it(name=name, n=n, x=x, read=read, case=case, bandwidth=bandwidth):
+                            fn = ops_for(name).linear
+                            with threads_set(n):
+                                t, reps, how = timed([lambda c=c: fn(x, c) for c in copies], device,
+                                                     args.budget)
+                            gbs = read / t / 1e9
+                            results.add(dict(case, backend=name, time_us=t * 1e6, bytes=read,
+                                             gb_s=gbs, read_gb_s=bandwidth / 1e9,
+                                             pct_read=100 * gbs * 1e9 / bandwidth, repeats=reps,
+                                             timing=how, input_copies=len(copies)))
+                        results.attempt(dict(case, backend=name), time_it)
+
+
+def plot_gemv(results, out, device, dtype_name):
+    """% of the read bandwidth against rows of x: a panel per matrix, a line per format and
+    thread count (and backend, where several)."""
+    from matplotlib.figure import Figure
+    rows = [r for r in results.rows if r["op"] == "gemv"]
+    if not rows:
+        return
+    fig = Figure(figsize=(5.5 * len(GEMV_MATRICES), 4))
+    axes = fig.subplots(1, len(GEMV_MATRICES), squeeze=False)[0]
+    lines = sorted({(r["format"], r["threads"] or 0, r["backend"]) for r in rows})
+    backends_used = {r["backend"] for r in rows}
+    for ax, matrix in zip(axes, GEMV_MATRICES):
+        for fmt, n, name in lines:
+            pts = [(r["rows"], r["pct_read"]) for r in rows if r["matrix"] == matrix and
+                   (r["format"], r["threads"] or 0, r["backend"]) == (fmt, n, name)]
+            if pts:
+                label = fmt + (f", {n} thr" if n else "") + (f" ({name})" if len(backends_used) > 1 else "")
+                ax.plot(*zip(*sorted(pts)), "o-" if n != 1 else "o--", label=label)
+        ax.axhline(100, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("rows of x")
+        ax.set_ylabel("% of streaming read bandwidth")
+        ax.set_title(f"gemv {matrix} {GEMV_MATRICES[matrix]}, {device}, x {dtype_name}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out + "_gemv.png", dpi=120)
+    print(f"wrote {out}_gemv.png", file=sys.stderr)
+
+
 def print_row(r):
+    if r["op"] == "gemv":
+        print(f"{'gemv ' + r['matrix']:<18} {r['format']:<6} {r['rows']:>5} {r['threads'] or '-':>7} "
+              f"{r['backend']:<9} {r['time_us']:>10.1f} {r['bytes'] / 1e6:>8.2f} {r['gb_s']:>7.2f} "
+              f"{r['pct_read']:>6.1f}% {r['read_gb_s']:>7.1f}", flush=True)
+        return
     print(f"{r['op']:<18} {r['shape']:<11} {r['rows']:>5} {r['backend']:<9} {r['time_us']:>10.1f} "
           f"{r['bytes'] / 1e6:>8.2f} {r['gb_s']:>7.2f} {r['pct_peak']:>6.1f}% "
           f"{r['speedup_vs_ref']:>6.2f}x {r['timing']:>6}", flush=True)
@@ -294,7 +424,9 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=512, help="paged_attention context length")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--ops", default="norm,add_norm,linear,linear_down,linear_down_masked,skip_kv,"
-                                    "skip_adapter,paged_attention")
+                                    "skip_adapter,paged_attention,gemv")
+    p.add_argument("--formats", default=",".join(FORMATS), help="gemv's weight formats")
+    p.add_argument("--gemv-rows", default="1,4,16", help="gemv's rows of x (comma list)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--budget", type=float, default=0.15, help="seconds of timing per measurement")
     p.add_argument("--cold-l2", action="store_true",
@@ -305,6 +437,9 @@ def main(argv=None):
     unknown = [o for o in args.ops.split(",") if o not in TOL and o not in VARIANT_OF]
     if unknown:     # e.g. write_kv or skip_kv_exit, both removed: not a silent paged_attention run
         p.error(f"unknown --ops {', '.join(unknown)}: choose from {', '.join([*TOL, *VARIANT_OF])}")
+    bad = [f for f in args.formats.split(",") if f not in FORMATS]
+    if bad:
+        p.error(f"unknown --formats {', '.join(bad)}: choose from {', '.join(FORMATS)}")
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -332,9 +467,12 @@ def main(argv=None):
                 block_size=BLOCK)
     results = BenchResults(args.out, print_row, meta=meta)
     g = torch.Generator().manual_seed(0)
+    ops = args.ops.split(",")
     for shape in args.shapes.split(","):
         s = SHAPES[shape]
-        for op_label in args.ops.split(","):
+        for op_label in ops:
+            if op_label == "gemv":
+                continue
             op = VARIANT_OF.get(op_label, op_label)
             for n in rows:
                 if op == "paged_attention" and n > attn_max:
@@ -342,12 +480,18 @@ def main(argv=None):
                 measure_case(results, dict(op=op_label, shape=shape, rows=n), s, args,
                              device, dtype, g, names, peak, cache_bytes)
 
+    if "gemv" in ops:
+        print(f"{'gemv matrix':<18} {'format':<6} {'rows':>5} {'threads':>7} {'backend':<9} "
+              f"{'time us':>10} {'MB':>8} {'GB/s':>7} {'% read':>7} {'read GB/s':>9}")
+        measure_gemv(results, args, device, dtype, names, cache_bytes, g)
+        plot_gemv(results, args.out, device, meta["dtype"])
+
     from matplotlib.figure import Figure
     shapes = args.shapes.split(",")
     fig = Figure(figsize=(5.5 * len(shapes), 4))
     axes = fig.subplots(1, len(shapes), squeeze=False)[0]
     for ax, shape in zip(axes, shapes):
-        for op_label in args.ops.split(","):
+        for op_label in (o for o in ops if o != "gemv"):     # gemv: its own figure
             for name in names:
                 pts = [(r["rows"], r["speedup_vs_ref"]) for r in results.rows
                        if r["shape"] == shape and r["op"] == op_label and r["backend"] == name]
@@ -359,7 +503,8 @@ def main(argv=None):
         ax.set_xlabel("rows")
         ax.set_ylabel("speedup over reference (unfused PyTorch)")
         ax.set_title(f"{shape}, {device}, {meta['dtype']}")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out + ".png", dpi=120)
     print(f"wrote {args.out}.json and {args.out}.png", file=sys.stderr)

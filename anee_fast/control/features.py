@@ -34,10 +34,11 @@ def cosine_saturation(h, h_prev):
     return F.cosine_similarity(h.float(), h_prev.float(), dim=-1)
 
 
-def lm_head_confidence(h, weights, norm_fn):
-    """(entropy, max probability) of the next-token distribution read at this depth."""
-    x = norm_fn(h, weights.final_norm_weight, weights.final_norm_bias, weights.spec.norm_eps,
-                weights.spec.norm == "rmsnorm")
-    logp = F.log_softmax(F.linear(x, weights.lm_head).float(), dim=-1)
+def lm_head_confidence(h, weights, ops):
+    """(entropy, max probability) of the next-token distribution read at this depth; `ops` is
+    the backend's op set (the LM head may be quantized)."""
+    x = ops.norm(h, weights.final_norm_weight, weights.final_norm_bias, weights.spec.norm_eps,
+                 weights.spec.norm == "rmsnorm")
+    logp = F.log_softmax(ops.linear(x, weights.lm_head).float(), dim=-1)
     p = logp.exp()
     return -(p * logp).sum(-1), p.max(-1).values

@@ -6,7 +6,8 @@ import time
 import torch
 
 from ..control.depth_policy import DepthAccounting
-from ..model.adapters import SkipAdapter, check_adapters
+from ..model.adapters import check_adapters
+from ..model.weight_storage import store_adapters
 from ..control.registry import make_controller
 from .block_manager import BlockManager
 from .config import EngineConfig
@@ -101,8 +102,7 @@ class LLMEngine:
         spec, weights = self.weights.spec, self.weights
         if adapters is not None:
             check_adapters(adapters, spec.num_layers, spec.hidden_size)
-            adapters = [SkipAdapter(*(t.to(device=weights.device, dtype=weights.dtype)
-                                      for t in a.tensors())) for a in adapters]
+            adapters = store_adapters(adapters, weights)
         weights.adapters = adapters
         self.depth = DepthAccounting(spec.num_layers, weights.skip_cost(), self.config.min_layers,
                                      self.config.always_last)

@@ -123,7 +123,7 @@ class ModelRunner:
         return self.new_policy(num_tokens, controller, terms.to(self.device))
 
     def readout(self, h):
-        return lm_head_confidence(h, self.weights, self.ops.norm)
+        return lm_head_confidence(h, self.weights, self.ops)
 
     def forward(self, step: StepBatch, policy, hidden_states=None, compact=None, layer_guard=None,
                 row_caps: tuple = ()):

@@ -116,6 +116,15 @@ def evaluate(llm, controllers: dict, budgets, heldout_windows, *, prefix_len: in
     return records
 
 
+def weights_cost(llm, float_llm, windows, progress: bool = True) -> dict:
+    """Mean KL(fp32 weights || llm's weights) and top-1 agreement at full depth: what a weight
+    format trades for its bytes, before any layer is skipped."""
+    metrics = [token_metrics(f, q) for f, q in zip(full_logits(float_llm, windows, progress),
+                                                   full_logits(llm, windows, progress))]
+    return {"kl_vs_fp32": float(torch.cat([m["kl"] for m in metrics]).mean()),
+            "top1_vs_fp32": float(torch.cat([m["top1"] for m in metrics]).float().mean())}
+
+
 def build_controllers(llm, names, budgets, train_windows, heldout_windows, *, search_windows: int = 16,
                       search_len: int = 64, search_width=6, router_k: int = 4, router_windows: int = 64,
                       prefix_len: int = 32, seed: int = 0, progress: bool = True) -> dict:
@@ -177,12 +186,15 @@ def format_table(records) -> str:
 
 def run_eval(llm, *, budgets=DEFAULT_BUDGETS, text_path=None, controllers=None, windows: int = 8,
              seq_len: int = 128, heldout_fraction: float = 0.2, json_path=None, plot_path=None,
-             chat_path=None, chat_max_tokens: int = 96,
+             chat_path=None, chat_max_tokens: int = 96, float_llm=None,
              progress: bool = True, out=None, **build_options) -> list:
     """The whole `anee-fast eval`: corpus, split, baselines, evaluation, table, JSON and PNG; with
     chat_path, also the chat answers to DEFAULT_PROMPTS of every controller but the router (it
     routes held-out windows, not prompts) as markdown there, and their summary table. out: where
-    the tables go (None: sys.stdout when called, so a replaced stdout is followed)."""
+    the tables go (None: sys.stdout when called, so a replaced stdout is followed). float_llm:
+    the same model with float32 weights, when `llm` stores them otherwise (int8, bf16, GGUF
+    blocks): the full-depth record then also says what the format costs against it
+    (kl_vs_fp32, top1_vs_fp32)."""
     out = sys.stdout if out is None else out
     if llm.tokenizer is None:
         raise ValueError("evaluation cuts text into tokens: the model needs a tokenizer")
@@ -197,6 +209,11 @@ def run_eval(llm, *, budgets=DEFAULT_BUDGETS, text_path=None, controllers=None, 
     records = evaluate(llm, built, budgets, heldout, progress=progress)
     summary = (f"{len(heldout)} held-out windows of {seq_len} tokens ({len(train)} training "
                f"windows), {time.perf_counter() - started:.0f} s")
+    if float_llm is not None:
+        cost = weights_cost(llm, float_llm, heldout, progress)
+        records[0].update(weights=llm.weights.weight_format, **cost)
+        summary += (f"\nweights {llm.weights.weight_format} against fp32 at full depth: KL "
+                    f"{cost['kl_vs_fp32']:.4f}, top-1 {cost['top1_vs_fp32']:.3f}")
     from .plots import plot_quality_vs_compute
     report(records, f"{format_table(records)}\n{summary}", json_path=json_path, plot_path=plot_path,
            plot=plot_quality_vs_compute, out=out)

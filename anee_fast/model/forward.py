@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.reference import rope_cos_sin, rotate
+from ..ops.weight_formats import QuantizedWeight, dequantize_rows
 
 
 @dataclass
@@ -40,7 +41,10 @@ class StepBatch:
 
 
 def embed(weights, step: StepBatch):
-    h = F.embedding(step.token_ids, weights.embed)
+    if isinstance(weights.embed, QuantizedWeight):       # reads only the step's rows
+        h = dequantize_rows(weights.embed, step.token_ids).to(weights.dtype)
+    else:                                # bfloat16 weights may serve float32 activations
+        h = F.embedding(step.token_ids, weights.embed).to(weights.dtype)
     if weights.pos_embed is not None:
         h = h + F.embedding(step.positions, weights.pos_embed)
     return h

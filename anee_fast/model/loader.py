@@ -7,6 +7,7 @@ import torch
 from . import default_model
 from . import recurrent as recurrent_model
 from .packing import pack_hf_model
+from .weight_storage import check_weights_mode, store_weights
 
 
 class ModelLoadError(RuntimeError):
@@ -83,9 +84,21 @@ def load_hf(model):
     return hf, tok, name
 
 
-def load_weights(model, device=None, dtype=None):
-    """Returns (ModelWeights on device, tokenizer or None, name)."""
+def gguf_source(model):
+    """The GGUF file `model` names (the embedded model's for None), or None."""
+    if model is None:
+        return default_model.gguf_path()
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).endswith(".gguf"):
+        return os.path.abspath(os.path.expanduser(os.fspath(model)))
+    return None
+
+
+def load_weights(model, device=None, dtype=None, weights="auto"):
+    """Returns (ModelWeights on device, tokenizer or None, name); `weights` says how the
+    projections are stored (model/weight_storage.py: "auto" keeps a GGUF's own blocks)."""
+    check_weights_mode(weights)
     hf, tokenizer, name = load_hf(model)
     device = default_device(device)
-    weights = pack_hf_model(hf, dtype=default_dtype(device, dtype), device=device)
-    return weights, tokenizer, name
+    packed = pack_hf_model(hf, dtype=default_dtype(device, dtype), device=device)
+    del hf        # the float tensors a quantized format replaces are freed with it
+    return store_weights(packed, weights, gguf_source(model)), tokenizer, name

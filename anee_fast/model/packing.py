@@ -1,4 +1,5 @@
-"""Turns a loaded transformers causal LM into `ModelWeights` (repacked once, no copies kept)."""
+"""Turns a loaded transformers causal LM into `ModelWeights` (repacked once, no copies kept; a
+tied LM head is the embedding's tensor object, so it is converted and counted once)."""
 from dataclasses import fields
 
 import torch
@@ -68,12 +69,13 @@ def _pack_gpt2(model) -> ModelWeights:
             down_weight=block.mlp.c_proj.weight.detach().t().contiguous(),
             down_bias=_detach(block.mlp.c_proj.bias),
             kv_size=spec.kv_size))
+    embed = model.transformer.wte.weight.detach()
     return ModelWeights(
-        spec=spec, embed=model.transformer.wte.weight.detach(),
+        spec=spec, embed=embed,
         pos_embed=model.transformer.wpe.weight.detach(), layers=layers,
         final_norm_weight=_detach(model.transformer.ln_f.weight),
         final_norm_bias=_detach(model.transformer.ln_f.bias),
-        lm_head=model.lm_head.weight.detach())
+        lm_head=embed if spec.tied_embeddings else model.lm_head.weight.detach())
 
 
 def _rope_of(model):
@@ -134,10 +136,12 @@ def _pack_llama(model) -> ModelWeights:
             up_bias=gate_up_bias,
             down_weight=mlp.down_proj.weight.detach(), down_bias=_detach(mlp.down_proj.bias),
             kv_size=spec.kv_size, sliding_window=window))
+    embed = model.model.embed_tokens.weight.detach()
     return ModelWeights(
-        spec=spec, embed=model.model.embed_tokens.weight.detach(), pos_embed=None, layers=layers,
+        spec=spec, embed=embed, pos_embed=None, layers=layers,
         final_norm_weight=_detach(model.model.norm.weight), final_norm_bias=None,
-        lm_head=model.lm_head.weight.detach(), rope_inv_freq=inv_freq, rope_scale=rope_scale)
+        lm_head=embed if spec.tied_embeddings else model.lm_head.weight.detach(),
+        rope_inv_freq=inv_freq, rope_scale=rope_scale)
 
 
 # Norm weights and biases stay float32 whatever the model's dtype: every backend normalises in

@@ -202,11 +202,12 @@ def pack(model: RecurrentTransformer) -> ModelWeights:
         mlp_norm_bias=None, up_weight=b.gate_up.weight.detach(), up_bias=None,
         down_weight=b.down.weight.detach(), down_bias=None, kv_size=spec.kv_size)
         for b in model.blocks]
+    embed = model.embed.weight.detach()
     return ModelWeights(
-        spec=spec, embed=model.embed.weight.detach(), pos_embed=None,
+        spec=spec, embed=embed, pos_embed=None,
         layers=[blocks[c.block_of(layer)] for layer in range(c.num_layers)],
         final_norm_weight=model.final_norm.detach(), final_norm_bias=None,
-        lm_head=model.embed.weight.detach(), rope_inv_freq=inv_frequencies(c).to(model.embed.weight.device))
+        lm_head=embed, rope_inv_freq=inv_frequencies(c).to(embed.device))
 
 
 def save(model: RecurrentTransformer, directory) -> Path:

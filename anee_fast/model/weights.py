@@ -3,6 +3,9 @@
 Per layer the attention input projection is one matrix with rows ordered K | V | Q, so the
 SKIP path (K/V only) reads one contiguous slice of it: `LayerWeights.kv_weight` is a view.
 
+Projection weights, the embedding and the LM head are float tensors or `QuantizedWeight`s
+(ops/weight_formats.py; model/weight_storage.py makes them); norms stay float32.
+
 Weight-tied (recurrent) models list the same `LayerWeights` object at several positions of
 `layers`: those virtual layers run one block's weights, never a copy, while the paged cache
 still holds K/V per virtual layer.
@@ -11,6 +14,8 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
+
+from ..ops.weight_formats import QuantizedWeight, nbytes
 
 
 @dataclass(frozen=True)
@@ -72,14 +77,16 @@ class LayerWeights:
         self.kv_bias, self.q_bias = (None, None) if bias is None else (bias[:kv], bias[kv:])
 
     def tensors(self):
-        """The stored tensors (the views above are not counted again)."""
-        return [t for f in fields(self) if isinstance(t := getattr(self, f.name), torch.Tensor)]
+        """The stored weights, float tensors or QuantizedWeights (the views above are not
+        counted again)."""
+        return [t for f in fields(self)
+                if isinstance(t := getattr(self, f.name), (torch.Tensor, QuantizedWeight))]
 
 
 @dataclass
 class ModelWeights:
     spec: ModelSpec
-    embed: torch.Tensor                   # [vocab, hidden]
+    embed: torch.Tensor                   # [vocab, hidden] (or a QuantizedWeight)
     pos_embed: Optional[torch.Tensor]     # [max_positions, hidden] (GPT-2) or None
     layers: list                          # one entry per virtual layer; tied layers share the object
     final_norm_weight: torch.Tensor
@@ -88,6 +95,8 @@ class ModelWeights:
     rope_inv_freq: Optional[torch.Tensor] = None   # [head_dim/2] float32
     rope_scale: float = 1.0               # multiplies cos/sin (some RoPE variants)
     adapters: Optional[list] = None       # one SkipAdapter per virtual layer, or None (adapters.py)
+    activation_dtype: Optional[torch.dtype] = None   # set when the embedding is quantized
+    weight_format: str = "float"          # "float" (as packed) or weight_storage.py's mode
 
     def skip_kv_weights(self, layer: int, with_q: bool = False):
         """(norm weight, norm bias, K|V weight, K|V bias) of `layer`, as skip_kv reads them: the
@@ -104,7 +113,18 @@ class ModelWeights:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.dtype
+        """The activations' (and the KV cache's) dtype."""
+        return self.activation_dtype or self.embed.dtype
+
+    def nbytes(self) -> int:
+        """Bytes of every stored weight, each tensor once (tied ones are one)."""
+        seen, total = set(), 0
+        for t in [self.embed, self.pos_embed, self.lm_head, self.final_norm_weight,
+                  self.final_norm_bias, *(t for layer in self.layers for t in layer.tensors())]:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += nbytes(t)
+        return total
 
     def skip_cost(self) -> float:
         """Cost of a SKIP (K/V projection, and the skip adapter when there is one) as a fraction
@@ -118,4 +138,4 @@ class ModelWeights:
 
 
 def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return sum(nbytes(t) for t in tensors if t is not None)

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .. import _C  # noqa: F401  (loads the library: registers torch.ops.anee_fast.*)
+from .weight_formats import format_of, storage
 
 _ops = torch.ops.anee_fast
 OPS = ("norm", "add_norm", "linear", "skip_kv", "skip_adapter", "paged_attention", "policy_step",
@@ -31,8 +32,9 @@ def add_norm(x, residual, weight, bias, eps: float, rms: bool):
 
 def linear(x, weight, bias=None, activation: str = "none", residual=None, row_mask=None):
     """activation(x @ weight^T + bias), rows masked by row_mask, (+ residual); own GEMVs for the
-    few rows of a decode step (on CUDA with the epilogue fused)."""
-    return _ops.linear(x, weight, bias, activation, residual, row_mask)
+    few rows of a decode step (on CUDA with the epilogue fused); weight: a float tensor or a
+    QuantizedWeight (weight_formats.py), dequantized inside the kernel."""
+    return _ops.linear(x, storage(weight), bias, activation, residual, row_mask, format_of(weight))
 
 
 def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: Optional[torch.Tensor],
@@ -40,16 +42,20 @@ def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: 
             q_out: Optional[torch.Tensor] = None):
     """norm -> K|V(|Q) projection -> RoPE -> cache write (and q_out) for one layer (see
     reference_ops)."""
-    _ops.skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq,
-                 float(rope_scale), k_cache, v_cache, slot_mapping, float(eps), bool(rms), q_out)
+    _ops.skip_kv(h, norm_weight, norm_bias, storage(kv_weight), kv_bias, positions, inv_freq,
+                 float(rope_scale), k_cache, v_cache, slot_mapping, float(eps), bool(rms), q_out,
+                 format_of(kv_weight))
 
 
 def skip_adapter(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask, eps: float,
                  rms: bool):
     """h + up(down(norm(h))) + up_bias on the row_mask rows, h bit for bit on the others (see
     reference_ops); on the CPU only the row_mask rows cost anything."""
-    return _ops.skip_adapter(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask,
-                             float(eps), bool(rms))
+    if format_of(down_weight) != format_of(up_weight):
+        raise ValueError(f"skip_adapter: down_weight and up_weight must have one format, got "
+                         f"{format_of(down_weight)} and {format_of(up_weight)}")
+    return _ops.skip_adapter(h, norm_weight, norm_bias, storage(down_weight), storage(up_weight),
+                             up_bias, row_mask, float(eps), bool(rms), format_of(down_weight))
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size: int,
@@ -86,20 +92,21 @@ def _add_norm_fake(x, residual, weight, bias, eps, rms):
 
 
 @torch.library.register_fake("anee_fast::linear")
-def _linear_fake(x, weight, bias, activation="none", residual=None, row_mask=None):
+def _linear_fake(x, weight, bias, activation="none", residual=None, row_mask=None,
+                 weight_format="dense"):
     out = weight.shape[0] // 2 if activation == "silu_gated" else weight.shape[0]
     return x.new_empty((*x.shape[:-1], out))
 
 
 @torch.library.register_fake("anee_fast::skip_kv")
 def _skip_kv_fake(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
-                  k_cache, v_cache, slot_mapping, eps, rms, q_out=None):
+                  k_cache, v_cache, slot_mapping, eps, rms, q_out=None, weight_format="dense"):
     return None
 
 
 @torch.library.register_fake("anee_fast::skip_adapter")
 def _skip_adapter_fake(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask, eps,
-                       rms):
+                       rms, weight_format="dense"):
     return h.new_empty(h.shape)
 
 

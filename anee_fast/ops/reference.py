@@ -7,6 +7,9 @@ The ops a backend provides (same names and signatures in `kernels/` and `csrc/`)
 - `linear(x, weight, bias, activation="none", residual=None, row_mask=None) -> out`
 - `skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq, rope_scale,
            k_cache, v_cache, slot_mapping, eps, rms, q_out=None) -> ()`
+
+The weights of linear and skip_kv are float tensors or `QuantizedWeight`s (weight_formats.py);
+the compiled backends take the latter as its uint8 rows plus a trailing `weight_format` name.
 - `skip_adapter(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask, eps, rms)
    -> out`
 - `paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block_size, scale,
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..actions import EXIT, PROCESS, SKIP
+from .weight_formats import dequantize, format_of
 
 
 def norm(x, weight, bias, eps: float, rms: bool):
@@ -58,9 +62,13 @@ def linear(x, weight, bias=None, activation: str = "none", residual=None, row_ma
 
     row_mask (bool, x's leading shape): a row where it is False contributes zero, whatever its
     x holds (NaN included), so it gets its residual back unchanged (or zeros). The masked layer
-    loop uses it to keep a SKIP row's residual without a `where` launch of its own."""
+    loop uses it to keep a SKIP row's residual without a `where` launch of its own.
+
+    weight: a float tensor [N, K] or a QuantizedWeight; one that is not x's dtype (quantized,
+    or bfloat16 weights under float32 activations) is dequantized to float32 and the product
+    computed in float32, then rounded to x's dtype."""
     check_row_mask(row_mask, x)
-    y = F.linear(x, weight, bias)
+    y = _product(x, weight, bias)
     if activation == "gelu_tanh":
         y = F.gelu(y, approximate="tanh")
     elif activation == "silu_gated":
@@ -71,6 +79,17 @@ def linear(x, weight, bias=None, activation: str = "none", residual=None, row_ma
     if row_mask is not None:
         y = torch.where(row_mask[..., None], y, 0)
     return y if residual is None else residual + y
+
+
+def _product(x, weight, bias):
+    """x @ weight^T + bias; in float32 from the dequantized weight unless it is a float tensor
+    of x's dtype (weight_formats.py)."""
+    if format_of(weight) == "dense" and weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    if weight.shape[-1] != x.shape[-1]:
+        raise ValueError(f"linear: x has {x.shape[-1]} features, weight expects {weight.shape[-1]}")
+    y = F.linear(x.float(), dequantize(weight), None if bias is None else bias.float())
+    return y.to(x.dtype)
 
 
 def check_row_mask(row_mask, x):
@@ -108,7 +127,8 @@ def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: 
     """One layer's SKIP path for the rows h [N, hidden], as one op: norm -> K|V projection ->
     RoPE on K (when inv_freq is given) -> write to the cache at slot_mapping (slot -1: nothing).
 
-    norm_weight/norm_bias [hidden]; kv_weight [2*kv_size, hidden] with rows K | V; kv_bias
+    norm_weight/norm_bias [hidden]; kv_weight [2*kv_size, hidden] (a float tensor or a
+    QuantizedWeight, as linear's weight) with rows K | V; kv_bias
     [2*kv_size]; k_cache/v_cache [slots + 1, kv_heads, d], the layer's cache. One layer per
     call: the engine decides per token on the device, so it never knows on the host how many
     layers in a row a token skips.
@@ -119,7 +139,7 @@ def skip_kv(h, norm_weight, norm_bias, kv_weight, kv_bias, positions, inv_freq: 
     """
     check_skip_kv_args(h, norm_weight, norm_bias, kv_weight, kv_bias, k_cache, v_cache, q_out)
     kv_heads, d = k_cache.shape[1], k_cache.shape[2]
-    kvq = F.linear(norm(h, norm_weight, norm_bias, eps, rms), kv_weight, kv_bias)
+    kvq = _product(norm(h, norm_weight, norm_bias, eps, rms), kv_weight, kv_bias)
     k = kvq[:, :kv_heads * d].reshape(-1, kv_heads, d)
     v = kvq[:, kv_heads * d:2 * kv_heads * d].reshape(-1, kv_heads, d)
     if inv_freq is not None:
@@ -162,19 +182,26 @@ def skip_adapter(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row
     h itself (bit for bit, whatever the adapter would give) on the others.
 
     norm_weight/norm_bias: the layer's input norm (skip_kv's); down_weight [rank, hidden],
-    up_weight [hidden, rank], up_bias [hidden] or None; row_mask bool [N] (the rows that do not
+    up_weight [hidden, rank] (float tensors of h's dtype, or QuantizedWeights of one format:
+    see linear), up_bias [hidden] or None; row_mask bool [N] (the rows that do not
     PROCESS the layer). Each step rounds to h's dtype, as separate ops would. A layer that
     PROCESSes a row replaces its residual; one that skips it adds this low-rank estimate of the
     block's contribution instead of nothing, so fewer layers cost less quality.
     """
     check_skip_adapter_args(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask)
-    z = F.linear(norm(h, norm_weight, norm_bias, eps, rms), down_weight)
-    return torch.where(row_mask[:, None], h + F.linear(z, up_weight, up_bias), h)
+    z = _product(norm(h, norm_weight, norm_bias, eps, rms), down_weight, None)
+    return torch.where(row_mask[:, None], h + _product(z, up_weight, up_bias), h)
 
 
 def check_skip_adapter_args(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask):
-    """skip_adapter's shapes (csrc/op_checks.h checks the same for the native ops)."""
-    if h.dim() != 2 or down_weight.dim() != 2:
+    """skip_adapter's shapes and formats (csrc/op_checks.h checks the same for the native ops)."""
+    if format_of(down_weight) != format_of(up_weight):
+        raise ValueError(f"skip_adapter: down_weight and up_weight must have one format, got "
+                         f"{format_of(down_weight)} and {format_of(up_weight)}")
+    if format_of(down_weight) == "dense" and not down_weight.dtype == up_weight.dtype == h.dtype:
+        raise ValueError(f"skip_adapter: dense down_weight and up_weight must have h's dtype "
+                         f"{h.dtype}, got {down_weight.dtype} and {up_weight.dtype}")
+    if h.dim() != 2 or len(down_weight.shape) != 2:
         raise ValueError(f"skip_adapter: h must be [N, hidden] and down_weight [rank, hidden], got "
                          f"h {list(h.shape)}, down_weight {list(down_weight.shape)}")
     (n, hidden), rank = h.shape, down_weight.shape[0]

@@ -19,6 +19,9 @@ class GatedForward:
     """forward pieces over token windows [B, T] of one model (ModelWeights, float32)."""
 
     def __init__(self, weights):
+        if weights.weight_format not in ("float", "fp32") or weights.dtype != weights.embed.dtype:
+            raise ValueError(f"training runs through float weights, these are stored as "
+                             f"{weights.weight_format!r}: load the model with weights='fp32'")
         self.weights = weights
         self.spec = weights.spec
         self.rms = self.spec.norm == "rmsnorm"

@@ -6,8 +6,9 @@
 // A CPU op may read the mask on the host: only the rows that take the adapter are normalised and
 // projected, so the cost scales with them; the others are a copy of h. Up to kMaxRows such rows
 // (decode) the two projections are cpu_common.h's GEMVs, parallel over their output features
-// (the rank, then the hidden dim), each weight row read once for all rows. More rows are GEMMs
-// (at::linear) on the gathered rows, as are float64 and CPUs without AVX2 (as in linear.cpp).
+// (the rank, then the hidden dim), each weight row read once for all rows. More rows are the
+// linear op's products on the gathered rows, as are quantized adapters (its quantized GEMVs),
+// float64 and CPUs without AVX2.
 #include <ATen/Dispatch_v2.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/linear.h>
@@ -76,13 +77,15 @@ void adapter_gemv(at::Tensor& out, const std::vector<int64_t>& rows, const at::T
 at::Tensor skip_adapter(const at::Tensor& h, const at::Tensor& norm_weight,
                         const std::optional<at::Tensor>& norm_bias, const at::Tensor& down_weight,
                         const at::Tensor& up_weight, const std::optional<at::Tensor>& up_bias,
-                        const at::Tensor& row_mask, double eps, bool rms) {
+                        const at::Tensor& row_mask, double eps, bool rms,
+                        c10::string_view weight_format) {
   TORCH_CHECK(h.device().is_cpu() && norm_weight.device().is_cpu() &&
               (!norm_bias.has_value() || norm_bias->device().is_cpu()) &&
               down_weight.device().is_cpu() && up_weight.device().is_cpu() &&
               (!up_bias.has_value() || up_bias->device().is_cpu()),
               "skip_adapter: CPU implementation called with non-CPU tensors");
-  check_skip_adapter_args(h, norm_weight, norm_bias, down_weight, up_weight, up_bias, row_mask);
+  const SkipAdapterSizes sizes = check_skip_adapter_args(h, norm_weight, norm_bias, down_weight,
+                                                         up_weight, up_bias, row_mask, weight_format);
   at::Tensor out = h.clone(at::MemoryFormat::Contiguous);   // the rows without the adapter
 
   const at::Tensor mask = row_mask.contiguous();
@@ -94,12 +97,17 @@ at::Tensor skip_adapter(const at::Tensor& h, const at::Tensor& norm_weight,
 
   const at::ScalarType dtype = h.scalar_type();
   const bool gemv_dtype = dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
-  if (static_cast<int64_t>(rows.size()) > kMaxRows || !gemv_dtype || !has_avx2_fma()) {
+  if (sizes.format != WeightFormat::kDense || static_cast<int64_t>(rows.size()) > kMaxRows ||
+      !gemv_dtype || !has_avx2_fma()) {
+    // The adapter rows gathered, then the two products as the linear op computes them (its
+    // quantized GEMVs or dequantized GEMMs: float32 from the weight's values, rounded to h's dtype).
     const at::Tensor index =
         at::from_blob(rows.data(), {static_cast<int64_t>(rows.size())}, at::kLong);
     at::Tensor hr = out.index_select(0, index);
-    const at::Tensor z = at::linear(norm(hr, norm_weight, norm_bias, eps, rms), down_weight);
-    out.index_copy_(0, index, hr.add_(at::linear(z, up_weight, up_bias)));
+    const at::Tensor z = linear(norm(hr, norm_weight, norm_bias, eps, rms), down_weight,
+                                std::nullopt, "none", std::nullopt, std::nullopt, weight_format);
+    out.index_copy_(0, index, hr.add_(linear(z, up_weight, up_bias, "none", std::nullopt,
+                                             std::nullopt, weight_format)));
     return out;
   }
   const at::Tensor nw = float_tensor(norm_weight);

@@ -7,7 +7,8 @@
 // Only the rows that write are normalised and projected (a CPU op may read the slot mapping on
 // the host: that is row compaction for free), every row when queries are asked for. The caches
 // are one layer of the whole cache (views): writes land in the given tensors, through their
-// strides.
+// strides. kv_weight may be quantized (weight_format): the projection is linear's, whose
+// kernels decode it.
 #include <vector>
 
 #include "../op_checks.h"
@@ -21,13 +22,13 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
              const std::optional<at::Tensor>& kv_bias, const at::Tensor& positions,
              const std::optional<at::Tensor>& inv_freq, double rope_scale, at::Tensor& k_cache,
              at::Tensor& v_cache, const at::Tensor& slot_mapping, double eps, bool rms,
-             const std::optional<at::Tensor>& q_out) {
+             const std::optional<at::Tensor>& q_out, c10::string_view weight_format) {
   TORCH_CHECK(h.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
               kv_weight.device().is_cpu() && (!q_out.has_value() || q_out->device().is_cpu()),
               "skip_kv: CPU implementation called with non-CPU tensors");
   const SkipKvSizes sizes = check_skip_kv_args(h, norm_weight, norm_bias, kv_weight, kv_bias,
                                                positions, inv_freq, k_cache, v_cache,
-                                               slot_mapping, q_out);
+                                               slot_mapping, q_out, weight_format);
   const int64_t N = sizes.N, hidden = sizes.hidden, num_slots = sizes.num_slots;
   const int64_t kv_heads = sizes.kv_heads, d = sizes.d, kv_size = kv_heads * d;
   const bool rope = inv_freq.has_value();
@@ -88,7 +89,8 @@ void skip_kv(const at::Tensor& h, const at::Tensor& norm_weight,
     });
 
     const at::Tensor kvq =  // [R, width]: K | V (| Q)
-        linear(x, kv_weight, kv_bias, "none", std::nullopt, std::nullopt).contiguous();
+        linear(x, kv_weight, kv_bias, "none", std::nullopt, std::nullopt, weight_format)
+            .contiguous();
     const scalar_t* kvp = kvq.data_ptr<scalar_t>();
 
     // One head of d values, RoPE'd when the model uses it (rotate-half), to dst.

@@ -1,6 +1,7 @@
 // Helpers shared by the CUDA implementations of the anee_fast ops (csrc/cuda/*.cu): input checks,
-// device-side index copies, and float32 warp/block reductions. Every kernel computes in float32
-// and stores in the tensors' own dtype (float, c10::Half or c10::BFloat16).
+// device-side index copies, the weight formats' dispatch (decoders: weight_formats.cuh), and
+// float32 warp/block reductions. Every kernel computes in float32 and stores in the tensors' own
+// dtype (float, c10::Half or c10::BFloat16).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -12,6 +13,9 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+
+#include "../op_checks.h"
+#include "weight_formats.cuh"
 
 namespace anee_fast::cuda {
 
@@ -41,11 +45,67 @@ inline at::Tensor float_tensor(const at::Tensor& t, const at::Tensor& like, cons
   return t.to(at::kFloat).contiguous();
 }
 
+// The activation dtypes of the kernels that read a weight through weight_formats.cuh (float64
+// takes the ATen paths).
+inline bool is_weight_kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// Calls fn(Rows()) with the weight_formats.cuh decoder of a quantized format.
+template <typename Fn>
+void with_quantized_rows(WeightFormat f, Fn&& fn) {
+  switch (f) {
+    case WeightFormat::kInt8: fn(Int8Rows()); return;
+    case WeightFormat::kQ8_0: fn(Q8_0Rows()); return;
+    case WeightFormat::kQ4_0: fn(Q4_0Rows()); return;
+    case WeightFormat::kQ4_1: fn(Q4_1Rows()); return;
+    default: TORCH_CHECK(false, "anee_fast: not a quantized weight format");
+  }
+}
+
+// A weight as the kernels read it: rows with unit column stride; a GGUF format's float16 scales
+// 2-byte aligned (an odd start or row stride, from a view of unusual bytes, takes a copy).
+inline at::Tensor weight_for_kernels(const at::Tensor& weight, WeightFormat format) {
+  if (format == WeightFormat::kDense) return weight.stride(1) == 1 ? weight : weight.contiguous();
+  const bool odd = ((reinterpret_cast<uintptr_t>(weight.data_ptr()) | weight.stride(0)) & 1) != 0;
+  if (format != WeightFormat::kInt8 && odd) return weight.clone(at::MemoryFormat::Contiguous);
+  return weight;
+}
+
 constexpr int kWarp = 32;
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
+}
+
+// Sums each of the N values v[0..N) over the warp's lanes (N a power of two, at most kWarp) in
+// N - 1 + log2(kWarp / N) shuffles, where N warp_sums take 5 N: each halving step sends half of a
+// lane's values to its partner (lane ^ offset) and adds the partner's copy of the half it keeps
+// (the upper half where the lane has the offset's bit). Returns, in every lane l, the total of
+// value l / (kWarp / N): the lanes l with l % (kWarp / N) == 0 hold one value each, in order.
+template <int N>
+__device__ __forceinline__ float warp_sum_many(float (&v)[N]) {
+  static_assert(N >= 1 && N <= kWarp && (N & (N - 1)) == 0, "warp_sum_many: N a power of two <= 32");
+  const int lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int offset = kWarp / 2, n = N; offset > 0; offset /= 2) {
+    if (n > 1) {
+      n /= 2;
+      const bool upper = (lane & offset) != 0;
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i) {
+        if (i < n) {
+          const float send = upper ? v[i] : v[i + n];
+          const float keep = upper ? v[i + n] : v[i];
+          v[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+        }
+      }
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], offset);
+    }
+  }
+  return v[0];
 }
 
 // Sum of v over the whole block, returned to every thread. `scratch` holds >= 32 floats; the

@@ -14,7 +14,7 @@ from anee_fast.eval.category_router import CategoryRouter, kmeans, prompt_embedd
 from anee_fast.control.controllers import StaticController
 from anee_fast.eval.category_router import nearest
 
-from anee_fast.eval.evaluation import evaluate, format_table
+from anee_fast.eval.evaluation import evaluate, format_table, weights_cost
 from anee_fast.eval.plots import plot_quality_vs_compute
 from anee_fast.eval.quality import full_logits, score_windows, token_kl
 from anee_fast.eval.static_search import (best_static_sets, greedy_path,
@@ -209,6 +209,19 @@ def test_cli_eval_smoke_on_smollm2(tmp_path, monkeypatch):
         assert r["within_budget"] is True and r["tokens"] == 48
     assert all(r["compute_max"] <= 0.5 + 1e-6 for r in records[1:])
     assert records[1]["kl"] > 0 and (tmp_path / "q.png").stat().st_size > 0
+    # The embedded model runs its GGUF blocks: the same function as fp32, up to summation order.
+    assert records[0]["weights"] == "gguf" and records[0]["kl_vs_fp32"] < 1e-4
+    assert records[0]["top1_vs_fp32"] == 1.0
+
+
+def test_weights_cost_reports_what_int8_trades(tiny):
+    llm, windows = tiny
+    int8 = LLM(build_model("llama_gqa", num_layers=LAYERS),
+               backend="reference", weights="int8")
+    cost = weights_cost(int8, llm, windows[:2], progress=False)
+    assert 0 < cost["kl_vs_fp32"] < 0.05 and 0.5 < cost["top1_vs_fp32"] <= 1.0
+    assert weights_cost(llm, llm, windows[:2], progress=False) == {"kl_vs_fp32": 0.0,
+                                                                   "top1_vs_fp32": 1.0}
 
 
 @pytest.mark.parametrize("argv, message", [

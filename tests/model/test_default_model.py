@@ -26,11 +26,16 @@ def test_default_model_is_smollm2(smollm):
     assert (spec.arch, spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads,
             spec.vocab_size) == ("llama", 30, 576, 9, 3, 49152)
     assert spec.tied_embeddings
-    # K/V are 2*192 of 576 rows and the MLP dominates; the shipped rank-128 skip adapters add
-    # 2*128*576 + 576 weights per layer (their bytes in float32, as the model runs)
-    layer = sum(t.numel() for t in smollm.weights.layers[0].tensors())
+    # It runs the GGUF's 4-bit blocks. K/V are 2*192 of the Q, K, V, O, gate and up rows of 576
+    # values (q4_1: 20 bytes per 32), beside the 576 down rows of 1536; the shipped rank-128
+    # skip adapters run in q8_0 (34 bytes per 32) with a float32 bias: bytes decide the SKIP cost.
+    assert smollm.weights.weight_format == "gguf"
+    q4_1, q8_0, norms = 20 / 32, 34 / 32, 2 * 576 * 4
+    layer = (576 + 2 * 192 + 576 + 2 * 1536) * 576 * q4_1 + 576 * 1536 * q4_1 + norms
+    adapter = 2 * 128 * 576 * q8_0 + 576 * 4
     assert smollm.weights.adapters is not None
-    assert smollm.weights.skip_cost() == pytest.approx(0.0626 + (2 * 128 + 1) * 576 / layer, abs=1e-3)
+    assert smollm.weights.skip_cost() == pytest.approx(
+        (2 * 192 * 576 * q4_1 + 576 * 4 + adapter) / layer, rel=1e-6)
     assert os.path.isfile(os.path.join(default_model.converted_dir(), "model.safetensors"))
 
 

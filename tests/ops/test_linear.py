@@ -1,10 +1,15 @@
 """linear (GEMM / GEMV with its epilogues and row mask) of every compiled backend against the
 reference (see op_cases)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from anee_fast.ops import reference as ref
 from anee_fast.ops.backends import ops_for
+from anee_fast.ops.weight_formats import QUANTIZED, QuantizedWeight, quantize, row_bytes
 from op_cases import target  # noqa: F401  (fixture)
 
 
@@ -123,11 +128,194 @@ def test_linear_rejects_bad_epilogues(target):
 def test_native_linear_rejects_bad_shapes_and_dtypes():
     ops = ops_for("native")
     x, w = torch.randn(3, 8), torch.randn(5, 8)
-    with pytest.raises(RuntimeError, match="x has 7 features, weight expects 8"):
+    with pytest.raises(RuntimeError, match=r"weight must be \[5, 7\], got \[5, 8\]"):
         ops.linear(torch.randn(3, 7), w)
     with pytest.raises(RuntimeError, match=r"bias must be \[5\]"):
         ops.linear(x, w, torch.randn(4))
-    with pytest.raises(RuntimeError, match="same dtype"):
-        ops.linear(x, w.double())
+    with pytest.raises(RuntimeError, match="bias must have its dtype"):
+        ops.linear(x, w, torch.randn(5).double())
+    with pytest.raises(RuntimeError, match="must be floating"):
+        ops.linear(x, w.to(torch.int32))
     with pytest.raises(RuntimeError, match="weight must be"):
         ops.linear(x, w[None])
+
+
+# ---- quantized weights (weight_formats.py) and dense weights of another dtype -------------------
+# The reference dequantizes and multiplies in float32; the kernels decode in registers (native
+# CPU: one row of x factors the block scale out, more rows dequantize each block once, past 16
+# rows a dequantized chunk goes to at::linear), so float32 results agree to accumulation order.
+
+def quantized_weight(target, fmt, out_features, in_features, gen):
+    w = quantize(torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5, fmt)
+    return w.to(target.device)
+
+
+def x_rows(target, rows, in_features, gen, dtype):
+    """x on the target's device in `dtype` (the target's own dtype when None)."""
+    x = torch.randn(rows, in_features, generator=gen)
+    return target.to(x) if dtype is None else x.to(target.device, dtype)
+
+
+def close(got, expect, dtype):
+    """float32: the reference up to accumulation order; bfloat16: both rounded from float32 sums
+    that may differ in their last bits, so one bfloat16 ulp apart at most."""
+    tol = dict(atol=2e-5, rtol=2e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    assert got.dtype == expect.dtype and got.shape == expect.shape
+    torch.testing.assert_close(got.float(), expect.float(), **tol)
+
+
+# Block formats need in_features divisible by 32; int8 takes any (83: a tail past the last 32).
+QUANT_SHAPES = [(f, k) for f in QUANTIZED for k in (32, 96, 576)] + [("int8", 83)]
+
+
+@pytest.mark.parametrize("x_dtype", [None, torch.bfloat16], ids=["x-target-dtype", "x-bf16"])
+@pytest.mark.parametrize("rows", [1, 2, 7, 16, 17, 40])    # native CPU: <= 16 GEMV, 17+ at::linear
+@pytest.mark.parametrize("fmt,in_features", QUANT_SHAPES)
+def test_linear_quantized(target, fmt, in_features, rows, x_dtype):
+    g = torch.Generator().manual_seed(rows * 1000 + in_features + len(fmt))
+    w = quantized_weight(target, fmt, 37, in_features, g)
+    b = torch.randn(37, generator=g)
+    x = x_rows(target, rows, in_features, g, x_dtype)
+    b = b.to(target.device, x.dtype)
+    close(target.ops.linear(x, w, b), ref.linear(x, w, b), x.dtype)
+    close(target.ops.linear(x, w), ref.linear(x, w), x.dtype)
+    # Leading dims other than one: [2, rows, in] -> [2, rows, out].
+    x3 = torch.stack([x, -x])
+    got = target.ops.linear(x3, w, b)
+    assert got.shape == (2, rows, 37)
+    close(got, ref.linear(x3, w, b), x.dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+@pytest.mark.parametrize("activation,with_bias,with_residual,masked", [
+    ("none", True, True, False), ("gelu_tanh", True, False, False), ("silu_gated", False, True, False),
+    ("none", False, True, True), ("silu_gated", True, True, True)])
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_linear_quantized_epilogues(target, fmt, activation, with_bias, with_residual, masked, rows):
+    """Bias, activation, residual and row mask after a quantized product (gated: 2 x 37 rows);
+    a masked-off row's x is NaN and it gets its residual back bit for bit."""
+    g = torch.Generator().manual_seed(rows * 13 + len(activation) + with_bias + 2 * masked + len(fmt))
+    w = quantized_weight(target, fmt, 74, 96, g)
+    width = 37 if activation == "silu_gated" else 74
+    x = torch.randn(rows, 96, generator=g)
+    b = target.to(torch.randn(74, generator=g)) if with_bias else None
+    residual = target.to(torch.randn(rows, width, generator=g)) if with_residual else None
+    keep = None
+    if masked:
+        keep = torch.rand(rows, generator=g) < 0.5
+        keep[0] = rows > 1
+    poisoned = x if keep is None else torch.where(keep[:, None], x, torch.nan)
+    got = target.ops.linear(target.to(poisoned), w, b, activation, residual, target.to(keep))
+    expect = ref.linear(target.to(x), w, b, activation, residual, target.to(keep))
+    close(got, expect, target.dtype)
+    if keep is not None and residual is not None:
+        assert torch.equal(got[target.to(~keep)], residual[target.to(~keep)])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 17])
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_linear_quantized_row_slices(target, fmt, rows):
+    """A row slice of a taller quantized weight (the K|V rows of K|V|Q: a view at an offset) and
+    rows further apart than their bytes (a view of a wider buffer) read as the weight they are."""
+    g = torch.Generator().manual_seed(rows + len(fmt))
+    full = quantized_weight(target, fmt, 131, 64, g)
+    x = target.to(torch.randn(rows, 64, generator=g))
+    kv = full[5:5 + 67]
+    assert kv.data.storage_offset() > 0
+    close(target.ops.linear(x, kv), ref.linear(x, kv), target.dtype)
+    rb = row_bytes(fmt, 64)
+    wide = torch.zeros(67, rb + 24, dtype=torch.uint8, device=target.device)
+    wide[:, 8:8 + rb] = kv.data
+    spaced = QuantizedWeight(wide[:, 8:8 + rb], fmt, 64)
+    assert spaced.data.stride(0) == rb + 24
+    close(target.ops.linear(x, spaced), ref.linear(x, kv), target.dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16, 17])
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16])
+def test_linear_dense_weight_of_another_dtype(target, w_dtype, rows):
+    """bfloat16 / float16 weights under float32 x: the float32 product of x and the weight."""
+    if target.dtype != torch.float32:
+        pytest.skip("weights of another dtype than x: float32 x only")
+    g = torch.Generator().manual_seed(rows * 3 + len(str(w_dtype)))
+    w = (torch.randn(53, 96, generator=g) / 96 ** 0.5).to(target.device, w_dtype)
+    x = target.to(torch.randn(rows, 96, generator=g))
+    b = target.to(torch.randn(53, generator=g))
+    close(target.ops.linear(x, w, b, "gelu_tanh"), ref.linear(x, w, b, "gelu_tanh"), torch.float32)
+
+
+def test_native_linear_quantized_on_two_threads():
+    """Rows split between threads (the kernels' parallel_for) give the one-thread result."""
+    ops = ops_for("native")
+    g = torch.Generator().manual_seed(7)
+    w = quantize(torch.randn(1000, 576, generator=g) / 24, "q4_1")
+    threads = torch.get_num_threads()
+    try:
+        for rows in (1, 3, 16):
+            x = torch.randn(rows, 576, generator=g)
+            torch.set_num_threads(1)
+            one = ops.linear(x, w)
+            torch.set_num_threads(2)
+            close(ops.linear(x, w), one, torch.float32)
+            close(one, ref.linear(x, w), torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+
+
+ISA_CHECK = """
+import torch
+from anee_fast.ops.backends import ops_for
+from anee_fast.ops import reference as ref
+from anee_fast.ops.weight_formats import QUANTIZED, quantize
+ops = ops_for("native")
+g = torch.Generator().manual_seed(0)
+for fmt in QUANTIZED:
+    for K in ((83, 96) if fmt == "int8" else (96,)):
+        w = quantize(torch.randn(45, K, generator=g) / 10, fmt)
+        for rows in (1, 2, 5, 16, 17):
+            x = torch.randn(rows, K, generator=g)
+            torch.testing.assert_close(ops.linear(x, w), ref.linear(x, w), atol=2e-5, rtol=2e-5)
+        x = torch.randn(3, K, generator=g).bfloat16()
+        torch.testing.assert_close(ops.linear(x, w).float(), ref.linear(x, w).float(), atol=1e-2, rtol=1e-2)
+w = torch.randn(40, 96, generator=g).bfloat16()
+x = torch.randn(3, 96, generator=g)
+torch.testing.assert_close(ops.linear(x, w), ref.linear(x, w), atol=2e-5, rtol=2e-5)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_native_linear_quantized_on_every_instruction_set(isa):
+    """The AVX2 kernels and the at::linear fallback (no AVX2), chosen with ANEE_FAST_CPU_ISA in a
+    fresh process (the choice is made once): on an AVX-512 machine the default run never takes
+    them."""
+    env = dict(os.environ, ANEE_FAST_CPU_ISA=isa, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_native_linear_rejects_bad_quantized_weights():
+    """The raw op (what native.py passes: the uint8 rows and the format's name) checks the rows'
+    bytes, the dtype, in_features against the block size and the format's name."""
+    op = torch.ops.anee_fast.linear
+    ops_for("native")               # loads the library
+    x = torch.randn(3, 64)
+    good = quantize(torch.randn(5, 64), "q4_1").data
+    assert op(x, good, None, "none", None, None, "q4_1").shape == (3, 5)
+    with pytest.raises(RuntimeError, match=r"must be uint8 \[5, 40\] with contiguous rows"):
+        op(x, torch.zeros(5, 41, dtype=torch.uint8), None, "none", None, None, "q4_1")   # row bytes
+    with pytest.raises(RuntimeError, match="must be uint8"):
+        op(x, good.view(torch.int8), None, "none", None, None, "q4_1")
+    with pytest.raises(RuntimeError, match="must be uint8"):
+        op(x, torch.randn(5, 40), None, "none", None, None, "q4_0")
+    with pytest.raises(RuntimeError, match="must be uint8"):
+        op(x, good.t().contiguous().t(), None, "none", None, None, "q4_1")            # column-major
+    with pytest.raises(RuntimeError, match="divisible by 32"):
+        op(torch.randn(3, 83), torch.zeros(5, 36, dtype=torch.uint8), None, "none", None, None, "q4_1")
+    with pytest.raises(RuntimeError, match="weight_format must be dense, int8, q4_0, q4_1 or q8_0"):
+        op(x, good, None, "none", None, None, "q5_k")
+    with pytest.raises(RuntimeError, match="must be floating"):                      # bytes as dense
+        op(torch.randn(3, 40), good, None, "none", None, None, "dense")
+    with pytest.raises(RuntimeError, match=r"must be uint8 \[5, 20\]"):      # x: 32 features
+        ops_for("native").linear(torch.randn(3, 32), QuantizedWeight(good, "q4_1", 64))
