@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..ops.weight_formats import QUANTIZED, QuantizedWeight
+from .gguf_file import GGUFFile
 
 # GGUF tensor names per layer -> the ModelWeights field whose rows they are, in row order.
 LAYER_TENSORS = {"kvq_weight": ("attn_k", "attn_v", "attn_q"), "o_weight": ("attn_output",),
@@ -27,14 +28,13 @@ def read_gguf_weights(path: str, spec):
     of the file's tensors. A field is None where the file stores it unquantized (float16/32):
     the float model's tensor is used there. Raises GGUFWeightError for an architecture or a
     quantization type this engine cannot run as it is."""
-    import gguf
-    reader = gguf.GGUFReader(path)
-    arch = _field(reader, "general.architecture")
+    reader = GGUFFile(path)
+    arch = reader.fields.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFWeightError(f"{path}: architecture {arch!r} cannot run from its GGUF blocks "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); load it with "
                               "weights='fp32', 'bf16' or 'int8'")
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = reader.tensors
     layers = []
     for i in range(spec.num_layers):
         fields = {}
@@ -47,28 +47,22 @@ def read_gguf_weights(path: str, spec):
     return layers, embed, lm_head
 
 
-def _field(reader, key):
-    field = reader.fields[key]
-    return bytes(field.parts[field.data[0]]).decode()
-
-
 def _rows(tensors, name, spec):
     """The tensor's blocks as a QuantizedWeight with rows in the float model's order, or None
     for a float tensor."""
     if name not in tensors:
         raise GGUFWeightError(f"the GGUF file has no tensor {name}")
     t = tensors[name]
-    kind = t.tensor_type.name.lower()
-    if kind in ("f32", "f16", "bf16"):
+    if t.kind in ("f32", "f16", "bf16"):
         return None
-    if kind not in QUANTIZED:
-        raise GGUFWeightError(f"{name} is {t.tensor_type.name}: this engine runs {', '.join(QUANTIZED[1:])} "
+    if t.kind not in QUANTIZED:
+        raise GGUFWeightError(f"{name} is {t.kind}: this engine runs {', '.join(QUANTIZED[1:])} "
                               "blocks as they are; load the file with weights='fp32', 'bf16' or 'int8'")
-    data = torch.from_numpy(np.array(t.data, dtype=np.uint8))
+    data = torch.from_numpy(np.array(t.data))                 # a copy: the file is only mapped
     heads = {"attn_q": spec.num_heads, "attn_k": spec.num_kv_heads}.get(name.split(".")[-2])
     if heads is not None:
         data = data[_unpermuted_rows(data.shape[0], heads)]
-    return QuantizedWeight(data.contiguous(), kind, int(t.shape[0]))
+    return QuantizedWeight(data.contiguous(), t.kind, int(t.shape[0]))
 
 
 def _unpermuted_rows(rows: int, heads: int) -> torch.Tensor:
