@@ -10,7 +10,7 @@ import torch
 from anee_fast.ops import reference as ref
 from anee_fast.ops.backends import ops_for
 from anee_fast.ops.weight_formats import QUANTIZED, QuantizedWeight, quantize, row_bytes
-from op_cases import target  # noqa: F401  (fixture)
+from op_cases import TARGETS, target, target_id  # noqa: F401  (fixture)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 16, 17, 83])    # native's CPU kernel serves <= 16 rows
@@ -231,12 +231,16 @@ def test_linear_quantized_row_slices(target, fmt, rows):
     close(target.ops.linear(x, spaced), ref.linear(x, kv), target.dtype)
 
 
+def _float32_targets():
+    """The targets whose x is float32 (weights of another dtype serve float32 activations)."""
+    return [t for t in TARGETS if (t.values[0] if hasattr(t, "values") else t)[2] == torch.float32]
+
+
+@pytest.mark.parametrize("target", _float32_targets(), indirect=True, ids=target_id)
 @pytest.mark.parametrize("rows", [1, 4, 16, 17])
 @pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float16])
 def test_linear_dense_weight_of_another_dtype(target, w_dtype, rows):
     """bfloat16 / float16 weights under float32 x: the float32 product of x and the weight."""
-    if target.dtype != torch.float32:
-        pytest.skip("weights of another dtype than x: float32 x only")
     g = torch.Generator().manual_seed(rows * 3 + len(str(w_dtype)))
     w = (torch.randn(53, 96, generator=g) / 96 ** 0.5).to(target.device, w_dtype)
     x = target.to(torch.randn(rows, 96, generator=g))
