@@ -223,8 +223,9 @@ def slot_mapping_for(rows, slots, gen):
 
 
 def _native_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+    """The native ops for the `cuda`-marked tests: fails (never skips) without a GPU, as
+    op_cases' targets do."""
+    assert torch.cuda.is_available(), "a `cuda` test needs a CUDA GPU (run it with -m cuda there)"
     from anee_fast import backends
     status = backends("cuda")["native"]
     assert status is True, f"backend native is not available on cuda: {status}"
