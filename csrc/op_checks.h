@@ -307,4 +307,59 @@ inline int64_t check_saturation_codes_args(const at::Tensor& h, const at::Tensor
   return h.size(0);
 }
 
+struct BudgetControllerSizes {
+  int64_t N, hidden, proj_dim, width;
+};
+
+// budget_controller: h and h_prev floating [N, hidden] of one shape and dtype; budget and
+// budget_left float32 [N]; the net float32: scalar_mean, scalar_std [8], proj_weight [proj_dim,
+// hidden], inp_weight [width, 8 + proj_dim], inp_bias [width], layer_weight [num_layers, width],
+// hidden_weight [width, width], hidden_bias [width], out_weight [1, width], out_bias [1]; 0 <=
+// layer < num_layers, 0 <= skip_cost < 1, -1 <= order_position < order_length <= num_layers. Same
+// checks as ops/reference.py:check_budget_controller_args.
+inline BudgetControllerSizes check_budget_controller_args(
+    const at::Tensor& h, const at::Tensor& h_prev, const at::Tensor& budget,
+    const at::Tensor& budget_left, const at::Tensor& scalar_mean, const at::Tensor& scalar_std,
+    const at::Tensor& proj_weight, const at::Tensor& inp_weight, const at::Tensor& inp_bias,
+    const at::Tensor& layer_weight, const at::Tensor& hidden_weight, const at::Tensor& hidden_bias,
+    const at::Tensor& out_weight, const at::Tensor& out_bias, int64_t layer, int64_t num_layers,
+    double skip_cost, int64_t order_position, int64_t order_length) {
+  TORCH_CHECK(h.dim() == 2 && h.sizes() == h_prev.sizes() && h.scalar_type() == h_prev.scalar_type() &&
+              at::isFloatingType(h.scalar_type()),
+              "budget_controller: h and h_prev must be floating [N, hidden] of one shape and dtype, "
+              "got ", h.scalar_type(), " ", h.sizes(), " and ", h_prev.scalar_type(), " ", h_prev.sizes());
+  TORCH_CHECK(proj_weight.dim() == 2 && inp_weight.dim() == 2,
+              "budget_controller: proj_weight must be [proj_dim, hidden] and inp_weight [width, 8 + "
+              "proj_dim], got ", proj_weight.sizes(), " and ", inp_weight.sizes());
+  const int64_t N = h.size(0), hidden = h.size(1);
+  const int64_t proj_dim = proj_weight.size(0), width = inp_weight.size(0);
+  constexpr int64_t F = 8;   // ops/reference.py:CONTROLLER_FEATURES
+  const struct {
+    const char* name;
+    const at::Tensor& t;
+    std::vector<int64_t> shape;
+  } args[] = {{"budget", budget, {N}}, {"budget_left", budget_left, {N}},
+              {"scalar_mean", scalar_mean, {F}}, {"scalar_std", scalar_std, {F}},
+              {"proj_weight", proj_weight, {proj_dim, hidden}},
+              {"inp_weight", inp_weight, {width, F + proj_dim}}, {"inp_bias", inp_bias, {width}},
+              {"layer_weight", layer_weight, {num_layers, width}},
+              {"hidden_weight", hidden_weight, {width, width}}, {"hidden_bias", hidden_bias, {width}},
+              {"out_weight", out_weight, {1, width}}, {"out_bias", out_bias, {1}}};
+  for (const auto& a : args) {
+    TORCH_CHECK(a.t.scalar_type() == at::kFloat && a.t.sizes() == at::IntArrayRef(a.shape),
+                "budget_controller: ", a.name, " must be float32 ", at::IntArrayRef(a.shape),
+                ", got ", a.t.scalar_type(), " ", a.t.sizes());
+  }
+  TORCH_CHECK(layer >= 0 && layer < num_layers, "budget_controller: layer ", layer,
+              " is out of range for ", num_layers, " layers");
+  TORCH_CHECK(skip_cost >= 0 && skip_cost < 1, "budget_controller: skip_cost must be in [0, 1), got ",
+              skip_cost);
+  TORCH_CHECK(order_length >= 0 && order_length <= num_layers && order_position >= -1 &&
+              order_position < order_length,
+              "budget_controller: order_position must be -1 or in [0, order_length) and order_length "
+              "in [0, num_layers], got ", order_position, " and ", order_length, " for ", num_layers,
+              " layers");
+  return {N, hidden, proj_dim, width};
+}
+
 }  // namespace anee_fast

@@ -50,7 +50,16 @@
                                                                                                   \
   at::Tensor saturation_codes(const at::Tensor& h, const at::Tensor& h_prev,                      \
                               const at::Tensor& budget_left, double skip_saturation,             \
-                              double exit_saturation, double exit_threshold);
+                              double exit_saturation, double exit_threshold);                    \
+                                                                                                  \
+  at::Tensor budget_controller(                                                                   \
+      const at::Tensor& h, const at::Tensor& h_prev, const at::Tensor& budget,                    \
+      const at::Tensor& budget_left, const at::Tensor& scalar_mean, const at::Tensor& scalar_std, \
+      const at::Tensor& proj_weight, const at::Tensor& inp_weight, const at::Tensor& inp_bias,    \
+      const at::Tensor& layer_weight, const at::Tensor& hidden_weight,                            \
+      const at::Tensor& hidden_bias, const at::Tensor& out_weight, const at::Tensor& out_bias,    \
+      int64_t layer, int64_t num_layers, double skip_cost, int64_t order_position,                \
+      int64_t order_length, double margin, double exit_threshold);
 
 // CPU implementations (csrc/cpu/*.cpp).
 namespace anee_fast::cpu {

@@ -33,6 +33,11 @@ TORCH_LIBRARY(anee_fast, m) {
         "bool forced) -> Tensor");
   m.def("saturation_codes(Tensor h, Tensor h_prev, Tensor budget_left, float skip_saturation, "
         "float exit_saturation, float exit_threshold) -> Tensor");
+  m.def("budget_controller(Tensor h, Tensor h_prev, Tensor budget, Tensor budget_left, "
+        "Tensor scalar_mean, Tensor scalar_std, Tensor proj_weight, Tensor inp_weight, "
+        "Tensor inp_bias, Tensor layer_weight, Tensor hidden_weight, Tensor hidden_bias, "
+        "Tensor out_weight, Tensor out_bias, int layer, int num_layers, float skip_cost, "
+        "int order_position, int order_length, float margin, float exit_threshold) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
@@ -44,6 +49,7 @@ TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {
   m.impl("paged_attention", &anee_fast::cpu::paged_attention);
   m.impl("policy_step", &anee_fast::cpu::policy_step);
   m.impl("saturation_codes", &anee_fast::cpu::saturation_codes);
+  m.impl("budget_controller", &anee_fast::cpu::budget_controller);
 }
 
 // CUDA kernels (csrc/cuda/*.cu), compiled in when setup.py finds a CUDA torch and nvcc (it then
@@ -58,6 +64,7 @@ TORCH_LIBRARY_IMPL(anee_fast, CUDA, m) {
   m.impl("paged_attention", &anee_fast::cuda::paged_attention);
   m.impl("policy_step", &anee_fast::cuda::policy_step);
   m.impl("saturation_codes", &anee_fast::cuda::saturation_codes);
+  m.impl("budget_controller", &anee_fast::cuda::budget_controller);
 }
 #endif
 

@@ -24,6 +24,7 @@ if __name__ == "kernels":
         _spec.loader.exec_module(_module)
 else:
     from .add_norm import add_norm
+    from .budget_controller import budget_controller
     from .linear import linear
     from .norm import norm
     from .paged_attention import paged_attention
@@ -33,4 +34,4 @@ else:
     from .skip_kv import skip_kv
 
     __all__ = ["norm", "add_norm", "linear", "skip_kv", "skip_adapter", "paged_attention",
-               "policy_step", "saturation_codes"]
+               "policy_step", "saturation_codes", "budget_controller"]

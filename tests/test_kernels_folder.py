@@ -38,6 +38,6 @@ def test_without_the_pypi_package_kernels_is_an_empty_module():
 def test_anee_fast_kernels_is_still_the_triton_op_set():
     out = _run_from_root("import anee_fast.kernels as k; print(sorted(k.__all__))")
     assert out.returncode == 0, out.stderr
-    ops = ["add_norm", "linear", "norm", "paged_attention", "policy_step", "saturation_codes",
-           "skip_adapter", "skip_kv"]
+    ops = ["add_norm", "budget_controller", "linear", "norm", "paged_attention", "policy_step",
+           "saturation_codes", "skip_adapter", "skip_kv"]
     assert out.stdout.strip() == str(ops)

@@ -29,11 +29,6 @@ def anee_state(h, h_prev, budget_left, layer: int, num_layers: int):
     ], dim=-1)
 
 
-def cosine_saturation(h, h_prev):
-    """Cosine similarity of the hidden state to the one a layer earlier (1 = saturated)."""
-    return F.cosine_similarity(h.float(), h_prev.float(), dim=-1)
-
-
 def lm_head_confidence(h, weights, ops):
     """(entropy, max probability) of the next-token distribution read at this depth; `ops` is
     the backend's op set (the LM head may be quantized)."""

@@ -25,8 +25,8 @@ from torch import nn
 from ..actions import EXIT, PROCESS
 from ..model.recurrent import load_config
 from ..model.weights_file import load_matching
+from ..ops.reference import normalised
 from .base import Controller
-from .trained import normalised
 
 KINDS = ("early", "online")
 HALTING_CONFIG = "halting.json"

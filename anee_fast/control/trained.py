@@ -17,21 +17,17 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ..actions import EXIT, PROCESS, SKIP
 from ..model.weights_file import file_pair, load_matching, read_config
+from ..ops import reference
+from ..ops.reference import CONTROLLER_FEATURES as FEATURES
 from .base import Controller
-from .features import cosine_saturation
 
 FORMAT = "anee_fast.budget_controller"
 VERSION = 1
-FEATURES = ("log_norm", "log_delta", "log_var", "cos_prev", "budget", "budget_left", "affordable",
-            "layers_left")
 SHIPPED_NAME = "smollm2-135m-instruct"
-_EPS = 1e-6
 
 
 def shipped_controller_path() -> Path:
@@ -39,19 +35,9 @@ def shipped_controller_path() -> Path:
     return Path(__file__).parent.parent / "data" / "controllers" / f"{SHIPPED_NAME}.json"
 
 
-def affordable_fraction(budget_left, layer: int, num_layers: int, skip_cost: float):
-    """[N]: the share of the layers from `layer` on that the token can still PROCESS (1 = all)."""
-    remaining = num_layers - layer
-    extra = budget_left * num_layers - remaining * skip_cost
-    return extra / (remaining * (1.0 - skip_cost))
-
-
 def skip_count(order, ctx) -> torch.Tensor:
     """[N] long: how many of the decidable layers `order` each token's budget leaves unpaid."""
-    L, D = ctx.num_layers, len(order)
-    limit = ctx.budget.float() * L - (L - D) - D * ctx.skip_cost
-    processable = torch.floor(limit / (1.0 - ctx.skip_cost) + _EPS).clamp(0, D)
-    return (D - processable).long()
+    return reference.static_skip_count(ctx.budget, ctx.num_layers, len(order), ctx.skip_cost)
 
 
 def static_fallback_process(order, layer: int, counts):
@@ -62,30 +48,19 @@ def static_fallback_process(order, layer: int, counts):
     return order.index(layer) >= counts
 
 
-def normalised(h: torch.Tensor) -> torch.Tensor:
-    """h in float32, RMS-normalised over its last dimension: h * rsqrt(mean(h^2) + eps)."""
-    h = h.float()
-    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _EPS)
-
-
-def controller_features(ctx):
-    """(scalars [N, len(FEATURES)], normalised residual [N, hidden]) of a LayerContext."""
+def context_budget(ctx) -> torch.Tensor:
+    """ctx.budget, which the trained controller's features need (DepthPolicy fills it)."""
     if ctx.budget is None:
         raise ValueError("the trained controller needs LayerContext.budget (the token's whole "
                          "budget); DepthPolicy fills it")
-    h, h_prev = ctx.h.float(), ctx.h_prev.float()
-    L = ctx.num_layers
-    scalars = torch.stack([
-        torch.log1p(h.norm(dim=-1)),
-        torch.log1p((h - h_prev).norm(dim=-1)),
-        torch.log1p(h.var(dim=-1)),
-        cosine_saturation(h, h_prev),
-        ctx.budget.float(),
-        ctx.budget_left.float(),
-        affordable_fraction(ctx.budget_left.float(), ctx.layer, L, ctx.skip_cost).clamp(-1.0, 2.0),
-        torch.full_like(ctx.budget_left, (L - ctx.layer) / L, dtype=torch.float32),
-    ], dim=-1)
-    return scalars, normalised(h)
+    return ctx.budget
+
+
+def controller_features(ctx):
+    """(scalars [N, len(FEATURES)], normalised residual [N, hidden]) of a LayerContext
+    (ops/reference.py:controller_features)."""
+    return reference.controller_features(ctx.h, ctx.h_prev, context_budget(ctx), ctx.budget_left,
+                                         ctx.layer, ctx.num_layers, ctx.skip_cost)
 
 
 class ControllerNet(nn.Module):
@@ -107,9 +82,16 @@ class ControllerNet(nn.Module):
         self.scalar_std.copy_(scalars.std(0).clamp_min(1e-3))
 
     def forward(self, scalars, normed, layer):
-        x = (scalars - self.scalar_mean) / self.scalar_std
-        z = F.relu(self.inp(torch.cat([x, self.proj(normed)], dim=-1)) + self.layer_embed(layer))
-        return self.out(F.relu(self.hidden(z))).squeeze(-1)
+        return reference.controller_logit(
+            scalars, normed, self.scalar_mean, self.scalar_std, self.proj.weight, self.inp.weight,
+            self.inp.bias, self.layer_embed(layer), self.hidden.weight, self.hidden.bias,
+            self.out.weight, self.out.bias)
+
+    def op_tensors(self):
+        """The net's tensors in the order of the budget_controller op's arguments."""
+        return (self.scalar_mean, self.scalar_std, self.proj.weight, self.inp.weight,
+                self.inp.bias, self.layer_embed.weight, self.hidden.weight, self.hidden.bias,
+                self.out.weight, self.out.bias)
 
 
 class BudgetConditionedController(Controller):
@@ -124,6 +106,7 @@ class BudgetConditionedController(Controller):
         self.net = net.eval()
         self.exit_threshold = exit_threshold
         self.config = config
+        self._op_cache = {}        # device -> (the net's version counters, its op tensors)
 
     @classmethod
     def new(cls, num_layers: int, hidden_size: int, model: str, width: int = 32, proj_dim: int = 8):
@@ -141,22 +124,32 @@ class BudgetConditionedController(Controller):
                              "(anee-fast train-controller)")
 
     def propose(self, ctx):
+        """One op, the backend's budget_controller: the rule above on the net's tensors."""
         self.check_model(ctx.num_layers, ctx.h.shape[-1])
-        scalars, normed = controller_features(ctx)
-        layer = torch.full((ctx.h.shape[0],), ctx.layer, dtype=torch.long, device=ctx.h.device)
-        net = self.net.to(ctx.h.device)
-        with torch.no_grad():
-            logit = net(scalars, normed, layer)
-        process = logit > 0
         fallback = self.config.get("static_fallback")
-        if fallback is not None:
-            counts = skip_count(fallback["order"], ctx)
-            base = static_fallback_process(fallback["order"], ctx.layer, counts)
-            process = torch.where(logit.abs() > fallback["margin"], process, base)
-        free = scalars[:, FEATURES.index("affordable")] >= 1.0 - _EPS
-        leave = ctx.budget_left < self.exit_threshold
-        process = (process | free) & ~leave
-        return torch.where(leave, EXIT, torch.where(process, PROCESS, SKIP)).to(torch.int8)
+        if fallback is None:
+            position, length, margin = -1, 0, -1.0        # margin < 0: no fallback
+        else:
+            order = fallback["order"]
+            position = order.index(ctx.layer) if ctx.layer in order else -1
+            length, margin = len(order), float(fallback["margin"])
+        return ctx.ops.budget_controller(
+            ctx.h, ctx.h_prev, context_budget(ctx), ctx.budget_left,
+            *self._op_tensors(ctx.h.device), ctx.layer, ctx.num_layers, ctx.skip_cost, position,
+            length, margin, self.exit_threshold)
+
+    def _op_tensors(self, device):
+        """The net's tensors as the op reads them: float32, contiguous, on `device`, detached.
+        Cached per device (no conversion ops per layer); a cached copy is remade when the net's
+        weights have changed in place since (training: their version counters moved)."""
+        tensors = self.net.op_tensors()
+        versions = tuple(t._version for t in tensors)
+        cached = self._op_cache.get(device)
+        if cached is None or cached[0] != versions:
+            cached = (versions, tuple(t.detach().to(device, torch.float32).contiguous()
+                                      for t in tensors))
+            self._op_cache[device] = cached
+        return cached[1]
 
     # ---- files ---------------------------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """Which execution backends this install can use, their op sets, and backend="auto".
 
 Every backend provides the ops of `reference.py` (the contract: norm, add_norm, linear, skip_kv,
-skip_adapter, paged_attention, policy_step, saturation_codes) with the same names and signatures;
-`ops_for(name)` returns the module that holds them.
+skip_adapter, paged_attention, policy_step, saturation_codes, budget_controller) with the same
+names and signatures; `ops_for(name)` returns the module that holds them.
 """
 import importlib
 import importlib.util

@@ -17,7 +17,7 @@ from .weight_formats import format_of, storage
 
 _ops = torch.ops.anee_fast
 OPS = ("norm", "add_norm", "linear", "skip_kv", "skip_adapter", "paged_attention", "policy_step",
-       "saturation_codes")
+       "saturation_codes", "budget_controller")
 
 
 def norm(x, weight, bias, eps: float, rms: bool):
@@ -79,6 +79,19 @@ def saturation_codes(h, h_prev, budget_left, skip_saturation: float, exit_satura
                                  float(exit_saturation), float(exit_threshold))
 
 
+def budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std, proj_weight,
+                      inp_weight, inp_bias, layer_weight, hidden_weight, hidden_bias, out_weight,
+                      out_bias, layer: int, num_layers: int, skip_cost: float,
+                      order_position: int, order_length: int, margin: float,
+                      exit_threshold: float):
+    """The trained controller's proposals for every token at one layer (see reference_ops)."""
+    return _ops.budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std,
+                                  proj_weight, inp_weight, inp_bias, layer_weight, hidden_weight,
+                                  hidden_bias, out_weight, out_bias, int(layer), int(num_layers),
+                                  float(skip_cost), int(order_position), int(order_length),
+                                  float(margin), float(exit_threshold))
+
+
 # Fake (meta) implementations: shapes and dtypes only, for FakeTensor tracing / torch.compile.
 
 @torch.library.register_fake("anee_fast::norm")
@@ -124,6 +137,14 @@ def _policy_step_fake(proposed, spent, stopped, allowed, actions, layer, commitm
 
 @torch.library.register_fake("anee_fast::saturation_codes")
 def _saturation_codes_fake(h, h_prev, budget_left, skip_saturation, exit_saturation, exit_threshold):
+    return h.new_empty(h.shape[:1], dtype=torch.int8)
+
+
+@torch.library.register_fake("anee_fast::budget_controller")
+def _budget_controller_fake(h, h_prev, budget, budget_left, scalar_mean, scalar_std, proj_weight,
+                            inp_weight, inp_bias, layer_weight, hidden_weight, hidden_bias,
+                            out_weight, out_bias, layer, num_layers, skip_cost, order_position,
+                            order_length, margin, exit_threshold):
     return h.new_empty(h.shape[:1], dtype=torch.int8)
 
 

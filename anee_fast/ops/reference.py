@@ -18,6 +18,10 @@ the compiled backends take the latter as its uint8 rows plus a trailing `weight_
                stop_code, forced) -> process`
 - `saturation_codes(h, h_prev, budget_left, skip_saturation, exit_saturation, exit_threshold)
    -> codes`
+- `budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std, proj_weight,
+                     inp_weight, inp_bias, layer_weight, hidden_weight, hidden_bias, out_weight,
+                     out_bias, layer, num_layers, skip_cost, order_position, order_length, margin,
+                     exit_threshold) -> codes`
 
 Cache layout: per layer [num_slots + 1, kv_heads, head_dim], slot = block * block_size + offset;
 the spare last slot belongs to no sequence and is never written. Slot -1 in a slot mapping
@@ -290,3 +294,145 @@ def saturation_codes(h, h_prev, budget_left, skip_saturation: float, exit_satura
     leave = (~after_skip & (cos >= exit_saturation)) | (budget_left < exit_threshold)
     skip = ~after_skip & (cos >= skip_saturation)
     return torch.where(leave, EXIT, torch.where(skip, SKIP, PROCESS)).to(torch.int8)
+
+
+# ---- the trained controller (control/trained.py): its features, its net and its rule ----------
+
+CONTROLLER_FEATURES = ("log_norm", "log_delta", "log_var", "cos_prev", "budget", "budget_left",
+                       "affordable", "layers_left")
+_CONTROLLER_EPS = 1e-6
+_AFFORDABLE = CONTROLLER_FEATURES.index("affordable")
+
+
+def affordable_fraction(budget_left, layer: int, num_layers: int, skip_cost: float):
+    """[N]: the share of the layers from `layer` on that the token can still PROCESS (1 = all)."""
+    remaining = num_layers - layer
+    extra = budget_left * num_layers - remaining * skip_cost
+    return extra / (remaining * (1.0 - skip_cost))
+
+
+def normalised(h: torch.Tensor) -> torch.Tensor:
+    """h in float32, RMS-normalised over its last dimension: h * rsqrt(mean(h^2) + eps)."""
+    h = h.float()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + _CONTROLLER_EPS)
+
+
+def controller_features(h, h_prev, budget, budget_left, layer: int, num_layers: int,
+                        skip_cost: float):
+    """(scalars [N, len(CONTROLLER_FEATURES)], normalised h [N, hidden]), in float32: what the
+    trained controller's net reads. The one definition: training computes them so too."""
+    h, h_prev, budget_left = h.float(), h_prev.float(), budget_left.float()
+    L = num_layers
+    scalars = torch.stack([
+        torch.log1p(h.norm(dim=-1)),
+        torch.log1p((h - h_prev).norm(dim=-1)),
+        torch.log1p(h.var(dim=-1)),
+        F.cosine_similarity(h, h_prev, dim=-1),
+        budget.float(),
+        budget_left,
+        affordable_fraction(budget_left, layer, L, skip_cost).clamp(-1.0, 2.0),
+        torch.full_like(budget_left, (L - layer) / L),
+    ], dim=-1)
+    return scalars, normalised(h)
+
+
+def controller_logit(scalars, normed, scalar_mean, scalar_std, proj_weight, inp_weight, inp_bias,
+                     layer_bias, hidden_weight, hidden_bias, out_weight, out_bias):
+    """[N] logit of PROCESS: the trained controller's MLP on its features (layer_bias: the layer
+    embedding's row(s)). Differentiable: ControllerNet.forward is this."""
+    x = (scalars - scalar_mean) / scalar_std
+    z = F.relu(F.linear(torch.cat([x, F.linear(normed, proj_weight)], dim=-1), inp_weight, inp_bias)
+               + layer_bias)
+    return F.linear(F.relu(F.linear(z, hidden_weight, hidden_bias)), out_weight, out_bias).squeeze(-1)
+
+
+def static_skip_count(budget, num_layers: int, order_length: int, skip_cost: float):
+    """[N] long: how many of the order_length decidable layers a static set leaves unpaid
+    (SKIPs) at each token's budget; the other num_layers - order_length always run."""
+    L, D = num_layers, order_length
+    limit = budget.float() * L - (L - D) - D * skip_cost
+    processable = torch.floor(limit / (1.0 - skip_cost) + _CONTROLLER_EPS).clamp(0, D)
+    return (D - processable).long()
+
+
+def budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std, proj_weight,
+                      inp_weight, inp_bias, layer_weight, hidden_weight, hidden_bias, out_weight,
+                      out_bias, layer: int, num_layers: int, skip_cost: float,
+                      order_position: int, order_length: int, margin: float,
+                      exit_threshold: float):
+    """The trained controller's proposals (control/trained.py) for every token at one layer, as
+    one op: about 110 tiny tensor ops per layer otherwise.
+
+    h, h_prev [N, hidden]: the residual entering this layer and the previous one (any float
+    dtype, computed in float32); budget [N] float32: each token's whole budget, budget_left [N]
+    float32 what it may still spend (fractions of a full forward). The net (float32 tensors, as
+    ControllerNet holds them): scalar_mean, scalar_std [8]; proj_weight [proj_dim, hidden];
+    inp_weight [width, 8 + proj_dim], inp_bias [width]; layer_weight [num_layers, width] (the
+    layer embedding: row `layer` is added); hidden_weight [width, width], hidden_bias [width];
+    out_weight [1, width], out_bias [1].
+
+    PROCESS where the logit is > 0. Static fallback, where margin >= 0: a token whose |logit| <=
+    margin follows the static set of its budget, which SKIPs the first static_skip_count layers
+    of an order of order_length layers; order_position is this layer's place in that order (-1:
+    not in it, the set runs it). margin < 0: no fallback. Then PROCESS wherever the token can
+    still pay for every remaining layer, and EXIT where budget_left < exit_threshold.
+    Returns int8 [N] codes.
+    """
+    check_budget_controller_args(h, h_prev, budget, budget_left, scalar_mean, scalar_std,
+                                 proj_weight, inp_weight, inp_bias, layer_weight, hidden_weight,
+                                 hidden_bias, out_weight, out_bias, layer, num_layers, skip_cost,
+                                 order_position, order_length)
+    scalars, normed = controller_features(h, h_prev, budget, budget_left, layer, num_layers,
+                                          skip_cost)
+    logit = controller_logit(scalars, normed, scalar_mean, scalar_std, proj_weight, inp_weight,
+                             inp_bias, layer_weight[layer], hidden_weight, hidden_bias, out_weight,
+                             out_bias)
+    process = logit > 0
+    if margin >= 0:
+        static = (torch.ones_like(process) if order_position < 0 else
+                  order_position >= static_skip_count(budget, num_layers, order_length, skip_cost))
+        process = torch.where(logit.abs() > margin, process, static)
+    free = scalars[:, _AFFORDABLE] >= 1.0 - _CONTROLLER_EPS
+    leave = budget_left < exit_threshold
+    process = (process | free) & ~leave
+    return torch.where(leave, EXIT, torch.where(process, PROCESS, SKIP)).to(torch.int8)
+
+
+def check_budget_controller_args(h, h_prev, budget, budget_left, scalar_mean, scalar_std,
+                                 proj_weight, inp_weight, inp_bias, layer_weight, hidden_weight,
+                                 hidden_bias, out_weight, out_bias, layer: int, num_layers: int,
+                                 skip_cost: float, order_position: int, order_length: int):
+    """budget_controller's shapes, dtypes, devices and numbers (csrc/op_checks.h checks the same
+    for the native op): a misshapen weight would otherwise broadcast into a wrong decision."""
+    if (h.dim() != 2 or h_prev.shape != h.shape or h_prev.dtype != h.dtype
+            or not h.is_floating_point()):
+        raise ValueError(f"budget_controller: h and h_prev must be floating [N, hidden] of one "
+                         f"shape and dtype, got {h.dtype} {list(h.shape)} and {h_prev.dtype} "
+                         f"{list(h_prev.shape)}")
+    if h_prev.device != h.device:
+        raise ValueError(f"budget_controller: h_prev is on {h_prev.device}, h on {h.device}")
+    if proj_weight.dim() != 2 or inp_weight.dim() != 2:
+        raise ValueError(f"budget_controller: proj_weight must be [proj_dim, hidden] and "
+                         f"inp_weight [width, {len(CONTROLLER_FEATURES)} + proj_dim], got "
+                         f"{list(proj_weight.shape)} and {list(inp_weight.shape)}")
+    (n, hidden), proj_dim, width = h.shape, proj_weight.shape[0], inp_weight.shape[0]
+    features = len(CONTROLLER_FEATURES)
+    for name, t, shape in (
+            ("budget", budget, [n]), ("budget_left", budget_left, [n]),
+            ("scalar_mean", scalar_mean, [features]), ("scalar_std", scalar_std, [features]),
+            ("proj_weight", proj_weight, [proj_dim, hidden]),
+            ("inp_weight", inp_weight, [width, features + proj_dim]), ("inp_bias", inp_bias, [width]),
+            ("layer_weight", layer_weight, [num_layers, width]),
+            ("hidden_weight", hidden_weight, [width, width]), ("hidden_bias", hidden_bias, [width]),
+            ("out_weight", out_weight, [1, width]), ("out_bias", out_bias, [1])):
+        if t.dtype != torch.float32 or list(t.shape) != shape or t.device != h.device:
+            raise ValueError(f"budget_controller: {name} must be float32 {shape} on {h.device}, "
+                             f"got {t.dtype} {list(t.shape)} on {t.device}")
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"budget_controller: layer {layer} is out of range for {num_layers} layers")
+    if not 0 <= skip_cost < 1:
+        raise ValueError(f"budget_controller: skip_cost must be in [0, 1), got {skip_cost}")
+    if not (0 <= order_length <= num_layers and -1 <= order_position < order_length):
+        raise ValueError(f"budget_controller: order_position must be -1 or in [0, order_length) "
+                         f"and order_length in [0, num_layers], got {order_position} and "
+                         f"{order_length} for {num_layers} layers")

@@ -3,19 +3,21 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import build_model
 
-from anee_fast import LLM, PROCESS, SKIP
+from anee_fast import EXIT, LLM, PROCESS, SKIP, SamplingParams
 from anee_fast.compat.anee import ANEEConfig, ANEEWrapper
 from anee_fast.control.anee_mlp import ANEEMLPController
 from anee_fast.control.base import LayerContext
 from anee_fast.control.controllers import StaticController
 from anee_fast.control.registry import make_controller
 from anee_fast.ops import reference
+from anee_fast.ops.backends import ops_for
 
 from anee_fast.control.depth_policy import DepthAccounting
-from anee_fast.control.trained import (BudgetConditionedController, affordable_fraction,
-                                          shipped_controller_path)
+from anee_fast.control.trained import BudgetConditionedController, shipped_controller_path
+from anee_fast.ops.reference import affordable_fraction
 
 L, HIDDEN = 5, 48
 
@@ -36,6 +38,101 @@ def context(n=12, layer=2, budget=0.6, budget_left=0.4, skip_cost=0.1, seed=1):
     return LayerContext(layer=layer, num_layers=L, h=h, h_prev=h + 0.3 * torch.randn(n, HIDDEN, generator=g),
                         budget_left=torch.full((n,), budget_left), budget=torch.full((n,), budget),
                         skip_cost=skip_cost, ops=reference)
+
+
+def torch_rule(controller, ctx):
+    """The controller's proposals as propose() computed them before the budget_controller op,
+    about 110 tensor ops per layer: the oracle of the op's controller."""
+    net, L = controller.net, ctx.num_layers
+    h, h_prev, left = ctx.h.float(), ctx.h_prev.float(), ctx.budget_left.float()
+    remaining = L - ctx.layer
+    affordable = ((left * L - remaining * ctx.skip_cost) / (remaining * (1.0 - ctx.skip_cost))
+                  ).clamp(-1.0, 2.0)
+    scalars = torch.stack([torch.log1p(h.norm(dim=-1)), torch.log1p((h - h_prev).norm(dim=-1)),
+                           torch.log1p(h.var(dim=-1)), F.cosine_similarity(h, h_prev, dim=-1),
+                           ctx.budget.float(), left, affordable,
+                           torch.full_like(left, (L - ctx.layer) / L)], dim=-1)
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    layer = torch.full((h.shape[0],), ctx.layer, dtype=torch.long, device=h.device)
+    with torch.no_grad():
+        x = (scalars - net.scalar_mean) / net.scalar_std
+        z = F.relu(net.inp(torch.cat([x, net.proj(normed)], dim=-1)) + net.layer_embed(layer))
+        logit = net.out(F.relu(net.hidden(z))).squeeze(-1)
+    process = logit > 0
+    fallback = controller.config.get("static_fallback")
+    if fallback is not None:
+        order, D = fallback["order"], len(fallback["order"])
+        limit = ctx.budget.float() * L - (L - D) - D * ctx.skip_cost
+        counts = D - torch.floor(limit / (1.0 - ctx.skip_cost) + 1e-6).clamp(0, D)
+        base = order.index(ctx.layer) >= counts if ctx.layer in order else torch.ones_like(process)
+        process = torch.where(logit.abs() > fallback["margin"], process, base)
+    leave = ctx.budget_left < controller.exit_threshold
+    process = (process | (affordable >= 1.0 - 1e-6)) & ~leave
+    return torch.where(leave, EXIT, torch.where(process, PROCESS, SKIP)).to(torch.int8)
+
+
+class TorchRuleController(BudgetConditionedController):
+    """A trained controller proposing through torch_rule (the oracle)."""
+
+    def propose(self, ctx):
+        return torch_rule(self, ctx)
+
+
+class OpsController(BudgetConditionedController):
+    """A trained controller proposing through a given backend's op, whatever the engine's."""
+
+    def __init__(self, net, config, ops):
+        super().__init__(net, config)
+        self.ops = ops
+
+    def propose(self, ctx):
+        ctx.ops = self.ops
+        return super().propose(ctx)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+def test_propose_is_one_op_with_the_torch_rules_proposals(backend):
+    """Every backend's budget_controller proposes what the tensor-op rule did, at every layer,
+    budget, static fallback and EXIT threshold."""
+    ops = ops_for(backend)
+    c = trained_like(3)
+    with torch.no_grad():                         # logits spread over both signs and the margin
+        c.net.out.weight.mul_(0.05)
+    tried = set()
+    for fallback in (None, {"order": [3, 1, 4, 2], "margin": 0.5}):
+        c.config["static_fallback"] = fallback
+        for threshold in (0.0, 0.2):
+            c.exit_threshold = threshold
+            for layer in range(1, L):
+                for budget, left in ((1.0, (L - layer) / L), (0.6, 0.35), (0.4, 0.15)):
+                    ctx = context(n=16, layer=layer, budget=budget, budget_left=left, seed=layer)
+                    ctx.budget_left[::3] *= 0.5
+                    ctx.ops = ops
+                    got = c.propose(ctx)
+                    assert torch.equal(got, torch_rule(c, ctx)), (fallback, threshold, layer, budget)
+                    tried |= set(got.tolist())
+    assert tried == {PROCESS, SKIP, EXIT}
+
+
+@pytest.mark.slow
+def test_the_shipped_controller_decides_as_before_its_op():
+    """The shipped controller ("learned", with its static fallback) through LLM.generate on the
+    embedded model: the native op, the reference op and the former tensor-op rule take the same
+    actions at every token and layer."""
+    llm = LLM(backend="native")
+    shipped = make_controller("learned")
+    controllers = {"native": shipped,
+                   "reference": OpsController(shipped.net, shipped.config, reference),
+                   "torch rule": TorchRuleController(shipped.net, shipped.config)}
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    for budget in (1.0, 0.75, 0.5):
+        traces = {name: llm.generate("The capital of France is", params, energy_budget=budget,
+                                     controller=c)[0].trace.actions
+                  for name, c in controllers.items()}
+        assert torch.equal(traces["native"], traces["torch rule"]), budget
+        assert torch.equal(traces["reference"], traces["torch rule"]), budget
+        if budget < 1:
+            assert (traces["native"] == SKIP).any()
 
 
 def test_save_load_round_trip_by_directory_json_and_safetensors(tmp_path):

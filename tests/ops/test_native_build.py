@@ -31,6 +31,13 @@ SCHEMAS = {
                    "float skip_cost, int stop_code, bool forced) -> Tensor",
     "saturation_codes": "anee_fast::saturation_codes(Tensor h, Tensor h_prev, Tensor budget_left, "
                         "float skip_saturation, float exit_saturation, float exit_threshold) -> Tensor",
+    "budget_controller": "anee_fast::budget_controller(Tensor h, Tensor h_prev, Tensor budget, "
+                         "Tensor budget_left, Tensor scalar_mean, Tensor scalar_std, "
+                         "Tensor proj_weight, Tensor inp_weight, Tensor inp_bias, "
+                         "Tensor layer_weight, Tensor hidden_weight, Tensor hidden_bias, "
+                         "Tensor out_weight, Tensor out_bias, int layer, int num_layers, "
+                         "float skip_cost, int order_position, int order_length, float margin, "
+                         "float exit_threshold) -> Tensor",
 }
 
 
@@ -237,6 +244,16 @@ def test_opcheck_saturation_codes(native):
     h = torch.randn(5, 24, generator=g)
     torch.library.opcheck(torch.ops.anee_fast.saturation_codes, (
         h, h + 0.1 * torch.randn(5, 24, generator=g), torch.rand(5, generator=g), 0.98, 0.995, 0.1))
+
+
+def test_opcheck_budget_controller(native):
+    g = _gen(3)
+    h = torch.randn(5, 24, generator=g)
+    net = [torch.randn(*shape, generator=g) for shape in
+           ((8,), (8,), (3, 24), (7, 11), (7,), (6, 7), (7, 7), (7,), (1, 7), (1,))]
+    torch.library.opcheck(torch.ops.anee_fast.budget_controller, (
+        h, h + 0.1 * torch.randn(5, 24, generator=g), torch.rand(5, generator=g),
+        torch.rand(5, generator=g), *net, 2, 6, 0.2, 1, 4, 0.5, 0.1))
 
 
 @pytest.mark.parametrize("rope,rms,biases", [(True, True, False), (False, False, True)])

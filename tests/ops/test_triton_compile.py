@@ -20,7 +20,9 @@ ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16")
 INDEX_ARGS = {"pos_ptr", "slot_ptr", "seq_ptr", "table_ptr"}                # int64 tensors
 FP32_ARGS = {"inv_freq_ptr", "m_ptr", "l_ptr", "acc_ptr",          # float32 whatever the model dtype
-             "spent_ptr", "allowed_ptr", "left_ptr", "values_ptr"}
+             "spent_ptr", "allowed_ptr", "left_ptr", "values_ptr", "budget_ptr",
+             "mean_ptr", "std_ptr", "proj_ptr", "inp_w_ptr", "inp_b_ptr",     # the controller net
+             "layer_w_ptr", "hid_w_ptr", "hid_b_ptr", "out_w_ptr", "out_b_ptr"}
 INT8_ARGS = {"proposed_ptr", "actions_ptr", "codes_ptr"}           # action codes
 INT32_ARGS = {"arrivals_ptr"}                                      # counters
 BOOL_ARGS = {"stopped_ptr", "process_ptr", "row_mask_ptr"}
@@ -28,12 +30,15 @@ WEIGHT_ARGS = {"w_ptr", "down_ptr", "up_ptr"}   # uint8 rows where FORMAT is a q
                                                 # float32 where IS_FP32
 QUANTIZED = ("int8", "q8_0", "q4_0", "q4_1")
 FLOAT_ARGS = {"eps", "scale", "rope_scale", "commitment", "skip_cost", "skip_saturation",
-              "exit_saturation", "exit_threshold"}
+              "exit_saturation", "exit_threshold", "num_layers_f", "remaining_cost",
+              "remaining_share", "layers_left", "fixed_layers", "order_cost", "process_share",
+              "order_position", "order_length", "margin"}
 
 
 def _variants():
     """(name, kernel, constexprs) of every kernel in the variants the launchers use."""
     from anee_fast.kernels.add_norm import _add_norm_kernel
+    from anee_fast.kernels.budget_controller import _budget_controller_kernel
     from anee_fast.kernels.linear import _gemv_kernel
     from anee_fast.kernels.saturation_codes import _saturation_codes_kernel
     from anee_fast.kernels.norm import _norm_kernel
@@ -123,6 +128,9 @@ def _variants():
     out.append(("paged_attention_split", _paged_attention_kernel,      # merged by the last split
                 dict(SPLIT=True, BLOCK_N=16, BLOCK_D=128, BLOCK_S=16)))
     out.append(("saturation_codes", _saturation_codes_kernel, dict(BLOCK_H=1024)))
+    # The shipped controller's net (proj_dim 8, width 32) on SmolLM2-135M (hidden 576).
+    out.append(("budget_controller", _budget_controller_kernel,
+                dict(BLOCK_H=512, BLOCK_P=8, BLOCK_W=32)))
     for first in (False, True):
         for forced in (False, True):
             out.append((f"policy_step_first{int(first)}_forced{int(forced)}", _policy_step_kernel,
@@ -203,7 +211,8 @@ def _case_keys():
              *(f"skip_adapter_{fmt}" for fmt in QUANTIZED),
              "paged_attention", "paged_attention_split",
              "policy_step_first0_forced0", "policy_step_first0_forced1",
-             "policy_step_first1_forced0", "policy_step_first1_forced1", "saturation_codes"]
+             "policy_step_first1_forced0", "policy_step_first1_forced1", "saturation_codes",
+             "budget_controller"]
     return [f"{n}-{d}-sm{cc}{suffix}" for n, (d, cc, _, suffix) in product(names, CASES)]
 
 
