@@ -102,6 +102,9 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.6", "transformers>=4.56", "safetensors", "tqdm", "platformdirs",
                       "matplotlib", "numpy"],
-    extras_require={"gguf": ["gguf", "accelerate"], "serve": ["fastapi", "uvicorn", "httpx"]},
+    extras_require={"gguf": ["gguf", "accelerate"], "serve": ["fastapi", "uvicorn", "httpx"],
+                    # serve --replicas N: Ray Serve >= 2.60 (DeploymentHandle.broadcast,
+                    # serve.ingress() building the app in the replica)
+                    "ray": ["ray[serve]>=2.60", "fastapi", "uvicorn", "httpx"]},
     entry_points={"console_scripts": ["anee-fast = anee_fast.cli:main"]},
 )

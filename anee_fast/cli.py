@@ -75,10 +75,14 @@ def _add_model_options(p, runtime: bool = True):
                        help="torch device, e.g. cpu or cuda (default: cuda when available)")
         p.add_argument("--dtype", default=None, choices=DTYPES,
                        help="activation dtype (default: bfloat16 on GPU, float32 on CPU)")
-        p.add_argument("--weights", default="auto", choices=WEIGHTS,
-                       help="how the weights are stored: 'auto' (a .gguf's own blocks, e.g. the "
-                            "embedded model's 4-bit Q4_1; a float model's floats; default), "
-                            "'fp32', 'bf16', 'int8' (per channel) or 'gguf'")
+        _add_weights_option(p, "how the weights are stored")
+
+
+def _add_weights_option(p, what: str):
+    p.add_argument("--weights", default="auto", choices=WEIGHTS,
+                   help=f"{what}: 'auto' (a .gguf's own blocks, e.g. the embedded model's 4-bit "
+                        "Q4_1; a float model's floats; default), 'fp32', 'bf16', 'int8' (per "
+                        "channel) or 'gguf'")
 
 
 def _checked_model(args):
@@ -115,16 +119,21 @@ def _checked_controller(value):
         raise _Error(f"--controller: {e}") from None
 
 
-def _load_llm(args, model, **engine_options):
-    """The LLM of the model options, quietly (loading bars would bury errors and summaries)."""
-    from .llm import LLM
+def _llm_options(args, model, **engine_options) -> dict:
+    """LLM's keyword arguments (`model` included) from the model options."""
     runtime = {k: getattr(args, k) for k in ("backend", "device", "dtype", "weights")
                if hasattr(args, k)}
     if hasattr(args, "adapters"):
         runtime["adapters"] = None if args.adapters == "none" else args.adapters
+    return {"model": model, "min_layers": args.min_layers, "threads": args.threads,
+            **runtime, **engine_options}
+
+
+def _load_llm(args, model, **engine_options):
+    """The LLM of the model options, quietly (loading bars would bury errors and summaries)."""
+    from .llm import LLM
     with _no_progress_bars():
-        return LLM(model, min_layers=args.min_layers, threads=args.threads,
-                   **{**runtime, **engine_options})
+        return LLM(**_llm_options(args, model, **engine_options))
 
 
 # ---- generate ------------------------------------------------------------------------------------
@@ -298,6 +307,27 @@ def _add_serve(subparsers):
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks (default: 8192 "
                                                                    "tokens' worth)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences per step (default 64)")
+    ray = p.add_argument_group(
+        "scaling out on Ray Serve (pip install 'anee_fast[ray]')",
+        "Any of these serves with Ray: several engine replicas, one LLM each, behind one "
+        "endpoint on --host/--port.")
+    ray.add_argument("--replicas", type=int, default=None,
+                     help="engine replicas (default 1: one process, no Ray; with autoscaling, "
+                          "the initial count, default --min-replicas)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="join this Ray cluster ('auto': the one this machine is in, after "
+                          "`ray start`); default: start a local Ray")
+    ray.add_argument("--num-gpus-per-replica", type=float, default=0.0,
+                     help="GPUs Ray reserves for each replica (default 0; 1 gives each its own GPU)")
+    ray.add_argument("--num-cpus-per-replica", type=float, default=1.0,
+                     help="CPUs Ray reserves for each replica (default 1)")
+    ray.add_argument("--min-replicas", type=int, default=None,
+                     help="autoscaling: fewest replicas (give --max-replicas too)")
+    ray.add_argument("--max-replicas", type=int, default=None,
+                     help="autoscaling: most replicas (give --min-replicas too)")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None,
+                     help="autoscaling: requests per replica Ray aims at (default: half of "
+                          "--max-num-seqs)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -312,16 +342,70 @@ def _cmd_serve(args) -> int:
         raise _Error(f"--body-timeout must be a number of seconds > 0, got {args.body_timeout}")
     if args.api_key is not None and not args.api_key:
         raise _Error("--api-key is empty")
+    scaling = _checked_scaling(args)
     from .serving.server import check_exposure, serve
     check_exposure(args.host, args.api_key, args.allow_unauthenticated)    # before loading
     model = _checked_model(args)
-
-    llm = _load_llm(args, model, num_kv_blocks=args.num_kv_blocks, max_num_seqs=args.max_num_seqs)
-    serve(llm, host=args.host, port=args.port, api_key=args.api_key,
-          allow_unauthenticated=args.allow_unauthenticated, model_name=args.served_model_name,
-          max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
-          energy_budget=budget, controller=controller)
+    engine_options = {"num_kv_blocks": args.num_kv_blocks, "max_num_seqs": args.max_num_seqs}
+    app_options = {"api_key": args.api_key, "model_name": args.served_model_name,
+                   "max_body_bytes": args.max_body_bytes, "body_timeout_s": args.body_timeout,
+                   "energy_budget": budget}
+    if scaling is not None:
+        ray_serve = _import_ray_serve()
+        # Each replica builds its own controller from the name or path (checked above).
+        ray_serve.serve_replicas(_llm_options(args, model, **engine_options),
+                                 {**app_options, "controller": args.controller}, host=args.host,
+                                 port=args.port, allow_unauthenticated=args.allow_unauthenticated,
+                                 **scaling)
+        return 0
+    llm = _load_llm(args, model, **engine_options)
+    serve(llm, host=args.host, port=args.port, allow_unauthenticated=args.allow_unauthenticated,
+          controller=controller, **app_options)
     return 0
+
+
+def _checked_scaling(args):
+    """serve_replicas' scaling options (ray_address, replicas, autoscaling, resources per
+    replica), or None to serve in this process without Ray."""
+    autoscaling = args.min_replicas is not None or args.max_replicas is not None
+    replicas = args.replicas
+    if replicas is not None and replicas < 1:
+        raise _Error(f"--replicas must be >= 1, got {replicas}")
+    if args.num_gpus_per_replica < 0 or args.num_cpus_per_replica < 0:
+        raise _Error("--num-gpus-per-replica and --num-cpus-per-replica must be >= 0")
+    if autoscaling:
+        if args.min_replicas is None or args.max_replicas is None:
+            raise _Error("autoscaling needs both --min-replicas and --max-replicas")
+        if not 1 <= args.min_replicas <= args.max_replicas:
+            raise _Error(f"need 1 <= --min-replicas <= --max-replicas, got {args.min_replicas} "
+                         f"and {args.max_replicas}")
+        replicas = args.min_replicas if replicas is None else replicas
+        if not args.min_replicas <= replicas <= args.max_replicas:
+            raise _Error(f"--replicas {replicas} is outside [--min-replicas, --max-replicas]")
+    if args.target_ongoing_requests is not None and (not autoscaling
+                                                     or args.target_ongoing_requests <= 0):
+        raise _Error("--target-ongoing-requests is a number > 0 and needs --min-replicas and "
+                     "--max-replicas")
+    replicas = 1 if replicas is None else replicas
+    if replicas == 1 and args.ray_address is None and not autoscaling:
+        if args.num_gpus_per_replica or args.num_cpus_per_replica != 1.0:
+            raise _Error("--num-gpus-per-replica and --num-cpus-per-replica need Ray: give "
+                         "--replicas N > 1, --ray-address or --min/--max-replicas")
+        return None
+    return {"ray_address": args.ray_address, "replicas": replicas,
+            "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
+            "target_ongoing_requests": args.target_ongoing_requests,
+            "num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica}
+
+
+def _import_ray_serve():
+    """serving.ray_serve, or a one-line error saying how to install Ray Serve."""
+    try:
+        from .serving import ray_serve
+    except ImportError as e:
+        raise _Error(f"serving with Ray needs Ray Serve ({e}): pip install 'anee_fast[ray]'") \
+            from None
+    return ray_serve
 
 
 # ---- eval ----------------------------------------------------------------------------------------
@@ -454,6 +538,8 @@ def _add_train_controller(subparsers):
     p.add_argument("out_dir", help="output directory (checkpoints and the trained controller)")
     p.add_argument("--resume", action="store_true", help="continue the run found in OUT_DIR")
     _add_model_options(p, runtime=False)
+    _add_weights_option(p, "the weights the controller will run with, whose SKIP cost sets the "
+                           "budgets (training reads the float copy)")
     _add_config_options(p, TrainConfig)
     p.set_defaults(func=_cmd_train_controller)
 
@@ -461,10 +547,14 @@ def _add_train_controller(subparsers):
 def _cmd_train_controller(args) -> int:
     config = _config(TrainConfig, args)
     model = _checked_model(args)
-    # Training differentiates through float weights; a GGUF's blocks dequantize to exactly these.
-    llm = _load_llm(args, model, weights="fp32")
+    llm = _load_llm(args, model)
+    float_weights = None
+    if llm.weights.weight_format not in ("float", "fp32"):
+        from .model.loader import load_weights
+        float_weights = load_weights(model, llm.weights.device, "float32", "fp32")[0]
     start = time.perf_counter()
-    log = train_controller(llm, args.out_dir, config, resume=args.resume)
+    log = train_controller(llm, args.out_dir, config, resume=args.resume,
+                           float_weights=float_weights)
     print(f"trained in {time.perf_counter() - start:.0f} s this run (stages: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in log["timings_s"].items()) + ")")
     for row in log.get("heldout") or []:

@@ -120,3 +120,17 @@ def arch(request):
 @pytest.fixture(params=CORE_ARCHS)
 def core_arch(request):
     return request.param
+
+
+def tiny_tokenizer():
+    """A WordLevel tokenizer of a few words, with a chat template (the model's vocab is 101)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["hello world the sky is blue user assistant"],
+                            trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}assistant{% endif %}")
+    return fast

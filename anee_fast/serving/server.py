@@ -11,6 +11,9 @@ page cannot start a generation), read within `body_timeout_s` (408) and up to `m
 (413), valid JSON nested at most MAX_JSON_DEPTH deep whose strings are valid Unicode (400). A
 client that disconnects before its body is complete is counted as status 499.
 
+The Ray Serve router (ray_serve.py) answers with the same pieces: `add_error_handlers`,
+`check_api_key`, `read_body`.
+
 Exposure: `serve` refuses a host beyond loopback without an API key unless
 `allow_unauthenticated=True` (`anee-fast serve --allow-unauthenticated`), and then warns.
 
@@ -95,31 +98,7 @@ def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAU
                   openapi_url=None)
     app.state.service = service
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, error: APIError):
-        service.metrics.request_rejected(error.status)
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, error):
-        service.metrics.request_rejected(error.status_code)
-        return JSONResponse(APIError(error.status_code, str(error.detail)).body(),
-                            status_code=error.status_code)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request, error: Exception):
-        log.exception("request failed")
-        service.metrics.request_rejected(500)
-        return JSONResponse(APIError(500, f"internal error: {type(error).__name__}: {error}").body(),
-                            status_code=500)
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+    add_error_handlers(app, service.metrics)
 
     @app.get("/health")
     async def health():
@@ -129,17 +108,17 @@ def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAU
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        authorize(request)
+        check_api_key(request, api_key)
         return Response(service.metrics.render(llm.engine), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
-        authorize(request)
+        check_api_key(request, api_key)
         return {"object": "list", "data": [service.model_card()]}
 
     async def read_request(request: Request, model):
         """The authorized, parsed body of a POST, for this server's model."""
-        authorize(request)
+        check_api_key(request, api_key)
         req = parse_request(model, await _json_body(request, max_body_bytes, body_timeout_s))
         service.check_model(req.model)
         return req
@@ -164,6 +143,39 @@ def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAU
     return app
 
 
+def add_error_handlers(app: FastAPI, metrics) -> None:
+    """Answers every error with an OpenAI error body, counted by `metrics.request_rejected`:
+    APIError with its own status, starlette's HTTP errors (404, 405) with theirs, anything
+    else with 500."""
+    @app.exception_handler(APIError)
+    async def _api_error(request, error: APIError):
+        metrics.request_rejected(error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, error):
+        metrics.request_rejected(error.status_code)
+        return JSONResponse(APIError(error.status_code, str(error.detail)).body(),
+                            status_code=error.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, error: Exception):
+        log.exception("request failed")
+        metrics.request_rejected(500)
+        return JSONResponse(APIError(500, f"internal error: {type(error).__name__}: {error}").body(),
+                            status_code=500)
+
+
+def check_api_key(request: Request, api_key) -> None:
+    """Refuses (401) a request without `Authorization: Bearer <api_key>`; api_key None: none."""
+    if api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+
+
 async def _json_body(request: Request, limit: int, timeout_s: float):
     """The decoded JSON body: sent as application/json (415), read within `timeout_s` seconds
     (408) and up to `limit` bytes (413), valid JSON (400) that _check_json accepts."""
@@ -172,6 +184,20 @@ async def _json_body(request: Request, limit: int, timeout_s: float):
         raise APIError(415, "the request body must be JSON sent with 'Content-Type: "
                             f"application/json', got {media_type or 'no Content-Type'}",
                        code="unsupported_media_type")
+    raw = await read_body(request, limit, timeout_s)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:          # nested far deeper than MAX_JSON_DEPTH
+        raise APIError(400, _TOO_DEEP) from None
+    _check_json(body)
+    return body
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request's body, read within `timeout_s` seconds (408) and up to `limit` bytes (413);
+    499 when the client disconnects before it is complete."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise APIError(413, f"the request body has {length} bytes, more than the limit of {limit}",
@@ -191,14 +217,7 @@ async def _json_body(request: Request, limit: int, timeout_s: float):
     except ClientDisconnect:
         raise APIError(499, "the client disconnected before sending the whole request "
                             "body") from None
-    try:
-        body = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
-    except RecursionError:          # nested far deeper than MAX_JSON_DEPTH
-        raise APIError(400, _TOO_DEEP) from None
-    _check_json(body)
-    return body
+    return b"".join(chunks)
 
 
 _TOO_DEEP = f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} deep"
@@ -349,11 +368,15 @@ class _Service:
                     return event
 
         waiting = asyncio.ensure_future(last_event())
-        while not waiting.done():
-            await asyncio.wait([waiting], timeout=_DISCONNECT_POLL_S)
-            if not waiting.done() and await request.is_disconnected():
-                waiting.cancel()            # leaving the iteration aborts the sequence
-                return Response(status_code=499)
+        try:
+            while not waiting.done():
+                await asyncio.wait([waiting], timeout=_DISCONNECT_POLL_S)
+                if not waiting.done() and await request.is_disconnected():
+                    return Response(status_code=499)
+        finally:
+            # A client gone, or this task cancelled (a Ray router whose client went away):
+            # leaving the iteration aborts the sequence.
+            waiting.cancel()
         event = waiting.result()
         if event.error is not None:
             raise APIError(500, f"the engine failed on this request: {event.error}")

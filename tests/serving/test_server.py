@@ -12,6 +12,8 @@ import copy
 import json
 import logging
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -25,7 +27,7 @@ from anee_fast.engine.energy import EnergyMeter
 from anee_fast.engine.llm_engine import LLMEngine
 from anee_fast.serving import server as server_module
 from anee_fast.serving.server import ServerThread, _Detokenizer
-from conftest import build_model
+from conftest import build_model, tiny_tokenizer
 
 MAX_TOKENS = 10
 PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "1, 2, 3, 4,",
@@ -358,26 +360,45 @@ def test_serve_command_checks_its_arguments(capsys):
     assert cli_main(["serve", "--port", "70000"]) == 1
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--replicas", "0"], "--replicas must be >= 1"),
+    (["--min-replicas", "2"], "both --min-replicas and --max-replicas"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "1 <= --min-replicas <= --max-replicas"),
+    (["--replicas", "5", "--min-replicas", "1", "--max-replicas", "2"], "outside"),
+    (["--target-ongoing-requests", "4"], "needs --min-replicas"),
+    (["--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "0"], "> 0"),
+    (["--num-gpus-per-replica", "1"], "need Ray"),
+    (["--replicas", "2", "--num-cpus-per-replica", "-1"], "must be >= 0"),
+    (["--replicas", "2", "--host", "0.0.0.0"], "no API key is set"),
+])
+def test_serve_command_checks_its_scaling_arguments(capsys, argv, says):
+    assert cli_main(["serve", *argv]) == 1
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1
+
+
+def test_serving_replicas_without_ray_says_how_to_install_it(monkeypatch, capsys):
+    import anee_fast.serving
+    monkeypatch.setitem(sys.modules, "ray", None)           # as if ray were not installed
+    monkeypatch.setitem(sys.modules, "anee_fast.serving.ray_serve", None)
+    monkeypatch.delattr(anee_fast.serving, "ray_serve", raising=False)
+    assert cli_main(["serve", "--replicas", "2"]) == 1
+    assert "pip install 'anee_fast[ray]'" in capsys.readouterr().err
+
+
+def test_a_single_process_server_does_not_import_ray():
+    code = ("import sys, anee_fast, anee_fast.cli, anee_fast.serving.server\n"
+            "print([m for m in sys.modules if m == 'ray' or m.startswith('ray.')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # ---- hostile input and exposure, on a tiny model with a tiny tokenizer ---------------------------
-
-def _tiny_tokenizer():
-    """A WordLevel tokenizer of a few words, with a chat template (the model's vocab is 101)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["hello world the sky is blue user assistant"],
-                            trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    fast.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-                          "{% if add_generation_prompt %}assistant{% endif %}")
-    return fast
-
 
 @pytest.fixture(scope="module")
 def tiny():
     """(llm, server): 4 layers, a tokenizer, request bodies that must arrive within 1 s."""
-    llm = LLM(build_model("llama_gqa", 4), min_layers=1, tokenizer=_tiny_tokenizer())
+    llm = LLM(build_model("llama_gqa", 4), min_layers=1, tokenizer=tiny_tokenizer())
     with ServerThread(llm, model_name="tiny", body_timeout_s=1.0) as server:
         yield llm, server
 
