@@ -18,6 +18,7 @@ import torch
 
 from ..actions import PROCESS, SKIP
 from ..model.default_model import cache_root
+from ..ops.weight_formats import format_of, storage
 from .quality import full_logits, score_windows, token_kl
 
 CACHE_VERSION = 1
@@ -42,9 +43,11 @@ def windows_key(llm, windows, settings: dict) -> str:
     depth = llm.depth
     digest = hashlib.sha256()
     for adapter in llm.weights.adapters or ():
-        for t in adapter.tensors():
-            digest.update(t.detach().float().cpu().numpy().tobytes())
+        for t in adapter.tensors():       # as stored: quantized adapters hash their blocks
+            digest.update(format_of(t).encode())
+            digest.update(storage(t).detach().float().cpu().numpy().tobytes())
     digest.update(json.dumps({"model": str(llm.name), "layers": llm.num_layers,
+                              "weights": llm.weights.weight_format,
                               "skip_cost": round(depth.skip_cost, 6), "min_layers": depth.min_layers,
                               "always_last": depth.always_last, "version": CACHE_VERSION,
                               **settings}, sort_keys=True).encode())

@@ -8,7 +8,9 @@ runs exactly as before.
 
 On disk: `<stem>.safetensors` (`layers.<l>.down` [rank, hidden], `layers.<l>.up` [hidden, rank],
 `layers.<l>.bias` [hidden]) + `<stem>.json` (format, model shape, rank, how they were fitted);
-a directory holds `adapters.safetensors` + `adapters.json`.
+a directory holds `adapters.safetensors` + `adapters.json`. The JSON key "matrices", when
+present, names the weight format down and up are stored in (ops/weight_formats.py: their uint8
+rows, e.g. q8_0, about half the bytes of float16); loading dequantizes them.
 """
 import json
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..ops.weight_formats import QUANTIZED, QuantizedWeight, dequantize, quantize, row_bytes
 from .weights_file import file_pair, read_config
 
 FORMAT = "anee_fast.skip_adapters"
@@ -40,17 +43,26 @@ def shipped_adapters_path() -> Path:
 
 
 def save_adapters(adapters, path, model: str, extra: dict = None,
-                  dtype: torch.dtype = torch.float32) -> Path:
-    """Writes one adapter per layer (in `dtype`: float16 halves a file that ships) + the JSON
-    config; returns the JSON path. Loading converts to the model's dtype."""
+                  dtype: torch.dtype = torch.float32, matrices: str = None) -> Path:
+    """Writes one adapter per layer (in `dtype`: float16 halves a file that ships; `matrices`, a
+    quantized weight format such as "q8_0", stores down and up in it instead) + the JSON config;
+    returns the JSON path. Loading converts to the model's dtype."""
     rank, hidden = adapters[0].down.shape
     check_adapters(adapters, len(adapters), hidden)
+    if matrices is not None and matrices not in QUANTIZED:
+        raise ValueError(f"matrices must be one of {', '.join(QUANTIZED)} or None, got {matrices!r}")
     json_path, weights_path = file_pair(path, True, "adapters", "skip adapters")
-    state = {f"layers.{l}.{name}": t.detach().to(device="cpu", dtype=dtype).contiguous()
+
+    def stored(name, t):
+        t = t.detach().to(device="cpu", dtype=torch.float32 if matrices else dtype)
+        return quantize(t, matrices).data if matrices and name != "bias" else t.to(dtype)
+
+    state = {f"layers.{l}.{name}": stored(name, t).contiguous()
              for l, a in enumerate(adapters) for name, t in zip(("down", "up", "bias"), a.tensors())}
     save_file(state, str(weights_path), metadata={"format": FORMAT, "version": str(VERSION)})
     config = {"format": FORMAT, "version": VERSION, "model": model, "num_layers": len(adapters),
-              "hidden_size": hidden, "rank": rank, **(extra or {})}
+              "hidden_size": hidden, "rank": rank, **({"matrices": matrices} if matrices else {}),
+              **(extra or {})}
     json_path.write_text(json.dumps(config, indent=2) + "\n")
     return json_path
 
@@ -68,17 +80,38 @@ def load_adapters(path, num_layers: int, hidden_size: int, device=None, dtype=No
         state = load_file(str(weights_path))
     except Exception as e:
         raise ValueError(f"cannot read skip adapters {weights_path}: {e}") from None
-    rank = config.get("rank")
+    rank, matrices = config.get("rank"), config.get("matrices")
+    if matrices is not None and matrices not in QUANTIZED:
+        raise ValueError(f"{json_path}: matrices must be one of {', '.join(QUANTIZED)}, got "
+                         f"{matrices!r}")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{json_path}: rank must be a positive integer, got {rank!r}")
+    shapes = {"down": (rank, hidden_size), "up": (hidden_size, rank)}
+    if matrices is not None:        # stored rows: row_bytes raises if a size does not fit
+        try:
+            shapes = {n: (rows, row_bytes(matrices, k)) for n, (rows, k) in shapes.items()}
+        except ValueError as e:
+            raise ValueError(f"{json_path}: {e}") from None
     expected = {f"layers.{l}.{name}": shape for l in range(num_layers)
-                for name, shape in (("down", (rank, hidden_size)), ("up", (hidden_size, rank)),
-                                    ("bias", (hidden_size,)))}
+                for name, shape in (*shapes.items(), ("bias", (hidden_size,)))}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != expected:
         raise ValueError(f"{weights_path}: tensors do not match the config {json_path.name} "
-                         f"(rank {rank}, {num_layers} layers): expected {len(expected)} tensors "
-                         f"layers.<l>.down/up/bias, got {sorted(got)[:6]}...")
-    adapters = [SkipAdapter(*(state[f"layers.{l}.{name}"].to(device=device, dtype=dtype)
-                              for name in ("down", "up", "bias"))) for l in range(num_layers)]
+                         f"(rank {rank}, {num_layers} layers, matrices {matrices or 'float'}): "
+                         f"expected {len(expected)} tensors layers.<l>.down/up/bias, got "
+                         f"{sorted(got)[:6]}...")
+
+    def tensor(l, name):
+        t = state[f"layers.{l}.{name}"]
+        if matrices is not None and name != "bias":
+            if t.dtype != torch.uint8:
+                raise ValueError(f"{weights_path}: layers.{l}.{name} must hold uint8 {matrices} "
+                                 f"rows, got {t.dtype}")
+            t = dequantize(QuantizedWeight(t, matrices, hidden_size if name == "down" else rank))
+        return t.to(device=device, dtype=dtype)
+
+    adapters = [SkipAdapter(*(tensor(l, name) for name in ("down", "up", "bias")))
+                for l in range(num_layers)]
     return adapters, config
 
 

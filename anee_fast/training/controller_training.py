@@ -221,9 +221,12 @@ def select_controller(llm, controller, windows) -> dict:
 # ---- the whole recipe -------------------------------------------------------------------------------
 
 def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = False,
-                     progress: bool = True, windows=None) -> dict:
+                     progress: bool = True, windows=None, float_weights=None) -> dict:
     """Runs the recipe (module docstring) into `out_dir`; returns the log. `llm` ends with the
-    trained adapters in place. windows: token lists to train on instead of config.corpus."""
+    trained adapters in place. windows: token lists to train on instead of config.corpus.
+    float_weights: the same model's float ModelWeights when llm's are quantized: the gradients
+    run through them, while llm (its SKIP cost, hence the budgets, and every score) is what the
+    controller will run with. A GGUF's blocks dequantize to exactly these floats."""
     config = config or TrainConfig()
     config.validate()
     out = run_directory(out_dir, resume, CHECKPOINTS)
@@ -235,7 +238,7 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
     log.update(train_windows=len(train), select_windows=len(select),
                heldout_windows={source: len(w) for source, w in heldout.items()})
     llm.set_adapters(None)
-    forward = GatedForward(llm.weights)
+    forward = GatedForward(llm.weights if float_weights is None else float_weights)
     pad = pad_id(llm)
 
     # 2. ridge adapters (the skip cost they add counts in the budgets they are fitted for)

@@ -46,6 +46,32 @@ def test_the_file_round_trips_and_bad_files_say_why(tmp_path):
         load_adapters(path, 3, 16)
 
 
+def test_adapters_stored_as_q8_0_blocks_load_as_those_blocks_and_requantize_to_them(tmp_path):
+    """q8_0 storage: the file holds the blocks a GGUF model runs its adapters in (store_adapters
+    quantizes them again, to the same bytes) in about half float16's bytes."""
+    from anee_fast.ops.weight_formats import dequantize, quantize
+    adapters = random_adapters(3, 64, 32, seed=2)
+    half = save_adapters(adapters, tmp_path / "f16", "tiny", dtype=torch.float16)
+    path = save_adapters(adapters, tmp_path / "q8", "tiny", matrices="q8_0")
+    assert json.loads(path.read_text())["matrices"] == "q8_0"
+    size = lambda p: p.with_suffix(".safetensors").stat().st_size
+    assert size(path) < 0.6 * size(half)
+    loaded, _ = load_adapters(path, 3, 64)
+    for a, b in zip(adapters, loaded):
+        for x, y in ((a.down, b.down), (a.up, b.up)):
+            assert torch.equal(y, dequantize(quantize(x, "q8_0")))
+            assert torch.equal(quantize(y, "q8_0").data, quantize(x, "q8_0").data)
+        assert torch.equal(b.bias, a.bias)
+    with pytest.raises(ValueError, match="matrices must be one of"):
+        save_adapters(adapters, tmp_path / "bad", "tiny", matrices="q5_k")
+    with pytest.raises(ValueError, match="divisible by 32"):
+        save_adapters(random_adapters(3, 16, 4, seed=0), tmp_path / "odd", "tiny", matrices="q8_0")
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(config, matrices="q4_1")))
+    with pytest.raises(ValueError, match="tensors do not match"):
+        load_adapters(path, 3, 64)
+
+
 def test_every_layer_needs_an_adapter_of_one_rank():
     adapters = random_adapters(3, 16, 4, seed=0)
     with pytest.raises(ValueError, match="one skip adapter per layer"):

@@ -61,6 +61,25 @@ def test_a_tiny_training_run_fits_checkpoints_and_resumes(tmp_path):
     assert float(trace.compute.max()) <= trained.depth.effective_budget(0.5) + 1e-6
 
 
+def test_quantized_weights_train_through_their_float_copy_at_their_own_skip_cost(tmp_path):
+    """The controller is trained for the weights it will run with (their SKIP cost sets the
+    budgets, every score runs them); the gradients go through the float copy."""
+    model = build_model("llama_gqa", num_layers=6)
+    llm = LLM(model, min_layers=1, weights="int8")
+    float_llm = LLM(model, min_layers=1)
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(3, 101, (16,), generator=g).tolist() for _ in range(10)]
+    with pytest.raises(ValueError, match="training runs through float weights"):
+        train_controller(llm, tmp_path / "no-floats", tiny_config(), progress=False,
+                         windows=windows)
+    log = train_controller(llm, tmp_path / "run", tiny_config(), progress=False, windows=windows,
+                           float_weights=float_llm.weights)
+    assert llm.weights.adapters is not None and llm.weights.weight_format == "int8"
+    float_llm.set_adapters(load_adapters(tmp_path / "run", 6, llm.spec.hidden_size)[0])
+    assert llm.depth.skip_cost != pytest.approx(float_llm.depth.skip_cost)   # bytes differ
+    assert all(row["within_budget"] for row in log["heldout"])
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(rank=0), "rank must be an integer >= 1"),
     (dict(steps=-1), "steps must be an integer >= 0"),
@@ -73,7 +92,8 @@ def test_bad_training_settings_are_rejected(changes, message):
         TrainConfig(**changes).validate()
 
 
-def test_the_command_line_trains_and_the_outputs_load(tmp_path, capsys):
+@pytest.mark.parametrize("weights", ["auto", "int8"])
+def test_the_command_line_trains_and_the_outputs_load(tmp_path, capsys, weights):
     from test_cli import _save_model
     from anee_fast import cli
     model = _save_model(tmp_path / "model")
@@ -82,11 +102,11 @@ def test_the_command_line_trains_and_the_outputs_load(tmp_path, capsys):
     out = tmp_path / "run"
     small = ["--corpus", text, "--seq-len", 8, "--rank", 2, "--ridge-windows", 4, "--search-windows", 2,
              "--search-len", 8, "--search-width", 2, "--steps", 1, "--batch", 2, "--select-windows", 2,
-             "--eval-windows", 1, "--min-layers", 0]
+             "--eval-windows", 1, "--min-layers", 0, "--weights", weights]
     rc = cli.main([str(a) for a in ["train-controller", out, "--model", model, *small]])
     printed = capsys.readouterr().out
     assert rc == 0 and "held-out text, budget 0.50" in printed and "kept: " in printed
     rc = cli.main([str(a) for a in ["generate", "hello", "--model", model, "--adapters", out,
                                     "--controller", out, "--budget", 0.5, "--max-new-tokens", 3,
-                                    "--min-layers", 0]])
+                                    "--min-layers", 0, "--weights", weights]])
     assert rc == 0 and "compute" in capsys.readouterr().out
