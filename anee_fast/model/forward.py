@@ -3,8 +3,9 @@
 Every layer, for every token: K/V come from norm(h_in) and go into the cache (`skip_kv`, the
 whole SKIP path in one op). PROCESS rows then take the block's output; the others keep h_in
 (plus the layer's skip adapter, when the model has adapters: model/adapters.py).
-Where the block runs on every row (masked, on a GPU) the same skip_kv launch also gives every
-row's query, so the block starts at attention, and the out and down projections take the
+Where the block runs on every row (masked, on a GPU; compacted, at a layer every row
+PROCESSes) the same skip_kv launch also gives every row's query (one K|V|Q product, RoPE
+included), so the block starts at attention. Masked, the out and down projections take the
 PROCESS mask as linear's row_mask: a SKIP row adds nothing to its residual, with no `where`
 launch of its own. A token that EXITed keeps its residual, so the same per-layer launch writes
 its remaining layers' K/V. (Filling them all in one launch after the loop would read those
@@ -80,15 +81,21 @@ def run_layers(weights, cache, step: StepBatch, policy, ops,
                          "under a layer_guard")
     h = embed(weights, step)
     h_prev = h
-    # Masked: every row's query comes out of skip_kv, into one buffer reused by every layer.
-    # Compacted: the block projects its rows' queries, RoPE'd with the step's (cos, sin) tables.
-    q = None if compact else h.new_empty((h.shape[0], spec.num_heads, spec.head_dim))
+    # Every row's query comes out of skip_kv (one K|V|Q product), into one buffer reused by
+    # every layer: always when masked; compacted, where every row PROCESSes the layer. Fewer
+    # rows project their own queries in the block, RoPE'd with the step's (cos, sin) tables.
+    queries = h.new_empty((h.shape[0], spec.num_heads, spec.head_dim))
     rope = None if inv_freq is None or not compact else rope_cos_sin(step.positions, inv_freq,
                                                                       weights.rope_scale)
     for l, layer in enumerate(weights.layers):
         if hidden_states is not None:
             hidden_states.append(h)
         process = policy.decide(l, h, h_prev)
+        if compact:                       # the CPU: reading the rows on the host is free
+            rows = process.nonzero().squeeze(1)
+            q = queries if rows.numel() == h.shape[0] else None
+        else:
+            q = queries
         ops.skip_kv(h, *weights.skip_kv_weights(l, with_q=q is not None), step.positions, inv_freq,
                     weights.rope_scale, cache.k[l], cache.v[l], step.slot_mapping, spec.norm_eps,
                     rms, q)
@@ -97,11 +104,10 @@ def run_layers(weights, cache, step: StepBatch, policy, ops,
         else:                             # the guarded block updates h in place
             h_prev = h.clone() if policy.reads_h_prev else None
         if compact:
-            rows = process.nonzero().squeeze(1)
             if weights.adapters is not None and rows.numel() < h.shape[0]:
                 h = _skip_adapter(weights, l, h, ~process, ops)
             if rows.numel() == h.shape[0]:       # every row: no gather, no scatter
-                h = _block(weights, layer, cache, l, step, h, None, ops, rope=rope)
+                h = _block(weights, layer, cache, l, step, h, None, ops, q=q)
             elif rows.numel():
                 out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope=rope)
                 h = h.index_copy(0, rows, out)
