@@ -22,8 +22,9 @@ GB/s counts the bytes an ideal fused kernel must move (byte models below); "% pe
 a large tensor copy measured in the same run. The Triton backend only runs on a CUDA device
 (on the CPU it would be Triton's interpreter, which is no speed backend).
 
-gemv (in --ops) times linear's product alone on SmolLM2-135M's decode matrices (gate|up 576 ->
-3072, down 1536 -> 576, the tied LM head 576 -> 49152) for each weight format of --formats
+gemv (in --ops) times linear's product alone on the decode matrices of each --gemv-shapes model
+(K|V|Q, gate|up, down and the LM head; SmolLM2-135M by default, llama-1b for a GPU's weight-only
+kernels) for each weight format of --formats
 (weight_formats.py: dense in the run's dtype, int8, q8_0, q4_0, q4_1) at --gemv-rows rows of x,
 on the CPU with one thread and with all of them. Decode reads every weight from memory once per
 token, so the weights always rotate over copies larger than the caches (as --cold-l2), and
@@ -31,6 +32,11 @@ token, so the weights always rotate over copies larger than the caches (as --col
 many threads (torch.sum over 256 MiB) measured just before each format's timings ("read GB/s").
 Table, JSON rows (op "gemv") and <out>_gemv.png (% read bandwidth against rows, a panel per
 matrix).
+
+budget_controller (in --ops, not by default) times the trained controller's proposal for one layer
+(ops/reference.py:budget_controller: features, the net, the rule; about 110 tensor ops in the
+reference) with the shipped controller's sizes (proj_dim 8, width 32) and a random net; its codes
+must equal the reference's.
 """
 import argparse
 import statistics
@@ -46,22 +52,32 @@ from roofline import measure_peaks
 
 SHAPES = {
     "gpt2-small": dict(hidden=768, heads=12, kv_heads=12, d=64, rms=False, bias=True, rope=False,
-                       up=3072),
+                       up=3072, vocab=50257),
     "smollm2-135m": dict(hidden=576, heads=9, kv_heads=3, d=64, rms=True, bias=False, rope=True,
-                         up=3072),
+                         up=3072, vocab=49152),
     "llama-1b": dict(hidden=2048, heads=32, kv_heads=8, d=64, rms=True, bias=False, rope=True,
-                     up=16384),
+                     up=16384, vocab=128256),
 }
 RANK = 128           # skip_adapter's
+CONTROLLER = dict(proj_dim=8, width=32, layers=30, layer=12, skip_cost=0.2,   # budget_controller's
+                  order_position=3, order_length=20, margin=0.5, exit_threshold=0.05)
 BLOCK = 16
 GRAPH_CALLS = 10     # calls per timed CUDA graph replay (at least)
 CPU_CACHE_BYTES = 64 << 20   # --cold-l2 on the CPU: rotate inputs over twice this
 TOL = {"norm": 1e-4, "add_norm": 1e-4, "linear": 1e-4, "skip_kv": 1e-3, "skip_adapter": 1e-4,
-       "paged_attention": 1e-4, "gemv": 1e-4}
+       "paged_attention": 1e-4, "gemv": 1e-4, "budget_controller": 0.0}
 ACTIVATION = {False: "gelu_tanh", True: "silu_gated"}    # by s["rms"]: GPT-2's, Llama's MLP
 VARIANT_OF = {"linear_down": "linear", "linear_down_masked": "linear"}   # --ops label -> op
-# gemv: SmolLM2-135M's decode matrices, (out_features, in_features)
-GEMV_MATRICES = {"gate_up": (3072, 576), "down": (576, 1536), "lm_head": (49152, 576)}
+GEMV_MATRICES = ("kvq", "gate_up", "down", "lm_head")
+
+
+def gemv_matrices(s) -> dict:
+    """A shape's decode matrices, {name: (out_features, in_features)}: K|V|Q, the MLP's first
+    projection (gate|up for a gated MLP), its down projection and the LM head."""
+    inter = s["up"] // 2 if s["rms"] else s["up"]
+    return {"kvq": ((s["heads"] + 2 * s["kv_heads"]) * s["d"], s["hidden"]),
+            "gate_up": (s["up"], s["hidden"]), "down": (s["hidden"], inter),
+            "lm_head": (s["vocab"], s["hidden"])}
 READ_MIB = 256       # the streaming read the gemv rows are compared with
 
 
@@ -110,6 +126,15 @@ def bytes_paged_attention(n, s, es, ctx):
         + 8 * n * (ctx // BLOCK + 2)
 
 
+def bytes_budget_controller(n, s, es):
+    # read h and h_prev [n, hidden], budget and budget_left (float32 [n]), the net (float32:
+    # scalar_mean and scalar_std [8], proj [P, hidden], inp [W, 8 + P] + bias, the layer's
+    # embedding row [W], hidden [W, W] + bias, out [1, W] + bias); write the codes (int8 [n])
+    P, W = CONTROLLER["proj_dim"], CONTROLLER["width"]
+    net = 16 + P * s["hidden"] + W * (8 + P) + 2 * W + W * W + W + W + 1
+    return es * 2 * n * s["hidden"] + 4 * (2 * n + net) + n
+
+
 # ---- inputs: (args for the op, the outputs to compare, a function resetting state) -------------
 
 def make_case(op, s, n, ctx, device, dtype, g, variant):
@@ -155,6 +180,19 @@ def make_case(op, s, n, ctx, device, dtype, g, variant):
                 rnd(H, scale=0.3) if s["bias"] else None,
                 torch.ones(n, dtype=torch.bool, device=device), 1e-5, s["rms"])
         return args, None, bytes_skip_adapter(n, s, dtype.itemsize)
+    if op == "budget_controller":
+        c = CONTROLLER
+        P, W = c["proj_dim"], c["width"]
+        f32 = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device)
+        h = rnd(n, H)
+        budget = torch.rand(n, generator=g).to(device)
+        net = (f32(8), 1 + torch.rand(8, generator=g).to(device), f32(P, H, scale=H ** -0.5),
+               f32(W, 8 + P, scale=0.5), f32(W), f32(c["layers"], W), f32(W, W, scale=W ** -0.5),
+               f32(W), f32(1, W, scale=W ** -0.5), f32(1))
+        args = (h, h + rnd(n, H, scale=0.3), budget, budget * torch.rand(n, generator=g).to(device),
+                *net, c["layer"], c["layers"], c["skip_cost"], c["order_position"],
+                c["order_length"], c["margin"], c["exit_threshold"])
+        return args, None, bytes_budget_controller(n, s, dtype.itemsize)
     # paged_attention: n sequences of ctx tokens, one decode row each (at the last position),
     # blocks shuffled over the cache
     nb = (ctx + BLOCK - 1) // BLOCK
@@ -179,7 +217,7 @@ def check(op, name, ref_fn, fn, args, mutated, label):
     else:
         pairs = list(zip(expected, got)) if isinstance(expected, tuple) else [(expected, got)]
     tol, dtype = TOL[op], pairs[0][1].dtype
-    if dtype != torch.float32:      # the reference rounds each step to bf16/fp16: 2 ulps
+    if dtype in (torch.bfloat16, torch.float16):   # the reference rounds each step to them: 2 ulps
         tol = max(tol, 2 * torch.finfo(dtype).eps)
     for e, o in pairs:
         err = (e.float() - o.float()).abs().max().item()
@@ -338,7 +376,9 @@ def measure_gemv(results, args, device, dtype, names, cache_bytes, g):
     rows_list = [int(r) for r in args.gemv_rows.split(",")]
     threads = sorted({1, torch.get_num_threads()}) if device.type == "cpu" else [None]
     ref = ops_for("reference")
-    for matrix, (N, K) in GEMV_MATRICES.items():
+    matrices = [(shape, matrix, N, K) for shape in args.gemv_shapes.split(",")
+                for matrix, (N, K) in gemv_matrices(SHAPES[shape]).items()]
+    for shape, matrix, N, K in matrices:
         w = torch.randn(N, K, generator=g) / K ** 0.5
         for fmt in formats:
             weight = gemv_weight(w, fmt, device, dtype)
@@ -346,18 +386,18 @@ def measure_gemv(results, args, device, dtype, names, cache_bytes, g):
             xs = {rows: torch.randn(rows, K, generator=g).to(device, dtype) for rows in rows_list}
             checked = {}
             for rows, x in xs.items():
-                case = dict(op="gemv", shape="smollm2-135m", matrix=matrix, format=fmt, rows=rows)
+                case = dict(op="gemv", shape=shape, matrix=matrix, format=fmt, rows=rows)
                 checked[rows] = [name for name in names if results.attempt(
                     dict(case, backend=name),
                     lambda name=name, x=x: check("gemv", name, ref.linear, ops_for(name).linear,
                                                  (x, weight), None,
-                                                 f"gemv {matrix} {fmt} rows {rows}"))]
+                                                 f"gemv {shape} {matrix} {fmt} rows {rows}"))]
             for n in threads:
                 with threads_set(n):
                     bandwidth = read_bandwidth(device)
                 for rows, x in xs.items():
                     read = nbytes(weight) + x.numel() * x.element_size()
-                    case = dict(op="gemv", shape="smollm2-135m", matrix=matrix, format=fmt,
+                    case = dict(op="gemv", shape=shape, matrix=matrix, format=fmt,
                                 rows=rows, threads=n)
                     for name in checked[rows]:
                         def time_it(name=name, n=n, x=x, read=read, case=case, bandwidth=bandwidth):
@@ -374,19 +414,23 @@ def measure_gemv(results, args, device, dtype, names, cache_bytes, g):
 
 
 def plot_gemv(results, out, device, dtype_name):
-    """% of the read bandwidth against rows of x: a panel per matrix, a line per format and
-    thread count (and backend, where several)."""
+    """% of the read bandwidth against rows of x: a panel per model (a row of the figure) and
+    matrix, a line per format and thread count (and backend, where several)."""
     from matplotlib.figure import Figure
     rows = [r for r in results.rows if r["op"] == "gemv"]
     if not rows:
         return
-    fig = Figure(figsize=(5.5 * len(GEMV_MATRICES), 4))
-    axes = fig.subplots(1, len(GEMV_MATRICES), squeeze=False)[0]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig = Figure(figsize=(5.5 * len(GEMV_MATRICES), 4 * len(shapes)))
+    grid = fig.subplots(len(shapes), len(GEMV_MATRICES), squeeze=False)
     lines = sorted({(r["format"], r["threads"] or 0, r["backend"]) for r in rows})
     backends_used = {r["backend"] for r in rows}
-    for ax, matrix in zip(axes, GEMV_MATRICES):
+    panels = [(ax, shape, matrix) for axes, shape in zip(grid, shapes)
+              for ax, matrix in zip(axes, GEMV_MATRICES)]
+    for ax, shape, matrix in panels:
         for fmt, n, name in lines:
-            pts = [(r["rows"], r["pct_read"]) for r in rows if r["matrix"] == matrix and
+            pts = [(r["rows"], r["pct_read"]) for r in rows
+                   if (r["shape"], r["matrix"]) == (shape, matrix) and
                    (r["format"], r["threads"] or 0, r["backend"]) == (fmt, n, name)]
             if pts:
                 label = fmt + (f", {n} thr" if n else "") + (f" ({name})" if len(backends_used) > 1 else "")
@@ -395,7 +439,8 @@ def plot_gemv(results, out, device, dtype_name):
         ax.set_xscale("log")
         ax.set_xlabel("rows of x")
         ax.set_ylabel("% of streaming read bandwidth")
-        ax.set_title(f"gemv {matrix} {GEMV_MATRICES[matrix]}, {device}, x {dtype_name}")
+        ax.set_title(f"{shape} {matrix} {gemv_matrices(SHAPES[shape])[matrix]}, {device}, "
+                     f"x {dtype_name}", fontsize=9)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -405,7 +450,7 @@ def plot_gemv(results, out, device, dtype_name):
 
 def print_row(r):
     if r["op"] == "gemv":
-        print(f"{'gemv ' + r['matrix']:<18} {r['format']:<6} {r['rows']:>5} {r['threads'] or '-':>7} "
+        print(f"{r['matrix']:<18} {r['shape']:<12} {r['format']:<6} {r['rows']:>5} {r['threads'] or '-':>7} "
               f"{r['backend']:<9} {r['time_us']:>10.1f} {r['bytes'] / 1e6:>8.2f} {r['gb_s']:>7.2f} "
               f"{r['pct_read']:>6.1f}% {r['read_gb_s']:>7.1f}", flush=True)
         return
@@ -427,6 +472,9 @@ def main(argv=None):
                                     "skip_adapter,paged_attention,gemv")
     p.add_argument("--formats", default=",".join(FORMATS), help="gemv's weight formats")
     p.add_argument("--gemv-rows", default="1,4,16", help="gemv's rows of x (comma list)")
+    p.add_argument("--gemv-shapes", default="smollm2-135m",
+                   help="gemv's models (comma list of --shapes names; llama-1b: 0.5 GB of float "
+                        "weights per LM head copy)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--budget", type=float, default=0.15, help="seconds of timing per measurement")
     p.add_argument("--cold-l2", action="store_true",
@@ -481,7 +529,7 @@ def main(argv=None):
                              device, dtype, g, names, peak, cache_bytes)
 
     if "gemv" in ops:
-        print(f"{'gemv matrix':<18} {'format':<6} {'rows':>5} {'threads':>7} {'backend':<9} "
+        print(f"{'gemv matrix':<18} {'shape':<12} {'format':<6} {'rows':>5} {'threads':>7} {'backend':<9} "
               f"{'time us':>10} {'MB':>8} {'GB/s':>7} {'% read':>7} {'read GB/s':>9}")
         measure_gemv(results, args, device, dtype, names, cache_bytes, g)
         plot_gemv(results, args.out, device, meta["dtype"])

@@ -26,6 +26,24 @@ def test_bench_kernels_times_linear_with_its_epilogues(tmp_path, capsys):
     assert "linear_down" in capsys.readouterr().out
 
 
+def test_bench_kernels_times_each_models_gemv_per_weight_format(tmp_path, capsys):
+    out = tmp_path / "bk"
+    bench_kernels.main(["--device", "cpu", "--ops", "gemv", "--formats", "dense,q4_1",
+                        "--gemv-rows", "1,3", "--gemv-shapes", "gpt2-small,smollm2-135m",
+                        "--budget", "0.01", "--out", str(out)])
+    result = json.loads((tmp_path / "bk.json").read_text())
+    assert not result["failures"]
+    got = {(r["shape"], r["matrix"], r["format"], r["rows"]) for r in result["rows"]}
+    for shape in ("gpt2-small", "smollm2-135m"):
+        for matrix in bench_kernels.GEMV_MATRICES:
+            assert {(shape, matrix, f, n) for f in ("dense", "q4_1") for n in (1, 3)} <= got
+    down = {r["shape"]: r["bytes"] for r in result["rows"]
+            if (r["matrix"], r["format"], r["rows"], r["backend"]) == ("down", "dense", 1, "native")}
+    assert down["smollm2-135m"] == 4 * (576 * 1536 + 1536)       # float32 weight + x
+    assert all(r["pct_read"] > 0 for r in result["rows"])
+    assert (tmp_path / "bk_gemv.png").stat().st_size > 0
+
+
 def test_bench_kernels_records_a_mismatch_and_times_the_rest(tmp_path, monkeypatch):
     """A backend whose linear is wrong is not timed for linear: the mismatch is recorded and the
     run exits non-zero, while its norm, and the reference's linear, are still timed."""
