@@ -277,3 +277,19 @@ def test_a_replica_killed_mid_load_loses_no_request(deployed):
     assert killed in before and killed not in after and len(after - before) == 1
     out = _client(url).completions.create(model="tiny", prompt="hello", max_tokens=3)
     assert len(out.choices[0].token_ids) == 3
+
+
+def test_autoscaling_bounds_and_reservations_reach_the_engine_deployment():
+    """--min/--max-replicas and --target-ongoing-requests become the engine deployment's
+    autoscaling config (the router stays one replica); without bounds the count is fixed."""
+    app = ray_serve.deployment({"model": "m", "max_num_seqs": 8}, {}, replicas=2, min_replicas=1,
+                               max_replicas=3, num_cpus=0.5, num_gpus=0.25)
+    engine = app._bound_deployment.init_args[0]._bound_deployment
+    scaling = engine._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.initial_replicas, scaling.max_replicas) == (1, 2, 3)
+    assert scaling.target_ongoing_requests == 4                  # half of max_num_seqs
+    assert engine.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.25}
+    assert engine.max_ongoing_requests == 16
+    fixed = ray_serve.deployment({"model": "m"}, {}, replicas=5, target_ongoing_requests=7)
+    engine = fixed._bound_deployment.init_args[0]._bound_deployment
+    assert engine.num_replicas == 5 and engine._deployment_config.autoscaling_config is None
