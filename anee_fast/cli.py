@@ -102,10 +102,10 @@ def _checked_model(args):
         raise _Error(f"--model: {e}") from None
 
 
-def _checked_budget(value, flag="--budget") -> float:
+def _checked_budget(value, flag="--budget", name="energy_budget") -> float:
     from .engine.llm_engine import check_budget
     try:
-        return check_budget(value)
+        return check_budget(value, name)
     except ValueError as e:
         raise _Error(f"{flag}: {e}") from None
 
@@ -149,6 +149,9 @@ def _add_generate(subparsers):
     p.add_argument("--budget", type=float, default=0.5,
                    help="energy budget: fraction of a full forward one token may spend, in [0, 1] "
                         "(default 0.5)")
+    p.add_argument("--prompt-budget", type=float, default=1.0,
+                   help="energy budget of the prompt's tokens, in [0, 1] (default 1.0: the prompt "
+                        "is read at full depth and the budget saves on the generated tokens)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--controller", default="budget", metavar="NAME|PATH",
                    help=_controller_help("depth controller"))
@@ -174,6 +177,7 @@ def _cmd_generate(args) -> int:
     from .eval.chat_answers import chat_prompt_ids
     from .eval.report import write_json
     budget = _checked_budget(args.budget)
+    prompt_budget = _checked_budget(args.prompt_budget, "--prompt-budget", "prompt_budget")
     if not args.prompt:
         raise _Error("the prompt is empty")
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -188,7 +192,8 @@ def _cmd_generate(args) -> int:
     prompt_ids, chat = chat_prompt_ids(tokenizer, args.prompt, args.chat)
 
     start = time.perf_counter()
-    out = llm.generate(prompt_ids, params, energy_budget=budget, controller=controller)[0]
+    out = llm.generate(prompt_ids, params, energy_budget=budget, controller=controller,
+                       prompt_budget=prompt_budget)[0]
     seconds = time.perf_counter() - start
 
     trace = out.trace
@@ -216,7 +221,8 @@ def _cmd_generate(args) -> int:
             "controller": args.controller, "prompt": args.prompt, "chat": chat,
             "text": out.text, "prompt_token_ids": list(out.prompt_token_ids),
             "token_ids": list(out.token_ids), "finish_reason": out.finish_reason,
-            "budget": budget, "skip_cost": trace.skip_cost, "min_layers": args.min_layers,
+            "budget": budget, "prompt_budget": prompt_budget, "skip_cost": trace.skip_cost,
+            "min_layers": args.min_layers,
             "floor": floor, "num_prompt_tokens": trace.num_prompt_tokens,
             "actions": trace.actions.tolist(), "compute": trace.compute.tolist(),
             "sampling": {"max_new_tokens": params.max_tokens, "temperature": params.temperature,
@@ -251,6 +257,10 @@ def _stats(trace, num_generated, seconds) -> dict:
         "layers_run_mean": float(runs.mean()), "layers_run_min": int(runs.min()),
         "layers_run_max": int(runs.max()),
         "compute_mean": trace.mean_compute, "compute_max": float(trace.compute.max()),
+        "prompt_compute": float(trace.compute[:trace.num_prompt_tokens].mean()),
+        "generated_compute": trace.generated_compute,
+        "generated_compute_max": float(trace.compute[trace.num_prompt_tokens:].max())
+        if trace.compute.shape[0] > trace.num_prompt_tokens else 0.0,
         "compute_saved": trace.compute_saved,
         "seconds": seconds,
         "tokens_per_s": num_generated / seconds if seconds > 0 else math.inf,
@@ -268,6 +278,8 @@ def _summary(llm, args, out, s, budget, floor, chat) -> str:
         f"(min {s['layers_run_min']}, max {s['layers_run_max']})",
         f"compute spent: {s['compute_mean']:.1%} of a full forward per token (max "
         f"{s['compute_max']:.1%}); energy budget {budget:.1%}, min_layers floor {floor:.1%}",
+        f"  prompt tokens {s['prompt_compute']:.1%} (prompt budget {args.prompt_budget:.1%}), "
+        f"generated tokens {s['generated_compute']:.1%} (max {s['generated_compute_max']:.1%})",
         f"compute saved: {s['compute_saved']:.1%}",
         f"speed: {s['generated_tokens']} tokens in {s['seconds']:.2f} s = "
         f"{s['tokens_per_s']:.1f} tokens/s (prefill included)",
@@ -297,6 +309,10 @@ def _add_serve(subparsers):
                    help="the model id clients must send (default: the model's name)")
     p.add_argument("--budget", type=float, default=1.0,
                    help="energy budget of requests that give none, in [0, 1] (default 1.0)")
+    p.add_argument("--prompt-budget", type=float, default=None,
+                   help="energy budget of the prompt's tokens of requests that give no "
+                        "prompt_budget, in [0, 1] (default: the request's energy budget; 1.0 reads "
+                        "prompts at full depth)")
     p.add_argument("--controller", default="budget", metavar="NAME|PATH",
                    help=_controller_help("controller of requests that name none"))
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
@@ -333,6 +349,8 @@ def _add_serve(subparsers):
 
 def _cmd_serve(args) -> int:
     budget = _checked_budget(args.budget)
+    prompt_budget = None if args.prompt_budget is None else _checked_budget(args.prompt_budget,
+                                                                            "--prompt-budget")
     controller = _checked_controller(args.controller)
     if not 0 <= args.port <= 65535:
         raise _Error(f"--port must be in [0, 65535], got {args.port}")
@@ -349,7 +367,7 @@ def _cmd_serve(args) -> int:
     engine_options = {"num_kv_blocks": args.num_kv_blocks, "max_num_seqs": args.max_num_seqs}
     app_options = {"api_key": args.api_key, "model_name": args.served_model_name,
                    "max_body_bytes": args.max_body_bytes, "body_timeout_s": args.body_timeout,
-                   "energy_budget": budget}
+                   "energy_budget": budget, "prompt_budget": prompt_budget}
     if scaling is not None:
         ray_serve = _import_ray_serve()
         # Each replica builds its own controller from the name or path (checked above).
@@ -434,6 +452,9 @@ def _add_eval(subparsers):
                         "ratio of their perplexity under the full model to the full model's own")
     p.add_argument("--chat-max-tokens", type=int, default=96,
                    help="most tokens per chat answer (default 96)")
+    p.add_argument("--chat-prompt-budget", type=float, default=1.0,
+                   help="energy budget of the chat prompts' tokens, in [0, 1] (default 1.0, as "
+                        "`generate` reads a prompt)")
     _add_model_options(p)
     others = [name for name in CONTROLLER_NAMES if name not in DEFAULT_CONTROLLERS]
     p.add_argument("--controllers", default=None, metavar="LIST",
@@ -467,6 +488,8 @@ def _cmd_eval(args) -> int:
             raise _Error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.seq_len <= 32:
         raise _Error(f"--seq-len must be over 32 (the greedy-continuation prefix), got {args.seq_len}")
+    chat_prompt_budget = _checked_budget(args.chat_prompt_budget, "--chat-prompt-budget",
+                                         "prompt_budget")
     if args.text is not None:
         corpus_text(args.text)
     controllers = None
@@ -485,6 +508,7 @@ def _cmd_eval(args) -> int:
              float_llm=float_llm,
              windows=args.windows, seq_len=args.seq_len, json_path=args.json, plot_path=args.plot,
              chat_path=args.chat_answers, chat_max_tokens=args.chat_max_tokens,
+             chat_prompt_budget=chat_prompt_budget,
              progress=not args.no_progress, search_windows=args.search_windows,
              search_len=args.search_len, search_width=args.search_width, router_k=args.router_k)
     return 0

@@ -118,9 +118,11 @@ class LLM:
     # ---- generation ----------------------------------------------------------------------------
 
     def generate(self, prompts, sampling_params=None, energy_budget=1.0, controller="budget",
-                 use_tqdm: bool = False):
+                 use_tqdm: bool = False, prompt_budget=None):
         """Generates for one prompt or a list of prompts, each a string or token ids (a list,
-        tuple or 1-D tensor); returns one RequestOutput per prompt."""
+        tuple or 1-D tensor); returns one RequestOutput per prompt. energy_budget governs every
+        token; prompt_budget, when given, the prompt's tokens instead (1.0: read the prompt at
+        full depth, and save on the generated tokens only). Each: a float or one per prompt."""
         if isinstance(prompts, (list, tuple)) and not prompts:
             raise ValueError("no prompts given")
         batched = _is_batch(prompts)
@@ -129,16 +131,19 @@ class LLM:
         params = sampling_params or SamplingParams()
         params = params if isinstance(params, (list, tuple)) else [params] * len(prompts)
         budgets = energy_budget if isinstance(energy_budget, (list, tuple)) else [energy_budget] * len(prompts)
+        prompt_budgets = prompt_budget if isinstance(prompt_budget, (list, tuple)) \
+            else [prompt_budget] * len(prompts)
         controllers = controller if isinstance(controller, (list, tuple)) and \
             not all(isinstance(c, int) for c in controller) else [controller] * len(prompts)
         for name, values in (("sampling_params", params), ("energy_budget", budgets),
-                             ("controller", controllers)):
+                             ("prompt_budget", prompt_budgets), ("controller", controllers)):
             if len(values) != len(prompts):
                 raise ValueError(f"{len(prompts)} prompts but {len(values)} values of {name}")
         engine = self.engine
         # Validate every request before any is queued, so a bad one changes nothing.
-        seqs = [engine.new_sequence(self._encode(p), sp, b, c, name)
-                for p, name, sp, b, c in zip(prompts, names, params, budgets, controllers)]
+        seqs = [engine.new_sequence(self._encode(p), sp, b, c, name, prompt_budget=pb)
+                for p, name, sp, b, pb, c in zip(prompts, names, params, budgets, prompt_budgets,
+                                                 controllers)]
         for seq in seqs:
             engine.scheduler.add(seq)
         progress = None

@@ -81,7 +81,9 @@ def generate_args(model_dir, *extra):
 
 
 def check_trace(record):
-    """The JSON's actions/compute agree with each other and with the budget rule."""
+    """The JSON's actions/compute agree with each other and with the budget rule: the prompt's
+    tokens with prompt_budget, the generated ones with budget. Returns the generated tokens'
+    actions and compute (the prompt's are checked here)."""
     L = record["num_layers"]
     actions = torch.tensor(record["actions"])
     compute = torch.tensor(record["compute"])
@@ -92,8 +94,13 @@ def check_trace(record):
     processed = (actions == 0).sum(1).float()
     expected = (processed + (L - processed) * record["skip_cost"]) / L
     assert torch.allclose(compute, expected, atol=1e-5)
-    assert float(compute.max()) <= max(record["budget"], record["floor"]) + 1e-5
-    return actions, compute
+    n_prompt = record["num_prompt_tokens"]
+    for part, budget in ((slice(0, n_prompt), record["prompt_budget"]),
+                         (slice(n_prompt, None), record["budget"])):
+        assert float(compute[part].max()) <= max(budget, record["floor"]) + 1e-5
+    if record["prompt_budget"] == 1.0:                     # the prompt read at full depth
+        assert (actions[:n_prompt] == 0).all()
+    return actions[n_prompt:], compute[n_prompt:]
 
 
 def test_generate_writes_text_summary_plots_and_json(model_dir, tokenizer, tmp_path, capsys):
@@ -112,6 +119,8 @@ def test_generate_writes_text_summary_plots_and_json(model_dir, tokenizer, tmp_p
     assert any(line.startswith("layers run per token: mean ") and f"of {NUM_LAYERS}" in line
                for line in lines)
     assert any(line.startswith("compute spent: ") and "energy budget 50.0%" in line for line in lines)
+    assert any(line.startswith("  prompt tokens 100.0% (prompt budget 100.0%), generated tokens ")
+               for line in lines)
     assert any(line.startswith("compute saved: ") for line in lines)
     assert any(line.startswith("speed: 8 tokens in ") and line.endswith("(prefill included)")
                for line in lines)
@@ -129,12 +138,18 @@ def test_generate_writes_text_summary_plots_and_json(model_dir, tokenizer, tmp_p
                                               add_generation_prompt=True, tokenize=False)
     assert record["prompt_token_ids"] == tokenizer.encode(templated, add_special_tokens=False)
     assert record["prompt_token_ids"][0] == tokenizer.convert_tokens_to_ids("<|im_start|>")
-    assert record["budget"] == 0.5 and record["min_layers"] == 1
+    assert record["budget"] == 0.5 and record["prompt_budget"] == 1.0
+    assert record["min_layers"] == 1
     assert record["num_prompt_tokens"] == len(record["prompt_token_ids"])
     actions, _ = check_trace(record)
     # min_layers=1 on 2 layers: layer 0 always runs; at budget 0.5 layer 1 never can.
     assert (actions[:, 0] == 0).all() and (actions[:, 1] != 0).all()
-    assert record["summary"]["layers_run_mean"] == 1.0
+    n_prompt, n_traced = record["num_prompt_tokens"], len(record["compute"])
+    assert record["summary"]["layers_run_mean"] == pytest.approx(
+        (NUM_LAYERS * n_prompt + (n_traced - n_prompt)) / n_traced)
+    assert record["summary"]["prompt_compute"] == 1.0
+    assert record["summary"]["generated_compute"] == pytest.approx(
+        sum(record["compute"][n_prompt:]) / (n_traced - n_prompt))
     assert record["summary"]["generated_tokens"] == 8
 
 
@@ -151,6 +166,17 @@ def test_budget_changes_the_work_done(model_dir, tmp_path, capsys):
     assert not (a_low == 0).any()                          # budget 0: K/V fill only
     assert torch.allclose(c_low, torch.full_like(c_low, low["skip_cost"]), atol=1e-5)
     assert 0 < low["skip_cost"] < 1
+
+
+def test_prompt_budget_sets_the_prompt_tokens_work(model_dir, tmp_path, capsys):
+    path = tmp_path / "low.json"
+    assert run_cli(capsys, *generate_args(model_dir, "--budget", 0, "--prompt-budget", 0,
+                                          "--min-layers", 0, "--json", path))[0] == 0
+    record = json.loads(path.read_text())
+    assert record["prompt_budget"] == 0.0
+    check_trace(record)
+    compute = torch.tensor(record["compute"])
+    assert torch.allclose(compute, torch.full_like(compute, record["skip_cost"]), atol=1e-5)
 
 
 def test_no_chat_encodes_the_plain_prompt(model_dir, tokenizer, tmp_path, capsys):
@@ -181,6 +207,7 @@ def test_chat_is_off_without_a_template_and_cannot_be_forced(tmp_path, capsys):
     (["--budget", "1.5"], "energy_budget"),
     (["--budget", "nan"], "energy_budget"),
     (["--budget", "-0.1"], "energy_budget"),
+    (["--prompt-budget", "2"], "--prompt-budget: prompt_budget must be a number in [0, 1]"),
     (["--controller", "nonsense"], "unknown controller"),
     (["--controller", "missing/ctrl.json"], "trained controller file not found"),
     (["--controller", "/nonexistent/ctrl.pt"], "not found"),
@@ -190,7 +217,7 @@ def test_chat_is_off_without_a_template_and_cannot_be_forced(tmp_path, capsys):
     (["--backend", "bogus"], "unknown backend"),
     pytest.param(["--device", "cuda"], "CUDA is not available", marks=pytest.mark.skipif(
         torch.cuda.is_available(), reason="CUDA is available here")),
-], ids=["budget>1", "budget-nan", "budget<0", "controller-name", "trained-no-file",
+], ids=["budget>1", "budget-nan", "budget<0", "prompt-budget", "controller-name", "trained-no-file",
         "controller-file", "max-new-tokens", "min-layers", "device", "backend", "no-cuda"])
 def test_bad_arguments_exit_with_one_clear_line(model_dir, capsys, extra, expected):
     rc, out, err = run_cli(capsys, "generate", PROMPT, "--model", model_dir, *extra)

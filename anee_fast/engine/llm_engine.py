@@ -19,10 +19,10 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 
 
-def check_budget(budget) -> float:
+def check_budget(budget, name: str = "energy_budget") -> float:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) \
             or not 0.0 <= budget <= 1.0:
-        raise ValueError(f"energy_budget must be a number in [0, 1], got {budget!r}")
+        raise ValueError(f"{name} must be a number in [0, 1], got {budget!r}")
     return float(budget)
 
 
@@ -111,9 +111,10 @@ class LLMEngine:
             self.use_decode_graphs(*self._graph_settings)
 
     def new_sequence(self, prompt_ids, sampling: SamplingParams, budget, controller,
-                     name: str = "prompt_ids") -> Sequence:
+                     name: str = "prompt_ids", prompt_budget=None) -> Sequence:
         """Validates a request and makes its Sequence (not yet scheduled). `name`: the caller's
-        argument holding the prompt, for the errors."""
+        argument holding the prompt, for the errors. prompt_budget: the budget of the prompt's
+        tokens (None: `budget`, like every generated token's)."""
         spec = self.weights.spec
         ids = check_token_ids(prompt_ids, name)
         if not ids:
@@ -125,6 +126,8 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(ids)} tokens, more than the model's "
                              f"{spec.max_positions} positions")
         budget = check_budget(budget)
+        prompt_budget = budget if prompt_budget is None else check_budget(prompt_budget,
+                                                                          "prompt_budget")
         max_len = min(len(ids) + sampling.max_tokens, spec.max_positions)
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
         if max_len > capacity:
@@ -134,10 +137,12 @@ class LLMEngine:
         controller = make_controller(controller)
         controller.check_model(spec.num_layers, spec.hidden_size)
         return Sequence(ids, sampling, budget, controller, spec.num_layers, self.depth.skip_cost,
-                        max_len)
+                        max_len, prompt_budget)
 
-    def add_request(self, prompt_ids, sampling: SamplingParams, budget=1.0, controller="budget"):
-        seq = self.new_sequence(prompt_ids, sampling, budget, controller)
+    def add_request(self, prompt_ids, sampling: SamplingParams, budget=1.0, controller="budget",
+                    prompt_budget=None):
+        seq = self.new_sequence(prompt_ids, sampling, budget, controller,
+                                prompt_budget=prompt_budget)
         self.scheduler.add(seq)
         return seq
 

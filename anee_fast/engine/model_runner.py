@@ -27,7 +27,7 @@ class StepInputs:
     positions: list
     slots: list
     tables: list              # each sequence's block table (a list of block ids)
-    budgets: list             # each sequence's energy budget
+    budgets: list             # each sequence's energy budget at its first token of the step
 
 
 class MixedController(Controller):
@@ -86,7 +86,7 @@ class ModelRunner:
             inputs.positions += range(first, first + n)
             inputs.slots += [self.block_manager.slot(seq.seq_id, p) for p in range(first, first + n)]
             inputs.tables.append(self.block_manager.tables[seq.seq_id])
-            inputs.budgets.append(seq.budget)
+            inputs.budgets.append(seq.budget_at(first))
         return inputs
 
     def build_batch(self, chunks) -> StepBatch:
@@ -109,7 +109,8 @@ class ModelRunner:
     def policy_for(self, chunks, num_tokens, fixed_actions=None) -> DepthPolicy:
         if fixed_actions is not None:
             return self.new_policy(num_tokens, fixed_actions=fixed_actions.to(self.device))
-        terms = self.depth.budget_terms([seq.budget for seq, n in chunks for _ in range(n)])
+        terms = self.depth.budget_terms([seq.budget_at(seq.num_computed + i)
+                                         for seq, n in chunks for i in range(n)])
         by_controller = {}
         for i, (seq, _) in enumerate(chunks):
             by_controller.setdefault(id(seq.controller), (seq.controller, []))[1].append(i)

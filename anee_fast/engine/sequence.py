@@ -18,13 +18,14 @@ class SequenceStatus(Enum):
 
 class Sequence:
     def __init__(self, prompt_ids, sampling, budget: float, controller, num_layers: int,
-                 skip_cost: float, max_len: int):
+                 skip_cost: float, max_len: int, prompt_budget: float = None):
         self.seq_id = next(_ids)
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.sampling = sampling
         self.generator = sampling.make_generator()
-        self.budget = budget
+        self.budget = budget                    # of every generated token
+        self.prompt_budget = budget if prompt_budget is None else prompt_budget
         self.controller = controller
         self.skip_cost = skip_cost
         self.max_len = max_len                  # prompt + the most tokens it may generate
@@ -53,6 +54,11 @@ class Sequence:
     @property
     def generated_ids(self) -> list:
         return self.token_ids[self.num_prompt_tokens:]
+
+    def budget_at(self, position: int) -> float:
+        """The energy budget of the token at `position`: a prompt token's or a generated one's
+        (a recomputed generated token keeps its own)."""
+        return self.prompt_budget if position < self.num_prompt_tokens else self.budget
 
     def record(self, start: int, actions, compute, first_row: int, n: int) -> None:
         """Tokens start..start+n ran as rows first_row.. of a step whose host actions [rows, L]
@@ -95,8 +101,10 @@ class Sequence:
             "prompt_tokens": self.num_prompt_tokens,
             "completion_tokens": self.num_generated,
             "energy_budget": self.budget,
+            "prompt_budget": self.prompt_budget,
             "tokens_run": n_run,
             "compute": trace.mean_compute,
+            "completion_compute": trace.generated_compute,
             "layers_run_mean": float(trace.layers_run.float().mean()) if n_run else 0.0,
             "num_layers": trace.actions.shape[1],
             "ttft_s": times[1] - times[0] if len(times) > 1 else None,
@@ -109,7 +117,7 @@ class Sequence:
         n = self.num_computed
         return Trace(actions=self.actions[:n].clone(), compute=self.compute[:n].clone(),
                      budget=self.budget, skip_cost=self.skip_cost,
-                     num_prompt_tokens=self.num_prompt_tokens)
+                     num_prompt_tokens=self.num_prompt_tokens, prompt_budget=self.prompt_budget)
 
 
 def _percentile(sorted_values, q):

@@ -3,8 +3,9 @@
 KL and perplexity on held-out prose do not show whether a chat answer still reads as one. Here
 each prompt goes through the tokenizer's chat template exactly as `anee-fast generate` (and
 `make run`) sends it, and is answered greedily (stop at EOS) by the full model and by each
-controller at each budget. Per answer: its text and tokens, the mean compute of its run (prompt
-included), `ppl_under_full` (the full model's perplexity of the answer's tokens, the stop token
+controller at each budget, the prompt read at `prompt_budget` (1.0 as `make run` does: full
+depth; None: at the budget too). Per answer: its text and tokens, the mean compute of its run
+(`compute`, prompt included, and `answer_compute`, the tokens after the prompt), `ppl_under_full` (the full model's perplexity of the answer's tokens, the stop token
 included, given the prompt), `ppl_ratio` (that over the full model's own answer's), `ends_early`
 (empty, or stopped within ENDS_EARLY_TOKENS tokens where the full model did not) and `distinct2`
 (None under 2 tokens). A loop of one token can be likelier to the full model than its own answer
@@ -71,7 +72,7 @@ def _controller_at(name, value, budget):
 
 
 def chat_answers(llm, prompts, budgets, controllers, max_tokens: int = 96,
-                 progress: bool = True) -> list:
+                 progress: bool = True, prompt_budget=1.0) -> list:
     """Records (see the module doc) of the full model's answers, then of each controller's at each
     budget, prompts innermost. controllers: names or specs, or a dict label -> spec or callable
     budget -> spec (evaluate()'s form, one spec per budget)."""
@@ -93,7 +94,8 @@ def chat_answers(llm, prompts, budgets, controllers, max_tokens: int = 96,
     from tqdm import tqdm
     outputs = []
     for name, budget, spec in tqdm(runs, desc="chat answers", unit="run", disable=not progress):
-        answers = llm.generate(ids, params, energy_budget=budget, controller=spec)
+        answers = llm.generate(ids, params, energy_budget=budget, controller=spec,
+                               prompt_budget=prompt_budget)
         outputs += [(name, budget, prompt, out) for prompt, out in zip(prompts, answers)]
     nll = continuation_nll(llm, ids * len(runs), [out.token_ids for *_, out in outputs],
                            progress=progress)
@@ -102,6 +104,8 @@ def chat_answers(llm, prompts, budgets, controllers, max_tokens: int = 96,
         record = {"prompt": prompt, "controller": name, "budget": budget, "text": out.text,
                   "token_ids": list(out.token_ids), "tokens": len(out.token_ids),
                   "finish_reason": out.finish_reason, "compute": out.trace.mean_compute,
+                  "answer_compute": out.trace.generated_compute,
+                  "prompt_budget": out.trace.prompt_budget,
                   "ppl_under_full": math.exp(float(token_nll.mean())),
                   "distinct2": distinct2(out.token_ids) if len(out.token_ids) > 1 else None}
         full = records[i % len(prompts)] if i >= len(prompts) else record
@@ -121,14 +125,16 @@ def _runs(records) -> dict:
 
 
 def format_chat_summary(records) -> str:
-    """Per controller and budget: mean compute, answers that end early, the median ppl_ratio, the
-    mean distinct2 (of answers with 2 tokens or more) and the mean answer length, as a table."""
-    head = f"{'controller':<16}{'budget':>7}{'compute':>9}{'answers':>9}{'early':>7}" \
+    """Per controller and budget: mean compute (prompt included, and of the answer's tokens),
+    answers that end early, the median ppl_ratio, the mean distinct2 (of answers with 2 tokens or
+    more) and the mean answer length, as a table."""
+    head = f"{'controller':<16}{'budget':>7}{'compute':>9}{'answer':>8}{'answers':>9}{'early':>7}" \
            f"{'ppl_ratio':>11}{'dist2':>7}{'tokens':>8}"
     lines = [head, "-" * len(head)]
     for (name, budget), rows in _runs(records).items():
         d2 = [r["distinct2"] for r in rows if r["distinct2"] is not None]
         lines.append(f"{name:<16}{budget:>7.2f}{statistics.fmean(r['compute'] for r in rows):>9.3f}"
+                     f"{statistics.fmean(r['answer_compute'] for r in rows):>8.3f}"
                      f"{len(rows):>9}{sum(r['ends_early'] for r in rows):>7}"
                      f"{statistics.median(r['ppl_ratio'] for r in rows):>11.3g}"
                      f"{f'{statistics.fmean(d2):.3f}' if d2 else '-':>7}"
@@ -139,8 +145,12 @@ def format_chat_summary(records) -> str:
 def format_chat_markdown(records) -> str:
     """Per prompt, the full model's answer, then each controller's at each budget with its
     figures and flags, each answer quoted as it was written."""
+    prompt_budgets = sorted({r["prompt_budget"] for r in records if r["controller"] != FULL})
+    read = ("the prompt read at its answer's budget" if not prompt_budgets else
+            f"the prompt read at prompt budget {', '.join(f'{b:g}' for b in prompt_budgets)}")
     lines = ["# Chat answers", "",
-             "Greedy, stop at EOS. `ppl` is the full model's perplexity of the answer (its stop "
+             f"Greedy, stop at EOS, {read}; `compute` includes the prompt, `answer` is the answer's "
+             "tokens' alone. `ppl` is the full model's perplexity of the answer (its stop "
              "token included) given the prompt; `x` that over the full model's own answer's; "
              "`dist2` the answer's distinct 2-grams over all its 2-grams; "
              f"**ENDS EARLY**: empty, or stopped within {ENDS_EARLY_TOKENS} tokens where the full "
@@ -153,7 +163,8 @@ def format_chat_markdown(records) -> str:
         for r in rows:
             label = r["controller"] if r["controller"] == FULL else \
                 f"{r['controller']} @ {r['budget']:g}"
-            flags = [f"compute {r['compute']:.3f}", f"{r['tokens']} tokens",
+            flags = [f"compute {r['compute']:.3f} (answer {r['answer_compute']:.3f})",
+                     f"{r['tokens']} tokens",
                      "stopped" if r["finish_reason"] == "stop" else "cut at max_tokens",
                      f"ppl {r['ppl_under_full']:.3g} (x{r['ppl_ratio']:.2f})"]
             if r["distinct2"] is not None:

@@ -186,11 +186,12 @@ def format_table(records) -> str:
 
 def run_eval(llm, *, budgets=DEFAULT_BUDGETS, text_path=None, controllers=None, windows: int = 8,
              seq_len: int = 128, heldout_fraction: float = 0.2, json_path=None, plot_path=None,
-             chat_path=None, chat_max_tokens: int = 96, float_llm=None,
+             chat_path=None, chat_max_tokens: int = 96, chat_prompt_budget=1.0, float_llm=None,
              progress: bool = True, out=None, **build_options) -> list:
     """The whole `anee-fast eval`: corpus, split, baselines, evaluation, table, JSON and PNG; with
     chat_path, also the chat answers to DEFAULT_PROMPTS of every controller but the router (it
-    routes held-out windows, not prompts) as markdown there, and their summary table. out: where
+    routes held-out windows, not prompts), prompts read at chat_prompt_budget (None: at each
+    budget), as markdown there, and their summary table. out: where
     the tables go (None: sys.stdout when called, so a replaced stdout is followed). float_llm:
     the same model with float32 weights, when `llm` stores them otherwise (int8, bf16, GGUF
     blocks): the full-depth record then also says what the format costs against it
@@ -222,7 +223,7 @@ def run_eval(llm, *, budgets=DEFAULT_BUDGETS, text_path=None, controllers=None, 
         if len(chat) < len(built):
             print("note: chat answers leave out the router (it routes held-out windows)", file=out)
         answers = chat_answers(llm, DEFAULT_PROMPTS, budgets, chat, max_tokens=chat_max_tokens,
-                               progress=progress)
+                               progress=progress, prompt_budget=chat_prompt_budget)
         print(format_chat_summary(answers), file=out)
         print(f"chat answers: {write_text(chat_path, format_chat_markdown(answers))}", file=out)
     return records

@@ -3,8 +3,8 @@
 Fields the engine cannot honour (n > 1, logprobs, penalties, logit_bias, stop strings) are
 rejected with a 400 rather than silently ignored; unknown fields are rejected too. Fields are
 strict: each takes its JSON type only (no "yes" for true, no "5" or true for 5); an int is
-accepted for a float. Extra fields of this server: `energy_budget`, `controller`, `top_k`,
-`ignore_eos`, `stop_token_ids`.
+accepted for a float. Extra fields of this server: `energy_budget`, `prompt_budget`,
+`controller`, `top_k`, `ignore_eos`, `stop_token_ids`.
 """
 from typing import Literal, Optional, Union
 
@@ -97,12 +97,13 @@ class _GenerationRequest(BaseModel):
     logit_bias: Optional[dict] = None
     user: Optional[str] = None
     energy_budget: Optional[float] = None
+    prompt_budget: Optional[float] = None
     controller: Union[str, list[int], None] = None
 
-    @field_validator("energy_budget", mode="before")
+    @field_validator("energy_budget", "prompt_budget", mode="before")
     @classmethod
-    def _budget(cls, value):
-        return None if value is None else check_budget(value)
+    def _budget(cls, value, info):
+        return None if value is None else check_budget(value, info.field_name)
 
     _controller = field_validator("controller", mode="wrap")(_one_of(
         f"a controller name ({', '.join(CONTROLLER_NAMES)}) or a list of per-layer action codes, "

@@ -3,7 +3,7 @@
 `build_app(llm)` makes the app: `/v1/completions`, `/v1/chat/completions` (chat template from
 the tokenizer), both streaming with server-sent events, `/v1/models`, `/health` and `/metrics`
 (Prometheus text; with the GPU's energy where an energy meter reads it). Requests may carry
-`energy_budget` and `controller`; every response reports the compute spent in an extra `anee`
+`energy_budget`, `prompt_budget` and `controller`; every response reports the compute spent in an extra `anee`
 field. Bad requests get an OpenAI error body with a 4xx status and touch nothing else.
 
 Request bodies: `Content-Type: application/json` only (415; a form or text/plain POST from a web
@@ -64,14 +64,15 @@ _CLOSE = {"Connection": "close"}
 
 def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, energy_budget: float = 1.0,
-              controller="budget", energy_meter=None) -> FastAPI:
+              controller="budget", energy_meter=None, prompt_budget=None) -> FastAPI:
     """The FastAPI app serving `llm` (an `LLM`); its engine loop runs while the app is up.
 
     api_key: when set, `/v1/*` and `/metrics` need `Authorization: Bearer <api_key>`.
     max_body_bytes, body_timeout_s: the largest request body, and the most seconds its upload
     may take (a client that sends less than its Content-Length does not hold a connection).
-    energy_budget, controller: what a request without those fields gets (the controller may be
-    a file path here; requests may only name controllers or give per-layer action lists).
+    energy_budget, controller, prompt_budget: what a request without those fields gets (the
+    controller may be a file path here; requests may only name controllers or give per-layer
+    action lists; prompt_budget None: the request's energy_budget).
     energy_meter: what `/metrics` reads `anee_energy_joules_total` from: an EnergyMeter, a string
     saying why there is none, or None for `energy.energy_meter` of the model's device.
     """
@@ -84,7 +85,7 @@ def build_app(llm, api_key=None, *, model_name=None, max_body_bytes: int = DEFAU
     if energy_meter is None:
         energy_meter = energy.energy_meter(llm.weights.device)
     service = _Service(llm, model_name or llm.name, energy_budget, make_controller(controller),
-                       energy_meter)
+                       energy_meter, prompt_budget)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -248,11 +249,12 @@ def _check_json(body) -> None:
 class _Service:
     """What the endpoints share: the model, the engine loop, the metrics, request building."""
 
-    def __init__(self, llm, model_name, energy_budget, controller, energy_meter):
+    def __init__(self, llm, model_name, energy_budget, controller, energy_meter, prompt_budget):
         controller.check_model(llm.spec.num_layers, llm.spec.hidden_size)
         self.llm = llm
         self.model_name = model_name
         self.energy_budget = energy_budget
+        self.prompt_budget = prompt_budget
         self.controller = controller
         self.created = int(time.time())
         self.metrics = ServingMetrics(energy_meter)
@@ -331,8 +333,10 @@ class _Service:
         controller = self.controller if req.controller is None else self._controller(
             req.controller)
         budget = self.energy_budget if req.energy_budget is None else req.energy_budget
+        prompt_budget = self.prompt_budget if req.prompt_budget is None else req.prompt_budget
         try:
-            return self.llm.engine.new_sequence(ids, sampling, budget, controller)
+            return self.llm.engine.new_sequence(ids, sampling, budget, controller,
+                                                prompt_budget=prompt_budget)
         except ValueError as e:         # what only the engine checks: its KV cache's capacity
             raise APIError(400, str(e)) from None
 

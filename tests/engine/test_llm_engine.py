@@ -179,6 +179,73 @@ def test_per_request_budgets_and_controllers(tmp_path, pool):
     assert (outs[0].trace.actions == PROCESS).all()
 
 
+# ---- the prompt's own budget ------------------------------------------------------------------------
+
+def test_prompt_budget_reads_the_prompt_at_its_own_budget():
+    """prompt_budget=1.0: every prompt token PROCESSes every layer, every generated token stays
+    within energy_budget, and the tokens are what the semantics give for the recorded actions."""
+    model = build_model("llama_gqa", num_layers=4)
+    llm = LLM(model, min_layers=1)
+    prompt = random_ids(model, 9, seed=31).tolist()
+    out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                       energy_budget=0.3, prompt_budget=1.0)[0]
+    trace = out.trace
+    assert trace.prompt_budget == 1.0 and trace.budget == 0.3
+    assert (trace.actions[:9] == PROCESS).all() and (trace.compute[:9] == 1.0).all()
+    assert (trace.compute[9:] <= llm.depth.effective_budget(0.3) + 1e-6).all()
+    assert trace.generated_compute == pytest.approx(float(trace.compute[9:].mean()))
+    assert trace.generated_compute < 1.0
+    logits = llm.score(prompt + out.token_ids[:-1], actions=trace.actions)
+    assert logits[8:].argmax(-1).tolist() == out.token_ids
+    # At the budget itself the prompt skips too.
+    same = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                        energy_budget=0.3)[0]
+    assert (same.trace.compute[:9] < 1.0).any()
+
+
+def test_no_prompt_budget_or_the_same_one_is_todays_run():
+    model = build_model("gpt2", num_layers=L)
+    prompts, params = _requests(model)
+    llm = LLM(model, min_layers=1)
+    today = llm.generate(prompts, params, energy_budget=0.4)
+    _assert_same(llm.generate(prompts, params, energy_budget=0.4, prompt_budget=None), today)
+    _assert_same(llm.generate(prompts, params, energy_budget=0.4, prompt_budget=0.4), today)
+
+
+def test_prompt_budgets_survive_chunked_prefill_and_preemption():
+    """Per-request prompt budgets: batched with a prefill split in chunks and a pool small
+    enough to preempt (a recomputed generated token keeps the generation budget), each request
+    gets the tokens and trace it gets alone."""
+    model = build_model("qwen2", num_layers=L)
+    prompts, params = _requests(model)
+    budgets, prompt_budgets = [0.2, 0.4, 0.0, 1.0, 0.5], [1.0, 0.6, 1.0, 0.0, None]
+    roomy = LLM(model, min_layers=1)
+    refs = [roomy.generate(p, sp, energy_budget=b, prompt_budget=pb)[0]
+            for p, sp, b, pb in zip(prompts, params, budgets, prompt_budgets)]
+    llm = LLM(model, min_layers=1, block_size=4, num_kv_blocks=6, max_num_batched_tokens=3)
+    preempted = _count_calls(llm.engine.scheduler, "_preempt")
+    outs = llm.generate(prompts, params, energy_budget=budgets, prompt_budget=prompt_budgets)
+    assert len(preempted) > 0
+    _assert_same(outs, refs)
+    assert (refs[0].trace.compute[:len(prompts[0])] == 1.0).all()
+    assert llm.engine.block_manager.num_used == 0
+
+
+@pytest.mark.parametrize("value, message", [
+    (1.5, "prompt_budget must be a number in [0, 1], got 1.5"),
+    (float("nan"), "prompt_budget must be a number in [0, 1]"),
+    (True, "prompt_budget must be a number in [0, 1], got True"),
+    ([1.0], "2 prompts but 1 values of prompt_budget"),
+])
+def test_bad_prompt_budgets_are_refused(value, message):
+    model = build_model("gpt2", num_layers=L)
+    llm = LLM(model, min_layers=1)
+    prompts = [random_ids(model, 4, seed=s).tolist() for s in (1, 2)]
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        llm.generate(prompts, SamplingParams(max_tokens=2), prompt_budget=value)
+    assert llm.engine.block_manager.num_used == 0 and not llm.engine.scheduler.waiting
+
+
 # ---- sampling --------------------------------------------------------------------------------------
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent():

@@ -87,7 +87,12 @@ def test_full_answers_are_greedy_generations_of_the_templated_prompt(tiny):
             assert r["ppl_under_full"] == pytest.approx(math.exp(float(nll.mean())), rel=1e-4)
             assert r["ppl_ratio"] == pytest.approx(r["ppl_under_full"] / full["ppl_under_full"])
     cap = llm.depth.effective_budget(0.5) + 1e-6
-    assert all(r["compute"] <= cap for r in records if r["budget"] == 0.5)
+    # The prompt read at full depth (the default, as `generate` reads it), the answer at 0.5.
+    assert all(r["answer_compute"] <= cap < r["compute"] and r["prompt_budget"] == 1.0
+               for r in records if r["budget"] == 0.5)
+    at_budget = chat_answers(llm, DEFAULT_PROMPTS[:1], [0.5], ["budget"], max_tokens=MAX_TOKENS,
+                             progress=False, prompt_budget=None)[1]
+    assert at_budget["compute"] <= cap and at_budget["prompt_budget"] == 0.5
     assert any(r["token_ids"] != records[i % n]["token_ids"] for i, r in enumerate(records))
 
 
@@ -126,21 +131,27 @@ def test_ends_early(text, tokens, reason, full_tokens, full_reason, expected):
 
 
 def test_formatters_show_each_answer_under_its_prompt():
-    base = {"compute": 1.0, "finish_reason": "stop", "ppl_under_full": 4.0, "ppl_ratio": 1.0,
-            "ends_early": False, "distinct2": 1.0}
+    base = {"compute": 1.0, "answer_compute": 1.0, "prompt_budget": 1.0, "finish_reason": "stop",
+            "ppl_under_full": 4.0, "ppl_ratio": 1.0, "ends_early": False, "distinct2": 1.0}
     records = [
         {**base, "prompt": "P1", "controller": "full", "budget": 1.0, "text": "one\ntwo", "tokens": 9},
         {**base, "prompt": "P2", "controller": "full", "budget": 1.0, "text": "three", "tokens": 7},
         {**base, "prompt": "P1", "controller": "heuristic", "budget": 0.5, "text": "", "tokens": 1,
-         "compute": 0.5, "ppl_under_full": 8.0, "ppl_ratio": 2.0, "ends_early": True,
+         "compute": 0.6, "answer_compute": 0.5, "ppl_under_full": 8.0, "ppl_ratio": 2.0,
+         "ends_early": True,
          "distinct2": None},
         {**base, "prompt": "P2", "controller": "heuristic", "budget": 0.5, "text": "x", "tokens": 96,
-         "compute": 0.5, "finish_reason": "length", "ppl_ratio": 4.0, "distinct2": 0.25},
+         "compute": 0.6, "answer_compute": 0.5, "finish_reason": "length", "ppl_ratio": 4.0,
+         "distinct2": 0.25},
     ]
     summary = format_chat_summary(records).splitlines()
-    assert summary[2].split() == ["full", "1.00", "1.000", "2", "0", "1", "1.000", "8.0"]
-    assert summary[3].split() == ["heuristic", "0.50", "0.500", "2", "1", "3", "0.250", "48.5"]
+    assert summary[0].split()[2:4] == ["compute", "answer"]
+    assert summary[2].split() == ["full", "1.00", "1.000", "1.000", "2", "0", "1", "1.000", "8.0"]
+    assert summary[3].split() == ["heuristic", "0.50", "0.600", "0.500", "2", "1", "3", "0.250",
+                                  "48.5"]
     md = format_chat_markdown(records)
+    assert "the prompt read at prompt budget 1" in md
+    assert "compute 0.600 (answer 0.500)" in md
     p1, p2 = md.split("## 1. P1")[1].split("## 2. P2")
     assert p1.index("**full**") < p1.index("> one\n> two") < p1.index("**heuristic @ 0.5**")
     assert "> *(empty)*" in p1 and "**ENDS EARLY**" in p1 and "x2.00" in p1
@@ -184,10 +195,16 @@ def test_cli_eval_writes_chat_answers(tiny, tmp_path, capsys, monkeypatch):
     assert written.count("**full**") == 6 and written.count("**budget @ 0.5**") == 6
     assert "router" not in written
     summary = [line.split()[:2] for line in out.splitlines()
-               if line.split()[:1] in (["full"], ["budget"]) and len(line.split()) == 8]
+               if line.split()[:1] in (["full"], ["budget"]) and len(line.split()) == 9]
     assert summary == [["full", "1.00"], ["budget", "1.00"], ["budget", "0.50"]]
 
 
 def test_cli_eval_refuses_a_bad_chat_max_tokens_before_loading(capsys):
     assert main(["eval", "--chat-max-tokens", "0"]) == 1
     assert "--chat-max-tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_eval_refuses_a_bad_chat_prompt_budget_before_loading(capsys):
+    assert main(["eval", "--chat-prompt-budget", "1.5"]) == 1
+    assert "--chat-prompt-budget: prompt_budget must be a number in [0, 1]" in \
+        capsys.readouterr().err

@@ -180,6 +180,8 @@ def _bad_requests(name, max_positions):
         ({**ok, "energy_budget": 1.5}, 400),
         ({**ok, "energy_budget": -0.1}, 400),
         ({**ok, "energy_budget": "half"}, 400),
+        ({**ok, "prompt_budget": 1.5}, 400),
+        ({**ok, "prompt_budget": "full"}, 400),
         ({**ok, "prompt": [1] * max_positions}, 400),
         ({**ok, "prompt": [1] * (max_positions - 2), "max_tokens": 3}, 400),
         ({**ok, "max_tokens": -1}, 400),
@@ -522,6 +524,25 @@ def test_the_server_honours_the_request_energy_budget(tiny):
                for b in (0.5, 1.0)}
     assert compute[1.0] == pytest.approx(1.0)
     assert compute[0.5] <= llm.depth.effective_budget(0.5) + 1e-6 < 1.0
+
+
+def test_a_request_prompt_budget_reads_its_prompt_at_that_budget(tiny):
+    """prompt_budget 1.0: the prompt at full depth, the completion within energy_budget; the
+    `anee` stats say both, and a bad value is a 400 naming the field."""
+    llm, server = tiny
+    body = {**TINY_OK, "max_tokens": 6, "ignore_eos": True, "temperature": 0,
+            "energy_budget": 0.5}
+    plain = _post(server, body).json()["anee"]
+    full_prompt = _post(server, {**body, "prompt_budget": 1.0}).json()["anee"]
+    assert plain["prompt_budget"] == 0.5 and full_prompt["prompt_budget"] == 1.0
+    cap = llm.depth.effective_budget(0.5) + 1e-6
+    assert plain["completion_compute"] <= cap and full_prompt["completion_compute"] <= cap
+    n, traced = full_prompt["prompt_tokens"], full_prompt["tokens_run"]
+    assert full_prompt["compute"] == pytest.approx(
+        (n + full_prompt["completion_compute"] * (traced - n)) / traced, rel=1e-5)
+    assert plain["compute"] < full_prompt["compute"]
+    message = _error(_post(server, {**body, "prompt_budget": 2}), 400, "prompt_budget")
+    assert "prompt_budget must be a number in [0, 1]" in message
 
 
 def test_serving_beyond_loopback_needs_a_key_or_an_explicit_flag(tiny, monkeypatch, capsys):
