@@ -271,11 +271,12 @@ inline PagedAttentionSizes check_paged_attention_args(
   return {N, heads, d, num_slots, kv_heads};
 }
 
-// policy_step: proposed int8 [N]; spent float32, stopped bool, allowed float32, all [N] and
-// contiguous (written in place); actions int8 [N, L] with 0 <= layer < L; stop_code SKIP (1)
-// or EXIT (2). Returns N.
+// policy_step: proposed int8 [N]; spent float32, stopped bool and budget_left float32 (written
+// in place), all [N] and contiguous; allowed and limit float32 [N]; actions int8 [N, L] with
+// 0 <= layer < L; stop_code SKIP (1) or EXIT (2). Returns N.
 inline int64_t check_policy_step_args(const at::Tensor& proposed, const at::Tensor& spent,
                                       const at::Tensor& stopped, const at::Tensor& allowed,
+                                      const at::Tensor& limit, const at::Tensor& budget_left,
                                       const at::Tensor& actions, int64_t layer, int64_t stop_code) {
   const int64_t N = proposed.numel();
   TORCH_CHECK(proposed.dim() == 1 && proposed.scalar_type() == at::kChar,
@@ -286,6 +287,11 @@ inline int64_t check_policy_step_args(const at::Tensor& proposed, const at::Tens
               stopped.is_contiguous(), "policy_step: stopped must be a contiguous bool [", N, "]");
   TORCH_CHECK(allowed.dim() == 1 && allowed.numel() == N && allowed.scalar_type() == at::kFloat,
               "policy_step: allowed must be float32 [", N, "]");
+  TORCH_CHECK(limit.dim() == 1 && limit.numel() == N && limit.scalar_type() == at::kFloat,
+              "policy_step: limit must be float32 [", N, "]");
+  TORCH_CHECK(budget_left.dim() == 1 && budget_left.numel() == N &&
+              budget_left.scalar_type() == at::kFloat && budget_left.is_contiguous(),
+              "policy_step: budget_left must be a contiguous float32 [", N, "]");
   TORCH_CHECK(actions.dim() == 2 && actions.size(0) == N && actions.scalar_type() == at::kChar,
               "policy_step: actions must be int8 [", N, ", layers]");
   TORCH_CHECK(layer >= 0 && layer < actions.size(1), "policy_step: layer ", layer,

@@ -45,7 +45,8 @@
                              int64_t block_size, double scale, int64_t sliding_window);          \
                                                                                                   \
   at::Tensor policy_step(const at::Tensor& proposed, at::Tensor& spent, at::Tensor& stopped,      \
-                         const at::Tensor& allowed, at::Tensor& actions, int64_t layer,           \
+                         const at::Tensor& allowed, const at::Tensor& limit,                      \
+                         at::Tensor& budget_left, at::Tensor& actions, int64_t layer,             \
                          double commitment, double skip_cost, int64_t stop_code, bool forced);   \
                                                                                                   \
   at::Tensor saturation_codes(const at::Tensor& h, const at::Tensor& h_prev,                      \

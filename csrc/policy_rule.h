@@ -18,11 +18,14 @@ namespace anee_fast {
 
 constexpr int8_t kProcess = 0, kSkip = 1, kExit = 2;   // anee_fast/actions.py
 
-// Returns the action the token takes; updates its spent compute and its stopped flag. The first
-// layer starts them (zero, false) instead of reading them.
+// Returns the action the token takes; updates its spent compute and its stopped flag (the first
+// layer starts them, zero and false, instead of reading them), then writes its budget left,
+// (limit - spent) / L: what the next layer's controller reads.
 ANEE_FAST_HOST_DEVICE inline int8_t policy_rule(int8_t proposed, float* spent, bool* stopped,
-                                                float allowed, float commitment, float skip_cost,
-                                                int8_t stop_code, bool forced, bool first) {
+                                                float* budget_left, float allowed, float limit,
+                                                float num_layers, float commitment,
+                                                float skip_cost, int8_t stop_code, bool forced,
+                                                bool first) {
   if (first) {
     *spent = 0.f;
     *stopped = false;
@@ -34,6 +37,7 @@ ANEE_FAST_HOST_DEVICE inline int8_t policy_rule(int8_t proposed, float* spent, b
     action = *stopped ? stop_code : proposed;
   }
   *spent += action == kProcess ? 1.f : skip_cost;
+  *budget_left = (limit - *spent) / num_layers;
   return action;
 }
 

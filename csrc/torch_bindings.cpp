@@ -29,8 +29,8 @@ TORCH_LIBRARY(anee_fast, m) {
         "Tensor seq_idx, Tensor positions, int block_size, float scale, int sliding_window) "
         "-> Tensor");
   m.def("policy_step(Tensor proposed, Tensor(a!) spent, Tensor(b!) stopped, Tensor allowed, "
-        "Tensor(c!) actions, int layer, float commitment, float skip_cost, int stop_code, "
-        "bool forced) -> Tensor");
+        "Tensor limit, Tensor(c!) budget_left, Tensor(d!) actions, int layer, float commitment, "
+        "float skip_cost, int stop_code, bool forced) -> Tensor");
   m.def("saturation_codes(Tensor h, Tensor h_prev, Tensor budget_left, float skip_saturation, "
         "float exit_saturation, float exit_threshold) -> Tensor");
   m.def("budget_controller(Tensor h, Tensor h_prev, Tensor budget, Tensor budget_left, "

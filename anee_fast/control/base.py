@@ -13,30 +13,25 @@ from ..actions import PROCESS
 
 
 class LayerContext:
-    """What a controller sees at one layer. `budget_left` ([N] compute still allowed, as a
-    fraction of a full forward) may be given as a function: it is computed on first read, so a
-    controller that never reads it costs no op; `readout` likewise (an LM-head product). `ops`:
-    the backend's op set, for controllers with an op of their own."""
+    """What a controller sees at one layer. `budget_left`: [N] compute still allowed, as a
+    fraction of a full forward (DepthPolicy's buffer, which the layer's policy_step then
+    overwrites: copy it to keep it). `readout` is computed on call only (an LM-head product).
+    `ops`: the backend's op set, for controllers with an op of their own."""
 
     def __init__(self, layer: int, num_layers: int, h: torch.Tensor, h_prev: torch.Tensor,
-                 budget_left, *, ops, readout: Callable = None, budget: torch.Tensor = None,
-                 skip_cost: float = 0.0, all_process: torch.Tensor = None):
+                 budget_left: torch.Tensor, *, ops, readout: Callable = None,
+                 budget: torch.Tensor = None, skip_cost: float = 0.0,
+                 all_process: torch.Tensor = None):
         self.layer = layer
         self.num_layers = num_layers
         self.h = h                       # [N, hidden] residual entering the layer
         self.h_prev = h_prev             # [N, hidden] residual entering the previous layer
-        self._budget_left = budget_left
+        self.budget_left = budget_left
         self.readout = readout           # () -> (entropy, max prob) of the LM head at this depth
         self.budget = budget             # [N] the token's whole budget (after the floor)
         self.skip_cost = skip_cost       # cost of a SKIP as a fraction of a PROCESS
         self._all_process = all_process
         self.ops = ops
-
-    @property
-    def budget_left(self) -> torch.Tensor:
-        if callable(self._budget_left):
-            self._budget_left = self._budget_left()
-        return self._budget_left
 
     def all_process(self) -> torch.Tensor:
         """[N] int8 PROCESS codes: the depth policy passes a preset tensor, so proposing it

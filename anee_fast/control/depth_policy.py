@@ -98,6 +98,9 @@ class DepthPolicy:
         self.min_layers = depth.min_layers
         self.always_last = depth.forced_last
         self.budget, self.limit, self.allowed = budget_terms   # budget: what controllers see
+        # What a token may still spend, written by each layer's policy_step for the next
+        # layer's controller: no ops of its own per layer.
+        self.budget_left = torch.empty(num_tokens, dtype=torch.float32, device=device)
         # What running layer l commits a token to, in layers: l itself, every later layer as a
         # SKIP, and the forced last layers' difference to a SKIP (host floats).
         self.commitment = [1 + (num_layers - l - 1) * self.skip_cost
@@ -122,19 +125,20 @@ class DepthPolicy:
         forced = layer < self.min_layers or layer >= L - self.always_last
         proposed = self.no_proposal
         if not forced:
-            # Layer 0 nothing is spent yet (spent is only started by this layer's policy_step).
-            budget_left = (lambda: (self.limit - self.spent) / L) if layer else self.budget
+            # budget_left as the previous layer's policy_step wrote it; at layer 0, all of it.
             ctx = LayerContext(layer=layer, num_layers=L, h=h, h_prev=h_prev,
-                               budget_left=budget_left,
+                               budget_left=self.budget_left if layer else self.budget,
                                readout=lambda: self.readout(h), budget=self.budget,
                                skip_cost=self.skip_cost, all_process=self.no_proposal,
                                ops=self.ops)
-            proposed = self.controller.propose(ctx).to(torch.int8)
+            proposed = self.controller.propose(ctx)
+            if proposed.dtype != torch.int8:      # a host check: no op for int8 codes
+                proposed = proposed.to(torch.int8)
         # A PROCESS that breaks the budget, and any EXIT, stop the token for good: it then
-        # takes stop_code. Records the action and its cost.
-        return self.ops.policy_step(proposed, self.spent, self.stopped, self.allowed, self.actions,
-                                    layer, self.commitment[layer], self.skip_cost, self.stop_code,
-                                    forced)
+        # takes stop_code. Records the action and its cost, and the budget left after it.
+        return self.ops.policy_step(proposed, self.spent, self.stopped, self.allowed, self.limit,
+                                    self.budget_left, self.actions, layer, self.commitment[layer],
+                                    self.skip_cost, self.stop_code, forced)
 
     @property
     def reads_h_prev(self) -> bool:

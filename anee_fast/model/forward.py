@@ -15,6 +15,7 @@ One code path serves prefill, chunked prefill and decode: a step's K/V are writt
 attention reads the cache, so a query sees exactly positions 0..p of its own sequence. `ops` is
 a backend's op set (ops/reference.py defines the contract).
 """
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -81,19 +82,25 @@ def run_layers(weights, cache, step: StepBatch, policy, ops,
                          "under a layer_guard")
     h = embed(weights, step)
     h_prev = h
+    n = h.shape[0]
     # Every row's query comes out of skip_kv (one K|V|Q product), into one buffer reused by
     # every layer: always when masked; compacted, where every row PROCESSes the layer. Fewer
     # rows project their own queries in the block, RoPE'd with the step's (cos, sin) tables.
-    queries = h.new_empty((h.shape[0], spec.num_heads, spec.head_dim))
-    rope = None if inv_freq is None or not compact else rope_cos_sin(step.positions, inv_freq,
-                                                                      weights.rope_scale)
+    queries = h.new_empty((n, spec.num_heads, spec.head_dim))
+    # Compacted, made on first use (a one-row decode step never needs the tables): the step's
+    # RoPE tables, and the skip adapters' row mask of a layer that no row PROCESSes.
+    rope = functools.cache(lambda: None if inv_freq is None else
+                           rope_cos_sin(step.positions, inv_freq, weights.rope_scale))
+    every_row = functools.cache(lambda: torch.ones(n, dtype=torch.bool, device=h.device))
     for l, layer in enumerate(weights.layers):
         if hidden_states is not None:
             hidden_states.append(h)
         process = policy.decide(l, h, h_prev)
         if compact:                       # the CPU: reading the rows on the host is free
-            rows = process.nonzero().squeeze(1)
-            q = queries if rows.numel() == h.shape[0] else None
+            # The PROCESS rows [count, 1]; one row's flag is read as a Python bool, with no op.
+            rows = process.nonzero() if n > 1 else None
+            count = rows.shape[0] if n > 1 else int(bool(process))
+            q = queries if count == n else None
         else:
             q = queries
         ops.skip_kv(h, *weights.skip_kv_weights(l, with_q=q is not None), step.positions, inv_freq,
@@ -103,13 +110,14 @@ def run_layers(weights, cache, step: StepBatch, policy, ops,
             h_prev = h
         else:                             # the guarded block updates h in place
             h_prev = h.clone() if policy.reads_h_prev else None
-        if compact:
-            if weights.adapters is not None and rows.numel() < h.shape[0]:
-                h = _skip_adapter(weights, l, h, ~process, ops)
-            if rows.numel() == h.shape[0]:       # every row: no gather, no scatter
+        if compact:                       # a layer whose rows all go one way: no row op
+            if weights.adapters is not None and count < n:
+                h = _skip_adapter(weights, l, h, ~process if count else every_row(), ops)
+            if count == n:                # every row: no gather, no scatter
                 h = _block(weights, layer, cache, l, step, h, None, ops, q=q)
-            elif rows.numel():
-                out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope=rope)
+            elif count:
+                rows = rows.squeeze(1)
+                out = _block(weights, layer, cache, l, step, h[rows], rows, ops, rope=rope())
                 h = h.index_copy(0, rows, out)
         elif layer_guard is not None:
             if weights.adapters is not None:

@@ -65,11 +65,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block
                                 int(block_size), float(scale), int(sliding_window or 0))
 
 
-def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitment: float,
-                skip_cost: float, stop_code: int, forced: bool):
+def policy_step(proposed, spent, stopped, allowed, limit, budget_left, actions, layer: int,
+                commitment: float, skip_cost: float, stop_code: int, forced: bool):
     """One layer of the depth policy's budget rule for every token (see reference_ops)."""
-    return _ops.policy_step(proposed, spent, stopped, allowed, actions, int(layer), float(commitment),
-                            float(skip_cost), int(stop_code), bool(forced))
+    return _ops.policy_step(proposed, spent, stopped, allowed, limit, budget_left, actions,
+                            int(layer), float(commitment), float(skip_cost), int(stop_code),
+                            bool(forced))
 
 
 def saturation_codes(h, h_prev, budget_left, skip_saturation: float, exit_saturation: float,
@@ -130,8 +131,8 @@ def _paged_attention_fake(q, k_cache, v_cache, block_tables, seq_idx, positions,
 
 
 @torch.library.register_fake("anee_fast::policy_step")
-def _policy_step_fake(proposed, spent, stopped, allowed, actions, layer, commitment, skip_cost,
-                      stop_code, forced):
+def _policy_step_fake(proposed, spent, stopped, allowed, limit, budget_left, actions, layer,
+                      commitment, skip_cost, stop_code, forced):
     return stopped.new_empty(stopped.shape)
 
 

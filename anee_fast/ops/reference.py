@@ -251,8 +251,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_idx, positions, block
 _ROWS_PER_CHUNK = 64
 
 
-def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitment: float,
-                skip_cost: float, stop_code: int, forced: bool):
+def policy_step(proposed, spent, stopped, allowed, limit, budget_left, actions, layer: int,
+                commitment: float, skip_cost: float, stop_code: int, forced: bool):
     """One layer of the depth policy's budget rule (depth_policy.py) for every token, as one op:
     a dozen tiny tensor ops per layer otherwise, each a kernel launch on a GPU.
 
@@ -263,6 +263,10 @@ def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitme
     updates stopped (bool [N]) in place; returns the PROCESS mask [N] bool. Layer 0 starts a
     step: spent and stopped are written, not read (as if zero and False), so a step's state
     needs no zeroing launch of its own.
+
+    Then writes budget_left = (limit - spent) / L (float32 [N]; limit float32 [N]: the token's
+    budget in layers; L = actions.shape[1]): what the next layer's controller reads, so that it
+    costs no ops of its own.
     """
     if layer == 0:
         spent.zero_()
@@ -276,6 +280,7 @@ def policy_step(proposed, spent, stopped, allowed, actions, layer: int, commitme
     actions[:, layer] = action
     process = action == PROCESS
     spent += torch.where(process, 1.0, skip_cost)
+    budget_left.copy_((limit - spent) / actions.shape[1])
     return process
 
 

@@ -269,6 +269,43 @@ def test_budget_controller_at_threshold_0_needs_no_op(min_layers, always_last, s
     depth = DepthAccounting(L, skip_cost)
     preset = DepthPolicy(N, depth, "cpu", reference, budget_terms=depth.budget_terms(budget),
                          controller=BudgetController())
-    ctx = LayerContext(layer=0, num_layers=L, h=h, h_prev=h, budget_left=lambda: 1 / 0,
+    ctx = LayerContext(layer=0, num_layers=L, h=h, h_prev=h, budget_left=None,
                        all_process=preset.no_proposal, ops=reference)
     assert BudgetController().propose(ctx) is preset.no_proposal     # budget_left never read
+
+
+class _BudgetLeftRecorder(Controller):
+    """Records the budget_left each layer shows it; proposes codes that vary by token and layer."""
+
+    def __init__(self):
+        self.seen = []
+
+    def propose(self, ctx):
+        self.seen.append(ctx.budget_left.clone())
+        return ((torch.arange(ctx.h.shape[0]) + ctx.layer) % 3).to(torch.int8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+@pytest.mark.parametrize("min_layers,always_last", [(0, 0), (2, 1)])
+def test_controllers_see_the_budget_left_of_the_spent_so_far(backend, min_layers, always_last):
+    """policy_step writes budget_left for the next layer: a controller sees, bit for bit, what
+    (limit - spent) / L gives with spent as the previous layer left it (the whole budget at
+    layer 0), on every backend."""
+    from anee_fast.ops.backends import ops_for
+    N, L, skip_cost = 37, 9, 0.1351
+    g = torch.Generator().manual_seed(min_layers)
+    budget = torch.rand(N, generator=g)
+    depth = DepthAccounting(L, skip_cost, min_layers, always_last)
+    recorder = _BudgetLeftRecorder()
+    policy = DepthPolicy(N, depth, "cpu", ops_for(backend), budget_terms=depth.budget_terms(budget),
+                         controller=recorder)
+    h = torch.randn(N, 8, generator=g)
+    expected = []
+    for layer in range(L):
+        if layer in depth.decidable_layers:
+            expected.append(policy.budget if layer == 0 else (policy.limit - policy.spent) / L)
+        policy.decide(layer, h, h)
+    assert len(recorder.seen) == len(depth.decidable_layers)
+    for seen, expect in zip(recorder.seen, expected):
+        assert torch.equal(seen, expect)
+    assert (policy.actions == SKIP).any() and (policy.actions == PROCESS).any()

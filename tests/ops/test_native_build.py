@@ -27,8 +27,9 @@ SCHEMAS = {
                        "Tensor block_tables, Tensor seq_idx, Tensor positions, int block_size, "
                        "float scale, int sliding_window) -> Tensor",
     "policy_step": "anee_fast::policy_step(Tensor proposed, Tensor(a!) spent, Tensor(b!) stopped, "
-                   "Tensor allowed, Tensor(c!) actions, int layer, float commitment, "
-                   "float skip_cost, int stop_code, bool forced) -> Tensor",
+                   "Tensor allowed, Tensor limit, Tensor(c!) budget_left, Tensor(d!) actions, "
+                   "int layer, float commitment, float skip_cost, int stop_code, bool forced) "
+                   "-> Tensor",
     "saturation_codes": "anee_fast::saturation_codes(Tensor h, Tensor h_prev, Tensor budget_left, "
                         "float skip_saturation, float exit_saturation, float exit_threshold) -> Tensor",
     "budget_controller": "anee_fast::budget_controller(Tensor h, Tensor h_prev, Tensor budget, "
@@ -200,12 +201,14 @@ def test_opcheck_policy_step(native):
         torch.library.opcheck(torch.ops.anee_fast.policy_step, (
             torch.randint(0, 3, (9,), generator=g, dtype=torch.int8), torch.rand(9, generator=g) * 4,
             torch.rand(9, generator=g) < 0.3, torch.rand(9, generator=g) * 6,
-            torch.zeros(9, 5, dtype=torch.int8), 2, 1.3, 0.1, 2, forced))
+            torch.rand(9, generator=g) * 6, torch.zeros(9), torch.zeros(9, 5, dtype=torch.int8),
+            2, 1.3, 0.1, 2, forced))
 
 
 def test_policy_step_rejects_bad_arguments(native):
     args = lambda **kw: {**dict(proposed=torch.zeros(4, dtype=torch.int8), spent=torch.zeros(4),
                                 stopped=torch.zeros(4, dtype=torch.bool), allowed=torch.ones(4),
+                                limit=torch.ones(4), budget_left=torch.zeros(4),
                                 actions=torch.zeros(4, 3, dtype=torch.int8)), **kw}
     call = lambda layer=1, stop_code=2, **kw: native.policy_step(*args(**kw).values(), layer, 1.0, 0.1,
                                                                   stop_code, False)
@@ -217,6 +220,10 @@ def test_policy_step_rejects_bad_arguments(native):
         call(spent=torch.zeros(8)[::2])
     with pytest.raises(RuntimeError, match="proposed must be int8"):
         call(proposed=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="limit must be float32"):
+        call(limit=torch.ones(4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="budget_left must be a contiguous float32"):
+        call(budget_left=torch.zeros(8)[::2])
 
 
 def test_opcheck_linear(native):

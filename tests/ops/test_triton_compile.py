@@ -20,7 +20,7 @@ ARCHS = (80, 90)
 DTYPES = ("fp32", "bf16")
 INDEX_ARGS = {"pos_ptr", "slot_ptr", "seq_ptr", "table_ptr"}                # int64 tensors
 FP32_ARGS = {"inv_freq_ptr", "m_ptr", "l_ptr", "acc_ptr",          # float32 whatever the model dtype
-             "spent_ptr", "allowed_ptr", "left_ptr", "values_ptr", "budget_ptr",
+             "spent_ptr", "allowed_ptr", "limit_ptr", "left_ptr", "values_ptr", "budget_ptr",
              "mean_ptr", "std_ptr", "proj_ptr", "inp_w_ptr", "inp_b_ptr",     # the controller net
              "layer_w_ptr", "hid_w_ptr", "hid_b_ptr", "out_w_ptr", "out_b_ptr"}
 INT8_ARGS = {"proposed_ptr", "actions_ptr", "codes_ptr"}           # action codes
