@@ -36,7 +36,11 @@ matrix).
 budget_controller (in --ops, not by default) times the trained controller's proposal for one layer
 (ops/reference.py:budget_controller: features, the net, the rule; about 110 tensor ops in the
 reference) with the shipped controller's sizes (proj_dim 8, width 32) and a random net; its codes
-must equal the reference's.
+must equal the reference's. policy_step and saturation_codes (in --ops, not by default), the
+depth policy's other ops per layer, run at the same layer (12 of 30): the budget rule, which
+updates the step's spent, stopped, budget_left and actions' column in place, and the saturation
+heuristic's proposals; what they return and update must equal the reference's. policy_step reads
+no hidden state: its case is the same for every shape.
 """
 import argparse
 import statistics
@@ -45,6 +49,8 @@ import time
 
 import torch
 
+from anee_fast.actions import EXIT
+from anee_fast.control.depth_policy import DepthAccounting
 from anee_fast.ops.backends import backends, ops_for
 from anee_fast.ops.weight_formats import FORMATS, nbytes, quantize
 from bench_results import BenchResults
@@ -59,13 +65,17 @@ SHAPES = {
                      up=16384, vocab=128256),
 }
 RANK = 128           # skip_adapter's
-CONTROLLER = dict(proj_dim=8, width=32, layers=30, layer=12, skip_cost=0.2,   # budget_controller's
+# budget_controller's; its layers, layer, skip_cost and exit_threshold also policy_step's and
+# saturation_codes' (SmolLM2-135M's 30 layers; a middle one, as layer 0 only starts the state)
+CONTROLLER = dict(proj_dim=8, width=32, layers=30, layer=12, skip_cost=0.2,
                   order_position=3, order_length=20, margin=0.5, exit_threshold=0.05)
+SATURATION = dict(skip=0.98, exit=0.995)     # saturation_codes': HeuristicController's defaults
 BLOCK = 16
 GRAPH_CALLS = 10     # calls per timed CUDA graph replay (at least)
 CPU_CACHE_BYTES = 64 << 20   # --cold-l2 on the CPU: rotate inputs over twice this
 TOL = {"norm": 1e-4, "add_norm": 1e-4, "linear": 1e-4, "skip_kv": 1e-3, "skip_adapter": 1e-4,
-       "paged_attention": 1e-4, "gemv": 1e-4, "budget_controller": 0.0}
+       "paged_attention": 1e-4, "gemv": 1e-4, "budget_controller": 0.0, "policy_step": 0.0,
+       "saturation_codes": 0.0}
 ACTIVATION = {False: "gelu_tanh", True: "silu_gated"}    # by s["rms"]: GPT-2's, Llama's MLP
 VARIANT_OF = {"linear_down": "linear", "linear_down_masked": "linear"}   # --ops label -> op
 GEMV_MATRICES = ("kvq", "gate_up", "down", "lm_head")
@@ -135,7 +145,19 @@ def bytes_budget_controller(n, s, es):
     return es * 2 * n * s["hidden"] + 4 * (2 * n + net) + n
 
 
-# ---- inputs: (args for the op, the outputs to compare, a function resetting state) -------------
+def bytes_policy_step(n):
+    # read proposed (int8), stopped (bool), spent, allowed, limit (float32) [n]; write the
+    # action (int8, actions[:, layer]), stopped and the PROCESS mask (bool), spent and
+    # budget_left (float32) [n]
+    return n * (1 + 1 + 3 * 4) + n * (1 + 2 * 1 + 2 * 4)
+
+
+def bytes_saturation_codes(n, s, es):
+    # read h and h_prev [n, hidden], budget_left (float32 [n]); write the codes (int8 [n])
+    return es * 2 * n * s["hidden"] + 4 * n + n
+
+
+# ---- inputs: (args for the op, the indices of the args it updates in place, bytes) ------------
 
 def make_case(op, s, n, ctx, device, dtype, g, variant):
     H, kvh, d = s["hidden"], s["kv_heads"], s["d"]
@@ -193,6 +215,32 @@ def make_case(op, s, n, ctx, device, dtype, g, variant):
                 *net, c["layer"], c["layers"], c["skip_cost"], c["order_position"],
                 c["order_length"], c["margin"], c["exit_threshold"])
         return args, None, bytes_budget_controller(n, s, dtype.itemsize)
+    if op == "policy_step":
+        # a step's state `layer` layers in, as the rule left it after proposals mostly PROCESS,
+        # some SKIP, a few EXIT, for budgets from 0.3 to 1 (limit, allowed as DepthPolicy's).
+        # Timing repeats the call on this state (spent grows, tokens stop): the same work per row.
+        c = CONTROLLER
+        L, layer, cost = c["layers"], c["layer"], c["skip_cost"]
+        _, limit, allowed = DepthAccounting(L, cost).budget_terms(0.3 + 0.7 * torch.rand(n, generator=g))
+        odds = torch.tensor([0.6, 0.38, 0.02])              # PROCESS, SKIP, EXIT
+        propose = lambda: torch.multinomial(odds, n, replacement=True, generator=g).to(torch.int8)
+        commitment = lambda l: 1 + (L - l - 1) * cost       # DepthPolicy's, no forced last layers
+        state = (torch.zeros(n), torch.zeros(n, dtype=torch.bool), allowed, limit, torch.zeros(n),
+                 torch.zeros((n, L), dtype=torch.int8))     # spent, stopped, ..., budget_left, actions
+        for l in range(layer):
+            ops_for("reference").policy_step(propose(), *state, l, commitment(l), cost, EXIT, False)
+        args = tuple(t.to(device) for t in (propose(), *state))
+        return args + (layer, commitment(layer), cost, EXIT, False), (1, 2, 5, 6), bytes_policy_step(n)
+    if op == "saturation_codes":
+        # h_prev = h + noise of relative scale sigma: cosine about 1 / sqrt(1 + sigma^2), here
+        # 1 (after a SKIP), 0.90, 0.990, 0.999 (PROCESS, PROCESS, SKIP, EXIT): far enough from
+        # the thresholds that no backend's summation order flips a code
+        sigma = torch.tensor([0.0, 0.48, 0.14, 0.045])[torch.randint(0, 4, (n,), generator=g)]
+        h = rnd(n, H)
+        args = (h, h + rnd(n, H) * sigma[:, None].to(device, dtype),
+                0.8 * torch.rand(n, generator=g).to(device),     # budget_left: some under the threshold
+                SATURATION["skip"], SATURATION["exit"], CONTROLLER["exit_threshold"])
+        return args, None, bytes_saturation_codes(n, s, dtype.itemsize)
     # paged_attention: n sequences of ctx tokens, one decode row each (at the last position),
     # blocks shuffled over the cache
     nb = (ctx + BLOCK - 1) // BLOCK
@@ -205,21 +253,20 @@ def make_case(op, s, n, ctx, device, dtype, g, variant):
 
 
 def fresh(args, mutated):
-    """A copy of args whose mutated (cache) tensors are cloned."""
+    """A copy of args whose mutated (updated in place: caches, policy state) tensors are cloned."""
     return tuple(a.clone() if i in (mutated or ()) else a for i, a in enumerate(args))
 
 
 def check(op, name, ref_fn, fn, args, mutated, label):
     a_ref, a_new = fresh(args, mutated), fresh(args, mutated)
-    expected, got = ref_fn(*a_ref), fn(*a_new)
-    if mutated is not None:
-        pairs = [(a_ref[i], a_new[i]) for i in mutated]
-    else:
-        pairs = list(zip(expected, got)) if isinstance(expected, tuple) else [(expected, got)]
-    tol, dtype = TOL[op], pairs[0][1].dtype
-    if dtype in (torch.bfloat16, torch.float16):   # the reference rounds each step to them: 2 ulps
-        tol = max(tol, 2 * torch.finfo(dtype).eps)
+    outputs = lambda r: [] if r is None else list(r) if isinstance(r, tuple) else [r]
+    # what the op returns and every tensor it updates in place
+    pairs = list(zip(outputs(ref_fn(*a_ref)), outputs(fn(*a_new)), strict=True)) + \
+        [(a_ref[i], a_new[i]) for i in mutated or ()]
     for e, o in pairs:
+        tol = TOL[op]
+        if o.dtype in (torch.bfloat16, torch.float16):   # the reference rounds each step to them: 2 ulps
+            tol = max(tol, 2 * torch.finfo(o.dtype).eps)
         err = (e.float() - o.float()).abs().max().item()
         if not err <= tol * max(1.0, e.float().abs().max().item()):
             raise AssertionError(f"MISMATCH: {label}, backend {name}: max abs error {err:.3g} > "

@@ -77,3 +77,45 @@ def test_bench_kernels_refuses_an_unknown_op(capsys):
     with pytest.raises(SystemExit):
         bench_kernels.main(["--device", "cpu", "--ops", "norm,skip_kv_exit"])
     assert "unknown --ops skip_kv_exit" in capsys.readouterr().err
+
+
+def test_bench_kernels_times_the_depth_policys_ops(tmp_path):
+    """policy_step and saturation_codes: checked against the reference, timed, with the bytes of
+    their models (policy_step's 25 per row: its state and mask; saturation_codes' h and h_prev)."""
+    bench_kernels.main(["--device", "cpu", "--ops", "policy_step,saturation_codes", "--rows", "1,3",
+                        "--shapes", "smollm2-135m", "--budget", "0.01", "--out", str(tmp_path / "bk")])
+    result = json.loads((tmp_path / "bk.json").read_text())
+    assert not result["failures"]
+    got = {(r["op"], r["rows"], r["backend"]): r["bytes"] for r in result["rows"]}
+    for backend in ("reference", "native"):
+        for n in (1, 3):
+            assert got["policy_step", n, backend] == 25 * n
+            assert got["saturation_codes", n, backend] == n * (2 * 4 * 576 + 4 + 1)
+
+
+@pytest.mark.parametrize("wrong", ["mask", "state"])
+def test_bench_kernels_checks_what_policy_step_returns_and_updates(tmp_path, monkeypatch, wrong):
+    """A backend whose policy_step returns a wrong PROCESS mask, or leaves a wrong budget_left
+    (updated in place), is a mismatch, not a timed row."""
+    real_ops_for = bench_kernels.ops_for
+
+    class WrongPolicyStep:
+        def __init__(self, ops):
+            self.ops = ops
+
+        def __getattr__(self, name):
+            return getattr(self.ops, name)
+
+        def policy_step(self, *args):
+            process = self.ops.policy_step(*args)
+            if wrong == "state":
+                args[5].add_(1)              # budget_left
+            return ~process if wrong == "mask" else process
+
+    monkeypatch.setattr(bench_kernels, "ops_for", lambda name: WrongPolicyStep(real_ops_for(name))
+                        if name == "native" else real_ops_for(name))
+    with pytest.raises(SystemExit, match="MISMATCH: policy_step smollm2-135m rows 3, backend native"):
+        bench_kernels.main(["--device", "cpu", "--ops", "policy_step", "--rows", "3", "--shapes",
+                            "smollm2-135m", "--budget", "0.01", "--out", str(tmp_path / "bk")])
+    result = json.loads((tmp_path / "bk.json").read_text())
+    assert [r["backend"] for r in result["rows"]] == ["reference"]
