@@ -349,8 +349,8 @@ def _add_serve(subparsers):
 
 def _cmd_serve(args) -> int:
     budget = _checked_budget(args.budget)
-    prompt_budget = None if args.prompt_budget is None else _checked_budget(args.prompt_budget,
-                                                                            "--prompt-budget")
+    prompt_budget = None if args.prompt_budget is None else _checked_budget(
+        args.prompt_budget, "--prompt-budget", "prompt_budget")
     controller = _checked_controller(args.controller)
     if not 0 <= args.port <= 65535:
         raise _Error(f"--port must be in [0, 65535], got {args.port}")

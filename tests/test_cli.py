@@ -431,3 +431,19 @@ def test_training_runs_on_the_threads_asked_for(model_dir, tmp_path, capsys, mon
     monkeypatch.setenv("ANEE_FAST_THREADS", "3")
     assert run_cli(capsys, *argv)[0] == 0
     assert seen == [2, 3]
+
+
+def test_serve_passes_its_prompt_budget_to_the_app(model_dir, monkeypatch, capsys):
+    """`serve --prompt-budget` is what a request without prompt_budget gets (default None: the
+    request's energy budget); a bad value is one line before any model loads."""
+    from anee_fast.serving import server
+    seen = []
+    monkeypatch.setattr(server, "serve", lambda llm, **kwargs: seen.append(kwargs))
+    for extra, expected in (([], None), (["--prompt-budget", "1"], 1.0)):
+        assert cli.main(["serve", "--model", str(model_dir), "--device", "cpu", *extra]) == 0
+        assert seen[-1]["prompt_budget"] == expected and seen[-1]["energy_budget"] == 1.0
+    capsys.readouterr()
+    assert cli.main(["serve", "--prompt-budget", "-1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["anee-fast: error: --prompt-budget: prompt_budget must be a number in [0, 1], "
+                   "got -1.0"]
