@@ -40,7 +40,8 @@ def test_bench_kernels_times_each_models_gemv_per_weight_format(tmp_path, capsys
     down = {r["shape"]: r["bytes"] for r in result["rows"]
             if (r["matrix"], r["format"], r["rows"], r["backend"]) == ("down", "dense", 1, "native")}
     assert down["smollm2-135m"] == 4 * (576 * 1536 + 1536)       # float32 weight + x
-    assert all(r["pct_read"] > 0 for r in result["rows"])
+    assert all(r["pct_read"] > 0 and r["hot_gb_s"] > 0 for r in result["rows"])
+    assert "hot GB/s" in capsys.readouterr().out
     assert (tmp_path / "bk_gemv.png").stat().st_size > 0
 
 
