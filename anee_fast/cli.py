@@ -455,6 +455,13 @@ def _add_eval(subparsers):
     p.add_argument("--chat-prompt-budget", type=float, default=1.0,
                    help="energy budget of the chat prompts' tokens, in [0, 1] (default 1.0, as "
                         "`generate` reads a prompt)")
+    p.add_argument("--chat-set", default=None, metavar="PATH.jsonl",
+                   help="also answer the instructions of a chat JSONL file (as build-corpus "
+                        "writes: e.g. CORPUS/chat/heldout.jsonl) like the chat prompts, and print "
+                        "their summary (answers that loop, end early, perplexity ratio); with "
+                        "--json, their records go to <name>_chat_set.json beside it")
+    p.add_argument("--chat-set-size", type=int, default=None, metavar="N",
+                   help="answer only the file's first N instructions (default: all)")
     _add_model_options(p)
     others = [name for name in CONTROLLER_NAMES if name not in DEFAULT_CONTROLLERS]
     p.add_argument("--controllers", default=None, metavar="LIST",
@@ -474,6 +481,24 @@ def _add_eval(subparsers):
     p.set_defaults(func=_cmd_eval)
 
 
+def _chat_set(path, size):
+    """The instructions of a chat JSONL file (its first `size`), checked before any model loads."""
+    if size is not None and size < 1:
+        raise _Error(f"--chat-set-size must be >= 1, got {size}")
+    if path is None:
+        if size is not None:
+            raise _Error("--chat-set-size needs --chat-set")
+        return None
+    from .training.chat_data import read_jsonl
+    try:
+        examples = read_jsonl(path)
+    except (OSError, ValueError) as e:
+        raise _Error(f"--chat-set: {e}") from None
+    if not examples:
+        raise _Error(f"--chat-set: {path} holds no examples")
+    return [e["instruction"] for e in examples[:size]]
+
+
 def _cmd_eval(args) -> int:
     from .eval.corpus import corpus_text
     try:
@@ -490,6 +515,7 @@ def _cmd_eval(args) -> int:
         raise _Error(f"--seq-len must be over 32 (the greedy-continuation prefix), got {args.seq_len}")
     chat_prompt_budget = _checked_budget(args.chat_prompt_budget, "--chat-prompt-budget",
                                          "prompt_budget")
+    chat_set = _chat_set(args.chat_set, args.chat_set_size)
     if args.text is not None:
         corpus_text(args.text)
     controllers = None
@@ -508,7 +534,7 @@ def _cmd_eval(args) -> int:
              float_llm=float_llm,
              windows=args.windows, seq_len=args.seq_len, json_path=args.json, plot_path=args.plot,
              chat_path=args.chat_answers, chat_max_tokens=args.chat_max_tokens,
-             chat_prompt_budget=chat_prompt_budget,
+             chat_prompt_budget=chat_prompt_budget, chat_set=chat_set,
              progress=not args.no_progress, search_windows=args.search_windows,
              search_len=args.search_len, search_width=args.search_width, router_k=args.router_k)
     return 0

@@ -7,9 +7,10 @@ controller at each budget, the prompt read at `prompt_budget` (1.0 as `make run`
 depth; None: at the budget too). Per answer: its text and tokens, the mean compute of its run
 (`compute`, prompt included, and `answer_compute`, the tokens after the prompt), `ppl_under_full` (the full model's perplexity of the answer's tokens, the stop token
 included, given the prompt), `ppl_ratio` (that over the full model's own answer's), `ends_early`
-(empty, or stopped within ENDS_EARLY_TOKENS tokens where the full model did not) and `distinct2`
-(None under 2 tokens). A loop of one token can be likelier to the full model than its own answer
-(ppl_ratio < 1), so read ppl_ratio beside distinct2.
+(empty, or stopped within ENDS_EARLY_TOKENS tokens where the full model did not), `distinct2`
+(None under 2 tokens) and `loops` (distinct2 under LOOP_FRACTION of the full model's answer's: a
+repetition the full model does not make). A loop of one token can be likelier to the full model
+than its own answer (ppl_ratio < 1), so read ppl_ratio beside distinct2 and loops.
 """
 import math
 import statistics
@@ -27,6 +28,7 @@ DEFAULT_PROMPTS = (
     "How do I make a cup of tea?",
 )
 ENDS_EARLY_TOKENS = 5
+LOOP_FRACTION = 0.5
 FULL = "full"
 
 
@@ -60,6 +62,14 @@ def ends_early(text: str, num_tokens: int, finish_reason: str, full_tokens: int,
     model's answer to the same prompt does not: a controller cutting the answer short."""
     return not text.strip() or (_stops_within(num_tokens, finish_reason)
                                 and not _stops_within(full_tokens, full_finish_reason))
+
+
+def loops(distinct2, full_distinct2) -> bool:
+    """Whether an answer repeats itself where the full model's answer does not: its distinct
+    2-grams under LOOP_FRACTION of the full answer's (False when either has under 2 tokens)."""
+    if distinct2 is None or full_distinct2 is None:
+        return False
+    return distinct2 < LOOP_FRACTION * full_distinct2
 
 
 def _controller_at(name, value, budget):
@@ -112,6 +122,7 @@ def chat_answers(llm, prompts, budgets, controllers, max_tokens: int = 96,
         record["ends_early"] = ends_early(out.text, record["tokens"], out.finish_reason,
                                           full["tokens"], full["finish_reason"])
         record["ppl_ratio"] = record["ppl_under_full"] / full["ppl_under_full"]
+        record["loops"] = loops(record["distinct2"], full["distinct2"])
         records.append(record)
     return records
 
@@ -126,16 +137,17 @@ def _runs(records) -> dict:
 
 def format_chat_summary(records) -> str:
     """Per controller and budget: mean compute (prompt included, and of the answer's tokens),
-    answers that end early, the median ppl_ratio, the mean distinct2 (of answers with 2 tokens or
-    more) and the mean answer length, as a table."""
+    answers that end early and that loop, the median ppl_ratio, the mean distinct2 (of answers
+    with 2 tokens or more) and the mean answer length, as a table."""
     head = f"{'controller':<16}{'budget':>7}{'compute':>9}{'answer':>8}{'answers':>9}{'early':>7}" \
-           f"{'ppl_ratio':>11}{'dist2':>7}{'tokens':>8}"
+           f"{'loops':>7}{'ppl_ratio':>11}{'dist2':>7}{'tokens':>8}"
     lines = [head, "-" * len(head)]
     for (name, budget), rows in _runs(records).items():
         d2 = [r["distinct2"] for r in rows if r["distinct2"] is not None]
         lines.append(f"{name:<16}{budget:>7.2f}{statistics.fmean(r['compute'] for r in rows):>9.3f}"
                      f"{statistics.fmean(r['answer_compute'] for r in rows):>8.3f}"
                      f"{len(rows):>9}{sum(r['ends_early'] for r in rows):>7}"
+                     f"{sum(r['loops'] for r in rows):>7}"
                      f"{statistics.median(r['ppl_ratio'] for r in rows):>11.3g}"
                      f"{f'{statistics.fmean(d2):.3f}' if d2 else '-':>7}"
                      f"{statistics.fmean(r['tokens'] for r in rows):>8.1f}")
@@ -154,7 +166,8 @@ def format_chat_markdown(records) -> str:
              "token included) given the prompt; `x` that over the full model's own answer's; "
              "`dist2` the answer's distinct 2-grams over all its 2-grams; "
              f"**ENDS EARLY**: empty, or stopped within {ENDS_EARLY_TOKENS} tokens where the full "
-             "model did not.", "", "## Summary", "", "```", format_chat_summary(records), "```"]
+             f"model did not; **LOOPS**: `dist2` under {LOOP_FRACTION:g} of the full model's "
+             "answer's.", "", "## Summary", "", "```", format_chat_summary(records), "```"]
     by_prompt = {}
     for r in records:
         by_prompt.setdefault(r["prompt"], []).append(r)
@@ -171,6 +184,8 @@ def format_chat_markdown(records) -> str:
                 flags.append(f"dist2 {r['distinct2']:.2f}")
             if r["ends_early"]:
                 flags.append("**ENDS EARLY**")
+            if r["loops"]:
+                flags.append("**LOOPS**")
             quoted = [f"> {line}" if line else ">" for line in r["text"].strip().splitlines()]
             lines += ["", f"**{label}** · " + " · ".join(flags), ""] + (quoted or ["> *(empty)*"])
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ at most max(budget, floor) (+1e-6), floor being the cost of the forced layers.
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,7 @@ from .category_router import CategoryRouter
 from .chat_answers import DEFAULT_PROMPTS, chat_answers, format_chat_markdown, format_chat_summary
 from .corpus import corpus_text, evenly_spaced, split_windows, token_windows
 from .quality import continuation_nll, distinct2, full_logits, score_windows, token_metrics
-from .report import report, write_text
+from .report import report, write_json, write_text
 from .static_search import best_static_sets, skip_set_actions
 
 DEFAULT_CONTROLLERS = ("budget", "heuristic", "random", "static", "router", "anee-untrained")
@@ -186,12 +187,14 @@ def format_table(records) -> str:
 
 def run_eval(llm, *, budgets=DEFAULT_BUDGETS, text_path=None, controllers=None, windows: int = 8,
              seq_len: int = 128, heldout_fraction: float = 0.2, json_path=None, plot_path=None,
-             chat_path=None, chat_max_tokens: int = 96, chat_prompt_budget=1.0, float_llm=None,
-             progress: bool = True, out=None, **build_options) -> list:
+             chat_path=None, chat_max_tokens: int = 96, chat_prompt_budget=1.0, chat_set=None,
+             float_llm=None, progress: bool = True, out=None, **build_options) -> list:
     """The whole `anee-fast eval`: corpus, split, baselines, evaluation, table, JSON and PNG; with
     chat_path, also the chat answers to DEFAULT_PROMPTS of every controller but the router (it
     routes held-out windows, not prompts), prompts read at chat_prompt_budget (None: at each
-    budget), as markdown there, and their summary table. out: where
+    budget), as markdown there, and their summary table; with chat_set (instructions, e.g. a
+    chat corpus's held-out ones), their answers' summary too (six prompts are too few to count
+    loops by), and their records next to json_path (<name>_chat_set.json). out: where
     the tables go (None: sys.stdout when called, so a replaced stdout is followed). float_llm:
     the same model with float32 weights, when `llm` stores them otherwise (int8, bf16, GGUF
     blocks): the full-depth record then also says what the format costs against it
@@ -218,12 +221,20 @@ def run_eval(llm, *, budgets=DEFAULT_BUDGETS, text_path=None, controllers=None, 
     from .plots import plot_quality_vs_compute
     report(records, f"{format_table(records)}\n{summary}", json_path=json_path, plot_path=plot_path,
            plot=plot_quality_vs_compute, out=out)
+    chat = {name: spec for name, spec in built.items() if name != "router"}
+    if (chat_path or chat_set) and len(chat) < len(built):
+        print("note: chat answers leave out the router (it routes held-out windows)", file=out)
     if chat_path:
-        chat = {name: spec for name, spec in built.items() if name != "router"}
-        if len(chat) < len(built):
-            print("note: chat answers leave out the router (it routes held-out windows)", file=out)
         answers = chat_answers(llm, DEFAULT_PROMPTS, budgets, chat, max_tokens=chat_max_tokens,
                                progress=progress, prompt_budget=chat_prompt_budget)
         print(format_chat_summary(answers), file=out)
         print(f"chat answers: {write_text(chat_path, format_chat_markdown(answers))}", file=out)
+    if chat_set:
+        answers = chat_answers(llm, chat_set, budgets, chat, max_tokens=chat_max_tokens,
+                               progress=progress, prompt_budget=chat_prompt_budget)
+        print(f"chat set: {len(chat_set)} instructions\n{format_chat_summary(answers)}", file=out)
+        if json_path:
+            path = Path(json_path)
+            written = write_json(path.with_name(f"{path.stem}_chat_set.json"), answers)
+            print(f"chat set records: {written}", file=out)
     return records

@@ -12,7 +12,7 @@ from anee_fast import LLM, SamplingParams
 from anee_fast.cli import main
 from anee_fast.control.controllers import StaticController
 from anee_fast.eval.chat_answers import (DEFAULT_PROMPTS, chat_answers, chat_prompt_ids, ends_early,
-                                         format_chat_markdown, format_chat_summary)
+                                         format_chat_markdown, format_chat_summary, loops)
 from anee_fast.eval.quality import distinct2
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>"
@@ -86,6 +86,7 @@ def test_full_answers_are_greedy_generations_of_the_templated_prompt(tiny):
             nll = -torch.log_softmax(logits, -1)[torch.arange(r["tokens"]), r["token_ids"]]
             assert r["ppl_under_full"] == pytest.approx(math.exp(float(nll.mean())), rel=1e-4)
             assert r["ppl_ratio"] == pytest.approx(r["ppl_under_full"] / full["ppl_under_full"])
+            assert r["loops"] is loops(r["distinct2"], full["distinct2"])
     cap = llm.depth.effective_budget(0.5) + 1e-6
     # The prompt read at full depth (the default, as `generate` reads it), the answer at 0.5.
     assert all(r["answer_compute"] <= cap < r["compute"] and r["prompt_budget"] == 1.0
@@ -130,9 +131,21 @@ def test_ends_early(text, tokens, reason, full_tokens, full_reason, expected):
     assert ends_early(text, tokens, reason, full_tokens, full_reason) is expected
 
 
+@pytest.mark.parametrize("d2, full_d2, expected", [
+    (0.3, 0.8, True),            # under half the full answer's distinct 2-grams
+    (0.4, 0.8, False),           # exactly half: not a loop
+    (0.2, 0.3, False),           # the full model repeats itself as much
+    (None, 0.8, False),          # a one-token answer has no 2-grams
+    (0.2, None, False),
+])
+def test_loops(d2, full_d2, expected):
+    assert loops(d2, full_d2) is expected
+
+
 def test_formatters_show_each_answer_under_its_prompt():
     base = {"compute": 1.0, "answer_compute": 1.0, "prompt_budget": 1.0, "finish_reason": "stop",
-            "ppl_under_full": 4.0, "ppl_ratio": 1.0, "ends_early": False, "distinct2": 1.0}
+            "ppl_under_full": 4.0, "ppl_ratio": 1.0, "ends_early": False, "distinct2": 1.0,
+            "loops": False}
     records = [
         {**base, "prompt": "P1", "controller": "full", "budget": 1.0, "text": "one\ntwo", "tokens": 9},
         {**base, "prompt": "P2", "controller": "full", "budget": 1.0, "text": "three", "tokens": 7},
@@ -142,13 +155,14 @@ def test_formatters_show_each_answer_under_its_prompt():
          "distinct2": None},
         {**base, "prompt": "P2", "controller": "heuristic", "budget": 0.5, "text": "x", "tokens": 96,
          "compute": 0.6, "answer_compute": 0.5, "finish_reason": "length", "ppl_ratio": 4.0,
-         "distinct2": 0.25},
+         "distinct2": 0.25, "loops": True},
     ]
     summary = format_chat_summary(records).splitlines()
     assert summary[0].split()[2:4] == ["compute", "answer"]
-    assert summary[2].split() == ["full", "1.00", "1.000", "1.000", "2", "0", "1", "1.000", "8.0"]
-    assert summary[3].split() == ["heuristic", "0.50", "0.600", "0.500", "2", "1", "3", "0.250",
-                                  "48.5"]
+    assert summary[2].split() == ["full", "1.00", "1.000", "1.000", "2", "0", "0", "1", "1.000",
+                                  "8.0"]
+    assert summary[3].split() == ["heuristic", "0.50", "0.600", "0.500", "2", "1", "1", "3",
+                                  "0.250", "48.5"]
     md = format_chat_markdown(records)
     assert "the prompt read at prompt budget 1" in md
     assert "compute 0.600 (answer 0.500)" in md
@@ -157,6 +171,7 @@ def test_formatters_show_each_answer_under_its_prompt():
     assert "> *(empty)*" in p1 and "**ENDS EARLY**" in p1 and "x2.00" in p1
     assert "dist2" not in p1.split("**heuristic @ 0.5**")[1]
     assert "cut at max_tokens" in p2 and "dist2 0.25" in p2 and "ENDS EARLY" not in p2
+    assert "**LOOPS**" in p2 and "LOOPS" not in p1
 
 
 def test_per_window_controllers_and_bad_arguments_are_refused(tiny):
@@ -195,8 +210,59 @@ def test_cli_eval_writes_chat_answers(tiny, tmp_path, capsys, monkeypatch):
     assert written.count("**full**") == 6 and written.count("**budget @ 0.5**") == 6
     assert "router" not in written
     summary = [line.split()[:2] for line in out.splitlines()
-               if line.split()[:1] in (["full"], ["budget"]) and len(line.split()) == 9]
+               if line.split()[:1] in (["full"], ["budget"]) and len(line.split()) == 10]
     assert summary == [["full", "1.00"], ["budget", "1.00"], ["budget", "0.50"]]
+
+
+def test_cli_eval_answers_a_chat_set(tiny, tmp_path, capsys, monkeypatch):
+    """--chat-set: the file's first --chat-set-size instructions answered by the full model and
+    every controller at every budget; the summary printed, the records beside --json."""
+    _, _, folder = tiny
+    monkeypatch.setenv("ANEE_FAST_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(WORDS[(7 * i) % len(WORDS)] for i in range(900)))
+    instructions = ["Name a colour.", "Count to three.", "Say hello."]
+    chat_set = tmp_path / "heldout.jsonl"
+    chat_set.write_text("".join(json.dumps({"instruction": i, "prompt_token_ids": [1, 2],
+                                            "answer_token_ids": [3], "answer_text": "x"}) + "\n"
+                                for i in instructions))
+    rc = main([str(a) for a in [
+        "eval", "--model", folder, "--device", "cpu", "--backend", "reference", "--text", text,
+        "--seq-len", "40", "--windows", "1", "--budgets", "1,0.5", "--controllers", "budget",
+        "--search-windows", "2", "--chat-set", chat_set, "--chat-set-size", "2",
+        "--chat-max-tokens", "6", "--json", tmp_path / "q.json", "--no-progress"]])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "chat set: 2 instructions" in out
+    assert f"chat set records: {tmp_path / 'q_chat_set.json'}" in out
+    records = json.loads((tmp_path / "q_chat_set.json").read_text())
+    assert [(r["controller"], r["budget"], r["prompt"]) for r in records] == [
+        (name, budget, p) for name, budget in [("full", 1.0), ("budget", 1.0), ("budget", 0.5)]
+        for p in instructions[:2]]
+    assert all(isinstance(r["loops"], bool) for r in records)
+    summary = [line.split()[:2] for line in out.split("chat set: 2 instructions")[1].splitlines()
+               if line.split()[:1] in (["full"], ["budget"]) and len(line.split()) == 10]
+    assert summary == [["full", "1.00"], ["budget", "1.00"], ["budget", "0.50"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chat-set-size", "2"], "--chat-set-size needs --chat-set"),
+    (["--chat-set", "CHAT", "--chat-set-size", "0"], "--chat-set-size must be >= 1, got 0"),
+    (["--chat-set", "MISSING"], "--chat-set: "),
+    (["--chat-set", "EMPTY"], "holds no examples"),
+    (["--chat-set", "BAD"], "not JSON"),
+])
+def test_cli_eval_refuses_a_bad_chat_set_before_loading(tmp_path, capsys, monkeypatch, args,
+                                                        message):
+    monkeypatch.setattr("anee_fast.cli._load_llm", lambda *a, **k: pytest.fail("model loaded"))
+    files = {"CHAT": tmp_path / "chat.jsonl", "MISSING": tmp_path / "missing.jsonl",
+             "EMPTY": tmp_path / "empty.jsonl", "BAD": tmp_path / "bad.jsonl"}
+    files["CHAT"].write_text(json.dumps({"instruction": "Hi.", "prompt_token_ids": [1],
+                                         "answer_token_ids": [2], "answer_text": "x"}) + "\n")
+    files["EMPTY"].write_text("")
+    files["BAD"].write_text("{not json\n")
+    assert main(["eval"] + [str(files.get(a, a)) for a in args]) == 1
+    assert message in capsys.readouterr().err
 
 
 def test_cli_eval_refuses_a_bad_chat_max_tokens_before_loading(capsys):
