@@ -45,23 +45,26 @@ def test_bench_kernels_times_each_models_gemv_per_weight_format(tmp_path, capsys
     assert (tmp_path / "bk_gemv.png").stat().st_size > 0
 
 
-def test_bench_kernels_records_a_mismatch_and_times_the_rest(tmp_path, monkeypatch):
-    """A backend whose linear is wrong is not timed for linear: the mismatch is recorded and the
-    run exits non-zero, while its norm, and the reference's linear, are still timed."""
+def _native_op_replaced(monkeypatch, op, wrong):
+    """bench_kernels sees the native backend with `op` replaced by wrong(real_op, *args)."""
     real_ops_for = bench_kernels.ops_for
 
-    class WrongLinear:
+    class Replaced:
         def __init__(self, ops):
             self.ops = ops
 
         def __getattr__(self, name):
-            return getattr(self.ops, name)
+            real = getattr(self.ops, name)
+            return (lambda *args, **kwargs: wrong(real, *args, **kwargs)) if name == op else real
 
-        def linear(self, *args, **kwargs):
-            return self.ops.linear(*args, **kwargs) + 1
-
-    monkeypatch.setattr(bench_kernels, "ops_for", lambda name: WrongLinear(real_ops_for(name))
+    monkeypatch.setattr(bench_kernels, "ops_for", lambda name: Replaced(real_ops_for(name))
                         if name == "native" else real_ops_for(name))
+
+
+def test_bench_kernels_records_a_mismatch_and_times_the_rest(tmp_path, monkeypatch):
+    """A backend whose linear is wrong is not timed for linear: the mismatch is recorded and the
+    run exits non-zero, while its norm, and the reference's linear, are still timed."""
+    _native_op_replaced(monkeypatch, "linear", lambda real, *args, **kwargs: real(*args, **kwargs) + 1)
     out = tmp_path / "bk"
     with pytest.raises(SystemExit, match="MISMATCH: linear gpt2-small rows 3, backend native"):
         bench_kernels.main(["--device", "cpu", "--ops", "linear,norm", "--rows", "3",
@@ -98,23 +101,13 @@ def test_bench_kernels_times_the_depth_policys_ops(tmp_path):
 def test_bench_kernels_checks_what_policy_step_returns_and_updates(tmp_path, monkeypatch, wrong):
     """A backend whose policy_step returns a wrong PROCESS mask, or leaves a wrong budget_left
     (updated in place), is a mismatch, not a timed row."""
-    real_ops_for = bench_kernels.ops_for
+    def policy_step(real, *args):
+        process = real(*args)
+        if wrong == "state":
+            args[5].add_(1)              # budget_left
+        return ~process if wrong == "mask" else process
 
-    class WrongPolicyStep:
-        def __init__(self, ops):
-            self.ops = ops
-
-        def __getattr__(self, name):
-            return getattr(self.ops, name)
-
-        def policy_step(self, *args):
-            process = self.ops.policy_step(*args)
-            if wrong == "state":
-                args[5].add_(1)              # budget_left
-            return ~process if wrong == "mask" else process
-
-    monkeypatch.setattr(bench_kernels, "ops_for", lambda name: WrongPolicyStep(real_ops_for(name))
-                        if name == "native" else real_ops_for(name))
+    _native_op_replaced(monkeypatch, "policy_step", policy_step)
     with pytest.raises(SystemExit, match="MISMATCH: policy_step smollm2-135m rows 3, backend native"):
         bench_kernels.main(["--device", "cpu", "--ops", "policy_step", "--rows", "3", "--shapes",
                             "smollm2-135m", "--budget", "0.01", "--out", str(tmp_path / "bk")])
