@@ -611,8 +611,13 @@ def _cmd_train_controller(args) -> int:
         print(f"held-out {row['source']}, budget {row['budget']:.2f}: KL {row['kl']:.3f}, "
               f"top-1 {row['top1']:.3f}, "
               f"compute {row['compute']:.3f} (max {row['max_compute']:.3f})")
-    print(f"kept: {log['selection']['kept']} (mean KL on set-aside training windows: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in log["selection"]["mean_kl"].items()) + ")")
+    selection = log["selection"]
+    trusted_from = selection["net_min_budget"]
+    print("the net is trusted " + (f"from budget {trusted_from:.2f}" if trusted_from < 1.0 else
+                                   "at no budget (the static set at every budget)")
+          + "; KL on set-aside training windows, net / static set: "
+          + ", ".join(f"{b:.2f}: {n:.3f} / {s:.3f}" for b, n, s in
+                      zip(selection["budgets"], selection["kl_net"], selection["kl_static"])))
     print(f"adapters: {os.path.join(args.out_dir, 'adapters.json')}")
     print(f"controller: {os.path.join(args.out_dir, 'controller.json')}")
     return 0

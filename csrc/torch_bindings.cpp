@@ -37,7 +37,8 @@ TORCH_LIBRARY(anee_fast, m) {
         "Tensor scalar_mean, Tensor scalar_std, Tensor proj_weight, Tensor inp_weight, "
         "Tensor inp_bias, Tensor layer_weight, Tensor hidden_weight, Tensor hidden_bias, "
         "Tensor out_weight, Tensor out_bias, int layer, int num_layers, float skip_cost, "
-        "int order_position, int order_length, float margin, float exit_threshold) -> Tensor");
+        "int order_position, int order_length, float margin, float net_min_budget, "
+        "float exit_threshold) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {

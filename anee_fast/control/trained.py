@@ -8,10 +8,11 @@ token can still pay for every remaining layer: at budget 1 nothing is skipped.
 On disk: `<stem>.safetensors` (weights) + `<stem>.json` (format, features, model shape, how it was
 trained); a directory holds `controller.safetensors` + `controller.json`.
 
-Optional static fallback (config key "static_fallback": {"order", "margin"}): the net's proposal
-is kept only where |logit| > margin; elsewhere the token follows the base static set of its budget
+Optional static fallback (config key "static_fallback": {"order", "margin", "net_min_budget"}):
+the net's proposal is kept only where |logit| > margin and the token's budget is at least
+net_min_budget (0 when absent); elsewhere the token follows the base static set of its budget
 (the first layers of `order` SKIPped, as many as the budget needs). The student then departs from
-the static set only where it is sure.
+the static set only where it is sure, and only at the budgets where it was measured to help.
 """
 import json
 from pathlib import Path
@@ -128,15 +129,16 @@ class BudgetConditionedController(Controller):
         self.check_model(ctx.num_layers, ctx.h.shape[-1])
         fallback = self.config.get("static_fallback")
         if fallback is None:
-            position, length, margin = -1, 0, -1.0        # margin < 0: no fallback
+            position, length, margin, trusted_from = -1, 0, -1.0, 0.0   # margin < 0: no fallback
         else:
             order = fallback["order"]
             position = order.index(ctx.layer) if ctx.layer in order else -1
             length, margin = len(order), float(fallback["margin"])
+            trusted_from = float(fallback.get("net_min_budget", 0.0))
         return ctx.ops.budget_controller(
             ctx.h, ctx.h_prev, context_budget(ctx), ctx.budget_left,
             *self._op_tensors(ctx.h.device), ctx.layer, ctx.num_layers, ctx.skip_cost, position,
-            length, margin, self.exit_threshold)
+            length, margin, trusted_from, self.exit_threshold)
 
     def _op_tensors(self, device):
         """The net's tensors as the op reads them: float32, contiguous, on `device`, detached.
@@ -195,3 +197,8 @@ def _check_fallback(fallback, num_layers: int, json_path):
                          f"[0, {num_layers}), got {order!r}")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
         raise ValueError(f"{json_path}: static_fallback.margin must be a number >= 0, got {margin!r}")
+    trusted_from = fallback.get("net_min_budget", 0.0)
+    if (isinstance(trusted_from, bool) or not isinstance(trusted_from, (int, float))
+            or not 0.0 <= trusted_from <= 1.0):
+        raise ValueError(f"{json_path}: static_fallback.net_min_budget must be a number in [0, 1], "
+                         f"got {trusted_from!r}")

@@ -10,9 +10,13 @@ trained on the KL to the full model, on training text only.
    the layers in the order they are best given up. It is the controller's static fallback.
 4. Distillation (training/distillation.py): adapters and controller net together on KL(full ||
    run), budgets drawn per window, the net starting as the static set (zero output) and
-   departing from it where the gradient says so.
-5. Selection on the set-aside windows at budgets 0.75 and 0.5: the net with its fallback against
-   the plain static set (same adapters); the static set is kept unless the net is better.
+   departing from it where the gradient says so. At step `reorder_step` the static order is
+   searched again with the adapters distilled so far (the layers best given up change once
+   the adapters stand in for them), and the rest of the steps train the net against it.
+5. Selection on the set-aside windows at SELECTION_BUDGETS: per budget the net with its fallback
+   against the static set alone (same adapters), and the budget from which the net is trusted
+   (`net_min_budget`; below it every token follows the static set) chosen for the least KL
+   summed over those budgets.
 
 Every stage checkpoints into the output directory; `resume=True` continues from what is there.
 Writes adapters.json/.safetensors and controller.json/.safetensors (load both with
@@ -38,8 +42,10 @@ from .gated_forward import GatedForward
 from .mixed_corpus import load_corpus
 from .options import option
 
-SELECTION_BUDGETS = (0.75, 0.5)
-CHECKPOINTS = ("ridge.json", "static_order.json", "distill_checkpoint.pt", "controller.json")
+SELECTION_BUDGETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
+HELDOUT_BUDGETS = (0.75, 0.5)
+CHECKPOINTS = ("ridge.json", "static_order.json", "reorder.json", "distill_checkpoint.pt",
+               "controller.json")
 
 
 @dataclass
@@ -58,7 +64,11 @@ class TrainConfig:
     search_windows: int = option(4, "training windows the static-order search scores")
     search_len: int = option(64, "tokens of each static-order search window")
     search_width: int = option(4, "static-order search: candidates measured again per step")
+    first_search_width: int = option(4, "the same for the first search, with the ridge adapters "
+                                        "(with reorder_step the order is searched again later)")
     steps: int = option(60, "distillation steps")
+    reorder_step: int = option(0, "distillation step at which the static order is searched again "
+                                  "with the adapters distilled so far (0: never)")
     batch: int = option(4, "windows per distillation step")
     lr_adapters: float = option(3e-4, "distillation: the adapters' learning rate")
     lr_controller: float = option(1e-3, "distillation: the controller net's learning rate")
@@ -76,12 +86,12 @@ class TrainConfig:
 
     def validate(self):
         for name in ("seq_len", "rank", "ridge_windows", "ridge_passes", "search_windows",
-                     "search_len", "search_width", "batch", "select_windows", "checkpoint_every",
-                     "width", "proj_dim"):
+                     "search_len", "search_width", "first_search_width", "batch", "select_windows",
+                     "checkpoint_every", "width", "proj_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("steps", "eval_windows", "seed"):
+        for name in ("steps", "reorder_step", "eval_windows", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -91,6 +101,9 @@ class TrainConfig:
         for name in ("margin", "overspend_weight", "overspend_rate"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.reorder_step >= self.steps and self.reorder_step:
+            raise ValueError(f"reorder_step must be below steps={self.steps} (or 0: never), got "
+                             f"{self.reorder_step!r}")
         if not 0.0 <= self.min_budget < 1.0:
             raise ValueError(f"min_budget must be in [0, 1), got {self.min_budget!r}")
 
@@ -134,9 +147,10 @@ def _interleave(lists) -> list:
 # ---- stage 4: distillation -------------------------------------------------------------------------
 
 def distill(llm, forward, windows, adapters, controller, config: TrainConfig, out: Path,
-            resume: bool, progress: bool = True) -> list:
+            resume: bool, progress: bool = True, reorder=None) -> list:
     """Trains `adapters` (lists of float32 parameters) and controller.net in place; returns the
-    per-step log. Checkpoints every config.checkpoint_every steps."""
+    per-step log. Checkpoints every config.checkpoint_every steps and at config.reorder_step,
+    where it calls `reorder()` (which gives the static fallback its new order) first."""
     params = [p for a in adapters for p in a]
     optimizer = torch.optim.Adam([{"params": params, "lr": config.lr_adapters},
                                   {"params": list(controller.net.parameters()),
@@ -157,6 +171,8 @@ def distill(llm, forward, windows, adapters, controller, config: TrainConfig, ou
                disable=not progress)
     while state["step"] < config.steps:
         step = state["step"]
+        if reorder is not None and step == config.reorder_step > 0:
+            reorder()
         g = seeded_generator(config.seed, "distill", step)
         picks = torch.randint(0, len(windows), (config.batch,), generator=g).tolist()
         ids, mask = collate([windows[i] for i in picks], pad)
@@ -176,7 +192,8 @@ def distill(llm, forward, windows, adapters, controller, config: TrainConfig, ou
         state["step"] += 1
         bar.update(1)
         bar.set_postfix(kl=f"{float(kl):.3f}", compute=f"{float(compute):.2f}")
-        if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps:
+        if (state["step"] % config.checkpoint_every == 0
+                or state["step"] in (config.steps, config.reorder_step)):
             save_checkpoint({"adapters": [p.detach().clone() for p in params],
                              "net": controller.net.state_dict(),
                              "optimizer": optimizer.state_dict(), "state": state}, path)
@@ -203,19 +220,41 @@ def budget_metrics(llm, controller, windows, budgets, full=None) -> list:
 
 
 def select_controller(llm, controller, windows) -> dict:
-    """Keeps the net (with its static fallback) only if its mean KL on `windows` at
-    SELECTION_BUDGETS beats the static set alone (the fallback with the net never trusted)."""
+    """Sets the static fallback's net_min_budget: of SELECTION_BUDGETS and 1.0 (the net never
+    trusted), the one whose rule (the static set alone below it, the net with its fallback from
+    it on) gives the least KL summed over SELECTION_BUDGETS on `windows`; ties go to the
+    higher (less of the net)."""
     full = full_logits(llm, windows, progress=False)
     fallback = controller.config["static_fallback"]
-    scores = {}
-    for name, margin in (("net", fallback["margin"]), ("static", float("inf"))):
-        controller.config["static_fallback"] = dict(fallback, margin=margin)
+    kl = {}
+    for name, trusted_from in (("net", 0.0), ("static", 1.0)):
+        controller.config["static_fallback"] = dict(fallback, net_min_budget=trusted_from)
         rows = budget_metrics(llm, controller, windows, SELECTION_BUDGETS, full)
-        scores[name] = sum(r["kl"] for r in rows) / len(rows)
-    kept = "net" if scores["net"] < scores["static"] else "static"
-    controller.config["static_fallback"] = dict(fallback, margin=fallback["margin"] if kept == "net"
-                                                else 1e9)
-    return {"mean_kl": scores, "kept": kept, "budgets": list(SELECTION_BUDGETS)}
+        kl[name] = [r["kl"] for r in rows]
+    totals = {t: sum(s if b < t else n for b, n, s in zip(SELECTION_BUDGETS, kl["net"], kl["static"]))
+              for t in SELECTION_BUDGETS + (1.0,)}
+    chosen = min(sorted(totals, reverse=True), key=totals.get)
+    controller.config["static_fallback"] = dict(fallback, net_min_budget=chosen)
+    return {"budgets": list(SELECTION_BUDGETS), "kl_net": kl["net"], "kl_static": kl["static"],
+            "net_min_budget": chosen,
+            "mean_kl": {"net": sum(kl["net"]) / len(kl["net"]),
+                        "static": sum(kl["static"]) / len(kl["static"]),
+                        "chosen": totals[chosen] / len(SELECTION_BUDGETS)}}
+
+
+def static_order(llm, train, config: TrainConfig, width: int, path: Path, resume: bool,
+                 progress: bool) -> list:
+    """The decidable layers in the order they are best given up, with llm's adapters in place:
+    greedy ablation of `width` candidates a step on config.search_windows training windows (read
+    from `path` on resume, written there otherwise)."""
+    if resume and path.exists():
+        return json.loads(path.read_text())["order"]
+    search = [w[:config.search_len] for w in evenly_spaced(train, config.search_windows)]
+    steps = greedy_path(llm, search, llm.depth.floor, width=width,
+                        progress=progress, use_cache=False)
+    order = [next(iter(set(b["skip"]) - set(a["skip"]))) for a, b in zip(steps, steps[1:])]
+    path.write_text(json.dumps({"order": order, "path": steps}, indent=1) + "\n")
+    return order
 
 
 # ---- the whole recipe -------------------------------------------------------------------------------
@@ -260,15 +299,8 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
 
     # 3. the static order with these adapters
     start = time.perf_counter()
-    order_path = out / "static_order.json"
-    if resume and order_path.exists():
-        order = json.loads(order_path.read_text())["order"]
-    else:
-        search = [w[:config.search_len] for w in evenly_spaced(train, config.search_windows)]
-        path = greedy_path(llm, search, llm.depth.floor, width=config.search_width,
-                           progress=progress, use_cache=False)
-        order = [next(iter(set(b["skip"]) - set(a["skip"]))) for a, b in zip(path, path[1:])]
-        order_path.write_text(json.dumps({"order": order, "path": path}, indent=1) + "\n")
+    order = static_order(llm, train, config, config.first_search_width, out / "static_order.json",
+                         resume, progress)
     timings["static_order"] = time.perf_counter() - start
 
     # 4. distillation: adapters and net together, the net starting as the static set
@@ -291,16 +323,27 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
                   params, relaxed)
         net.set_normalisation(torch.cat(relaxed.scalars))
         relaxed.scalars = None
+    reorder_path = out / "reorder.json"
+
+    def reorder():      # the static order again, with the adapters distilled so far
+        started = time.perf_counter()
+        llm.set_adapters([SkipAdapter(*(p.detach().clone() for p in a)) for a in params])
+        relaxed.fallback["order"] = static_order(llm, train, config, config.search_width,
+                                                 reorder_path, resume, progress)
+        timings["reorder"] = time.perf_counter() - started
+
+    if resume and reorder_path.exists():
+        relaxed.fallback["order"] = json.loads(reorder_path.read_text())["order"]
     log["distillation"] = distill(llm, forward, train, params, relaxed, config, out, resume,
-                                  progress)
+                                  progress, reorder)
     adapters = [SkipAdapter(*(p.detach().clone() for p in a)) for a in params]
     save_adapters(adapters, out / "adapters.json", str(llm.name),
                   {"fitted": "ridge, then distilled", "recipe": asdict(config)})
     llm.set_adapters(adapters)
     controller.net.eval()
-    timings["distillation"] = time.perf_counter() - start
+    timings["distillation"] = time.perf_counter() - start - timings.get("reorder", 0.0)
 
-    # 5. net or static set, on set-aside training windows
+    # 5. from which budget the net is trusted, on set-aside training windows
     start = time.perf_counter()
     log["selection"] = select_controller(llm, controller, select)
     timings["selection"] = time.perf_counter() - start
@@ -308,7 +351,7 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
         log["heldout"] = [dict(row, source=source) for source, windows in heldout.items()
                           for row in budget_metrics(llm, controller,
                                                     evenly_spaced(windows, config.eval_windows),
-                                                    SELECTION_BUDGETS)]
+                                                    HELDOUT_BUDGETS)]
     timings["total"] = sum(timings.values())
     controller.save(out, extra={"adapters": "adapters.json",
                                 "training": {"recipe": asdict(config), "timings_s": timings,

@@ -35,7 +35,7 @@ class RelaxedGateController(Controller):
         self.net = net
         self.temperature = temperature
         self.generator = generator
-        self.fallback = fallback   # {"order", "margin"}: the static fallback, as a prior (below)
+        self.fallback = fallback   # {"order", "margin", ...}: the static fallback, as a prior
         self.last = None           # (soft gate, P(PROCESS), proposed PROCESS, decided by the net)
         self.scalars = None        # a list: receives the scalar features (for normalisation)
 
@@ -45,18 +45,21 @@ class RelaxedGateController(Controller):
             self.scalars.append(scalars)
         layer = torch.full((ctx.h.shape[0],), ctx.layer, dtype=torch.long)
         logit = self.net(scalars, normed, layer)
+        trusted = torch.ones_like(logit, dtype=torch.bool)
         if self.fallback is not None:
             # The inference rule "the net where |logit| > margin, else the static set" is
             # "logit + margin * (+1 if the set PROCESSes, else -1) > 0": one logit to relax, and
-            # a net whose output is still zero follows the static set exactly.
+            # a net whose output is still zero follows the static set exactly. Under
+            # net_min_budget the token follows the set whatever the net says.
             order = self.fallback["order"]
             base = static_fallback_process(order, ctx.layer, skip_count(order, ctx))
             logit = logit + self.fallback["margin"] * (2.0 * base.float() - 1.0)
+            trusted = ctx.budget >= self.fallback.get("net_min_budget", 0.0)
         u = torch.rand(logit.shape, generator=self.generator).clamp(_EPS, 1 - _EPS)
         soft = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / self.temperature)
         free = scalars[:, FEATURES.index("affordable")] >= 1.0 - _EPS
-        process = (soft > 0.5) | free
-        self.last = (soft, torch.sigmoid(logit), process, ~free)
+        process = torch.where(trusted, soft > 0.5, base if self.fallback else True) | free
+        self.last = (soft, torch.sigmoid(logit), process, ~free & trusted)
         return torch.where(process, PROCESS, SKIP).to(torch.int8)
 
 

@@ -1,5 +1,6 @@
 """Distillation's pieces: the relaxed gate decides what the engine's controller decides, and the
 KL's gradient reaches both the adapters and the controller net."""
+import pytest
 import torch
 
 from anee_fast import LLM
@@ -18,13 +19,19 @@ def controller_following(order, L, hidden, margin):
     return c
 
 
-def test_the_relaxed_gate_runs_what_the_engine_runs():
+@pytest.mark.parametrize("margin,net_min_budget", [
+    (100.0, None),          # the net is never sure enough: the noise never wins
+    (0.0, 0.8),             # the net always sure, but trusted from budget 0.8 only
+])
+def test_the_relaxed_gate_runs_what_the_engine_runs(margin, net_min_budget):
     model = build_model("llama_gqa", num_layers=6)
     L, hidden = 6, model.config.hidden_size
     llm = LLM(model, backend="reference", min_layers=1)
     llm.set_adapters(random_adapters(L, hidden, 3, seed=0))
     order = [4, 2, 5, 1, 3]
-    controller = controller_following(order, L, hidden, margin=100.0)  # the noise never wins
+    controller = controller_following(order, L, hidden, margin=margin)
+    if net_min_budget is not None:
+        controller.config["static_fallback"]["net_min_budget"] = net_min_budget
     relaxed = RelaxedGateController(controller.net, 0.5, torch.Generator().manual_seed(0),
                                     controller.config["static_fallback"])
     ids = torch.stack([random_ids(model, 11, seed=s) for s in (1, 2)])
