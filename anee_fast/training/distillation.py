@@ -45,7 +45,7 @@ class RelaxedGateController(Controller):
             self.scalars.append(scalars)
         layer = torch.full((ctx.h.shape[0],), ctx.layer, dtype=torch.long)
         logit = self.net(scalars, normed, layer)
-        trusted = torch.ones_like(logit, dtype=torch.bool)
+        trusted = base = torch.ones_like(logit, dtype=torch.bool)
         if self.fallback is not None:
             # The inference rule "the net where |logit| > margin, else the static set" is
             # "logit + margin * (+1 if the set PROCESSes, else -1) > 0": one logit to relax, and
@@ -58,7 +58,7 @@ class RelaxedGateController(Controller):
         u = torch.rand(logit.shape, generator=self.generator).clamp(_EPS, 1 - _EPS)
         soft = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / self.temperature)
         free = scalars[:, FEATURES.index("affordable")] >= 1.0 - _EPS
-        process = torch.where(trusted, soft > 0.5, base if self.fallback else True) | free
+        process = torch.where(trusted, soft > 0.5, base) | free
         self.last = (soft, torch.sigmoid(logit), process, ~free & trusted)
         return torch.where(process, PROCESS, SKIP).to(torch.int8)
 
