@@ -612,8 +612,8 @@ def _cmd_train_controller(args) -> int:
               f"top-1 {row['top1']:.3f}, "
               f"compute {row['compute']:.3f} (max {row['max_compute']:.3f})")
     selection = log["selection"]
-    trusted_from = selection["net_min_budget"]
-    print("the net is trusted " + (f"from budget {trusted_from:.2f}" if trusted_from < 1.0 else
+    low, high = selection["net_min_budget"], selection["net_max_budget"]
+    print("the net is trusted " + (f"from budget {low:.2f} to {high:.2f}" if low < 1.0 else
                                    "at no budget (the static set at every budget)")
           + "; KL on set-aside training windows, net / static set: "
           + ", ".join(f"{b:.2f}: {n:.3f} / {s:.3f}" for b, n, s in

@@ -60,7 +60,8 @@
       const at::Tensor& layer_weight, const at::Tensor& hidden_weight,                            \
       const at::Tensor& hidden_bias, const at::Tensor& out_weight, const at::Tensor& out_bias,    \
       int64_t layer, int64_t num_layers, double skip_cost, int64_t order_position,                \
-      int64_t order_length, double margin, double net_min_budget, double exit_threshold);
+      int64_t order_length, double margin, double net_min_budget, double net_max_budget,         \
+      double exit_threshold);
 
 // CPU implementations (csrc/cpu/*.cpp).
 namespace anee_fast::cpu {

@@ -77,7 +77,8 @@ struct BudgetRule {
   float order_cost;        // D * skip_cost
   float process_share;     // 1 - skip_cost: what a PROCESS costs over a SKIP
   float margin;            // the static fallback's; < 0: no fallback
-  float net_min_budget;    // tokens with a lower budget follow the static set (with a fallback)
+  float net_min_budget;    // tokens whose budget is outside [net_min_budget, net_max_budget]
+  float net_max_budget;    // follow the static set (with a fallback)
   float exit_threshold;
   int order_position;      // this layer's place in the static order, -1 if not in it
   int order_length;        // D
@@ -85,14 +86,16 @@ struct BudgetRule {
 
 inline BudgetRule budget_rule(int64_t layer, int64_t num_layers, double skip_cost,
                               int64_t order_position, int64_t order_length, double margin,
-                              double net_min_budget, double exit_threshold) {
+                              double net_min_budget, double net_max_budget,
+                              double exit_threshold) {
   const double L = static_cast<double>(num_layers), remaining = L - static_cast<double>(layer);
   const double D = static_cast<double>(order_length);
   return {static_cast<float>(L), static_cast<float>(remaining * skip_cost),
           static_cast<float>(remaining * (1.0 - skip_cost)), static_cast<float>(remaining / L),
           static_cast<float>(L - D), static_cast<float>(D * skip_cost),
           static_cast<float>(1.0 - skip_cost), static_cast<float>(margin),
-          static_cast<float>(net_min_budget), static_cast<float>(exit_threshold), static_cast<int>(order_position),
+          static_cast<float>(net_min_budget), static_cast<float>(net_max_budget),
+          static_cast<float>(exit_threshold), static_cast<int>(order_position),
           static_cast<int>(order_length)};
 }
 
@@ -115,14 +118,16 @@ ANEE_FAST_HOST_DEVICE inline void controller_scalars(float hh, float dd, float v
 }
 
 // The controller's code from the net's logit and the row's clamped affordable fraction: the
-// static fallback where |logit| <= margin or the budget is under net_min_budget (margin >= 0),
+// static fallback where |logit| <= margin or the budget is outside [net_min_budget,
+// net_max_budget] (margin >= 0),
 // PROCESS where the token can pay for every remaining layer, EXIT under the threshold.
 ANEE_FAST_HOST_DEVICE inline int8_t budget_controller_rule(float logit, float affordable,
                                                            float budget, float budget_left,
                                                            const BudgetRule& r) {
   if (budget_left < r.exit_threshold) return kExit;
   bool process = logit > 0.f;
-  if (r.margin >= 0.f && (!(fabsf(logit) > r.margin) || budget < r.net_min_budget)) {
+  if (r.margin >= 0.f && (!(fabsf(logit) > r.margin) || budget < r.net_min_budget ||
+                          budget > r.net_max_budget)) {
     const float limit = mul_rn(budget, r.num_layers) - r.fixed_layers - r.order_cost;
     const float processable = fminf(fmaxf(floorf(limit / r.process_share + 1e-6f), 0.f),
                                     static_cast<float>(r.order_length));

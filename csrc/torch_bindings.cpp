@@ -38,7 +38,7 @@ TORCH_LIBRARY(anee_fast, m) {
         "Tensor inp_bias, Tensor layer_weight, Tensor hidden_weight, Tensor hidden_bias, "
         "Tensor out_weight, Tensor out_bias, int layer, int num_layers, float skip_cost, "
         "int order_position, int order_length, float margin, float net_min_budget, "
-        "float exit_threshold) -> Tensor");
+        "float net_max_budget, float exit_threshold) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anee_fast, CPU, m) {

@@ -28,8 +28,9 @@ def _budget_controller_kernel(h_ptr, prev_ptr, budget_ptr, left_ptr, mean_ptr, s
                               out_b_ptr, codes_ptr, H, P, W, stride_h, stride_p, layer,
                               num_layers_f, remaining_cost, remaining_share, layers_left,
                               fixed_layers, order_cost, process_share, order_position,
-                              order_length, margin, net_min_budget, exit_threshold,
-                              BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_W: tl.constexpr):
+                              order_length, margin, net_min_budget, net_max_budget,
+                              exit_threshold, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+                              BLOCK_W: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     h_row = h_ptr + row * stride_h
@@ -102,7 +103,7 @@ def _budget_controller_kernel(h_ptr, prev_ptr, budget_ptr, left_ptr, mean_ptr, s
     processable = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(limit, process_share) + 1e-6), 0.0),
                              order_length)
     static = (order_position < 0) | (order_position >= order_length - processable)
-    fallback = ~(tl.abs(logit) > margin) | (budget < net_min_budget)
+    fallback = ~(tl.abs(logit) > margin) | (budget < net_min_budget) | (budget > net_max_budget)
     process = tl.where((margin >= 0) & fallback, static, process)
     process = process | (affordable >= FREE)
     code = tl.where(left < exit_threshold, EXIT, tl.where(process, PROCESS, SKIP))
@@ -113,7 +114,7 @@ def budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std, p
                       inp_weight, inp_bias, layer_weight, hidden_weight, hidden_bias, out_weight,
                       out_bias, layer: int, num_layers: int, skip_cost: float,
                       order_position: int, order_length: int, margin: float,
-                      net_min_budget: float, exit_threshold: float):
+                      net_min_budget: float, net_max_budget: float, exit_threshold: float):
     """See ops/reference.py:budget_controller: int8 codes [N] for h, h_prev [N, hidden]."""
     check_budget_controller_args(h, h_prev, budget, budget_left, scalar_mean, scalar_std,
                                  proj_weight, inp_weight, inp_bias, layer_weight, hidden_weight,
@@ -136,7 +137,7 @@ def budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std, p
             H, P, W, h.stride(0), h_prev.stride(0), int(layer),
             L, remaining * skip_cost, remaining * (1.0 - skip_cost), remaining / L, L - D,
             D * skip_cost, 1.0 - skip_cost, float(order_position), D, float(margin),
-            float(net_min_budget), float(exit_threshold),
+            float(net_min_budget), float(net_max_budget), float(exit_threshold),
             BLOCK_H=block_h, BLOCK_P=block_p, BLOCK_W=triton.next_power_of_2(max(W, 1)),
             num_warps=4, enable_fp_fusion=False)
     return codes

@@ -72,7 +72,7 @@ RANK = 128           # skip_adapter's
 # saturation_codes' (SmolLM2-135M's 30 layers; a middle one, as layer 0 only starts the state)
 CONTROLLER = dict(proj_dim=8, width=32, layers=30, layer=12, skip_cost=0.2,
                   order_position=3, order_length=20, margin=0.5, net_min_budget=0.5,
-                  exit_threshold=0.05)
+                  net_max_budget=0.9, exit_threshold=0.05)
 SATURATION = dict(skip=0.98, exit=0.995)     # saturation_codes': HeuristicController's defaults
 BLOCK = 16
 GRAPH_CALLS = 10     # calls per timed CUDA graph replay (at least)
@@ -217,7 +217,8 @@ def make_case(op, s, n, ctx, device, dtype, g, variant):
                f32(W), f32(1, W, scale=W ** -0.5), f32(1))
         args = (h, h + rnd(n, H, scale=0.3), budget, budget * torch.rand(n, generator=g).to(device),
                 *net, c["layer"], c["layers"], c["skip_cost"], c["order_position"],
-                c["order_length"], c["margin"], c["net_min_budget"], c["exit_threshold"])
+                c["order_length"], c["margin"], c["net_min_budget"], c["net_max_budget"],
+                c["exit_threshold"])
         return args, None, bytes_budget_controller(n, s, dtype.itemsize)
     if op == "policy_step":
         # a step's state `layer` layers in, as the rule left it after proposals mostly PROCESS,

@@ -419,7 +419,7 @@ def test_training_runs_on_the_threads_asked_for(model_dir, tmp_path, capsys, mon
     def fake_training(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return {"timings_s": {}, "model_log": [], "parameters": 0,
-                "selection": {"net_min_budget": 1.0, "budgets": [], "kl_net": [], "kl_static": []}}
+                "selection": {"net_min_budget": 1.0, "net_max_budget": 1.0, "budgets": [], "kl_net": [], "kl_static": []}}
 
     monkeypatch.setattr(cli, "train_controller", fake_training)
     monkeypatch.setattr(cli, "train_recurrent", fake_training)

@@ -8,9 +8,9 @@ token can still pay for every remaining layer: at budget 1 nothing is skipped.
 On disk: `<stem>.safetensors` (weights) + `<stem>.json` (format, features, model shape, how it was
 trained); a directory holds `controller.safetensors` + `controller.json`.
 
-Optional static fallback (config key "static_fallback": {"order", "margin", "net_min_budget"}):
-the net's proposal is kept only where |logit| > margin and the token's budget is at least
-net_min_budget (0 when absent); elsewhere the token follows the base static set of its budget
+Optional static fallback (config key "static_fallback": {"order", "margin", "net_min_budget",
+"net_max_budget"}): the net's proposal is kept only where |logit| > margin and the token's
+budget is in [net_min_budget, net_max_budget] (0 and 1 when absent); elsewhere the token follows the base static set of its budget
 (the first layers of `order` SKIPped, as many as the budget needs). The student then departs from
 the static set only where it is sure, and only at the budgets where it was measured to help.
 """
@@ -129,16 +129,17 @@ class BudgetConditionedController(Controller):
         self.check_model(ctx.num_layers, ctx.h.shape[-1])
         fallback = self.config.get("static_fallback")
         if fallback is None:
-            position, length, margin, trusted_from = -1, 0, -1.0, 0.0   # margin < 0: no fallback
+            position, length, margin = -1, 0, -1.0       # margin < 0: no fallback
+            band = (0.0, 1.0)
         else:
             order = fallback["order"]
             position = order.index(ctx.layer) if ctx.layer in order else -1
             length, margin = len(order), float(fallback["margin"])
-            trusted_from = float(fallback.get("net_min_budget", 0.0))
+            band = trusted_band(fallback)
         return ctx.ops.budget_controller(
             ctx.h, ctx.h_prev, context_budget(ctx), ctx.budget_left,
             *self._op_tensors(ctx.h.device), ctx.layer, ctx.num_layers, ctx.skip_cost, position,
-            length, margin, trusted_from, self.exit_threshold)
+            length, margin, *band, self.exit_threshold)
 
     def _op_tensors(self, device):
         """The net's tensors as the op reads them: float32, contiguous, on `device`, detached.
@@ -197,8 +198,19 @@ def _check_fallback(fallback, num_layers: int, json_path):
                          f"[0, {num_layers}), got {order!r}")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
         raise ValueError(f"{json_path}: static_fallback.margin must be a number >= 0, got {margin!r}")
-    trusted_from = fallback.get("net_min_budget", 0.0)
-    if (isinstance(trusted_from, bool) or not isinstance(trusted_from, (int, float))
-            or not 0.0 <= trusted_from <= 1.0):
-        raise ValueError(f"{json_path}: static_fallback.net_min_budget must be a number in [0, 1], "
-                         f"got {trusted_from!r}")
+    for key in ("net_min_budget", "net_max_budget"):
+        value = fallback.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{json_path}: static_fallback.{key} must be a number in [0, 1], "
+                             f"got {value!r}")
+    low, high = trusted_band(fallback)
+    if low > high:
+        raise ValueError(f"{json_path}: static_fallback.net_min_budget {low} is above "
+                         f"net_max_budget {high}")
+
+
+def trusted_band(fallback: dict) -> tuple:
+    """(lowest, highest) budget at which the net's sure proposals are kept: [0, 1] unless the
+    static fallback narrows it."""
+    return (float(fallback.get("net_min_budget", 0.0)),
+            float(fallback.get("net_max_budget", 1.0)))

@@ -84,13 +84,14 @@ def budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std, p
                       inp_weight, inp_bias, layer_weight, hidden_weight, hidden_bias, out_weight,
                       out_bias, layer: int, num_layers: int, skip_cost: float,
                       order_position: int, order_length: int, margin: float,
-                      net_min_budget: float, exit_threshold: float):
+                      net_min_budget: float, net_max_budget: float, exit_threshold: float):
     """The trained controller's proposals for every token at one layer (see reference_ops)."""
     return _ops.budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std,
                                   proj_weight, inp_weight, inp_bias, layer_weight, hidden_weight,
                                   hidden_bias, out_weight, out_bias, int(layer), int(num_layers),
                                   float(skip_cost), int(order_position), int(order_length),
-                                  float(margin), float(net_min_budget), float(exit_threshold))
+                                  float(margin), float(net_min_budget), float(net_max_budget),
+                                  float(exit_threshold))
 
 
 # Fake (meta) implementations: shapes and dtypes only, for FakeTensor tracing / torch.compile.
@@ -145,7 +146,8 @@ def _saturation_codes_fake(h, h_prev, budget_left, skip_saturation, exit_saturat
 def _budget_controller_fake(h, h_prev, budget, budget_left, scalar_mean, scalar_std, proj_weight,
                             inp_weight, inp_bias, layer_weight, hidden_weight, hidden_bias,
                             out_weight, out_bias, layer, num_layers, skip_cost, order_position,
-                            order_length, margin, net_min_budget, exit_threshold):
+                            order_length, margin, net_min_budget, net_max_budget,
+                            exit_threshold):
     return h.new_empty(h.shape[:1], dtype=torch.int8)
 
 

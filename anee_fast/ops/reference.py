@@ -21,7 +21,7 @@ the compiled backends take the latter as its uint8 rows plus a trailing `weight_
 - `budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std, proj_weight,
                      inp_weight, inp_bias, layer_weight, hidden_weight, hidden_bias, out_weight,
                      out_bias, layer, num_layers, skip_cost, order_position, order_length, margin,
-                     net_min_budget, exit_threshold) -> codes`
+                     net_min_budget, net_max_budget, exit_threshold) -> codes`
 
 Cache layout: per layer [num_slots + 1, kv_heads, head_dim], slot = block * block_size + offset;
 the spare last slot belongs to no sequence and is never written. Slot -1 in a slot mapping
@@ -364,7 +364,7 @@ def budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std, p
                       inp_weight, inp_bias, layer_weight, hidden_weight, hidden_bias, out_weight,
                       out_bias, layer: int, num_layers: int, skip_cost: float,
                       order_position: int, order_length: int, margin: float,
-                      net_min_budget: float, exit_threshold: float):
+                      net_min_budget: float, net_max_budget: float, exit_threshold: float):
     """The trained controller's proposals (control/trained.py) for every token at one layer, as
     one op: about 110 tiny tensor ops per layer otherwise.
 
@@ -377,10 +377,10 @@ def budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std, p
     out_weight [1, width], out_bias [1].
 
     PROCESS where the logit is > 0. Static fallback, where margin >= 0: a token whose |logit| <=
-    margin, or whose budget is below net_min_budget, follows the static set of its budget, which
-    SKIPs the first static_skip_count layers of an order of order_length layers; order_position
-    is this layer's place in that order (-1: not in it, the set runs it). margin < 0: no
-    fallback. Then PROCESS wherever the token can still pay for every remaining layer, and EXIT
+    margin, or whose budget is outside [net_min_budget, net_max_budget], follows the static set
+    of its budget, which SKIPs the first static_skip_count layers of an order of order_length
+    layers; order_position is this layer's place in that order (-1: not in it, the set runs
+    it). margin < 0: no fallback. Then PROCESS wherever the token can still pay for every remaining layer, and EXIT
     where budget_left < exit_threshold.
     Returns int8 [N] codes.
     """
@@ -397,7 +397,8 @@ def budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std, p
     if margin >= 0:
         static = (torch.ones_like(process) if order_position < 0 else
                   order_position >= static_skip_count(budget, num_layers, order_length, skip_cost))
-        trusted = (logit.abs() > margin) & (budget >= net_min_budget)
+        trusted = ((logit.abs() > margin) & (budget >= net_min_budget)
+                   & (budget <= net_max_budget))
         process = torch.where(trusted, process, static)
     free = scalars[:, _AFFORDABLE] >= 1.0 - _CONTROLLER_EPS
     leave = budget_left < exit_threshold

@@ -14,9 +14,9 @@ trained on the KL to the full model, on training text only.
    searched again with the adapters distilled so far (the layers best given up change once
    the adapters stand in for them), and the rest of the steps train the net against it.
 5. Selection on the set-aside windows at SELECTION_BUDGETS: per budget the net with its fallback
-   against the static set alone (same adapters), and the budget from which the net is trusted
-   (`net_min_budget`; below it every token follows the static set) chosen for the least KL
-   summed over those budgets.
+   against the static set alone (same adapters), and the band of budgets in which the net is
+   trusted (`net_min_budget` to `net_max_budget`; outside it every token follows the static
+   set) chosen for the least KL summed over those budgets.
 
 Every stage checkpoints into the output directory; `resume=True` continues from what is there.
 Writes adapters.json/.safetensors and controller.json/.safetensors (load both with
@@ -44,6 +44,7 @@ from .options import option
 
 SELECTION_BUDGETS = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
 HELDOUT_BUDGETS = (0.75, 0.5)
+PRECISIONS = ("auto", "bf16", "fp32")
 CHECKPOINTS = ("ridge.json", "static_order.json", "reorder.json", "distill_checkpoint.pt",
                "controller.json")
 
@@ -70,6 +71,9 @@ class TrainConfig:
     reorder_step: int = option(0, "distillation step at which the static order is searched again "
                                   "with the adapters distilled so far (0: never)")
     batch: int = option(4, "windows per distillation step")
+    precision: str = option("auto", "distillation's matrix products: bf16 (autocast: bfloat16 "
+                                    "products, float32 residual, loss and parameters), fp32, or "
+                                    "auto (bf16 where the CPU computes bfloat16 natively)")
     lr_adapters: float = option(3e-4, "distillation: the adapters' learning rate")
     lr_controller: float = option(1e-3, "distillation: the controller net's learning rate")
     margin: float = option(3.0, "the net overrides its static fallback where |logit| exceeds this")
@@ -104,6 +108,9 @@ class TrainConfig:
         if self.reorder_step >= self.steps and self.reorder_step:
             raise ValueError(f"reorder_step must be below steps={self.steps} (or 0: never), got "
                              f"{self.reorder_step!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{self.precision!r}")
         if not 0.0 <= self.min_budget < 1.0:
             raise ValueError(f"min_budget must be in [0, 1), got {self.min_budget!r}")
 
@@ -166,6 +173,7 @@ def distill(llm, forward, windows, adapters, controller, config: TrainConfig, ou
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
     pad = pad_id(llm)
+    bf16 = resolved_precision(config.precision) == "bf16"
     from tqdm import tqdm
     bar = tqdm(total=config.steps, initial=state["step"], desc="distillation", unit="step",
                disable=not progress)
@@ -176,12 +184,14 @@ def distill(llm, forward, windows, adapters, controller, config: TrainConfig, ou
         g = seeded_generator(config.seed, "distill", step)
         picks = torch.randint(0, len(windows), (config.batch,), generator=g).tolist()
         ids, mask = collate([windows[i] for i in picks], pad)
-        with torch.no_grad():     # the full model's final normed residual: its logits' input
-            teacher = forward.final_normed(forward.run(ids, lambda l, h, hp: torch.ones(ids.shape)))
         budgets = config.min_budget + (1 - config.min_budget) * torch.rand(config.batch, generator=g)
         controller.generator = g
-        loss, kl, over, compute = distill_step(forward, ids, mask, teacher, llm.depth, budgets,
-                                               adapters, controller, state["mu"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():     # the full model's final normed residual: its logits' input
+                teacher = forward.final_normed(
+                    forward.run(ids, lambda l, h, hp: torch.ones(ids.shape))).float()
+            loss, kl, over, compute = distill_step(forward, ids, mask, teacher, llm.depth,
+                                                   budgets, adapters, controller, state["mu"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -199,6 +209,15 @@ def distill(llm, forward, windows, adapters, controller, config: TrainConfig, ou
                              "optimizer": optimizer.state_dict(), "state": state}, path)
     bar.close()
     return state["log"]
+
+
+def resolved_precision(precision: str) -> str:
+    """"bf16" or "fp32" for config.precision; "auto" is bf16 only where oneDNN (PyTorch's CPU
+    matrix products) has native bfloat16 instructions: elsewhere it emulates them, slower than
+    float32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 # ---- stage 5 and the report: KL per budget ---------------------------------------------------------
@@ -220,26 +239,42 @@ def budget_metrics(llm, controller, windows, budgets, full=None) -> list:
 
 
 def select_controller(llm, controller, windows) -> dict:
-    """Sets the static fallback's net_min_budget: of SELECTION_BUDGETS and 1.0 (the net never
-    trusted), the one whose rule (the static set alone below it, the net with its fallback from
-    it on) gives the least KL summed over SELECTION_BUDGETS on `windows`; ties go to the
-    higher (less of the net)."""
+    """Sets the static fallback's trusted band [net_min_budget, net_max_budget] (best_band) from
+    the KL at SELECTION_BUDGETS on `windows` of the net with its fallback and of the static set
+    alone."""
     full = full_logits(llm, windows, progress=False)
     fallback = controller.config["static_fallback"]
     kl = {}
-    for name, trusted_from in (("net", 0.0), ("static", 1.0)):
-        controller.config["static_fallback"] = dict(fallback, net_min_budget=trusted_from)
+    for name, band in (("net", (0.0, 1.0)), ("static", (1.0, 1.0))):
+        controller.config["static_fallback"] = dict(fallback, net_min_budget=band[0],
+                                                    net_max_budget=band[1])
         rows = budget_metrics(llm, controller, windows, SELECTION_BUDGETS, full)
         kl[name] = [r["kl"] for r in rows]
-    totals = {t: sum(s if b < t else n for b, n, s in zip(SELECTION_BUDGETS, kl["net"], kl["static"]))
-              for t in SELECTION_BUDGETS + (1.0,)}
-    chosen = min(sorted(totals, reverse=True), key=totals.get)
-    controller.config["static_fallback"] = dict(fallback, net_min_budget=chosen)
+    low, high, total = best_band(SELECTION_BUDGETS, kl["net"], kl["static"])
+    controller.config["static_fallback"] = dict(fallback, net_min_budget=low, net_max_budget=high)
+    n = len(SELECTION_BUDGETS)
     return {"budgets": list(SELECTION_BUDGETS), "kl_net": kl["net"], "kl_static": kl["static"],
-            "net_min_budget": chosen,
-            "mean_kl": {"net": sum(kl["net"]) / len(kl["net"]),
-                        "static": sum(kl["static"]) / len(kl["static"]),
-                        "chosen": totals[chosen] / len(SELECTION_BUDGETS)}}
+            "net_min_budget": low, "net_max_budget": high,
+            "mean_kl": {"net": sum(kl["net"]) / n, "static": sum(kl["static"]) / n,
+                        "chosen": total / n}}
+
+
+def best_band(budgets, kl_net, kl_static) -> tuple:
+    """(low, high, summed KL) of the band of budgets in which to trust the net: of the bands
+    whose ends are `budgets` (ascending; one reaching the highest runs on to 1.0) and none
+    ((1.0, 1.0): the net never trusted), the least KL summed over `budgets`, the net's inside
+    the band and the static set's outside it. Ties (to 1e-6) go to the band of fewer budgets,
+    then to the higher one."""
+    n = len(budgets)
+
+    def total(i, j):
+        return sum(kl_net[k] if i <= k <= j else kl_static[k] for k in range(n))
+
+    bands = [(0, -1)] + [(i, j) for i in range(n) for j in range(i, n)]    # (0, -1): none
+    i, j = min(bands, key=lambda band: (round(total(*band), 6), band[1] - band[0], -band[0]))
+    if j < i:
+        return 1.0, 1.0, total(i, j)
+    return budgets[i], 1.0 if j == n - 1 else budgets[j], total(i, j)
 
 
 def static_order(llm, train, config: TrainConfig, width: int, path: Path, resume: bool,
@@ -271,7 +306,8 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
     out = run_directory(out_dir, resume, CHECKPOINTS)
     spec = llm.spec
     timings = {}
-    log = {"config": asdict(config), "model": str(llm.name), "timings_s": timings}
+    log = {"config": asdict(config), "model": str(llm.name), "timings_s": timings,
+           "precision": resolved_precision(config.precision)}
     start = time.perf_counter()
     train, select, heldout = training_windows(llm, config, windows)
     log.update(train_windows=len(train), select_windows=len(select),

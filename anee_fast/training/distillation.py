@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from ..actions import PROCESS, SKIP
 from ..control.base import Controller
 from ..control.depth_policy import DepthPolicy
-from ..control.trained import FEATURES, controller_features, skip_count, static_fallback_process
+from ..control.trained import (FEATURES, controller_features, skip_count,
+                                static_fallback_process, trusted_band)
 from ..ops import reference
 
 _EPS = 1e-6
@@ -49,12 +50,13 @@ class RelaxedGateController(Controller):
         if self.fallback is not None:
             # The inference rule "the net where |logit| > margin, else the static set" is
             # "logit + margin * (+1 if the set PROCESSes, else -1) > 0": one logit to relax, and
-            # a net whose output is still zero follows the static set exactly. Under
-            # net_min_budget the token follows the set whatever the net says.
+            # a net whose output is still zero follows the static set exactly. Outside the
+            # trusted band of budgets the token follows the set whatever the net says.
             order = self.fallback["order"]
             base = static_fallback_process(order, ctx.layer, skip_count(order, ctx))
             logit = logit + self.fallback["margin"] * (2.0 * base.float() - 1.0)
-            trusted = ctx.budget >= self.fallback.get("net_min_budget", 0.0)
+            low, high = trusted_band(self.fallback)
+            trusted = (ctx.budget >= low) & (ctx.budget <= high)
         u = torch.rand(logit.shape, generator=self.generator).clamp(_EPS, 1 - _EPS)
         soft = torch.sigmoid((logit + torch.log(u) - torch.log1p(-u)) / self.temperature)
         free = scalars[:, FEATURES.index("affordable")] >= 1.0 - _EPS

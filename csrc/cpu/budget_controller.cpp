@@ -23,7 +23,8 @@ at::Tensor budget_controller(const at::Tensor& h, const at::Tensor& h_prev, cons
                              const at::Tensor& hidden_bias, const at::Tensor& out_weight,
                              const at::Tensor& out_bias, int64_t layer, int64_t num_layers,
                              double skip_cost, int64_t order_position, int64_t order_length,
-                             double margin, double net_min_budget, double exit_threshold) {
+                             double margin, double net_min_budget, double net_max_budget,
+                             double exit_threshold) {
   for (const at::Tensor* t : {&h, &h_prev, &budget, &budget_left, &scalar_mean, &scalar_std,
                               &proj_weight, &inp_weight, &inp_bias, &layer_weight, &hidden_weight,
                               &hidden_bias, &out_weight, &out_bias})
@@ -34,7 +35,7 @@ at::Tensor budget_controller(const at::Tensor& h, const at::Tensor& h_prev, cons
       layer_weight, hidden_weight, hidden_bias, out_weight, out_bias, layer, num_layers, skip_cost,
       order_position, order_length);
   const BudgetRule rule = budget_rule(layer, num_layers, skip_cost, order_position, order_length,
-                                      margin, net_min_budget, exit_threshold);
+                                      margin, net_min_budget, net_max_budget, exit_threshold);
   const int64_t N = s.N, H = s.hidden, P = s.proj_dim, W = s.width, I = kControllerFeatures + P;
   const at::Tensor hc = h.contiguous(), pc = h_prev.contiguous();
   const at::Tensor bud = budget.contiguous(), left = budget_left.contiguous();

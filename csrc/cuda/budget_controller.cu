@@ -110,7 +110,8 @@ at::Tensor budget_controller(const at::Tensor& h, const at::Tensor& h_prev, cons
                              const at::Tensor& hidden_bias, const at::Tensor& out_weight,
                              const at::Tensor& out_bias, int64_t layer, int64_t num_layers,
                              double skip_cost, int64_t order_position, int64_t order_length,
-                             double margin, double net_min_budget, double exit_threshold) {
+                             double margin, double net_min_budget, double net_max_budget,
+                             double exit_threshold) {
   TORCH_CHECK(h.is_cuda(), "budget_controller: CUDA implementation called with a ", h.device(),
               " tensor h");
   const std::pair<const at::Tensor*, const char*> inputs[] = {
@@ -145,7 +146,7 @@ at::Tensor budget_controller(const at::Tensor& h, const at::Tensor& h_prev, cons
                         hid_b_t.data_ptr<float>(), out_w_t.data_ptr<float>(),
                         out_b_t.data_ptr<float>()};
   const BudgetRule rule = budget_rule(layer, num_layers, skip_cost, order_position, order_length,
-                                      margin, net_min_budget, exit_threshold);
+                                      margin, net_min_budget, net_max_budget, exit_threshold);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   ANEE_FAST_DISPATCH_FLOATS(h.scalar_type(), "anee_fast_budget_controller_cuda", [&] {
     budget_controller_kernel<scalar_t>

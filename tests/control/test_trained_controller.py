@@ -65,7 +65,8 @@ def torch_rule(controller, ctx):
         limit = ctx.budget.float() * L - (L - D) - D * ctx.skip_cost
         counts = D - torch.floor(limit / (1.0 - ctx.skip_cost) + 1e-6).clamp(0, D)
         base = order.index(ctx.layer) >= counts if ctx.layer in order else torch.ones_like(process)
-        trusted = (logit.abs() > fallback["margin"]) & (ctx.budget >= fallback.get("net_min_budget", 0))
+        trusted = ((logit.abs() > fallback["margin"]) & (ctx.budget >= fallback.get("net_min_budget", 0))
+                   & (ctx.budget <= fallback.get("net_max_budget", 1)))
         process = torch.where(trusted, process, base)
     leave = ctx.budget_left < controller.exit_threshold
     process = (process | (affordable >= 1.0 - 1e-6)) & ~leave
@@ -101,7 +102,9 @@ def test_propose_is_one_op_with_the_torch_rules_proposals(backend):
         c.net.out.weight.mul_(0.05)
     tried = set()
     for fallback in (None, {"order": [3, 1, 4, 2], "margin": 0.5},
-                     {"order": [3, 1, 4, 2], "margin": 0.5, "net_min_budget": 0.5}):
+                     {"order": [3, 1, 4, 2], "margin": 0.5, "net_min_budget": 0.5},
+                     {"order": [3, 1, 4, 2], "margin": 0.5, "net_min_budget": 0.5,
+                      "net_max_budget": 0.7}):
         c.config["static_fallback"] = fallback
         for threshold in (0.0, 0.2):
             c.exit_threshold = threshold
@@ -188,7 +191,14 @@ def test_bad_files_fail_with_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="static_fallback.margin"):
         BudgetConditionedController.load(json_path)
     write(static_fallback={"order": [1, 2], "margin": 1.0, "net_min_budget": 1.5})
-    with pytest.raises(ValueError, match="static_fallback.net_min_budget"):
+    with pytest.raises(ValueError, match="static_fallback.net_min_budget must"):
+        BudgetConditionedController.load(json_path)
+    write(static_fallback={"order": [1, 2], "margin": 1.0, "net_max_budget": -0.1})
+    with pytest.raises(ValueError, match="static_fallback.net_max_budget must"):
+        BudgetConditionedController.load(json_path)
+    write(static_fallback={"order": [1, 2], "margin": 1.0, "net_min_budget": 0.8,
+                           "net_max_budget": 0.6})
+    with pytest.raises(ValueError, match="net_min_budget 0.8 is above net_max_budget 0.6"):
         BudgetConditionedController.load(json_path)
     write(width=17)
     with pytest.raises(ValueError, match="do not match"):
@@ -237,10 +247,13 @@ def test_the_static_fallback_follows_the_base_set_unless_the_net_is_sure(tmp_pat
         _, want = llm.score(ids, energy_budget=budget, controller=static, return_trace=True)
         _, got = llm.score(ids, energy_budget=budget, controller=sure, return_trace=True)
         assert torch.equal(got.actions, want.actions)
-        untrusted = trained_like()          # always sure, but not at budgets under 0.9
-        untrusted.config["static_fallback"] = {"order": order, "margin": 0.0, "net_min_budget": 0.9}
-        _, got = llm.score(ids, energy_budget=budget, controller=untrusted, return_trace=True)
-        assert torch.equal(got.actions, want.actions)
+        for band in ((0.9, 1.0), (0.2, budget - 0.1)):   # always sure, but not at this budget
+            untrusted = trained_like()
+            untrusted.config["static_fallback"] = {"order": order, "margin": 0.0,
+                                                   "net_min_budget": band[0],
+                                                   "net_max_budget": band[1]}
+            _, got = llm.score(ids, energy_budget=budget, controller=untrusted, return_trace=True)
+            assert torch.equal(got.actions, want.actions)
         _, alone = llm.score(ids, energy_budget=budget, controller=plain, return_trace=True)
         differs |= not torch.equal(alone.actions, want.actions)
         always = trained_like()

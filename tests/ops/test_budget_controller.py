@@ -11,10 +11,12 @@ LAYER, NUM_LAYERS, SKIP_COST = 3, 9, 0.2
 # (rows, hidden, proj_dim, width)
 SIZES = [(1, 576, 8, 32), (3, 33, 5, 7), (17, 8, 3, 13), (17, 576, 5, 7)]
 # The rule's numbers past the net: order_position, order_length, margin (< 0: no static
-# fallback), net_min_budget (budgets here are drawn in [0.3, 1]), exit_threshold.
-RULES = {"net": (-1, 0, -1.0, 0.0, 0.0), "fallback": (2, 6, 0.7, 0.0, 0.0),
-         "fallback-not-in-order": (-1, 6, 0.7, 0.0, 0.0),
-         "fallback-under-net-min-budget": (2, 6, 0.7, 0.6, 0.0), "exit": (4, 6, 0.7, 0.6, 0.15)}
+# fallback), net_min_budget, net_max_budget (budgets here are drawn in [0.3, 1]),
+# exit_threshold.
+RULES = {"net": (-1, 0, -1.0, 0.0, 1.0, 0.0), "fallback": (2, 6, 0.7, 0.0, 1.0, 0.0),
+         "fallback-not-in-order": (-1, 6, 0.7, 0.0, 1.0, 0.0),
+         "fallback-outside-the-trusted-band": (2, 6, 0.7, 0.45, 0.8, 0.0),
+         "exit": (4, 6, 0.7, 0.6, 1.0, 0.15)}
 # Other dtypes of h: native's CPU kernel and the Triton interpreter read bfloat16 and float16.
 HALF_TARGETS = [(backend, "cpu", dtype) for backend in ("native", "triton")
                 for dtype in (torch.bfloat16, torch.float16)] + [
@@ -109,18 +111,20 @@ def test_the_rule_past_the_net(target):
     budget_left = torch.tensor([0.2, 0.2, 0.2, 0.9, 0.01])
     # Layer 3 is 3rd of an order of 6 (3 layers always run): budget 0.3 pays for none of the 6,
     # 0.9 for 4 (SKIPs 2: runs layer 3), 1.0 for all.
-    # With net_min_budget 0.95 a sure SKIP holds only at budget 1.0: at 0.9 the static set runs
-    # the layer.
-    for logit, trusted_from, want in ((-5.0, 0.0, [1, 1, 1, 0, 2]), (5.0, 0.0, [0, 0, 0, 0, 2]),
-                                      (-0.5, 0.0, [1, 0, 0, 0, 2]), (-5.0, 0.95, [1, 0, 1, 0, 2])):
+    # Trusted in [0.95, 1] a sure SKIP holds only at budget 1.0: at 0.9 the static set runs the
+    # layer. Trusted in [0.3, 0.9] it holds at 0.3 and 0.9 but not at 1.0.
+    for logit, band, want in ((-5.0, (0.0, 1.0), [1, 1, 1, 0, 2]),
+                              (5.0, (0.0, 1.0), [0, 0, 0, 0, 2]),
+                              (-0.5, (0.0, 1.0), [1, 0, 0, 0, 2]),
+                              (-5.0, (0.95, 1.0), [1, 0, 1, 0, 2]),
+                              (-5.0, (0.3, 0.9), [1, 1, 0, 0, 2])):
         net[9] = torch.tensor([logit])
         on_device = [t.to(target.device) for t in (budget, budget_left, *net)]
-        got = target.ops.budget_controller(target.to(h), target.to(h + 0.1), *on_device, LAYER,
-                                           NUM_LAYERS, SKIP_COST, 2, 6, 1.0, trusted_from, 0.05)
-        assert got.tolist() == want, (logit, trusted_from)
-        assert torch.equal(ref.budget_controller(h, h + 0.1, budget, budget_left, *net, LAYER,
-                                                 NUM_LAYERS, SKIP_COST, 2, 6, 1.0, trusted_from,
-                                                 0.05).cpu(),
+        rule = (LAYER, NUM_LAYERS, SKIP_COST, 2, 6, 1.0, *band, 0.05)
+        got = target.ops.budget_controller(target.to(h), target.to(h + 0.1), *on_device, *rule)
+        assert got.tolist() == want, (logit, band)
+        assert torch.equal(ref.budget_controller(h, h + 0.1, budget, budget_left, *net,
+                                                 *rule).cpu(),
                            got.cpu())
 
 
@@ -129,7 +133,7 @@ def test_bad_inputs_fail_clearly(backend):
     ops = ops_for(backend)
     g = torch.Generator().manual_seed(0)
     h, h_prev, budget, budget_left, net = controller_inputs(3, 16, 3, 5, g)
-    args = (LAYER, NUM_LAYERS, SKIP_COST, -1, 0, -1.0, 0.0, 0.0)
+    args = (LAYER, NUM_LAYERS, SKIP_COST, -1, 0, -1.0, 0.0, 1.0, 0.0)
 
     def call(h=h, h_prev=h_prev, budget=budget, budget_left=budget_left, net=net, args=args):
         return ops.budget_controller(h, h_prev, budget, budget_left, *net, *args)
@@ -159,11 +163,11 @@ def test_bad_inputs_fail_clearly(backend):
     with pytest.raises(errors, match="out_bias must be float32"):
         call(net=with_net(9, torch.zeros(())))
     with pytest.raises(errors, match="layer 9 is out of range"):
-        call(args=(9, NUM_LAYERS, SKIP_COST, -1, 0, -1.0, 0.0, 0.0))
+        call(args=(9, NUM_LAYERS, SKIP_COST, -1, 0, -1.0, 0.0, 1.0, 0.0))
     with pytest.raises(errors, match="skip_cost must be in"):
-        call(args=(LAYER, NUM_LAYERS, 1.0, -1, 0, -1.0, 0.0, 0.0))
+        call(args=(LAYER, NUM_LAYERS, 1.0, -1, 0, -1.0, 0.0, 1.0, 0.0))
     with pytest.raises(errors, match="order_position must be"):
-        call(args=(LAYER, NUM_LAYERS, SKIP_COST, 6, 6, 0.5, 0.0, 0.0))
+        call(args=(LAYER, NUM_LAYERS, SKIP_COST, 6, 6, 0.5, 0.0, 1.0, 0.0))
 
 
 @pytest.mark.cuda
@@ -174,4 +178,4 @@ def test_a_tensor_on_another_device_fails_clearly(backend):
     h, h_prev, budget, budget_left, net = controller_inputs(3, 16, 3, 5, g)
     with pytest.raises((ValueError, RuntimeError), match="budget_controller"):
         ops.budget_controller(h.cuda(), h_prev.cuda(), budget.cuda(), budget_left.cuda(), *net,
-                              LAYER, NUM_LAYERS, SKIP_COST, -1, 0, -1.0, 0.0, 0.0)
+                              LAYER, NUM_LAYERS, SKIP_COST, -1, 0, -1.0, 0.0, 1.0, 0.0)

@@ -38,7 +38,7 @@ SCHEMAS = {
                          "Tensor layer_weight, Tensor hidden_weight, Tensor hidden_bias, "
                          "Tensor out_weight, Tensor out_bias, int layer, int num_layers, "
                          "float skip_cost, int order_position, int order_length, float margin, "
-                         "float net_min_budget, "
+                         "float net_min_budget, float net_max_budget, "
                          "float exit_threshold) -> Tensor",
 }
 
@@ -261,7 +261,7 @@ def test_opcheck_budget_controller(native):
            ((8,), (8,), (3, 24), (7, 11), (7,), (6, 7), (7, 7), (7,), (1, 7), (1,))]
     torch.library.opcheck(torch.ops.anee_fast.budget_controller, (
         h, h + 0.1 * torch.randn(5, 24, generator=g), torch.rand(5, generator=g),
-        torch.rand(5, generator=g), *net, 2, 6, 0.2, 1, 4, 0.5, 0.4, 0.1))
+        torch.rand(5, generator=g), *net, 2, 6, 0.2, 1, 4, 0.5, 0.4, 0.8, 0.1))
 
 
 @pytest.mark.parametrize("rope,rms,biases", [(True, True, False), (False, False, True)])

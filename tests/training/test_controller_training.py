@@ -9,13 +9,13 @@ from conftest import build_model
 from anee_fast import LLM
 from anee_fast.control.trained import BudgetConditionedController
 from anee_fast.model.adapters import load_adapters
-from anee_fast.training.controller_training import TrainConfig, train_controller
+from anee_fast.training.controller_training import TrainConfig, best_band, train_controller
 
 
 def tiny_config(**changes):
     base = dict(seq_len=16, rank=3, ridge_windows=4, search_windows=2, search_len=8,
                 search_width=2, steps=2, batch=2, select_windows=2, eval_windows=1,
-                checkpoint_every=1, width=8, proj_dim=4)
+                checkpoint_every=1, width=8, proj_dim=4, precision="fp32")
     return TrainConfig(**dict(base, **changes))
 
 
@@ -36,11 +36,10 @@ def test_a_tiny_training_run_fits_checkpoints_and_resumes(tmp_path):
     saved = json.loads((out / "controller.json").read_text())
     assert saved["static_fallback"]["order"] == order and saved["adapters"] == "adapters.json"
     selection = saved["training"]["selection"]
-    totals = {t: sum(s if b < t else n for b, n, s in zip(selection["budgets"], selection["kl_net"],
-                                                          selection["kl_static"]))
-              for t in selection["budgets"] + [1.0]}
-    assert totals[selection["net_min_budget"]] == min(totals.values())
-    assert saved["static_fallback"]["net_min_budget"] == selection["net_min_budget"]
+    chosen = best_band(selection["budgets"], selection["kl_net"], selection["kl_static"])[:2]
+    assert (selection["net_min_budget"], selection["net_max_budget"]) == chosen
+    assert (saved["static_fallback"]["net_min_budget"],
+            saved["static_fallback"]["net_max_budget"]) == chosen
     assert all(row["within_budget"] for row in first["heldout"])
     assert (out / "training_curve.png").stat().st_size > 0
 
@@ -110,6 +109,42 @@ def test_quantized_weights_train_through_their_float_copy_at_their_own_skip_cost
     assert all(row["within_budget"] for row in log["heldout"])
 
 
+@pytest.mark.parametrize("kl_net, want", [
+    ([1.5, 1.0, 0.8, 0.7, 0.5, 0.4], (0.7, 0.8)),     # the net wins at 0.7 and 0.8 only
+    ([1.3, 1.1, 0.9, 0.8, 0.7, 0.3], (0.9, 1.0)),     # ... at 0.9 only: the band runs on to 1
+    ([1.1, 0.9, 0.8, 0.7, 0.55, 0.3], (0.5, 1.0)),    # ... everywhere
+    ([1.3, 1.1, 0.9, 0.8, 0.7, 0.4], (1.0, 1.0)),     # ... nowhere
+    ([1.3, 1.1, 0.85, 0.8, 0.5, 0.4], (0.8, 0.8)),    # one gain outweighs a smaller loss by it
+    # gains of 0.05 at 0.7 and 0.8, a loss of 0.05 at 0.75 between: three bands tie; of the two
+    # with fewest budgets, the higher
+    ([1.3, 1.1, 0.8, 0.8, 0.55, 0.4], (0.8, 0.8)),
+])
+def test_the_net_is_trusted_in_the_band_of_budgets_where_it_helps(kl_net, want):
+    budgets = [0.5, 0.6, 0.7, 0.75, 0.8, 0.9]
+    kl_static = [1.2, 1.0, 0.85, 0.75, 0.6, 0.35]
+    low, high, total = best_band(budgets, kl_net, kl_static)
+    assert (low, high) == want
+    inside = [low <= b <= high or (high == 1.0 and b == budgets[-1] and low <= b)
+              for b in budgets]
+    assert total == pytest.approx(sum(n if i else s for i, n, s in zip(inside, kl_net, kl_static)))
+
+
+def test_bf16_distillation_follows_the_float32_run_it_stands_in_for(tmp_path):
+    """precision="bf16" only rounds the matrix products: the same draws give each step's KL
+    within bfloat16's error of the float32 run's, and the log says which ran."""
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(3, 101, (16,), generator=g).tolist() for _ in range(10)]
+    model = build_model("llama_gqa", num_layers=6)
+    runs = {p: train_controller(LLM(model, min_layers=1), tmp_path / p,
+                                tiny_config(steps=3, precision=p), progress=False,
+                                windows=windows)
+            for p in ("fp32", "bf16")}
+    assert runs["bf16"]["precision"] == "bf16" and runs["fp32"]["precision"] == "fp32"
+    for a, b in zip(runs["bf16"]["distillation"], runs["fp32"]["distillation"]):
+        assert a["kl"] != b["kl"]                                    # bf16 did run
+        assert a["kl"] == pytest.approx(b["kl"], rel=0.05, abs=1e-3)
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(rank=0), "rank must be an integer >= 1"),
     (dict(steps=-1), "steps must be an integer >= 0"),
@@ -117,6 +152,7 @@ def test_quantized_weights_train_through_their_float_copy_at_their_own_skip_cost
     (dict(lr_adapters=0.0), "lr_adapters must be > 0"),
     (dict(margin=-1.0), "margin must be >= 0"),
     (dict(steps=5, reorder_step=5), "reorder_step must be below steps=5"),
+    (dict(precision="fp16"), "precision must be one of auto, bf16, fp32"),
 ])
 def test_bad_training_settings_are_rejected(changes, message):
     with pytest.raises(ValueError, match=message.replace("[", "\\[").replace("(", "\\(").replace(")", "\\)")):

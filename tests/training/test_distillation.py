@@ -19,19 +19,21 @@ def controller_following(order, L, hidden, margin):
     return c
 
 
-@pytest.mark.parametrize("margin,net_min_budget", [
+@pytest.mark.parametrize("margin,band", [
     (100.0, None),          # the net is never sure enough: the noise never wins
-    (0.0, 0.8),             # the net always sure, but trusted from budget 0.8 only
+    (0.0, (0.8, 1.0)),      # the net always sure, but trusted from budget 0.8 only (budgets
+    (0.0, (0.5, 0.65)),     # here: 0.7 and 0.45), or from 0.5 to 0.65 only
 ])
-def test_the_relaxed_gate_runs_what_the_engine_runs(margin, net_min_budget):
+def test_the_relaxed_gate_runs_what_the_engine_runs(margin, band):
     model = build_model("llama_gqa", num_layers=6)
     L, hidden = 6, model.config.hidden_size
     llm = LLM(model, backend="reference", min_layers=1)
     llm.set_adapters(random_adapters(L, hidden, 3, seed=0))
     order = [4, 2, 5, 1, 3]
     controller = controller_following(order, L, hidden, margin=margin)
-    if net_min_budget is not None:
-        controller.config["static_fallback"]["net_min_budget"] = net_min_budget
+    if band is not None:
+        controller.config["static_fallback"].update(net_min_budget=band[0],
+                                                    net_max_budget=band[1])
     relaxed = RelaxedGateController(controller.net, 0.5, torch.Generator().manual_seed(0),
                                     controller.config["static_fallback"])
     ids = torch.stack([random_ids(model, 11, seed=s) for s in (1, 2)])
