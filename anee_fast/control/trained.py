@@ -10,9 +10,10 @@ trained); a directory holds `controller.safetensors` + `controller.json`.
 
 Optional static fallback (config key "static_fallback": {"order", "margin", "net_min_budget",
 "net_max_budget"}): the net's proposal is kept only where |logit| > margin and the token's
-budget is in [net_min_budget, net_max_budget] (0 and 1 when absent); elsewhere the token follows the base static set of its budget
-(the first layers of `order` SKIPped, as many as the budget needs). The student then departs from
-the static set only where it is sure, and only at the budgets where it was measured to help.
+budget is in [net_min_budget, net_max_budget] (0 and 1 when absent); elsewhere the token follows
+the base static set of its budget (the first layers of `order` SKIPped, as many as the budget
+needs). The student then departs from the static set only where it is sure, and only at the
+budgets where it was measured to help.
 """
 import json
 from pathlib import Path
@@ -130,7 +131,7 @@ class BudgetConditionedController(Controller):
         fallback = self.config.get("static_fallback")
         if fallback is None:
             position, length, margin = -1, 0, -1.0       # margin < 0: no fallback
-            band = (0.0, 1.0)
+            band = trusted_band({})
         else:
             order = fallback["order"]
             position = order.index(ctx.layer) if ctx.layer in order else -1
@@ -199,7 +200,7 @@ def _check_fallback(fallback, num_layers: int, json_path):
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
         raise ValueError(f"{json_path}: static_fallback.margin must be a number >= 0, got {margin!r}")
     for key in ("net_min_budget", "net_max_budget"):
-        value = fallback.get(key, 0.0)
+        value = fallback.get(key, 0.0)          # absent: valid (trusted_band's default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"{json_path}: static_fallback.{key} must be a number in [0, 1], "
                              f"got {value!r}")

@@ -10,7 +10,8 @@ trained on the KL to the full model, on training text only.
    the layers in the order they are best given up. It is the controller's static fallback.
 4. Distillation (training/distillation.py): adapters and controller net together on KL(full ||
    run), budgets drawn per window, the net starting as the static set (zero output) and
-   departing from it where the gradient says so. At step `reorder_step` the static order is
+   departing from it where the gradient says so (matrix products in bfloat16 where the CPU
+   computes it natively: config.precision). At step `reorder_step` the static order is
    searched again with the adapters distilled so far (the layers best given up change once
    the adapters stand in for them), and the rest of the steps train the net against it.
 5. Selection on the set-aside windows at SELECTION_BUDGETS: per budget the net with its fallback
