@@ -25,6 +25,7 @@ LLM(..., adapters=OUT_DIR) and controller=OUT_DIR), training_log.json and traini
 """
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -215,10 +216,14 @@ def distill(llm, forward, windows, adapters, controller, config: TrainConfig, ou
 def resolved_precision(precision: str) -> str:
     """"bf16" or "fp32" for config.precision; "auto" is bf16 only where oneDNN (PyTorch's CPU
     matrix products) has native bfloat16 instructions: elsewhere it emulates them, slower than
-    float32."""
+    float32, and an explicit "bf16" there warns so."""
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if precision == "bf16" and not native:
+        warnings.warn("precision bf16: this CPU has no native bfloat16 instructions, so the "
+                      "matrix products emulate them, slower than fp32 (auto would pick fp32)")
     if precision != "auto":
         return precision
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return "bf16" if native else "fp32"
 
 
 # ---- stage 5 and the report: KL per budget ---------------------------------------------------------

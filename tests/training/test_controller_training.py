@@ -9,7 +9,8 @@ from conftest import build_model
 from anee_fast import LLM
 from anee_fast.control.trained import BudgetConditionedController
 from anee_fast.model.adapters import load_adapters
-from anee_fast.training.controller_training import TrainConfig, best_band, train_controller
+from anee_fast.training.controller_training import (TrainConfig, best_band, resolved_precision,
+                                                    train_controller)
 
 
 def tiny_config(**changes):
@@ -143,6 +144,19 @@ def test_bf16_distillation_follows_the_float32_run_it_stands_in_for(tmp_path):
     for a, b in zip(runs["bf16"]["distillation"], runs["fp32"]["distillation"]):
         assert a["kl"] != b["kl"]                                    # bf16 did run
         assert a["kl"] == pytest.approx(b["kl"], rel=0.05, abs=1e-3)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it_and_an_emulated_bf16_warns(
+        monkeypatch, native):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert resolved_precision("auto") == ("bf16" if native else "fp32")
+    assert resolved_precision("fp32") == "fp32"
+    if native:
+        assert resolved_precision("bf16") == "bf16"
+    else:
+        with pytest.warns(UserWarning, match="no native bfloat16"):
+            assert resolved_precision("bf16") == "bf16"
 
 
 @pytest.mark.parametrize("changes, message", [
