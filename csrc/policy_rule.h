@@ -119,8 +119,8 @@ ANEE_FAST_HOST_DEVICE inline void controller_scalars(float hh, float dd, float v
 
 // The controller's code from the net's logit and the row's clamped affordable fraction: the
 // static fallback where |logit| <= margin or the budget is outside [net_min_budget,
-// net_max_budget] (margin >= 0),
-// PROCESS where the token can pay for every remaining layer, EXIT under the threshold.
+// net_max_budget] (margin >= 0), PROCESS where the token can pay for every remaining layer,
+// EXIT under the threshold.
 ANEE_FAST_HOST_DEVICE inline int8_t budget_controller_rule(float logit, float affordable,
                                                            float budget, float budget_left,
                                                            const BudgetRule& r) {

@@ -380,8 +380,8 @@ def budget_controller(h, h_prev, budget, budget_left, scalar_mean, scalar_std, p
     margin, or whose budget is outside [net_min_budget, net_max_budget], follows the static set
     of its budget, which SKIPs the first static_skip_count layers of an order of order_length
     layers; order_position is this layer's place in that order (-1: not in it, the set runs
-    it). margin < 0: no fallback. Then PROCESS wherever the token can still pay for every remaining layer, and EXIT
-    where budget_left < exit_threshold.
+    it). margin < 0: no fallback. Then PROCESS wherever the token can still pay for every
+    remaining layer, and EXIT where budget_left < exit_threshold.
     Returns int8 [N] codes.
     """
     check_budget_controller_args(h, h_prev, budget, budget_left, scalar_mean, scalar_std,

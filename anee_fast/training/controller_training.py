@@ -156,10 +156,11 @@ def _interleave(lists) -> list:
 # ---- stage 4: distillation -------------------------------------------------------------------------
 
 def distill(llm, forward, windows, adapters, controller, config: TrainConfig, out: Path,
-            resume: bool, progress: bool = True, reorder=None) -> list:
+            resume: bool, progress: bool = True, reorder=None, bf16: bool = False) -> list:
     """Trains `adapters` (lists of float32 parameters) and controller.net in place; returns the
     per-step log. Checkpoints every config.checkpoint_every steps and at config.reorder_step,
-    where it calls `reorder()` (which gives the static fallback its new order) first."""
+    where it calls `reorder()` (which gives the static fallback its new order) first. bf16: each
+    step under bfloat16 autocast (resolved_precision)."""
     params = [p for a in adapters for p in a]
     optimizer = torch.optim.Adam([{"params": params, "lr": config.lr_adapters},
                                   {"params": list(controller.net.parameters()),
@@ -175,7 +176,6 @@ def distill(llm, forward, windows, adapters, controller, config: TrainConfig, ou
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
     pad = pad_id(llm)
-    bf16 = resolved_precision(config.precision) == "bf16"
     from tqdm import tqdm
     bar = tqdm(total=config.steps, initial=state["step"], desc="distillation", unit="step",
                disable=not progress)
@@ -312,8 +312,9 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
     out = run_directory(out_dir, resume, CHECKPOINTS)
     spec = llm.spec
     timings = {}
+    precision = resolved_precision(config.precision)
     log = {"config": asdict(config), "model": str(llm.name), "timings_s": timings,
-           "precision": resolved_precision(config.precision)}
+           "precision": precision}
     start = time.perf_counter()
     train, select, heldout = training_windows(llm, config, windows)
     log.update(train_windows=len(train), select_windows=len(select),
@@ -377,7 +378,7 @@ def train_controller(llm, out_dir, config: TrainConfig = None, resume: bool = Fa
     if resume and reorder_path.exists():
         relaxed.fallback["order"] = json.loads(reorder_path.read_text())["order"]
     log["distillation"] = distill(llm, forward, train, params, relaxed, config, out, resume,
-                                  progress, reorder)
+                                  progress, reorder, bf16=precision == "bf16")
     adapters = [SkipAdapter(*(p.detach().clone() for p in a)) for a in params]
     save_adapters(adapters, out / "adapters.json", str(llm.name),
                   {"fitted": "ridge, then distilled", "recipe": asdict(config)})
