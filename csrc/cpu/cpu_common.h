@@ -118,6 +118,28 @@ inline bool has_avx2_fma() { return cpu_isa() >= CpuIsa::kAvx2; }
 // AVX-512 F/BW/VL/DQ (Skylake-SP, Zen 4 and later): the quantized GEMVs' faster path.
 inline bool has_avx512() { return cpu_isa() >= CpuIsa::kAvx512; }
 
+// Bytes ahead of the weight row being decoded that the quantized GEMVs prefetch into L1
+// (weight_gemv.h). Left to the hardware, one core reads the next rows only when it asks for them
+// and decodes them only once they are in, so the read and the decoding take turns; a prefetch
+// about one scale group ahead makes them overlap on Intel cores (Sapphire Rapids: Q4_1 GEMV
+// streamed on 1 thread +17%; decode at full depth +5-10%). On Zen 4 software prefetches slowed it
+// down (docs/benchmarks.md), so none on other CPUs. ANEE_FAST_PREFETCH=<bytes> overrides (0: off),
+// for benchmarks. Read once.
+inline int64_t weight_prefetch_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("ANEE_FAST_PREFETCH");
+    if (env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      TORCH_CHECK(*end == '\0' && v >= 0, "ANEE_FAST_PREFETCH must be a number of bytes >= 0, got '",
+                  env, "'");
+      return static_cast<int64_t>(v);
+    }
+    return __builtin_cpu_is("intel") ? int64_t{3072} : int64_t{0};
+  }();
+  return bytes;
+}
+
 __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -68,6 +68,12 @@ struct Activations {
   }
 };
 
+// Asks for the bytes [p, p + n) into L1 (weight_prefetch_bytes says why and how far ahead).
+inline void prefetch_bytes(const uint8_t* p, int64_t n) {
+  for (int64_t off = 0; off < n; off += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(p + off), _MM_HINT_T0);
+}
+
 // int8's last K % 32 values of a row against x: sum of (scale * q) x.
 inline float int8_tail(const uint8_t* row, float scale, const float* x, int64_t K) {
   float sum = 0.f;
@@ -212,15 +218,16 @@ ANEE_AVX512 void pick_scales(const ScalePicker<F>& picker, const uint8_t* from, 
 }
 
 // Weight rows n0 .. n1 - 1 of y [M, N] (a thread's share). One weight row at a time: the rows
-// are one sequential stream, which the hardware prefetcher follows at the full read bandwidth
-// (two or four rows interleaved ran at half of it on Zen 4, and software prefetches, a block or
-// a group ahead, slowed it down). Rows of up to kScaleBlocks blocks are taken in groups whose
+// are one sequential stream, which the hardware prefetcher follows (two or four rows interleaved
+// ran at half of the read bandwidth on Zen 4); each row, the bytes weight_prefetch_bytes() ahead
+// are asked for where that helps (Intel). Rows of up to kScaleBlocks blocks are taken in groups whose
 // scales are converted together (sixteen blocks at a time across the rows when they are
 // contiguous); a longer row's scales a chunk at a time.
 template <class F>
 ANEE_AVX512 void rows_512(const Activations& a, const uint8_t* w, int64_t ldw, int64_t n0,
                           int64_t n1, float* y, int64_t N) {
   const ScalePicker<F> picker;
+  const int64_t ahead = weight_prefetch_bytes();
   alignas(64) float d[kScaleBlocks + 16], m[kScaleBlocks + 16];
   const int64_t blocks = a.K / kQuantBlock;
   const bool whole = F::kRowScale || blocks <= kScaleBlocks;   // a row's scales fit the buffers
@@ -247,6 +254,7 @@ ANEE_AVX512 void rows_512(const Activations& a, const uint8_t* w, int64_t ldw, i
         for (int64_t i = 0; i < rows; ++i) {
           float sums[kTileRows];
           const uint8_t* row = w + (n + i) * ldw;
+          if (m0 == 0 && ahead > 0) prefetch_bytes(row + ahead, ldw);
           const float* dd = d + i * blocks;
           const float* mm = m + i * blocks;
           switch (tile) {
@@ -264,6 +272,7 @@ ANEE_AVX512 void rows_512(const Activations& a, const uint8_t* w, int64_t ldw, i
     for (int64_t i = 0; i < rows; ++i) {
       const uint8_t* row = w + (n + i) * ldw;
       if (batched) {
+        if (ahead > 0) prefetch_bytes(row + ahead, ldw);
         pending[np++] = factored_row_512<F>(row, 0, blocks, d + i * blocks, m + i * blocks, a, 0);
         if (np == 8) {
           float sums[8];
@@ -275,6 +284,7 @@ ANEE_AVX512 void rows_512(const Activations& a, const uint8_t* w, int64_t ldw, i
       } else {
         for (int64_t c0 = 0; c0 < blocks; c0 += kScaleBlocks) {
           const int64_t cn = std::min(kScaleBlocks, blocks - c0);
+          if (ahead > 0) prefetch_bytes(row + c0 * F::kBytes + ahead, cn * F::kBytes);
           pick_scales(picker, row + c0 * F::kBytes, cn, d, m);
           chunk_rows_512<F>(row, c0, c0 + cn, d, m, a, y + n + i, N, c0 == 0);
         }
@@ -375,6 +385,7 @@ ANEE_AVX2 inline void chunk_rows_256(const uint8_t* row, int64_t b0, int64_t b1,
 template <class F>
 ANEE_AVX2 void rows_256(const Activations& a, const uint8_t* w, int64_t ldw, int64_t n0,
                         int64_t n1, float* y, int64_t N) {
+  const int64_t ahead = weight_prefetch_bytes();
   alignas(32) float d[kScaleBlocks], m[kScaleBlocks];
   const int64_t blocks = a.K / kQuantBlock;
   const bool whole = F::kRowScale || blocks <= kScaleBlocks;
@@ -391,6 +402,7 @@ ANEE_AVX2 void rows_256(const Activations& a, const uint8_t* w, int64_t ldw, int
         for (int64_t i = 0; i < rows; ++i) {
           float sums[4];
           const uint8_t* row = w + (n + i) * ldw;
+          if (m0 == 0 && ahead > 0) prefetch_bytes(row + ahead, ldw);
           const float* dd = d + i * blocks;
           const float* mm = m + i * blocks;
           switch (tile) {
@@ -407,6 +419,7 @@ ANEE_AVX2 void rows_256(const Activations& a, const uint8_t* w, int64_t ldw, int
     const uint8_t* row = w + n * ldw;   // a long row: its scales a chunk at a time
     for (int64_t c0 = 0; c0 < blocks; c0 += kScaleBlocks) {
       const int64_t cn = std::min(kScaleBlocks, blocks - c0);
+      if (ahead > 0) prefetch_bytes(row + c0 * F::kBytes + ahead, cn * F::kBytes);
       block_scales_f16c<F>(row, c0, cn, d, m);
       chunk_rows_256<F>(row, c0, c0 + cn, d, m, a, y + n, N, c0 == 0);
     }

@@ -299,6 +299,56 @@ def test_native_linear_quantized_on_every_instruction_set(isa):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+PREFETCH_CHECK = """
+import hashlib
+import torch
+from anee_fast.ops.backends import ops_for
+from anee_fast.ops import reference as ref
+from anee_fast.ops.weight_formats import QUANTIZED, quantize
+ops = ops_for("native")
+g = torch.Generator().manual_seed(1)
+digest = hashlib.sha256()
+for fmt in QUANTIZED:
+    for K in ((83, 4800) if fmt == "int8" else (96, 4800)):    # 4800: rows past a scale group
+        w = quantize(torch.randn(300, K, generator=g) / 10, fmt)
+        for rows in (1, 3, 9):
+            x = torch.randn(rows, K, generator=g)
+            out = ops.linear(x, w)
+            torch.testing.assert_close(out, ref.linear(x, w), atol=1e-4, rtol=1e-4)
+            digest.update(out.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.parametrize("isa", ["best", "avx2"])
+def test_native_linear_prefetch_changes_no_value(isa):
+    """Weight rows asked for ahead (ANEE_FAST_PREFETCH bytes; by default on Intel CPUs only) give
+    bit for bit the results without, also when the bytes ahead lie far past the weight (a prefetch
+    never faults), on the AVX-512 and the AVX2 kernels, at one and several rows of x and rows
+    longer than a scale group."""
+    digests = set()
+    for ahead in ("0", "3072", str(1 << 26)):
+        env = dict(os.environ, ANEE_FAST_PREFETCH=ahead, OMP_NUM_THREADS="1")
+        if isa != "best":
+            env["ANEE_FAST_CPU_ISA"] = isa
+        done = subprocess.run([sys.executable, "-c", PREFETCH_CHECK], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        digests.add(done.stdout.strip())
+    assert len(digests) == 1
+
+
+@pytest.mark.parametrize("value", ["-1", "3k", "1.5"])
+def test_native_prefetch_setting_rejects_what_is_not_a_byte_count(value):
+    env = dict(os.environ, ANEE_FAST_PREFETCH=value)
+    code = ("import torch; from anee_fast.ops.backends import ops_for; from anee_fast.ops.weight_formats "
+            "import quantize; ops_for('native').linear(torch.randn(1, 64), quantize(torch.randn(8, 64), 'q4_1'))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert f"ANEE_FAST_PREFETCH must be a number of bytes >= 0, got '{value}'" in done.stderr
+
+
 def test_native_linear_rejects_bad_quantized_weights():
     """The raw op (what native.py passes: the uint8 rows and the format's name) checks the rows'
     bytes, the dtype, in_features against the block size and the format's name."""
