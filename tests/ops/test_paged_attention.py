@@ -1,4 +1,8 @@
 """paged_attention of every compiled backend against the reference (see op_cases)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -121,3 +125,38 @@ def test_paged_attention_splits_replay_from_a_cuda_graph(backend):
         torch.testing.assert_close(out.float(), expect, **target.tol)
         eager = target.ops.paged_attention(fresh, k_cache, v_cache, *rest)
         torch.testing.assert_close(eager.float(), expect, **target.tol)
+
+
+ISA_CHECK = """
+import torch
+from anee_fast.ops.backends import ops_for
+from anee_fast.ops import reference as ref
+ops = ops_for("native")
+g = torch.Generator().manual_seed(3)
+block_size, heads, kv_heads, d = 16, 6, 2, 64
+for n, window in ((1, 0), (77, 0), (300, 0), (300, 40)):
+    tables = torch.randperm(40, generator=g)[None, :]
+    k, v = torch.randn(2, 40 * block_size + 1, kv_heads, d, generator=g) * 3
+    q = torch.randn(n, heads, d, generator=g) * 3
+    meta = (tables, torch.zeros(n, dtype=torch.long), torch.arange(n) + (640 - n))
+    for dtype, atol, rtol in ((torch.float32, 1e-4, 1e-5), (torch.bfloat16, 6e-2, 2e-2)):
+        got = ops.paged_attention(q.to(dtype), k.to(dtype), v.to(dtype), *meta, block_size, d ** -0.5, window)
+        expect = ref.paged_attention(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), *meta,
+                                     block_size, d ** -0.5, window)
+        torch.testing.assert_close(got.float(), expect, atol=atol, rtol=rtol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["best", "avx2", "scalar"])
+def test_native_paged_attention_on_every_instruction_set(isa):
+    """The attention's loops compiled for the CPU's best set (AVX-512 where it has it), AVX2 and
+    the baseline, the lesser ones chosen with ANEE_FAST_CPU_ISA in a fresh process: long contexts
+    from scaled scores (the softmax's exp far below the largest score), windows that start inside
+    a cache block, float32 and bfloat16."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if isa != "best":
+        env["ANEE_FAST_CPU_ISA"] = isa
+    done = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
