@@ -137,7 +137,6 @@ void attend_default(const Attention<scalar_t>& a, int64_t begin, int64_t end) {
 
 }  // namespace
 
-
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& seq_idx,
                            const at::Tensor& positions, int64_t block_size, double scale,
