@@ -7,7 +7,8 @@
 //   - one row of x (a decode step): the block's scale is factored out, sum_j (d q_j + m) x_j =
 //     d * sum_j q_j x_j + m * sum_j x_j, with x's block sums computed once per call and the m
 //     terms added sixteen blocks per FMA: the dequantized product up to float32 rounding of that
-//     reassociated sum (int8: s * sum q x likewise);
+//     reassociated sum (int8: s * sum q x likewise; 4-bit q against a rearranged x, see
+//     factored_block_512);
 //   - more rows: each block is dequantized to its exact values once (one FMA per 16) and meets up
 //     to kTileRows rows of x while in registers: the dequantized product up to summation order.
 // The scales d and m are converted to float32 sixteen blocks at a time (ScalePicker). The weight
@@ -37,34 +38,49 @@ constexpr int64_t kScaleBlocks = 144;
 constexpr int kTileRows = 8;           // rows of x a weight block meets while in registers
 
 // The rows of x as the kernels read them: copied to 64-byte aligned rows (a 64-byte load that
-// straddles two cache lines costs two), and their sums per block of 32 (for the m terms).
+// straddles two cache lines costs two), their sums per block of 32 (for the m terms), and for
+// 4-bit formats the nibble form xn that the one-row kernel reads (factored_block_512 says why).
 struct Activations {
+  static constexpr int64_t kNibbleFloats = 48;   // xn's floats per block of 32 values
   int64_t M, K;
-  int64_t ldx, ldxs;          // floats between rows of x and of xsum (multiples of 16)
+  int64_t ldx, ldxs, ldxn;    // floats between rows of x, xsum and xn (multiples of 16)
   const float* x;
   const float* xsum;          // [M, ldxs], zero past the last block
+  const float* xn = nullptr;  // [M, ldxn] with nibbles: per block x0 - x1/16 | x1/16 | -2^23 x1/16
   std::unique_ptr<float, decltype(&std::free)> buf{nullptr, &std::free};
 
-  Activations(const float* src, int64_t M_, int64_t K_) : M(M_), K(K_) {
+  Activations(const float* src, int64_t M_, int64_t K_, bool nibbles) : M(M_), K(K_) {
+    const int64_t blocks = K / kQuantBlock;
     ldx = (K + 15) / 16 * 16;
-    ldxs = (K / kQuantBlock + 15) / 16 * 16;
-    const size_t floats = static_cast<size_t>(M * (ldx + ldxs)) + 16;   // a multiple of 16
+    ldxs = (blocks + 15) / 16 * 16;
+    ldxn = nibbles ? blocks * kNibbleFloats : 0;
+    const size_t floats = static_cast<size_t>(M * (ldx + ldxs + ldxn)) + 16;   // a multiple of 16
     buf.reset(static_cast<float*>(std::aligned_alloc(64, floats * sizeof(float))));
     TORCH_CHECK(buf != nullptr, "linear: out of memory for the activations");
     float* xb = buf.get();
     float* sb = xb + M * ldx;
+    float* nb = sb + M * ldxs;
     for (int64_t m = 0; m < M; ++m) {
       std::copy(src + m * K, src + (m + 1) * K, xb + m * ldx);
       std::fill(xb + m * ldx + K, xb + (m + 1) * ldx, 0.f);
       std::fill(sb + m * ldxs, sb + (m + 1) * ldxs, 0.f);
-      for (int64_t b = 0; b < K / kQuantBlock; ++b) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* xk = src + m * K + b * kQuantBlock;
         float s = 0.f;
-        for (int j = 0; j < kQuantBlock; ++j) s += src[m * K + b * kQuantBlock + j];
+        for (int j = 0; j < kQuantBlock; ++j) s += xk[j];
         sb[m * ldxs + b] = s;
+        if (!nibbles) continue;
+        float* n = nb + m * ldxn + b * kNibbleFloats;
+        for (int j = 0; j < 16; ++j) {
+          n[j] = xk[j] - xk[16 + j] * 0.0625f;
+          n[16 + j] = xk[16 + j] * 0.0625f;
+          n[32 + j] = -8388608.f * n[16 + j];
+        }
       }
     }
     x = xb;
     xsum = sb;
+    if (nibbles) xn = nb;
   }
 };
 
@@ -104,9 +120,32 @@ ANEE_AVX512 inline void reduce_512(const __m512* acc, float* sums) {
   for (int i = 0; i < MB; ++i) sums[i] = out[(i % 4) * 4 + i / 4];
 }
 
+// One block of a row against one row of x, its scale d applied last. 4-bit q: byte j holds
+// values j (its low nibble lo) and j + 16 (high, hi); with the whole byte b = lo + 16 hi,
+//   lo x0 + hi x1 = lo (x0 - x1/16) + b (x1/16),
+// the nibble form xn of x (Activations). One byte shuffle puts b into the mantissa of the float
+// f = 2^23 + b; a permute reads lo from its low bits as a float (vpermps reads an index's low
+// four bits); the FMA f (x1/16) + (-2^23 x1/16) is b (x1/16) rounded once, as a product would be.
+// Five instructions a block where converting lo and hi takes seven; the same sum up to float32
+// rounding (x1/16 and 2^23 x1/16 are exact).
 template <class F>
 ANEE_AVX512 inline void factored_block_512(const uint8_t* row, int64_t b, float d, const float* x,
-                                           __m512& acc) {
+                                           const float* xn, __m512& acc) {
+  if constexpr (F::kNibbles) {
+    const __m512i qs = _mm512_broadcast_i32x4(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * F::kBytes + F::kQs)));
+    // dword j: byte j of the block's 16 in its low byte, 0x4B (2^23's exponent) in its high one
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i f = _mm512_mask_shuffle_epi8(_mm512_set1_epi32(0x4B000000),
+                                               __mmask64{0x1111111111111111}, qs, lanes);
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const float* nb = xn + b * Activations::kNibbleFloats;
+    __m512 s = _mm512_fmadd_ps(_mm512_castsi512_ps(f), _mm512_load_ps(nb + 16),
+                               _mm512_load_ps(nb + 32));
+    s = _mm512_fmadd_ps(_mm512_permutexvar_ps(f, iota), _mm512_load_ps(nb), s);
+    acc = _mm512_fmadd_ps(s, _mm512_set1_ps(d), acc);
+    return;
+  }
   __m512 q[2];
   block_q_512<F>(row, b, q);
   const float* xb = x + b * 32;
@@ -128,6 +167,7 @@ ANEE_AVX512 inline __m512 factored_row_512(const uint8_t* row, int64_t b0, int64
                                            const float* d, const float* m, const Activations& a,
                                            int64_t m0) {
   const float* x = a.x + m0 * a.ldx;
+  const float* xn = a.xn == nullptr ? nullptr : a.xn + m0 * a.ldxn;
   __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};   // two FMA chains
   if constexpr (F::kHasMin) {   // m * (sum of x over the block), sixteen blocks per FMA
     const float* xs = a.xsum + m0 * a.ldxs + b0;
@@ -140,10 +180,10 @@ ANEE_AVX512 inline __m512 factored_row_512(const uint8_t* row, int64_t b0, int64
   }
   int64_t b = b0;
   for (; b + 2 <= b1; b += 2) {
-    factored_block_512<F>(row, b, d[b - b0], x, acc[0]);
-    factored_block_512<F>(row, b + 1, d[b + 1 - b0], x, acc[1]);
+    factored_block_512<F>(row, b, d[b - b0], x, xn, acc[0]);
+    factored_block_512<F>(row, b + 1, d[b + 1 - b0], x, xn, acc[1]);
   }
-  if (b < b1) factored_block_512<F>(row, b, d[b - b0], x, acc[0]);
+  if (b < b1) factored_block_512<F>(row, b, d[b - b0], x, xn, acc[0]);
   return _mm512_add_ps(acc[0], acc[1]);
 }
 
@@ -449,7 +489,8 @@ inline RowsFn rows_fn(WeightFormat f) {
 // float32 x (contiguous; linear.cpp sends up to kMaxRows); needs has_avx2_fma().
 inline void quantized_gemv(WeightFormat f, const float* x, int64_t M, int64_t K, const uint8_t* w,
                            int64_t ldw, int64_t N, float* y) {
-  const Activations a(x, M, K);
+  const bool nibbles = f == WeightFormat::kQ4_0 || f == WeightFormat::kQ4_1;
+  const Activations a(x, M, K, nibbles && has_avx512());
   const RowsFn fn = rows_fn(f);
   // Parallel over rows, a thread's share at least ~32 KB of weights (less with more rows of x).
   const int64_t row_bytes = weight_row_bytes(f, K);
