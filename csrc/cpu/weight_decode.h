@@ -108,26 +108,28 @@ ANEE_AVX512 inline void block_q_512(const uint8_t* row, int64_t b, __m512* q) {
   }
 }
 
+// AVX2: the 8 bytes at p as dwords, widened straight from memory (through a general register,
+// the way a memcpy into an int64 compiles, the block loop ran about 20% slower).
+ANEE_AVX2 inline __m256i widen_8_bytes(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
 // AVX2: values 8i .. 8i + 7 in q[i].
 template <class F>
 ANEE_AVX2 inline void block_q_256(const uint8_t* row, int64_t b, __m256* q) {
   const uint8_t* p = row + b * F::kBytes + F::kQs;
   if constexpr (F::kNibbles) {
-    int64_t half[2];
-    std::memcpy(half, p, 16);
-    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(half[0]));
-    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(half[1]));
+    const __m256i b0 = widen_8_bytes(p);
+    const __m256i b1 = widen_8_bytes(p + 8);
     const __m256i low = _mm256_set1_epi32(15);
     q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, low));
     q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low));
     q[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
     q[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
   } else {
-    for (int i = 0; i < 4; ++i) {
-      int64_t eight;
-      std::memcpy(&eight, p + 8 * i, 8);
-      q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(eight)));
-    }
+    for (int i = 0; i < 4; ++i)
+      q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i))));
   }
 }
 

@@ -341,9 +341,25 @@ ANEE_AVX512 void rows_512(const Activations& a, const uint8_t* w, int64_t ldw, i
 
 // ---- AVX2 (the same structure in 256-bit registers; scales converted one at a time) ----------
 
+// As factored_block_512; 4-bit q: lo by a mask and a conversion, b by a conversion (an 8-lane
+// permute reads only three index bits), against the first two thirds of xn.
 template <class F>
 ANEE_AVX2 inline void factored_block_256(const uint8_t* row, int64_t b, float d, const float* x,
-                                         __m256& acc) {
+                                         const float* xn, __m256& acc) {
+  if constexpr (F::kNibbles) {
+    const uint8_t* p = row + b * F::kBytes + F::kQs;
+    const float* nb = xn + b * Activations::kNibbleFloats;
+    const __m256i low = _mm256_set1_epi32(15);
+    __m256 s = _mm256_setzero_ps();
+    for (int i = 0; i < 2; ++i) {        // bytes 8i .. 8i + 7
+      const __m256i bytes = widen_8_bytes(p + 8 * i);
+      s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, low)),
+                          _mm256_load_ps(nb + 8 * i), s);
+      s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bytes), _mm256_load_ps(nb + 16 + 8 * i), s);
+    }
+    acc = _mm256_fmadd_ps(s, _mm256_set1_ps(d), acc);
+    return;
+  }
   __m256 q[4];
   block_q_256<F>(row, b, q);
   const float* xb = x + b * 32;
@@ -361,6 +377,7 @@ ANEE_AVX2 inline void chunk_256(const uint8_t* row, int64_t b0, int64_t b1, cons
                                 const float* m, const Activations& a, int64_t m0, float* sums) {
   const float* x = a.x + m0 * a.ldx;
   if constexpr (MB == 1) {
+    const float* xn = a.xn == nullptr ? nullptr : a.xn + m0 * a.ldxn;
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     if constexpr (F::kHasMin) {
       const float* xs = a.xsum + m0 * a.ldxs + b0;
@@ -373,10 +390,10 @@ ANEE_AVX2 inline void chunk_256(const uint8_t* row, int64_t b0, int64_t b1, cons
     }
     int64_t b = b0;
     for (; b + 2 <= b1; b += 2) {
-      factored_block_256<F>(row, b, d[b - b0], x, acc[0]);
-      factored_block_256<F>(row, b + 1, d[b + 1 - b0], x, acc[1]);
+      factored_block_256<F>(row, b, d[b - b0], x, xn, acc[0]);
+      factored_block_256<F>(row, b + 1, d[b + 1 - b0], x, xn, acc[1]);
     }
-    if (b < b1) factored_block_256<F>(row, b, d[b - b0], x, acc[0]);
+    if (b < b1) factored_block_256<F>(row, b, d[b - b0], x, xn, acc[0]);
     sums[0] = horizontal_sum(_mm256_add_ps(acc[0], acc[1]));
     if constexpr (F::kRowScale) sums[0] = load_f32(row) * (sums[0] + int8_tail(row, 1.f, x, a.K));
   } else {
@@ -489,8 +506,7 @@ inline RowsFn rows_fn(WeightFormat f) {
 // float32 x (contiguous; linear.cpp sends up to kMaxRows); needs has_avx2_fma().
 inline void quantized_gemv(WeightFormat f, const float* x, int64_t M, int64_t K, const uint8_t* w,
                            int64_t ldw, int64_t N, float* y) {
-  const bool nibbles = f == WeightFormat::kQ4_0 || f == WeightFormat::kQ4_1;
-  const Activations a(x, M, K, nibbles && has_avx512());
+  const Activations a(x, M, K, f == WeightFormat::kQ4_0 || f == WeightFormat::kQ4_1);
   const RowsFn fn = rows_fn(f);
   // Parallel over rows, a thread's share at least ~32 KB of weights (less with more rows of x).
   const int64_t row_bytes = weight_row_bytes(f, K);
