@@ -108,8 +108,8 @@ ANEE_AVX512 inline void block_q_512(const uint8_t* row, int64_t b, __m512* q) {
   }
 }
 
-// AVX2: the 8 bytes at p as dwords, widened straight from memory (through a general register,
-// the way a memcpy into an int64 compiles, the block loop ran about 20% slower).
+// AVX2: the 8 bytes at p as dwords, widened straight from memory (one load-and-widen
+// instruction, no trip through a general register).
 ANEE_AVX2 inline __m256i widen_8_bytes(const uint8_t* p) {
   return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
