@@ -9,10 +9,12 @@ Models: `gpt2-124m` and `llama-1b` build random-init models of those shapes (no 
 --weights runs each weight format (LLM(weights=...): auto, fp32, bf16, int8, gguf) side by side.
 For `smollm2` at batch 1, where llama-cpp-python is installed, llama.cpp decodes the same GGUF
 file with the same prompt tokens and threads in the same run ("llama.cpp ms" and "vs llama"
-columns; its tokens are checked against our full-depth ones).
+columns; its tokens are checked against our full-depth ones). Its runs alternate with ours for
+every row, so that a machine whose speed drifts (a shared VM can drift by 20% within a minute)
+slows both sides of a ratio alike.
 Decode ms/step = (run with N new tokens - run with 1) / (N - 1): the prefill is timed apart.
 "vs full" is our speedup over our own full depth (budget 1.0, first --conditional-layers variant)
-in the same run; "ideal" is the
+in the same run, its runs alternating with the row's own; "ideal" is the
 speedup the roofline model (python/roofline.py) gives for the actions the run actually took;
 "of ideal" = vs full / ideal.
 J/token: decode energy per generated token from the GPU's NVML energy counter (needs
@@ -58,22 +60,32 @@ def build(name, device, dtype):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def timed(fn, repeats):
-    times = []
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prefill_and_decode(runs, new, repeats):
+    """For each of `runs` (functions of a number of new tokens): (prefill s, decode s per step) =
+    (median of run(1), (median of run(new) - median of run(1)) / (new - 1)). The runs take turns
+    call by call, so that a drift in the machine's speed reaches all of them alike."""
+    times = [{1: [], new: []} for _ in runs]
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for n in (1, new):
+            for run, t in zip(runs, times):
+                sync()
+                start = time.perf_counter()
+                run(n)
+                sync()
+                t[n].append(time.perf_counter() - start)
+    medians = [{n: statistics.median(v) for n, v in t.items()} for t in times]
+    return [(m[1], (m[new] - m[1]) / (new - 1)) for m in medians]
 
 
-def llama_cpp_decode(prompt, args):
-    """(ms per decode step, greedy tokens) of llama.cpp on the embedded model's GGUF file, timed
-    as ours (a run of N new tokens minus a run of 1), or (None, reason) where it cannot run."""
+def llama_cpp_runner(prompt, max_new):
+    """(run, None), run(n) -> the greedy tokens of n <= max_new new tokens from llama.cpp on the
+    embedded model's GGUF file after `prompt`, with torch's threads; or (None, why) where it
+    cannot run."""
     try:
         import llama_cpp
         import numpy as np
@@ -82,7 +94,7 @@ def llama_cpp_decode(prompt, args):
     from anee_fast.model import default_model
     threads = torch.get_num_threads()
     model = llama_cpp.Llama(default_model.gguf_path(), n_threads=threads, n_threads_batch=threads,
-                            n_ctx=len(prompt) + args.new_tokens + 8, verbose=False)
+                            n_ctx=len(prompt) + max_new + 8, verbose=False)
     vocab = model.n_vocab()
 
     def run(n):
@@ -96,9 +108,7 @@ def llama_cpp_decode(prompt, args):
         return tokens
 
     run(2)                                                                # warm-up
-    prefill = timed(lambda: run(1), args.repeats)
-    decode = (timed(lambda: run(args.new_tokens), args.repeats) - prefill) / (args.new_tokens - 1)
-    return decode * 1e3, run(args.new_tokens)
+    return run, None
 
 
 def anee_library_rows(model, args, budgets):
@@ -170,21 +180,20 @@ def bench_model(name, args, device, dtype, peaks, budgets, results, meter):
                                max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
         hf(2)                                                             # warm-up
-        hf_prefill, hf_total = timed(lambda: hf(1), args.repeats), timed(lambda: hf(new), args.repeats)
-        hf_decode = (hf_total - hf_prefill) / (new - 1)
+        [(hf_prefill, hf_decode)] = prefill_and_decode([hf], new, args.repeats)
         base = dict(model=name, device=str(device), dtype=str(dtype).removeprefix("torch."),
                     controller=args.controller, cuda_graphs=bool(graphs), batch=batch,
                     hf_ms_per_step=hf_decode * 1e3, hf_prefill_ms=hf_prefill * 1e3)
-        full = []             # the first variant's full-depth decode time, once measured
-        llama_ms, llama_tokens = None, None
+        full = []             # the first variant's full-depth run, timed beside every later row
+        llama = None
         if name == "smollm2" and batch == 1 and device.type == "cpu":
-            llama_ms, llama_tokens = llama_cpp_decode(prompts[0].tolist(), args)
-            if llama_ms is None:
-                print(f"llama.cpp: {llama_tokens}", file=sys.stderr)
-            base["llama_cpp_ms_per_step"] = llama_ms
+            llama, why = llama_cpp_runner(prompts[0].tolist(), new)
+            if llama is None:
+                print(f"llama.cpp: {why}", file=sys.stderr)
 
         def variant_rows(llm, variant, weights):
-            """One layer-loop variant's rows at every budget ("vs full" divides full[0])."""
+            """One layer-loop variant's rows at every budget ("vs full": full[0]'s decode time,
+            measured beside the row, over the row's)."""
             def ours(n, budget):
                 return llm.generate(prompts.tolist(), SamplingParams(max_tokens=n, ignore_eos=True),
                                     energy_budget=budget, controller=args.controller)
@@ -196,22 +205,26 @@ def bench_model(name, args, device, dtype, peaks, budgets, results, meter):
                 compute = statistics.mean(float(t.compute[t.num_prompt_tokens:].mean()) for t in traces)
                 bytes_per_weight = llm.weights.nbytes() / sum(p.numel() for p in model.parameters())
                 model_full_ms, ideal = ideal_speedup(spec, traces, peaks, bytes_per_weight)
-                prefill = timed(lambda: ours(1, budget), args.repeats)
-                decode = (timed(lambda: ours(new, budget), args.repeats) - prefill) / (new - 1)
-                if not full:
-                    full.append(decode)
+                run = lambda n, budget=budget: ours(n, budget)     # noqa: E731
+                first = not full
+                if first:
+                    full.append(run)
+                runs = [run] + ([] if first else full) + ([llama] if llama is not None else [])
+                (prefill, decode), *beside = prefill_and_decode(runs, new, args.repeats)
+                full_decode = decode if first else beside.pop(0)[1]
                 row = dict(base, backend=llm.backend, conditional_layers=CONDITIONAL[variant],
                            weights=weights, weight_bytes=llm.weights.nbytes(),
                            budget=budget, compute=compute, ms_per_step=decode * 1e3,
                            tokens_per_s=batch / decode, speedup_vs_hf=hf_decode / decode,
-                           speedup_vs_full=full[0] / decode, ideal_speedup=ideal,
-                           fraction_of_ideal=(full[0] / decode) / ideal,
+                           speedup_vs_full=full_decode / decode, ideal_speedup=ideal,
+                           fraction_of_ideal=(full_decode / decode) / ideal,
                            roofline_full_ms=model_full_ms, prefill_ms=prefill * 1e3,
                            **decode_energy(meter, lambda n: ours(n, budget), new, batch))
-                if llama_ms is not None:
-                    row["speedup_vs_llama_cpp"] = llama_ms / (decode * 1e3)
+                if beside:
+                    row["llama_cpp_ms_per_step"] = beside[0][1] * 1e3
+                    row["speedup_vs_llama_cpp"] = beside[0][1] / decode
                     if budget == 1.0:
-                        row["same_tokens_as_llama_cpp"] = outs[0].token_ids == llama_tokens
+                        row["same_tokens_as_llama_cpp"] = outs[0].token_ids == llama(new)
                 if anee is not None and batch == 1:
                     r = anee if "error" in anee else anee[budget]
                     row["anee_ms_per_step"] = r.get("ms_per_step")

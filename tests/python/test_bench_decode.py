@@ -109,3 +109,39 @@ def test_bench_decode_keeps_rows_measured_before_a_failure(tmp_path, monkeypatch
     assert [(r["batch"], r["budget"]) for r in result["rows"]] == [(1, 1.0), (2, 1.0), (2, 0.5)]
     assert [(f["batch"], f["error"]) for f in result["failures"]] == [
         (1, "RuntimeError: injected failure")]
+
+
+def test_prefill_and_decode_alternates_the_runs_so_a_drift_slows_both_alike(monkeypatch):
+    """Each run costs prefill + per_step * (n - 1) seconds on a machine that gets 10% slower at
+    every call: the runs take turns call by call, so their decode ratio stays within the drift
+    of one turn (timed one after the other, the later run would look 1.5x slower or more)."""
+    clock = {"now": 0.0, "speed": 1.0}
+    monkeypatch.setattr(bench_decode, "time", type("Clock", (), {
+        "perf_counter": staticmethod(lambda: clock["now"])}))
+    calls = []
+
+    def run_of(name, prefill, per_step):
+        def run(n):
+            calls.append((name, n))
+            clock["now"] += (prefill + per_step * (n - 1)) * clock["speed"]
+            clock["speed"] *= 1.1
+        return run
+
+    (pa, da), (pb, db) = bench_decode.prefill_and_decode(
+        [run_of("a", 0.1, 0.01), run_of("b", 0.1, 0.01)], 9, repeats=3)
+    assert calls == [("a", 1), ("b", 1), ("a", 9), ("b", 9)] * 3
+    assert 1.0 < db / da < 1.25 and 1.0 < pb / pa <= 1.1 + 1e-9
+    assert da > 0.01 and db > 0.01                      # the drift is in both
+
+
+def test_prefill_and_decode_is_the_difference_of_medians(monkeypatch):
+    clock = {"now": 0.0}
+    monkeypatch.setattr(bench_decode, "time", type("Clock", (), {
+        "perf_counter": staticmethod(lambda: clock["now"])}))
+    costs = iter([0.3, 1.0, 0.1, 0.7, 0.2, 2.0])        # run(1), run(5) alternately, 3 repeats
+
+    def run(n):
+        clock["now"] += next(costs)
+
+    [(prefill, decode)] = bench_decode.prefill_and_decode([run], 5, repeats=3)
+    assert prefill == pytest.approx(0.2) and decode == pytest.approx((1.0 - 0.2) / 4)
