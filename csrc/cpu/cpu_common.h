@@ -140,6 +140,29 @@ inline int64_t weight_prefetch_bytes() {
   return bytes;
 }
 
+// How the AVX-512 one-row 4-bit GEMV turns a weight byte b into a float (weight_gemv.h,
+// factored_block_512): as the float 2^23 + b, corrected inside an FMA ("exponent": five
+// instructions and three 64-byte loads of x a block), or by a conversion ("convert": six
+// instructions, two loads). Intel cores load two 64-byte vectors a cycle, and the first is faster
+// there (Sapphire Rapids: +3-9% against the older seven-instruction kernel); Zen 4 runs every
+// 512-bit instruction on two 256-bit halves and loads one 64-byte vector a cycle, and the second is
+// faster there (docs/benchmarks.md, session 25). ANEE_FAST_NIBBLE_FORM=exponent|convert overrides,
+// for tests and benchmarks. Read once.
+enum class NibbleForm { kExponent, kConvert };
+
+inline NibbleForm nibble_form() {
+  static const NibbleForm form = [] {
+    const char* env = std::getenv("ANEE_FAST_NIBBLE_FORM");
+    const std::string want = env == nullptr ? "" : env;
+    if (want == "exponent") return NibbleForm::kExponent;
+    if (want == "convert") return NibbleForm::kConvert;
+    TORCH_CHECK(want.empty(), "ANEE_FAST_NIBBLE_FORM must be 'exponent' or 'convert', got '", want,
+                "'");
+    return __builtin_cpu_is("amd") ? NibbleForm::kConvert : NibbleForm::kExponent;
+  }();
+  return form;
+}
+
 __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -120,29 +120,48 @@ ANEE_AVX512 inline void reduce_512(const __m512* acc, float* sums) {
   for (int i = 0; i < MB; ++i) sums[i] = out[(i % 4) * 4 + i / 4];
 }
 
+// A 4-bit format whose one-row kernel converts each weight byte to a float (NibbleForm::kConvert,
+// cpu_common.h) instead of reading it as 2^23 + b: rows_fn() picks rows_512<Converted<F>>.
+template <class F>
+struct Converted : F {};
+template <class F>
+constexpr bool kConverted = false;
+template <class F>
+constexpr bool kConverted<Converted<F>> = true;
+
 // One block of a row against one row of x, its scale d applied last. 4-bit q: byte j holds
 // values j (its low nibble lo) and j + 16 (high, hi); with the whole byte b = lo + 16 hi,
 //   lo x0 + hi x1 = lo (x0 - x1/16) + b (x1/16),
-// the nibble form xn of x (Activations). One byte shuffle puts b into the mantissa of the float
-// f = 2^23 + b; a permute reads lo from its low bits as a float (vpermps reads an index's low
-// four bits); the FMA f (x1/16) + (-2^23 x1/16) is b (x1/16) rounded once, as a product would be.
-// Five instructions a block where converting lo and hi takes seven; the same sum up to float32
-// rounding (x1/16 and 2^23 x1/16 are exact).
+// the nibble form xn of x (Activations). A permute reads lo as a float from the low bits of the
+// dword that holds b (vpermps reads an index's low four bits). b as a float, by nibble_form():
+//   - exponent: one byte shuffle puts b into the mantissa of the float f = 2^23 + b, and the FMA
+//     f (x1/16) + (-2^23 x1/16) is b (x1/16) rounded once, as a product would be: five
+//     instructions a block (a shuffle, a permute, three FMAs), three loads of xn;
+//   - convert: the 16 bytes widened to dwords and converted: six instructions, two loads of xn.
+// Either is the same sum up to float32 rounding (x1/16 and 2^23 x1/16 are exact); converting lo
+// and hi apart takes seven instructions.
 template <class F>
 ANEE_AVX512 inline void factored_block_512(const uint8_t* row, int64_t b, float d, const float* x,
                                            const float* xn, __m512& acc) {
   if constexpr (F::kNibbles) {
-    const __m512i qs = _mm512_broadcast_i32x4(
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * F::kBytes + F::kQs)));
-    // dword j: byte j of the block's 16 in its low byte, 0x4B (2^23's exponent) in its high one
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512i f = _mm512_mask_shuffle_epi8(_mm512_set1_epi32(0x4B000000),
-                                               __mmask64{0x1111111111111111}, qs, lanes);
+    const __m128i bytes =
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * F::kBytes + F::kQs));
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const float* nb = xn + b * Activations::kNibbleFloats;
-    __m512 s = _mm512_fmadd_ps(_mm512_castsi512_ps(f), _mm512_load_ps(nb + 16),
-                               _mm512_load_ps(nb + 32));
-    s = _mm512_fmadd_ps(_mm512_permutexvar_ps(f, iota), _mm512_load_ps(nb), s);
+    __m512 s;
+    if constexpr (kConverted<F>) {
+      const __m512i wide = _mm512_cvtepu8_epi32(bytes);
+      s = _mm512_mul_ps(_mm512_cvtepi32_ps(wide), _mm512_load_ps(nb + 16));
+      s = _mm512_fmadd_ps(_mm512_permutexvar_ps(wide, iota), _mm512_load_ps(nb), s);
+    } else {
+      // dword j: byte j of the block's 16 in its low byte, 0x4B (2^23's exponent) in its high one
+      const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const __m512i f = _mm512_mask_shuffle_epi8(_mm512_set1_epi32(0x4B000000),
+                                                 __mmask64{0x1111111111111111},
+                                                 _mm512_broadcast_i32x4(bytes), lanes);
+      s = _mm512_fmadd_ps(_mm512_castsi512_ps(f), _mm512_load_ps(nb + 16), _mm512_load_ps(nb + 32));
+      s = _mm512_fmadd_ps(_mm512_permutexvar_ps(f, iota), _mm512_load_ps(nb), s);
+    }
     acc = _mm512_fmadd_ps(s, _mm512_set1_ps(d), acc);
     return;
   }
@@ -490,6 +509,10 @@ using RowsFn = void (*)(const Activations&, const uint8_t*, int64_t, int64_t, in
 
 template <class F>
 RowsFn rows_fn() {
+  if constexpr (F::kNibbles) {
+    const NibbleForm form = nibble_form();   // read, and checked, on every CPU
+    if (has_avx512() && form == NibbleForm::kConvert) return rows_512<Converted<F>>;
+  }
   return has_avx512() ? rows_512<F> : rows_256<F>;
 }
 

@@ -306,7 +306,7 @@ from anee_fast.ops.weight_formats import dequantize, quantize
 g = torch.Generator().manual_seed(3)
 worst = 0.0
 for fmt in ("q4_0", "q4_1"):
-    for K in (576, 4608):                       # rows in scale groups; one long row
+    for K in (576, 4608, 4800):                 # rows in scale groups; a row a group; a long row
         for large in (0, 1):                    # the half of each block scaled by 1e4
             w = quantize(torch.randn(301, K, generator=g) / 24, fmt)
             x = torch.randn(1, K, generator=g)
@@ -320,24 +320,28 @@ print(worst)
 """
 
 
-@pytest.mark.parametrize("isa", ["best", "avx2"])
-def test_native_linear_4bit_one_row_within_float32_rounding(isa):
+@pytest.mark.parametrize("kernel", ["exponent", "convert", "avx2"])
+def test_native_linear_4bit_one_row_within_float32_rounding(kernel):
     """One row of x against 4-bit blocks: the kernels rearrange x per block (weight_gemv.h,
     factored_block_512 / _256), so their sum differs from the dequantized product by float32
     rounding only, also where the values meeting a block's low and high nibbles differ in scale
     by 1e4 (either way round): the error to the float64 product stays within 32 float32
     roundings of sum |d| (|x| + 16 |x_high|) (measured: at most 6; float32 at::linear on the
-    dequantized weight: 2). Each instruction set in a fresh process (the choice is made once)."""
+    dequantized weight: 2). Each kernel in a fresh process (the choice is made once): the
+    AVX-512 kernel's two ways to a weight byte's float (ANEE_FAST_NIBBLE_FORM; on a CPU without
+    AVX-512 both run the AVX2 kernel) and the AVX2 kernel."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    if isa != "best":
-        env["ANEE_FAST_CPU_ISA"] = isa
+    if kernel == "avx2":
+        env["ANEE_FAST_CPU_ISA"] = "avx2"
+    else:
+        env["ANEE_FAST_NIBBLE_FORM"] = kernel
     done = subprocess.run([sys.executable, "-c", ROUNDING_CHECK], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout) <= 32
 
 
-PREFETCH_CHECK = """
+QUANTIZED_DIGEST = """
 import hashlib
 import torch
 from anee_fast.ops.backends import ops_for
@@ -369,20 +373,45 @@ def test_native_linear_prefetch_changes_no_value(isa):
         env = dict(os.environ, ANEE_FAST_PREFETCH=ahead, OMP_NUM_THREADS="1")
         if isa != "best":
             env["ANEE_FAST_CPU_ISA"] = isa
-        done = subprocess.run([sys.executable, "-c", PREFETCH_CHECK], env=env, capture_output=True,
+        done = subprocess.run([sys.executable, "-c", QUANTIZED_DIGEST], env=env, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         digests.add(done.stdout.strip())
     assert len(digests) == 1
 
 
+def test_native_linear_nibble_forms_give_the_same_bits():
+    """The AVX-512 one-row 4-bit kernel's two ways to a weight byte's float (ANEE_FAST_NIBBLE_FORM;
+    cpu_common.h: nibble_form) round the same products once each: bit for bit the same outputs for
+    every quantized format at one and several rows of x (on a CPU without AVX-512 both run the
+    AVX2 kernel)."""
+    digests = set()
+    for form in ("exponent", "convert"):
+        env = dict(os.environ, ANEE_FAST_NIBBLE_FORM=form, OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, "-c", QUANTIZED_DIGEST], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        digests.add(done.stdout.strip())
+    assert len(digests) == 1
+
+
+ONE_4BIT_CALL = ("import torch; from anee_fast.ops.backends import ops_for; from anee_fast.ops.weight_formats "
+                 "import quantize; ops_for('native').linear(torch.randn(1, 64), quantize(torch.randn(8, 64), 'q4_1'))")
+
+
+def test_native_nibble_form_setting_rejects_an_unknown_form():
+    env = dict(os.environ, ANEE_FAST_NIBBLE_FORM="fast")
+    done = subprocess.run([sys.executable, "-c", ONE_4BIT_CALL], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    assert "ANEE_FAST_NIBBLE_FORM must be 'exponent' or 'convert', got 'fast'" in done.stderr
+
+
 @pytest.mark.parametrize("value", ["-1", "3k", "1.5"])
 def test_native_prefetch_setting_rejects_what_is_not_a_byte_count(value):
     env = dict(os.environ, ANEE_FAST_PREFETCH=value)
-    code = ("import torch; from anee_fast.ops.backends import ops_for; from anee_fast.ops.weight_formats "
-            "import quantize; ops_for('native').linear(torch.randn(1, 64), quantize(torch.randn(8, 64), 'q4_1'))")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", ONE_4BIT_CALL], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode != 0
     assert f"ANEE_FAST_PREFETCH must be a number of bytes >= 0, got '{value}'" in done.stderr
 
